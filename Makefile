@@ -1,0 +1,32 @@
+# The two commands of the README do all their own set-up: `make demo`, `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint typecheck unit bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/conveyor demo
+
+lint: $(STAMP)
+	$(BIN)/ruff format --check conveyor tests benchmarks
+	$(BIN)/ruff check conveyor tests benchmarks
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+test: lint typecheck
+	$(BIN)/pytest -q --timeout=300
+
+bench: $(STAMP)
+	$(BIN)/conveyor bench
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info

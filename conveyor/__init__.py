@@ -1,0 +1,16 @@
+"""conveyor: multi-stage pipelines on PostgreSQL."""
+
+from conveyor.pipeline import Backoff, Pipeline, PipelineError, Run, Stage
+from conveyor.runs import SubmitError, Submitted, submit
+
+__all__ = [
+    "Backoff",
+    "Pipeline",
+    "PipelineError",
+    "Run",
+    "Stage",
+    "SubmitError",
+    "Submitted",
+    "submit",
+]
+__version__ = "0.1.0"

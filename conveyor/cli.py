@@ -1,0 +1,379 @@
+"""The `conveyor` command: thin click commands that parse, call and print."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from uuid import UUID
+
+import click
+import psycopg
+
+from conveyor import _embedded, migrate, runs
+from conveyor.db import DatabaseUnavailable, connect, database_url, listen_url, redact
+from conveyor.logs import configure_logging
+from conveyor.pipeline import Pipeline, PipelineError, load_pipeline
+from conveyor.settings import ConfigError, Settings
+
+F = TypeVar("F", bound=Callable[..., Any])
+EXIT_USAGE = 2
+
+
+@dataclass
+class App:
+    settings: Settings
+    _pipeline: Pipeline | None = None
+    _url: str | None = None
+
+    @property
+    def pipeline(self) -> Pipeline:
+        if self._pipeline is None:
+            self._pipeline = load_pipeline(self.settings.pipeline).with_settings(self.settings)
+        return self._pipeline
+
+    @property
+    def url(self) -> str:
+        if self._url is None:
+            self._url = database_url(self.settings)
+        return self._url
+
+    def connect(self) -> psycopg.Connection[Any]:
+        return connect(self.url, autocommit=True)
+
+    def check_stages(self) -> dict[str, int]:
+        """The processes per stage to run; an unknown stage in CONVEYOR_STAGES is an error."""
+        plan = self.settings.stages or {stage.name: 1 for stage in self.pipeline.stages}
+        known = [stage.name for stage in self.pipeline.stages]
+        for name in plan:
+            if name not in known:
+                raise ConfigError(
+                    "CONVEYOR_STAGES",
+                    ",".join(f"{k}={v}" for k, v in plan.items()),
+                    f"pipeline {self.pipeline.name!r} has no stage {name!r} "
+                    f"(stages: {', '.join(known)})",
+                )
+        return plan
+
+
+def clear_errors(command: F) -> F:
+    """Known failures print one line and exit 2: no traceback for a bad setting."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except (ConfigError, PipelineError, DatabaseUnavailable, runs.SubmitError) as exc:
+            click.echo(f"conveyor: error: {redact(str(exc))}", err=True)
+            sys.exit(EXIT_USAGE)
+        except psycopg.OperationalError as exc:
+            lines = [line for line in str(exc).splitlines() if line.strip()]
+            click.echo(f"conveyor: error: database: {redact(lines[-1] if lines else '')}", err=True)
+            sys.exit(EXIT_USAGE)
+
+    return wrapper  # type: ignore[return-value]
+
+
+@click.group()
+@click.pass_context
+def cli(ctx: click.Context) -> None:
+    """conveyor: multi-stage pipelines on PostgreSQL."""
+    try:
+        settings = Settings.from_env()
+    except ConfigError as exc:
+        click.echo(f"conveyor: error: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
+    configure_logging(settings.log_format, settings.log_level)
+    ctx.obj = App(settings)
+
+
+pass_app = click.make_pass_decorator(App)
+
+
+@cli.command("migrate")
+@pass_app
+@clear_errors
+def migrate_command(app: App) -> None:
+    """Create or upgrade the schema (safe to run concurrently)."""
+    with app.connect() as conn:
+        applied = migrate.migrate(conn, app.settings.schema)
+    if applied:
+        click.echo(f"applied {', '.join(applied)} to schema {app.settings.schema}")
+    else:
+        click.echo(f"schema {app.settings.schema} is up to date")
+
+
+def _ensure_schema(app: App) -> None:
+    """The embedded database migrates itself; a configured one must be migrated on purpose."""
+    with app.connect() as conn:
+        if migrate.is_current(conn, app.settings.schema):
+            return
+        if app.settings.database_url is None:
+            migrate.migrate(conn, app.settings.schema)
+            return
+    raise DatabaseUnavailable(
+        f"schema {app.settings.schema!r} is not migrated to the latest version: "
+        "run `conveyor migrate` first"
+    )
+
+
+@cli.command("run")
+@pass_app
+@clear_errors
+def run_command(app: App) -> None:
+    """Run the supervisor: worker processes for every configured stage."""
+    from conveyor.supervisor.processes import Supervisor
+    from conveyor.worker.loop import run_worker
+
+    plan = app.check_stages()
+    _ensure_schema(app)
+    url = app.url
+    supervisor_pid = os.getpid()
+
+    def start_child(stage: str) -> None:
+        run_worker(
+            app.settings,
+            app.pipeline,
+            app.pipeline.stage(stage),
+            url,
+            listen_url=listen_url(app.settings, url),
+            parent_pid=supervisor_pid,
+        )
+
+    grace = app.settings.drain_timeout + 5.0
+    sys.exit(Supervisor({k: v for k, v in plan.items() if v}, start_child, grace).run())
+
+
+@cli.command("worker")
+@click.option("--stage", "stage_name", required=True, help="The stage this process serves.")
+@pass_app
+@clear_errors
+def worker_command(app: App, stage_name: str) -> None:
+    """Run one worker process for one stage."""
+    from conveyor.worker.loop import run_worker
+
+    stage = app.pipeline.stage(stage_name)
+    _ensure_schema(app)
+    run_worker(
+        app.settings, app.pipeline, stage, app.url, listen_url=listen_url(app.settings, app.url)
+    )
+
+
+@cli.command("submit")
+@click.argument("text")
+@click.option("--session", default=None, help="Session id: follow-up questions share memory.")
+@click.option("--priority", default=0, show_default=True, help="Higher runs sooner.")
+@click.option("--delay", default=0.0, show_default=True, help="Seconds before it may start.")
+@click.option("--key", "idempotency_key", default=None, help="Idempotency key.")
+@click.option("--wait", is_flag=True, help="Wait until the run finishes and print it.")
+@click.option("--timeout", default=300.0, show_default=True, help="Seconds --wait waits.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_app
+@clear_errors
+def submit_command(
+    app: App,
+    text: str,
+    session: str | None,
+    priority: int,
+    delay: float,
+    idempotency_key: str | None,
+    wait: bool,
+    timeout: float,
+    as_json: bool,
+) -> None:
+    """Submit a question (TEXT) as a new run of the pipeline."""
+    payload: dict[str, Any] = {"question": text}
+    if session:
+        payload["session_id"] = session
+    with app.connect() as conn:
+        submitted = runs.submit(
+            conn,
+            payload,
+            pipeline=app.pipeline.name,
+            schema=app.settings.schema,
+            priority=priority,
+            delay_seconds=delay,
+            idempotency_key=idempotency_key,
+        )
+        if not wait:
+            if as_json:
+                click.echo(json.dumps({"id": str(submitted.id), "created": submitted.created}))
+            else:
+                click.echo(str(submitted.id))
+            return
+        run = _wait_for(conn, app, submitted.id, timeout)
+    _print_run(app, run, [], as_json)
+    if run["status"] != app.pipeline.final_status:
+        sys.exit(1)
+
+
+def _wait_for(
+    conn: psycopg.Connection[Any], app: App, run_id: UUID, timeout: float
+) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        run = runs.get_run(conn, app.settings.schema, run_id)
+        assert run is not None
+        if run["finished_at"] is not None or time.monotonic() > deadline:
+            return run
+        time.sleep(0.05)
+
+
+@cli.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--watch", is_flag=True, help="Refresh every --interval seconds.")
+@click.option("--interval", default=2.0, show_default=True)
+@pass_app
+@clear_errors
+def status_command(app: App, as_json: bool, watch: bool, interval: float) -> None:
+    """Runs per pipeline and status, with the age of the oldest due run."""
+    with app.connect() as conn:
+        while True:
+            counts = runs.status_counts(conn, app.settings.schema)
+            if as_json:
+                click.echo(json.dumps(counts, default=str))
+            else:
+                if watch:
+                    click.clear()
+                rows = [
+                    (
+                        c["pipeline"],
+                        c["status"],
+                        str(c["runs"]),
+                        "" if c["oldest_seconds"] is None else f"{c['oldest_seconds']:.1f}s",
+                    )
+                    for c in counts
+                ]
+                click.echo(_table(("PIPELINE", "STATUS", "RUNS", "OLDEST DUE"), rows))
+            if not watch:
+                return
+            time.sleep(interval)
+
+
+@cli.command("show")
+@click.argument("run_id", type=click.UUID)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_app
+@clear_errors
+def show_command(app: App, run_id: UUID, as_json: bool) -> None:
+    """A run: its input, outputs and full transition history."""
+    with app.connect() as conn:
+        run = runs.get_run(conn, app.settings.schema, run_id)
+        if run is None:
+            click.echo(f"conveyor: no run {run_id}", err=True)
+            sys.exit(1)
+        history = runs.run_history(conn, app.settings.schema, run_id)
+    _print_run(app, run, history, as_json)
+
+
+@cli.command("cancel")
+@click.argument("run_id", type=click.UUID)
+@pass_app
+@clear_errors
+def cancel_command(app: App, run_id: UUID) -> None:
+    """Cancel an unfinished run (a run in flight is interrupted)."""
+    with app.connect() as conn:
+        if not runs.cancel(conn, app.settings.schema, run_id, actor=_actor()):
+            click.echo(f"conveyor: run {run_id} is not unfinished (or does not exist)", err=True)
+            sys.exit(1)
+    click.echo(f"cancelled {run_id}")
+
+
+@cli.command("retry")
+@click.argument("run_id", type=click.UUID)
+@click.option("--stage", default=None, help="Re-run from this stage (default: where it failed).")
+@pass_app
+@clear_errors
+def retry_command(app: App, run_id: UUID, stage: str | None) -> None:
+    """Put a FAILED or CANCELLED run back in line."""
+    with app.connect() as conn:
+        if not runs.retry(conn, app.settings.schema, app.pipeline, run_id, _actor(), stage):
+            click.echo(f"conveyor: run {run_id} is not FAILED or CANCELLED", err=True)
+            sys.exit(1)
+    click.echo(f"retrying {run_id}")
+
+
+@cli.command("demo")
+@click.option("--questions", default=0, help="How many questions (default: the bundled set).")
+@pass_app
+@clear_errors
+def demo_command(app: App, questions: int) -> None:
+    """Run the reference pipeline end to end on a handful of questions."""
+    from conveyor.demo import run_demo
+
+    app.check_stages()
+    _ensure_schema(app)
+    sys.exit(run_demo(app.settings, app.pipeline, app.url, questions))
+
+
+@cli.group("embedded")
+def embedded_group() -> None:
+    """The embedded PostgreSQL used when no database URL is set."""
+
+
+@embedded_group.command("url")
+@pass_app
+@clear_errors
+def embedded_url(app: App) -> None:
+    """Start the embedded server if needed and print its URL."""
+    click.echo(_embedded.ensure_running(app.settings.data_dir))
+
+
+@embedded_group.command("stop")
+@pass_app
+def embedded_stop(app: App) -> None:
+    """Stop the embedded server."""
+    stopped = _embedded.stop(app.settings.data_dir)
+    click.echo("stopped" if stopped else "not running")
+
+
+def _actor() -> str:
+    return f"cli:{os.environ.get('USER', 'unknown')}@{os.uname().nodename}"
+
+
+def _table(header: tuple[str, ...], rows: Sequence[tuple[Any, ...]]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = [
+        "  ".join(str(v).ljust(w) for v, w in zip(r, widths, strict=True)).rstrip()
+        for r in [header, *rows]
+    ]
+    return "\n".join(lines)
+
+
+def _print_run(app: App, run: dict[str, Any], history: list[dict[str, Any]], as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps({**run, "history": history}, default=str, indent=2))
+        return
+    click.echo(f"run       {run['id']}  ({run['pipeline']})")
+    click.echo(f"status    {run['status']}  attempt {run['attempt']}  rescues {run['rescues']}")
+    click.echo(f"input     {json.dumps(run['input'])}")
+    for stage, output in run["outputs"].items():
+        click.echo(f"{stage:<9} {json.dumps(output)}")
+    if run["last_error"]:
+        click.echo(f"error     {run['last_error'].splitlines()[-1]}")
+    if history:
+        rows = [
+            (
+                h["created_at"].strftime("%H:%M:%S.%f")[:-3],
+                h["stage"] or "",
+                f"{h['from_status'] or ''} -> {h['to_status']}",
+                str(h["attempt"] or ""),
+                "" if h["duration_seconds"] is None else f"{h['duration_seconds'] * 1000:.1f}ms",
+                h["worker"] or "",
+                (h["error"] or "").splitlines()[-1][:60] if h["error"] else "",
+            )
+            for h in history
+        ]
+        click.echo("")
+        click.echo(
+            _table(("AT", "STAGE", "TRANSITION", "ATTEMPT", "DURATION", "WORKER", "ERROR"), rows)
+        )
+
+
+def main() -> None:
+    cli(prog_name="conveyor")

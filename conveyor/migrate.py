@@ -1,0 +1,77 @@
+"""Applies the numbered migrations in sql/ under an advisory lock; idempotent."""
+
+from __future__ import annotations
+
+import re
+from importlib import resources
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from conveyor.queries import for_schema, read_sql
+
+_MIGRATION_FILE = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
+
+
+def migrations() -> list[tuple[int, str]]:
+    """(version, filename) of every migration shipped in the package, in order."""
+    found = []
+    for entry in resources.files("conveyor.sql").iterdir():
+        match = _MIGRATION_FILE.match(entry.name)
+        if match:
+            found.append((int(match.group(1)), entry.name))
+    return sorted(found)
+
+
+def latest_version() -> int:
+    return migrations()[-1][0]
+
+
+def applied_versions(conn: psycopg.Connection[Any], schema: str) -> set[int]:
+    exists = conn.execute(
+        "SELECT to_regclass(%s) IS NOT NULL", (f"{schema}.schema_migrations",)
+    ).fetchone()
+    if not exists or not exists[0]:
+        return set()
+    rows = conn.execute(
+        sql.SQL("SELECT version FROM {}.schema_migrations").format(sql.Identifier(schema))
+    ).fetchall()
+    return {row[0] for row in rows}
+
+
+def migrate(conn: psycopg.Connection[Any], schema: str) -> list[str]:
+    """Apply what is missing in one transaction; return the filenames applied.
+
+    The transaction-scoped advisory lock makes a second `conveyor migrate` started at the same
+    time wait, then find everything applied and do nothing.
+    """
+    applied: list[str] = []
+    schema_id = sql.Identifier(schema)
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext('conveyor.migrate.' || %s))", (schema,))
+        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(schema_id))
+        conn.execute(
+            sql.SQL(
+                "CREATE TABLE IF NOT EXISTS {}.schema_migrations ("
+                " version integer PRIMARY KEY, name text NOT NULL,"
+                " applied_at timestamptz NOT NULL DEFAULT now())"
+            ).format(schema_id)
+        )
+        done = applied_versions(conn, schema)
+        for version, filename in migrations():
+            if version in done:
+                continue
+            conn.execute(for_schema(read_sql(filename), schema))
+            conn.execute(
+                sql.SQL("INSERT INTO {}.schema_migrations (version, name) VALUES (%s, %s)").format(
+                    schema_id
+                ),
+                (version, filename),
+            )
+            applied.append(filename)
+    return applied
+
+
+def is_current(conn: psycopg.Connection[Any], schema: str) -> bool:
+    return {version for version, _ in migrations()} <= applied_versions(conn, schema)

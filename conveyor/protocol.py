@@ -1,0 +1,175 @@
+"""The claim/complete protocol as calls over a connection pool; the SQL is in sql/queries.sql.
+
+Every call is one short transaction. Nothing here holds a transaction open while a handler runs.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+from psycopg_pool import AsyncConnectionPool
+
+from conveyor import queries
+from conveyor.pipeline import Pipeline, Stage
+
+ClaimedRow = tuple[UUID, dict[str, Any], dict[str, Any], int, float]
+
+
+@dataclass(slots=True)
+class Success:
+    run_id: UUID
+    attempt: int
+    output_json: str
+    started_epoch: float
+    duration: float
+    model: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+@dataclass(slots=True)
+class Failure:
+    run_id: UUID
+    attempt: int
+    error: str
+    # None: out of attempts, the run becomes FAILED.
+    retry_in: float | None
+    started_epoch: float
+    duration: float
+
+
+@dataclass(frozen=True)
+class Applied:
+    completed: int
+    retried: int
+    failed: int
+    refused: int  # lease lost: the result was discarded
+
+
+class StageProtocol:
+    """One worker's side of the protocol for one stage."""
+
+    def __init__(
+        self,
+        pool: AsyncConnectionPool[Any],
+        *,
+        schema: str,
+        pipeline: Pipeline,
+        stage: Stage,
+        worker_id: str,
+        lease_seconds: float,
+        max_rescues: int,
+    ) -> None:
+        self.pool = pool
+        self.sql = queries.load(schema)
+        self.stage = stage
+        self.worker_id = worker_id
+        self.lease_seconds = lease_seconds
+        self._fence = {
+            "pipeline": pipeline.name,
+            "stage": stage.name,
+            "consumes": stage.consumes,
+            "working": stage.working,
+            "produces": stage.produces,
+            "worker": worker_id,
+        }
+        self._terminal = pipeline.is_terminal(stage.produces)
+        self._max_rescues = max_rescues
+
+    async def claim(self, batch: int) -> list[ClaimedRow]:
+        params = {**self._fence, "batch": batch, "lease_seconds": self.lease_seconds}
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(self.sql["claim_batch"], params)
+            rows: list[Any] = await cur.fetchall()
+            return rows
+
+    async def apply(self, successes: list[Success], failures: list[Failure]) -> Applied:
+        """Commit a batch of finished attempts in one transaction, fenced by the lease."""
+        completed = retried = failed = 0
+        async with self.pool.connection() as conn, conn.transaction():
+            if successes:
+                cur = await conn.execute(
+                    self.sql["complete_if_leased"],
+                    {
+                        **self._fence,
+                        "terminal": self._terminal,
+                        "ids": [s.run_id for s in successes],
+                        "outputs": [s.output_json for s in successes],
+                        "attempts": [s.attempt for s in successes],
+                        "started": [s.started_epoch for s in successes],
+                        "durations": [s.duration for s in successes],
+                        "models": [s.model for s in successes],
+                        "prompt_tokens": [s.prompt_tokens for s in successes],
+                        "completion_tokens": [s.completion_tokens for s in successes],
+                    },
+                )
+                completed = len(await cur.fetchall())
+            if failures:
+                cur = await conn.execute(
+                    self.sql["fail_if_leased"],
+                    {
+                        **self._fence,
+                        "ids": [f.run_id for f in failures],
+                        "errors": [f.error for f in failures],
+                        "attempts": [f.attempt for f in failures],
+                        "retry_in": [f.retry_in for f in failures],
+                        "started": [f.started_epoch for f in failures],
+                        "durations": [f.duration for f in failures],
+                    },
+                )
+                for _run_id, to_status in await cur.fetchall():
+                    if to_status == "FAILED":
+                        failed += 1
+                    else:
+                        retried += 1
+        refused = len(successes) + len(failures) - completed - retried - failed
+        return Applied(completed, retried, failed, refused)
+
+    async def release(self, run_ids: list[UUID]) -> int:
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(self.sql["release_if_leased"], {**self._fence, "ids": run_ids})
+            return len(await cur.fetchall())
+
+    async def extend_leases(self, run_ids: list[UUID]) -> set[UUID]:
+        """Extend the leases of in-flight runs; return the ids still held."""
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                self.sql["extend_leases"],
+                {**self._fence, "ids": run_ids, "lease_seconds": self.lease_seconds},
+            )
+            return {row[0] for row in await cur.fetchall()}
+
+    async def rescue_expired(self) -> list[tuple[UUID, str]]:
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                self.sql["rescue_expired"], {**self._fence, "max_rescues": self._max_rescues}
+            )
+            rows: list[Any] = await cur.fetchall()
+            return rows
+
+    async def beat(self, *, channel: str, waiting: bool, ttl_seconds: float) -> None:
+        async with self.pool.connection() as conn:
+            await conn.execute(
+                self.sql["beat_worker"],
+                {
+                    **self._fence,
+                    "channel": channel,
+                    "hostname": socket.gethostname(),
+                    "pid": _pid(),
+                    "ttl_seconds": ttl_seconds,
+                    "waiting": waiting,
+                },
+            )
+
+    async def forget(self) -> None:
+        async with self.pool.connection() as conn:
+            await conn.execute(self.sql["forget_worker"], {"worker": self.worker_id})
+
+
+def _pid() -> int:
+    import os
+
+    return os.getpid()

@@ -1,0 +1,108 @@
+"""Operator-side calls over a plain connection: submit, look, cancel, retry."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+from conveyor import queries
+from conveyor.pipeline import Pipeline
+
+MAX_INPUT_BYTES = 1_000_000
+
+
+class SubmitError(ValueError):
+    """The run was not accepted; the message says why."""
+
+
+@dataclass(frozen=True)
+class Submitted:
+    id: UUID
+    created: bool  # False: an existing run with the same idempotency key was returned
+
+
+def submit(
+    conn: psycopg.Connection[Any],
+    input: dict[str, Any],
+    *,
+    pipeline: str = "agents",
+    schema: str = "conveyor",
+    priority: int = 0,
+    delay_seconds: float = 0.0,
+    idempotency_key: str | None = None,
+) -> Submitted:
+    """Start a run: the same as `INSERT INTO conveyor.pipeline_runs (input) VALUES (...)`."""
+    if not isinstance(input, dict):
+        raise SubmitError("input must be a JSON object")
+    try:
+        size = len(json.dumps(input).encode())
+    except (TypeError, ValueError) as exc:
+        raise SubmitError(f"input is not JSON-serialisable: {exc}") from exc
+    if size > MAX_INPUT_BYTES:
+        raise SubmitError(f"input is {size} bytes; the limit is {MAX_INPUT_BYTES}")
+    if not -32768 <= priority <= 32767:
+        raise SubmitError("priority must be between -32768 and 32767")
+    row = conn.execute(
+        queries.load(schema)["submit_run"],
+        {
+            "pipeline": pipeline,
+            "input": Jsonb(input),
+            "priority": priority,
+            "delay_seconds": max(delay_seconds, 0.0),
+            "idempotency_key": idempotency_key,
+        },
+    ).fetchone()
+    assert row is not None
+    return Submitted(row[0], row[1])
+
+
+def status_counts(conn: psycopg.Connection[Any], schema: str) -> list[dict[str, Any]]:
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(queries.load(schema)["status_counts"]).fetchall()
+
+
+def get_run(conn: psycopg.Connection[Any], schema: str, run_id: UUID) -> dict[str, Any] | None:
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(queries.load(schema)["get_run"], {"id": run_id}).fetchone()
+
+
+def run_history(conn: psycopg.Connection[Any], schema: str, run_id: UUID) -> list[dict[str, Any]]:
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(queries.load(schema)["run_history"], {"id": run_id}).fetchall()
+
+
+def cancel(conn: psycopg.Connection[Any], schema: str, run_id: UUID, actor: str) -> bool:
+    rows = conn.execute(
+        queries.load(schema)["cancel_run"], {"id": run_id, "actor": actor}
+    ).fetchall()
+    return bool(rows)
+
+
+def retry(
+    conn: psycopg.Connection[Any],
+    schema: str,
+    pipeline: Pipeline,
+    run_id: UUID,
+    actor: str,
+    from_stage: str | None = None,
+) -> bool:
+    """Re-run a FAILED or CANCELLED run from a named stage, or from the stage it failed in."""
+    if from_stage is None:
+        row = conn.execute(
+            f"SELECT stage FROM {queries.for_schema('@schema@', schema)}.run_events"
+            " WHERE run_id = %s AND stage IS NOT NULL ORDER BY id DESC LIMIT 1",
+            (run_id,),
+        ).fetchone()
+        from_stage = row[0] if row else pipeline.stages[0].name
+    stage = pipeline.stage(from_stage)
+    rows = conn.execute(
+        queries.load(schema)["retry_run"],
+        {"id": run_id, "consumes": stage.consumes, "stage": stage.name, "actor": actor},
+    ).fetchall()
+    return bool(rows)

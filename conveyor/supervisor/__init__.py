@@ -1,0 +1,1 @@
+"""The supervisor: forks worker processes per stage and keeps them alive."""

@@ -1,0 +1,154 @@
+"""Forks N worker processes per stage, restarts the ones that die, forwards shutdown signals."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import structlog
+
+log = structlog.get_logger("conveyor.supervisor")
+
+CRASH_WINDOW_SECONDS = 10.0  # a child that dies sooner than this after start is crash-looping
+MAX_RESTART_DELAY_SECONDS = 30.0
+# A stage that crash-loops this many times in a row cannot be kept alive: exit non-zero so the
+# orchestrator notices, instead of hiding behind endless restarts.
+MAX_CONSECUTIVE_CRASHES = 10
+
+
+@dataclass
+class Slot:
+    stage: str
+    index: int
+    pid: int = 0
+    started_at: float = 0.0
+    crashes: int = 0
+    restart_at: float = 0.0
+    restarts: int = 0
+
+
+@dataclass
+class Supervisor:
+    """`start_child(stage)` runs in the forked child and never returns."""
+
+    plan: dict[str, int]
+    start_child: Callable[[str], None]
+    grace_seconds: float
+    slots: list[Slot] = field(default_factory=list)
+    stopping: bool = False
+    exit_code: int = 0
+
+    def run(self) -> int:
+        self.slots = [Slot(stage, i) for stage, n in self.plan.items() for i in range(n)]
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        log.info("supervisor started", plan=self.plan, pid=os.getpid())
+        for slot in self.slots:
+            self._spawn(slot)
+        while not self.stopping:
+            self._reap()
+            self._restart_due()
+            time.sleep(0.1)
+        self._shutdown()
+        return self.exit_code
+
+    def alive(self) -> dict[str, int]:
+        counts = dict.fromkeys(self.plan, 0)
+        for slot in self.slots:
+            if slot.pid:
+                counts[slot.stage] += 1
+        return counts
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        if not self.stopping:
+            log.info("supervisor stopping", signal=signal.Signals(signum).name)
+        self.stopping = True
+
+    def _spawn(self, slot: Slot) -> None:
+        pid = os.fork()
+        if pid == 0:  # the child
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            code = 0
+            try:
+                self.start_child(slot.stage)
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 1
+            except BaseException:
+                log.exception("worker crashed", stage=slot.stage)
+                code = 1
+            os._exit(code)
+        slot.pid, slot.started_at = pid, time.monotonic()
+        log.info("worker process started", stage=slot.stage, pid=pid)
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            slot = next((s for s in self.slots if s.pid == pid), None)
+            if slot is None:
+                continue
+            self._on_child_exit(slot, status)
+
+    def _on_child_exit(self, slot: Slot, status: int) -> None:
+        lived = time.monotonic() - slot.started_at
+        how = (
+            f"signal {signal.Signals(os.WTERMSIG(status)).name}"
+            if os.WIFSIGNALED(status)
+            else f"exit code {os.WEXITSTATUS(status)}"
+        )
+        slot.pid = 0
+        if self.stopping:
+            return
+        slot.crashes = slot.crashes + 1 if lived < CRASH_WINDOW_SECONDS else 1
+        delay = min(MAX_RESTART_DELAY_SECONDS, 0.1 * 2 ** (slot.crashes - 1))
+        slot.restart_at = time.monotonic() + delay
+        log.warning(
+            "worker process died; restarting",
+            stage=slot.stage,
+            how=how,
+            lived_seconds=round(lived, 2),
+            restart_in=round(delay, 2),
+        )
+        if slot.crashes >= MAX_CONSECUTIVE_CRASHES:
+            log.error("stage keeps crashing; giving up", stage=slot.stage, crashes=slot.crashes)
+            self.exit_code = 1
+            self.stopping = True
+
+    def _restart_due(self) -> None:
+        now = time.monotonic()
+        for slot in self.slots:
+            if not slot.pid and slot.restart_at and now >= slot.restart_at:
+                slot.restart_at = 0.0
+                slot.restarts += 1
+                self._spawn(slot)
+
+    def _shutdown(self) -> None:
+        live = [s for s in self.slots if s.pid]
+        for slot in live:
+            _signal(slot.pid, signal.SIGTERM)
+        deadline = time.monotonic() + self.grace_seconds
+        while any(s.pid for s in self.slots) and time.monotonic() < deadline:
+            self._reap()
+            time.sleep(0.05)
+        for slot in self.slots:
+            if slot.pid:
+                log.warning("worker did not stop in time; killing", stage=slot.stage, pid=slot.pid)
+                _signal(slot.pid, signal.SIGKILL)
+        while any(s.pid for s in self.slots):
+            self._reap()
+            time.sleep(0.05)
+        log.info("supervisor stopped", exit_code=self.exit_code)
+
+
+def _signal(pid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signum)

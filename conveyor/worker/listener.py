@@ -1,0 +1,148 @@
+"""The worker's LISTEN connection: wakes the dispatcher, checks its own health, reconnects."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+import structlog
+from psycopg import sql
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
+
+from conveyor.db import CONNECT_TIMEOUT_SECONDS, KEEPALIVE_OPTIONS, redact
+
+log = structlog.get_logger("conveyor.listener")
+
+_PING = "ping"
+
+
+def wake_channel(schema: str, pipeline: str, status: str) -> str:
+    """The channel a stage's waiting workers LISTEN on (at most 63 bytes, PostgreSQL's limit)."""
+    channel = f"{schema}.{pipeline}.{status}"
+    if len(channel.encode()) <= 63:
+        return channel
+    return "conveyor." + hashlib.sha1(channel.encode()).hexdigest()[:32]
+
+
+class Listener:
+    """Holds one autocommit connection that LISTENs on the wake channel.
+
+    `on_wake` is called for every wake-up notification, and once after every (re)connect,
+    because whatever was notified while disconnected is gone. Every `health_interval` seconds
+    of silence the connection proves itself with a notification to itself, answered within
+    `health_timeout`; a half-open socket fails that check and is replaced.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        channel: str,
+        on_wake: Callable[[], None],
+        *,
+        health_interval: float = 15.0,
+        health_timeout: float = 5.0,
+        application_name: str = "conveyor-listener",
+    ) -> None:
+        self.application_name = application_name
+        self.url = url
+        self.channel = channel
+        self.on_wake = on_wake
+        self.health_interval = health_interval
+        self.health_timeout = health_timeout
+        self.connected = asyncio.Event()
+        self.reconnects = 0
+        self.last_notification_at = 0.0
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+
+    async def run(self) -> None:
+        first = True
+        while True:
+            conn = await self._connect()
+            if not first:
+                self.reconnects += 1
+                log.info("listener reconnected", channel=self.channel, reconnects=self.reconnects)
+            first = False
+            self.on_wake()  # sweep now: notifications sent while we were away are lost
+            try:
+                await self._listen(conn)
+            except _CONNECTION_ERRORS as exc:
+                self.connected.clear()
+                log.warning("listener connection lost", channel=self.channel, error=_brief(exc))
+                await conn.close()
+
+    async def close(self) -> None:
+        self.connected.clear()
+        if self._conn is not None:
+            await self._conn.close()
+
+    async def _connect(self) -> psycopg.AsyncConnection[Any]:
+        """Connect and LISTEN, retried with backoff for as long as the database is away."""
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type(_CONNECTION_ERRORS),
+            wait=wait_exponential_jitter(multiplier=0.05, max=5.0, jitter=0.2),
+            before_sleep=self._log_retry,
+        ):
+            with attempt:
+                conn = await psycopg.AsyncConnection.connect(
+                    self.url,
+                    autocommit=True,
+                    application_name=self.application_name,
+                    connect_timeout=CONNECT_TIMEOUT_SECONDS,
+                    **KEEPALIVE_OPTIONS,
+                )
+                try:
+                    await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
+                except BaseException:
+                    await conn.close()
+                    raise
+        self._conn = conn
+        self.connected.set()
+        return conn
+
+    async def _listen(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        while True:
+            heard = False
+            async for notify in conn.notifies(timeout=self.health_interval):
+                heard = True
+                self.last_notification_at = time.time()
+                if notify.payload != _PING:
+                    self.on_wake()
+            if not heard:
+                await self._check_health(conn)
+
+    async def _check_health(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        try:
+            async with asyncio.timeout(self.health_timeout):
+                await conn.execute("SELECT pg_notify(%s, %s)", (self.channel, _PING))
+                async for _ in conn.notifies(stop_after=1):
+                    return
+        except TimeoutError:
+            log.warning(
+                "listener health check timed out; reconnecting",
+                channel=self.channel,
+                timeout=self.health_timeout,
+            )
+            raise
+
+    def _log_retry(self, state: Any) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        log.warning(
+            "listener cannot connect; retrying",
+            channel=self.channel,
+            error=_brief(exc),
+            retry_in=round(state.next_action.sleep, 3) if state.next_action else None,
+        )
+
+
+_CONNECTION_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError, TimeoutError, OSError)
+
+
+def _brief(exc: BaseException | None) -> str:
+    if exc is None:
+        return ""
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return redact(lines[-1].strip() if lines else type(exc).__name__)

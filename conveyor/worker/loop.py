@@ -1,0 +1,377 @@
+"""One worker process for one stage: listen, sweep, claim, run handlers, complete, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import time
+import uuid
+from uuid import UUID
+
+import psycopg
+import structlog
+from psycopg_pool import AsyncConnectionPool
+
+from conveyor import metrics
+from conveyor.db import CONNECT_TIMEOUT_SECONDS, KEEPALIVE_OPTIONS, redact
+from conveyor.pipeline import Pipeline, Run, Stage
+from conveyor.protocol import Failure, StageProtocol, Success
+from conveyor.settings import Settings
+from conveyor.worker.listener import Listener, wake_channel
+from conveyor.worker.runner import run_handler
+
+log = structlog.get_logger("conveyor.worker")
+
+# A worker that has just gone idle claims once more after this grace: a transaction whose wake-up
+# trigger ran (and found nobody waiting) just before we said we were waiting commits within it.
+IDLE_GRACE_SECONDS = 0.05
+_DB_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError, psycopg.errors.DeadlockDetected)
+
+
+def new_worker_id(stage: str) -> str:
+    """Unique per process start: pod names and pids are reused, this is not."""
+    return f"{stage}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+class Worker:
+    def __init__(
+        self,
+        settings: Settings,
+        pipeline: Pipeline,
+        stage: Stage,
+        url: str,
+        *,
+        listen_url: str | None = None,
+        worker_id: str | None = None,
+        parent_pid: int | None = None,
+    ) -> None:
+        self.parent_pid = parent_pid
+        self.settings = settings
+        self.pipeline = pipeline
+        self.stage = stage
+        self.url = url
+        self.listen_url = listen_url or url
+        self.worker_id = worker_id or new_worker_id(stage.name)
+        self.channel = wake_channel(settings.schema, pipeline.name, stage.consumes)
+        self.stopping = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._slot_freed = asyncio.Event()
+        self._results_ready = asyncio.Event()
+        self._in_flight: dict[UUID, asyncio.Task[None]] = {}
+        self._successes: list[Success] = []
+        self._failures: list[Failure] = []
+        self._taken_away: set[UUID] = set()
+        self._backlog = False
+        self._waiting = False
+        self._woken_by_timer = False
+        self._labels = (pipeline.name, stage.name)
+        self._log = log.bind(pipeline=pipeline.name, stage=stage.name, worker=self.worker_id)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.stop)
+        self.pool = AsyncConnectionPool(
+            self.url,
+            min_size=2,
+            max_size=2,
+            open=False,
+            kwargs={
+                "autocommit": True,
+                "application_name": f"conveyor:{self.worker_id}"[:63],
+                "connect_timeout": CONNECT_TIMEOUT_SECONDS,
+                **KEEPALIVE_OPTIONS,
+            },
+            reconnect_timeout=0,  # never give up: the database may be away for a long time
+        )
+        await self.pool.open(wait=False)
+        self.protocol = StageProtocol(
+            self.pool,
+            schema=self.settings.schema,
+            pipeline=self.pipeline,
+            stage=self.stage,
+            worker_id=self.worker_id,
+            lease_seconds=self.settings.lease,
+            max_rescues=self.settings.max_rescues,
+        )
+        self.listener = Listener(
+            self.listen_url,
+            self.channel,
+            self._on_notification,
+            application_name=f"conveyor-listen:{self.worker_id}"[:63],
+        )
+        self._log.info(
+            "worker started",
+            concurrency=self.stage.concurrency,
+            batch=self.stage.batch,
+            channel=self.channel,
+        )
+        helpers = [
+            asyncio.create_task(self.listener.run(), name="listener"),
+            asyncio.create_task(self._sweep_timer(), name="sweep"),
+            asyncio.create_task(self._heartbeat(), name="heartbeat"),
+        ]
+        if self.parent_pid is not None:
+            helpers.append(asyncio.create_task(self._watch_parent(), name="parent"))
+        completer = asyncio.create_task(self._complete_forever(), name="completer")
+        try:
+            await self._dispatch_until_stopped()
+            await self._drain()
+        finally:
+            for task in helpers:
+                task.cancel()
+            await asyncio.gather(*helpers, return_exceptions=True)
+            self._results_ready.set()
+            completer.cancel()
+            await asyncio.gather(completer, return_exceptions=True)
+            await self._flush_results(final=True)
+            await self._forget()
+            await self.listener.close()
+            await self.pool.close()
+            self._log.info("worker stopped")
+
+    def stop(self) -> None:
+        if not self.stopping.is_set():
+            self._log.info(
+                "worker stopping: draining in-flight runs", in_flight=len(self._in_flight)
+            )
+            self.stopping.set()
+            self._wake.set()
+            self._slot_freed.set()
+
+    # -- claiming ----------------------------------------------------------------------------
+
+    def _on_notification(self) -> None:
+        self._wake.set()
+
+    async def _dispatch_until_stopped(self) -> None:
+        stage = self.stage
+        # Under a backlog, claim only when a good part of a batch is free, so batches stay big.
+        refill_at = max(1, stage.batch // 2)
+        while not self.stopping.is_set():
+            free = stage.concurrency - len(self._in_flight)
+            if free <= 0 or (self._backlog and free < min(refill_at, stage.concurrency)):
+                self._slot_freed.clear()
+                await self._slot_freed.wait()
+                continue
+            if not self._backlog:
+                await self._wake.wait()
+                if self.stopping.is_set():
+                    return
+            self._wake.clear()
+            by_timer, self._woken_by_timer = self._woken_by_timer, False
+            want = min(free, stage.batch)
+            try:
+                rows = await self.protocol.claim(want)
+            except _DB_ERRORS as exc:
+                await self._database_trouble("claim", exc)
+                continue
+            for run_id, run_input, outputs, attempt, waited in rows:
+                run = Run(run_id, self.pipeline.name, stage.name, run_input, outputs, attempt)
+                self._in_flight[run_id] = asyncio.create_task(self._execute(run))
+                metrics.WAKEUP_LATENCY.labels(*self._labels).observe(waited)
+            if rows:
+                metrics.CLAIMED.labels(*self._labels).inc(len(rows))
+                metrics.IN_FLIGHT.labels(*self._labels).set(len(self._in_flight))
+                if by_timer:
+                    metrics.SWEEP_PICKUPS.labels(*self._labels).inc(len(rows))
+            self._backlog = len(rows) == want
+            await self._set_waiting(not self._backlog)
+
+    async def _set_waiting(self, waiting: bool) -> None:
+        """Arm or disarm the wake-up trigger for this worker; only on a change."""
+        if waiting == self._waiting:
+            return
+        try:
+            await self.protocol.beat(channel=self.channel, waiting=waiting, ttl_seconds=self._ttl)
+        except _DB_ERRORS as exc:
+            await self._database_trouble("beat", exc)
+            return
+        self._waiting = waiting
+        if waiting:
+            asyncio.get_running_loop().call_later(IDLE_GRACE_SECONDS, self._wake.set)
+
+    async def _sweep_timer(self) -> None:
+        """Claim on a jittered timer even without a notification: the bound on anything missed.
+        Rescue of expired leases of this stage rides on the same timer."""
+        while True:
+            healthy = self.listener.connected.is_set()
+            interval = (
+                self.settings.sweep_interval if healthy else min(self.settings.sweep_interval, 1.0)
+            )
+            await asyncio.sleep(interval * random.uniform(0.8, 1.2))
+            try:
+                rescued = await self.protocol.rescue_expired()
+            except _DB_ERRORS as exc:
+                self._log.warning("rescue failed", error=_brief(exc))
+                continue
+            for run_id, to_status in rescued:
+                self._log.warning("run rescued", run_id=str(run_id), to_status=to_status)
+            if rescued:
+                metrics.RESCUED.labels(*self._labels).inc(len(rescued))
+            self._woken_by_timer = True
+            self._wake.set()
+
+    # -- running ------------------------------------------------------------------------------
+
+    async def _execute(self, run: Run) -> None:
+        try:
+            outcome = await run_handler(self.stage, run)
+        except asyncio.CancelledError:
+            if run.id in self._taken_away:  # cancelled or rescued: nothing to report
+                self._taken_away.discard(run.id)
+                self._in_flight.pop(run.id, None)
+                self._slot_freed.set()
+                return
+            raise
+        metrics.STAGE_DURATION.labels(*self._labels).observe(outcome.duration)
+        if isinstance(outcome, Success):
+            self._successes.append(outcome)
+            self._log.info(
+                "run finished",
+                run_id=str(run.id),
+                attempt=run.attempt,
+                outcome="completed",
+                duration=round(outcome.duration, 6),
+            )
+        else:
+            self._failures.append(outcome)
+            self._log.warning(
+                "run finished",
+                run_id=str(run.id),
+                attempt=run.attempt,
+                outcome="retrying" if outcome.retry_in is not None else "failed",
+                duration=round(outcome.duration, 6),
+                error=outcome.error.splitlines()[-1],
+            )
+        self._in_flight.pop(run.id, None)
+        self._slot_freed.set()
+        self._results_ready.set()
+
+    async def _complete_forever(self) -> None:
+        while True:
+            await self._results_ready.wait()
+            self._results_ready.clear()
+            await self._flush_results()
+
+    async def _flush_results(self, *, final: bool = False) -> None:
+        """Commit every finished attempt collected so far in one fenced batch. On a database
+        error the results are kept and the batch is tried again: the fence makes it safe.
+        The final flush at exit gives up after a few tries; the leases then expire."""
+        tries = 0
+        while self._successes or self._failures:
+            successes, self._successes = self._successes, []
+            failures, self._failures = self._failures, []
+            try:
+                applied = await self.protocol.apply(successes, failures)
+            except _DB_ERRORS as exc:
+                self._successes[:0] = successes
+                self._failures[:0] = failures
+                tries += 1
+                if final and tries >= 10:
+                    self._log.error(
+                        "could not report results before exiting; leases will expire",
+                        runs=len(self._successes) + len(self._failures),
+                    )
+                    return
+                await self._database_trouble("complete", exc)
+                continue
+            labels = self._labels
+            metrics.COMPLETED.labels(*labels).inc(applied.completed)
+            metrics.RETRIED.labels(*labels).inc(applied.retried)
+            metrics.FAILED.labels(*labels).inc(applied.failed)
+            if applied.refused:
+                metrics.LEASE_LOSSES.labels(*labels).inc(applied.refused)
+                self._log.warning("stale results refused: lease lost", runs=applied.refused)
+            metrics.IN_FLIGHT.labels(*labels).set(len(self._in_flight))
+
+    # -- leases and registry ----------------------------------------------------------------
+
+    @property
+    def _ttl(self) -> float:
+        return self.settings.lease
+
+    async def _heartbeat(self) -> None:
+        """Extend the leases of in-flight runs well before they expire (a third of the lease),
+        interrupt handlers whose run was taken away, and keep the registry row fresh."""
+        while True:
+            try:
+                await self.protocol.beat(
+                    channel=self.channel, waiting=self._waiting, ttl_seconds=self._ttl
+                )
+                held_before = list(self._in_flight)
+                if held_before:
+                    held = await self.protocol.extend_leases(held_before)
+                    for run_id in set(held_before) - held:
+                        task = self._in_flight.get(run_id)
+                        if task is not None:
+                            self._log.warning("run taken away; interrupting", run_id=str(run_id))
+                            self._taken_away.add(run_id)
+                            task.cancel()
+            except _DB_ERRORS as exc:
+                self._log.warning("heartbeat failed", error=_brief(exc))
+            await asyncio.sleep(self.settings.lease / 3)
+
+    async def _watch_parent(self) -> None:
+        """A worker whose supervisor died exits instead of running on orphaned."""
+        while os.getppid() == self.parent_pid:
+            await asyncio.sleep(1.0)
+        self._log.warning("supervisor is gone; stopping", supervisor_pid=self.parent_pid)
+        self.stop()
+
+    async def _forget(self) -> None:
+        try:
+            await asyncio.wait_for(self.protocol.forget(), timeout=2)
+        except (*_DB_ERRORS, TimeoutError):
+            pass  # the row expires by itself
+
+    # -- shutdown -----------------------------------------------------------------------------
+
+    async def _drain(self) -> None:
+        """Stop claiming; give in-flight handlers until the drain timeout, then release them."""
+        deadline = time.monotonic() + self.settings.drain_timeout
+        while self._in_flight and time.monotonic() < deadline:
+            self._slot_freed.clear()
+            try:
+                await asyncio.wait_for(self._slot_freed.wait(), deadline - time.monotonic())
+            except TimeoutError:
+                break
+        leftover = dict(self._in_flight)
+        for run_id, task in leftover.items():
+            self._taken_away.add(run_id)
+            task.cancel()
+        await asyncio.gather(*leftover.values(), return_exceptions=True)
+        if leftover:
+            try:
+                released = await self.protocol.release(list(leftover))
+                self._log.info("released unfinished runs", runs=released)
+            except _DB_ERRORS as exc:
+                self._log.warning(
+                    "could not release runs; their leases will expire", error=_brief(exc)
+                )
+
+    async def _database_trouble(self, what: str, exc: BaseException) -> None:
+        self._log.warning("database error; will retry", during=what, error=_brief(exc))
+        await asyncio.sleep(random.uniform(0.05, 0.5))
+
+
+def _brief(exc: BaseException) -> str:
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return redact(lines[-1].strip() if lines else type(exc).__name__)
+
+
+def run_worker(
+    settings: Settings,
+    pipeline: Pipeline,
+    stage: Stage,
+    url: str,
+    *,
+    listen_url: str | None = None,
+    parent_pid: int | None = None,
+) -> None:
+    worker = Worker(settings, pipeline, stage, url, listen_url=listen_url, parent_pid=parent_pid)
+    asyncio.run(worker.run())

@@ -1,0 +1,1 @@
+"""conveyor's SQL: numbered migrations, the protocol's named queries and the schema dump."""

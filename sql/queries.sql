@@ -1,0 +1,249 @@
+-- The protocol, in one place. Each statement sits under a `-- name --` header; `@schema@` is
+-- replaced by the quoted schema name when the file is loaded. Every guard that makes a transition
+-- safe is in the statement itself: the claim's SKIP LOCKED, and the fence
+-- `status = <working> AND lease_owner = <me>` on everything a worker does to a run it leased.
+
+-- claim_batch --
+-- Lease up to `batch` due runs of one stage: best priority first, then the longest waiting.
+-- One statement, one short transaction; ready_at (when the run became claimable) feeds the
+-- wake-up latency metric.
+-- The claim commits without waiting for its WAL flush (synchronous_commit off for this
+-- transaction only): a claim lost in a server crash just puts the run back where it was, which
+-- the at-least-once contract allows, and the completion that follows is flushed, which makes
+-- the claim before it durable too. It saves a disk flush on the path from commit to handler.
+WITH picked AS (
+    SELECT id, greatest(run_after, updated_at) AS ready_at
+      FROM @schema@.pipeline_runs
+     WHERE pipeline = %(pipeline)s AND status = %(consumes)s
+       AND finished_at IS NULL AND run_after <= now()
+     ORDER BY priority DESC, run_after
+     LIMIT %(batch)s
+       FOR UPDATE SKIP LOCKED
+)
+UPDATE @schema@.pipeline_runs r
+   SET status = %(working)s,
+       lease_owner = %(worker)s,
+       lease_expires_at = now() + make_interval(secs => %(lease_seconds)s),
+       attempt = r.attempt + 1,
+       updated_at = now()
+  FROM picked
+ WHERE r.id = picked.id
+   AND set_config('synchronous_commit', 'off', true) IS NOT NULL
+RETURNING r.id, r.input, r.outputs, r.attempt,
+          extract(epoch FROM clock_timestamp() - picked.ready_at)::float8 AS waited_seconds;
+
+-- complete_if_leased --
+-- Apply a batch of successful attempts, fenced: a run whose lease was lost (rescued, cancelled)
+-- is not touched, and its id is missing from the result. One run_events row per applied run.
+WITH finished AS (
+    SELECT *
+      FROM unnest(%(ids)s::uuid[], %(outputs)s::text[], %(attempts)s::int[],
+                  %(started)s::float8[], %(durations)s::float8[], %(models)s::text[],
+                  %(prompt_tokens)s::int[], %(completion_tokens)s::int[])
+           AS f(id, output, attempt, started_epoch, duration_seconds, model,
+                prompt_tokens, completion_tokens)
+), moved AS (
+    UPDATE @schema@.pipeline_runs r
+       SET status = %(produces)s,
+           outputs = r.outputs || jsonb_build_object(%(stage)s::text, f.output::jsonb),
+           attempt = 0,
+           lease_owner = NULL,
+           lease_expires_at = NULL,
+           last_error = NULL,
+           run_after = now(),
+           updated_at = now(),
+           finished_at = CASE WHEN %(terminal)s THEN now() END
+      FROM finished f
+     WHERE r.id = f.id AND r.status = %(working)s AND r.lease_owner = %(worker)s
+    RETURNING r.id, r.pipeline, f.attempt, f.started_epoch, f.duration_seconds, f.model,
+              f.prompt_tokens, f.completion_tokens
+)
+INSERT INTO @schema@.run_events
+       (run_id, pipeline, stage, from_status, to_status, attempt, worker, started_at, duration,
+        model, prompt_tokens, completion_tokens)
+SELECT id, pipeline, %(stage)s, %(consumes)s, %(produces)s, attempt, %(worker)s,
+       to_timestamp(started_epoch), make_interval(secs => duration_seconds),
+       model, prompt_tokens, completion_tokens
+  FROM moved
+RETURNING run_id;
+
+-- fail_if_leased --
+-- Apply a batch of failed attempts, fenced like completion: back to the input status after
+-- `retry_in` seconds, or FAILED (terminal, error kept) when retry_in is NULL.
+WITH failed AS (
+    SELECT *
+      FROM unnest(%(ids)s::uuid[], %(errors)s::text[], %(attempts)s::int[],
+                  %(retry_in)s::float8[], %(started)s::float8[], %(durations)s::float8[])
+           AS f(id, error, attempt, retry_in, started_epoch, duration_seconds)
+), moved AS (
+    UPDATE @schema@.pipeline_runs r
+       SET status = CASE WHEN f.retry_in IS NULL THEN 'FAILED' ELSE %(consumes)s END,
+           run_after = CASE WHEN f.retry_in IS NULL THEN r.run_after
+                            ELSE now() + make_interval(secs => f.retry_in) END,
+           lease_owner = NULL,
+           lease_expires_at = NULL,
+           last_error = f.error,
+           updated_at = now(),
+           finished_at = CASE WHEN f.retry_in IS NULL THEN now() END
+      FROM failed f
+     WHERE r.id = f.id AND r.status = %(working)s AND r.lease_owner = %(worker)s
+    RETURNING r.id, r.pipeline, r.status, f.attempt, f.error, f.started_epoch, f.duration_seconds
+)
+INSERT INTO @schema@.run_events
+       (run_id, pipeline, stage, from_status, to_status, attempt, worker, started_at, duration,
+        error)
+SELECT id, pipeline, %(stage)s, %(working)s, status, attempt, %(worker)s,
+       to_timestamp(started_epoch), make_interval(secs => duration_seconds), error
+  FROM moved
+RETURNING run_id, to_status;
+
+-- release_if_leased --
+-- Give back runs this worker will not finish (shutdown): due at once, and the interrupted
+-- attempt is not counted against the run.
+WITH moved AS (
+    UPDATE @schema@.pipeline_runs r
+       SET status = %(consumes)s,
+           attempt = greatest(r.attempt - 1, 0),
+           lease_owner = NULL,
+           lease_expires_at = NULL,
+           run_after = now(),
+           updated_at = now()
+     WHERE r.id = ANY(%(ids)s::uuid[]) AND r.status = %(working)s AND r.lease_owner = %(worker)s
+    RETURNING r.id, r.pipeline, r.attempt
+)
+INSERT INTO @schema@.run_events
+       (run_id, pipeline, stage, from_status, to_status, attempt, worker, error)
+SELECT id, pipeline, %(stage)s, %(working)s, %(consumes)s, attempt + 1, %(worker)s,
+       'released: worker shutting down'
+  FROM moved
+RETURNING run_id;
+
+-- extend_leases --
+-- Heartbeat for in-flight runs. An id missing from the result has been taken away (rescued or
+-- cancelled): its handler is interrupted and its result would be refused anyway.
+UPDATE @schema@.pipeline_runs
+   SET lease_expires_at = now() + make_interval(secs => %(lease_seconds)s)
+ WHERE id = ANY(%(ids)s::uuid[]) AND status = %(working)s AND lease_owner = %(worker)s
+RETURNING id;
+
+-- rescue_expired --
+-- Runs whose lease ran out (their worker died or hung) go back to the stage's input status, or
+-- to FAILED once they have been rescued `max_rescues` times: a handler that kills its worker
+-- every time must not loop forever. The fence is the expired lease itself, re-checked under lock.
+WITH expired AS (
+    SELECT id, lease_owner
+      FROM @schema@.pipeline_runs
+     WHERE pipeline = %(pipeline)s AND status = %(working)s
+       AND finished_at IS NULL AND lease_expires_at < now()
+     LIMIT 1000
+       FOR UPDATE SKIP LOCKED
+), moved AS (
+    UPDATE @schema@.pipeline_runs r
+       SET status = CASE WHEN r.rescues >= %(max_rescues)s THEN 'FAILED' ELSE %(consumes)s END,
+           rescues = r.rescues + 1,
+           lease_owner = NULL,
+           lease_expires_at = NULL,
+           last_error = 'lease expired: worker ' || e.lease_owner || ' stopped beating',
+           run_after = now(),
+           updated_at = now(),
+           finished_at = CASE WHEN r.rescues >= %(max_rescues)s THEN now() END
+      FROM expired e
+     WHERE r.id = e.id
+    RETURNING r.id, r.pipeline, r.status, r.attempt, r.last_error, e.lease_owner
+)
+INSERT INTO @schema@.run_events
+       (run_id, pipeline, stage, from_status, to_status, attempt, worker, error)
+SELECT id, pipeline, %(stage)s, %(working)s, status, attempt, lease_owner, last_error
+  FROM moved
+RETURNING run_id, to_status;
+
+-- beat_worker --
+-- Register or refresh this worker in the registry; `waiting` arms the wake-up trigger.
+INSERT INTO @schema@.workers
+       (worker_id, pipeline, stage, consumes, channel, hostname, pid, expires_at, waiting)
+VALUES (%(worker)s, %(pipeline)s, %(stage)s, %(consumes)s, %(channel)s, %(hostname)s, %(pid)s,
+        now() + make_interval(secs => %(ttl_seconds)s), %(waiting)s)
+ON CONFLICT (worker_id) DO UPDATE
+   SET heartbeat_at = now(), expires_at = excluded.expires_at, waiting = excluded.waiting;
+
+-- forget_worker --
+DELETE FROM @schema@.workers WHERE worker_id = %(worker)s;
+
+-- forget_dead_workers --
+-- Registry rows of processes that stopped beating long ago (their process is gone).
+DELETE FROM @schema@.workers WHERE expires_at < now() - interval '1 hour';
+
+-- cancel_run --
+-- Cancel one unfinished run. A run in flight loses its lease, so its worker's heartbeat notices,
+-- interrupts the handler, and any late completion is refused by the fence.
+WITH moved AS (
+    UPDATE @schema@.pipeline_runs r
+       SET status = 'CANCELLED', lease_owner = NULL, lease_expires_at = NULL,
+           updated_at = now(), finished_at = now()
+      FROM (SELECT id, status FROM @schema@.pipeline_runs
+             WHERE id = %(id)s AND finished_at IS NULL FOR UPDATE) old
+     WHERE r.id = old.id
+    RETURNING r.id, r.pipeline, old.status AS from_status
+)
+INSERT INTO @schema@.run_events (run_id, pipeline, from_status, to_status, worker)
+SELECT id, pipeline, from_status, 'CANCELLED', %(actor)s FROM moved
+RETURNING run_id;
+
+-- retry_run --
+-- Put one FAILED or CANCELLED run back at a stage's input status, keeping the outputs of the
+-- stages before it.
+WITH moved AS (
+    UPDATE @schema@.pipeline_runs r
+       SET status = %(consumes)s, attempt = 0, rescues = 0, run_after = now(), last_error = NULL,
+           updated_at = now(), finished_at = NULL, lease_owner = NULL, lease_expires_at = NULL
+      FROM (SELECT id, status FROM @schema@.pipeline_runs
+             WHERE id = %(id)s AND status IN ('FAILED', 'CANCELLED') FOR UPDATE) old
+     WHERE r.id = old.id
+    RETURNING r.id, r.pipeline, old.status AS from_status
+)
+INSERT INTO @schema@.run_events (run_id, pipeline, stage, from_status, to_status, worker)
+SELECT id, pipeline, %(stage)s, from_status, %(consumes)s, %(actor)s FROM moved
+RETURNING run_id;
+
+-- submit_run --
+-- A convenience over the plain INSERT any service may write; a duplicate idempotency key returns
+-- the existing run instead of a second one.
+WITH inserted AS (
+    INSERT INTO @schema@.pipeline_runs (pipeline, input, priority, run_after, idempotency_key)
+    VALUES (%(pipeline)s, %(input)s, %(priority)s,
+            now() + make_interval(secs => %(delay_seconds)s), %(idempotency_key)s)
+    ON CONFLICT (pipeline, idempotency_key) DO NOTHING
+    RETURNING id, true AS created
+)
+SELECT id, created FROM inserted
+UNION ALL
+SELECT id, false FROM @schema@.pipeline_runs
+ WHERE pipeline = %(pipeline)s AND idempotency_key = %(idempotency_key)s
+   AND NOT EXISTS (SELECT 1 FROM inserted);
+
+-- status_counts --
+-- Counts and oldest due age per pipeline and unfinished status (served by the claim index),
+-- plus totals of the terminal statuses.
+SELECT pipeline, status, count(*) AS runs,
+       coalesce(extract(epoch FROM now() - min(run_after) FILTER (WHERE run_after <= now())), 0)
+           AS oldest_seconds
+  FROM @schema@.pipeline_runs
+ WHERE finished_at IS NULL
+ GROUP BY pipeline, status
+UNION ALL
+SELECT pipeline, status, count(*), NULL
+  FROM @schema@.pipeline_runs
+ WHERE finished_at IS NOT NULL
+ GROUP BY pipeline, status
+ ORDER BY 1, 2;
+
+-- get_run --
+SELECT id, pipeline, status, input, outputs, priority, run_after, attempt, rescues, lease_owner,
+       lease_expires_at, last_error, idempotency_key, created_at, updated_at, finished_at
+  FROM @schema@.pipeline_runs WHERE id = %(id)s;
+
+-- run_history --
+SELECT id, stage, from_status, to_status, attempt, worker, started_at,
+       extract(epoch FROM duration)::float8 AS duration_seconds, error, model, prompt_tokens,
+       completion_tokens, created_at
+  FROM @schema@.run_events WHERE run_id = %(id)s ORDER BY id;

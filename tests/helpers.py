@@ -1,0 +1,139 @@
+"""Test helpers: the server under test, conveyor processes, waiting on conditions (not sleeping)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg import conninfo
+
+ROOT = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
+
+
+@dataclass
+class PgServer:
+    admin_url: str
+    data_dir: Path | None = None  # set for the embedded server, which tests may restart
+
+    def url_for(self, dbname: str) -> str:
+        return conninfo.make_conninfo(self.admin_url, dbname=dbname)
+
+    def stop(self) -> None:
+        from conveyor import _embedded
+
+        assert self.data_dir is not None, "only the embedded server can be restarted"
+        _embedded.stop(self.data_dir, mode="fast")
+
+    def start(self) -> None:
+        from conveyor import _embedded
+
+        assert self.data_dir is not None
+        _embedded.ensure_running(self.data_dir)
+
+
+def wait_until(
+    predicate: Callable[[], T], timeout: float, message: str = "condition", interval: float = 0.05
+) -> T:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
+
+
+def conveyor_env(database_url: str, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONVEYOR_")}
+    env.update(
+        {
+            "CONVEYOR_DATABASE_URL": database_url,
+            "CONVEYOR_LOG_FORMAT": "json",
+            "CONVEYOR_LOG_LEVEL": "info",
+            "PYTHONPATH": str(ROOT),
+        }
+    )
+    env.update(extra)
+    return env
+
+
+@dataclass
+class ConveyorProcess:
+    """A `python -m conveyor ...` child with its output in a log file."""
+
+    args: list[str]
+    env: dict[str, str]
+    log_path: Path
+    process: subprocess.Popen[bytes] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in wait()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "conveyor", *self.args],
+            env=self.env,
+            cwd=ROOT,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, signum: int) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signum)
+
+    def wait(self, timeout: float = 60) -> int:
+        try:
+            return self.process.wait(timeout=timeout)
+        finally:
+            self._log.close()
+
+    def stop(self, timeout: float = 60) -> int:
+        self.signal(signal.SIGTERM)
+        try:
+            return self.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.wait(10)
+
+
+def children_of(pid: int) -> list[int]:
+    """Direct child pids, from /proc (the supervisor's workers)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # the command name may contain spaces; fields after the closing parenthesis are fixed
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if int(fields[1]) == pid:
+            found.append(int(entry.name))
+    return found
+
+
+def fetch_all(url: str, query: str, params: Any = None) -> list[tuple[Any, ...]]:
+    with psycopg.connect(url, autocommit=True) as conn:
+        return conn.execute(query, params).fetchall()
+
+
+def scalar(url: str, query: str, params: Any = None) -> Any:
+    rows = fetch_all(url, query, params)
+    return rows[0][0] if rows else None
