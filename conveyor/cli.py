@@ -133,6 +133,8 @@ def run_command(app: App) -> None:
     plan = app.check_stages()
     _ensure_schema(app)
     url = app.url
+    # Children and the handlers they run find the same database, embedded or not.
+    os.environ.setdefault("CONVEYOR_DATABASE_URL", url)
     supervisor_pid = os.getpid()
 
     def start_child(stage: str) -> None:

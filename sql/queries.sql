@@ -247,3 +247,11 @@ SELECT id, stage, from_status, to_status, attempt, worker, started_at,
        extract(epoch FROM duration)::float8 AS duration_seconds, error, model, prompt_tokens,
        completion_tokens, created_at
   FROM @schema@.run_events WHERE run_id = %(id)s ORDER BY id;
+
+-- stage_load --
+-- What one stage has to do: due runs waiting at its input status plus runs in flight. The KEDA
+-- scaler of k8s/ runs this same statement (with literals); served by pipeline_runs_claimable.
+SELECT count(*) AS runs
+  FROM @schema@.pipeline_runs
+ WHERE pipeline = %(pipeline)s AND finished_at IS NULL
+   AND ((status = %(consumes)s AND run_after <= now()) OR status = %(working)s);
