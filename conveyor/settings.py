@@ -43,6 +43,9 @@ class Settings:
     lease: float = 30.0
     max_rescues: int = 3
     drain_timeout: float = 20.0
+    # The LISTEN connection proves itself after this much silence, within the timeout.
+    listener_check_interval: float = 15.0
+    listener_check_timeout: float = 5.0
     metrics_port: int = 9464
     log_format: str = "auto"
     log_level: str = "info"
@@ -64,6 +67,12 @@ class Settings:
             lease=lease,
             max_rescues=reader.integer("CONVEYOR_MAX_RESCUES", 3, minimum=0),
             drain_timeout=reader.number("CONVEYOR_DRAIN_TIMEOUT", 20.0, minimum=0.0),
+            listener_check_interval=reader.number(
+                "CONVEYOR_LISTENER_CHECK_INTERVAL", 15.0, minimum=0.1
+            ),
+            listener_check_timeout=reader.number(
+                "CONVEYOR_LISTENER_CHECK_TIMEOUT", 5.0, minimum=0.1
+            ),
             metrics_port=reader.integer("CONVEYOR_METRICS_PORT", 9464, minimum=0, maximum=65535),
             log_format=reader.choice("CONVEYOR_LOG_FORMAT", "auto", ("auto", "json", "console")),
             log_level=reader.choice(

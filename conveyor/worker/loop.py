@@ -102,6 +102,8 @@ class Worker:
             self.listen_url,
             self.channel,
             self._on_notification,
+            health_interval=self.settings.listener_check_interval,
+            health_timeout=self.settings.listener_check_timeout,
             application_name=f"conveyor-listen:{self.worker_id}"[:63],
         )
         self._log.info(
