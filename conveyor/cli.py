@@ -20,6 +20,7 @@ from conveyor.db import DatabaseUnavailable, connect, database_url, listen_url, 
 from conveyor.logs import configure_logging
 from conveyor.pipeline import Pipeline, PipelineError, load_pipeline
 from conveyor.settings import ConfigError, Settings
+from conveyor.worker.liveness import LivenessSlot
 
 F = TypeVar("F", bound=Callable[..., Any])
 EXIT_USAGE = 2
@@ -126,29 +127,31 @@ def _ensure_schema(app: App) -> None:
 @pass_app
 @clear_errors
 def run_command(app: App) -> None:
-    """Run the supervisor: worker processes for every configured stage."""
-    from conveyor.supervisor.processes import Supervisor
-    from conveyor.worker.loop import run_worker
+    """Run the supervisor: worker processes for every configured stage, one maintenance
+    process, and /metrics, /healthz, /readyz on CONVEYOR_METRICS_PORT."""
+    from conveyor.supervisor.multiproc import prepare_metrics_dir
 
-    plan = app.check_stages()
+    prepare_metrics_dir()  # before anything imports prometheus_client
+    from conveyor.supervisor.children import start_child
+    from conveyor.supervisor.processes import MAINTENANCE, Supervisor
+
+    plan = {name: n for name, n in app.check_stages().items() if n}
     _ensure_schema(app)
     url = app.url
     # Children and the handlers they run find the same database, embedded or not.
     os.environ.setdefault("CONVEYOR_DATABASE_URL", url)
     supervisor_pid = os.getpid()
 
-    def start_child(stage: str) -> None:
-        run_worker(
-            app.settings,
-            app.pipeline,
-            app.pipeline.stage(stage),
-            url,
-            listen_url=listen_url(app.settings, url),
-            parent_pid=supervisor_pid,
-        )
+    def start(name: str, liveness: LivenessSlot) -> None:
+        start_child(app.settings, app.pipeline, url, name, liveness, supervisor_pid)
 
-    grace = app.settings.drain_timeout + 5.0
-    sys.exit(Supervisor({k: v for k, v in plan.items() if v}, start_child, grace).run())
+    supervisor = Supervisor(
+        {**plan, MAINTENANCE: 1},
+        start,
+        grace_seconds=app.settings.drain_timeout + 5.0,
+        metrics_port=app.settings.metrics_port,
+    )
+    sys.exit(supervisor.run())
 
 
 @cli.command("worker")
@@ -287,17 +290,58 @@ def cancel_command(app: App, run_id: UUID) -> None:
 
 
 @cli.command("retry")
-@click.argument("run_id", type=click.UUID)
-@click.option("--stage", default=None, help="Re-run from this stage (default: where it failed).")
+@click.argument("run_id", type=click.UUID, required=False)
+@click.option(
+    "--failed",
+    "all_failed",
+    is_flag=True,
+    help="Every FAILED run (with --stage: those that failed in that stage).",
+)
+@click.option(
+    "--stage",
+    default=None,
+    help="Re-run from this stage, keeping earlier outputs (default: the stage it failed in).",
+)
 @pass_app
 @clear_errors
-def retry_command(app: App, run_id: UUID, stage: str | None) -> None:
-    """Put a FAILED or CANCELLED run back in line."""
+def retry_command(app: App, run_id: UUID | None, all_failed: bool, stage: str | None) -> None:
+    """Put a FAILED or CANCELLED run (RUN_ID) or every FAILED run (--failed) back in line."""
+    if (run_id is None) == (not all_failed):
+        raise click.UsageError("give either RUN_ID or --failed")
     with app.connect() as conn:
+        if all_failed:
+            count = runs.retry_failed(conn, app.settings.schema, app.pipeline, _actor(), stage)
+            click.echo(f"retrying {count} failed runs")
+            return
+        assert run_id is not None
         if not runs.retry(conn, app.settings.schema, app.pipeline, run_id, _actor(), stage):
             click.echo(f"conveyor: run {run_id} is not FAILED or CANCELLED", err=True)
             sys.exit(1)
     click.echo(f"retrying {run_id}")
+
+
+@cli.command("prune")
+@click.option(
+    "--older-than",
+    "older_than",
+    required=True,
+    help="Finished runs older than this (e.g. 7d, 12h, 90m) are deleted.",
+)
+@pass_app
+@clear_errors
+def prune_command(app: App, older_than: str) -> None:
+    """Delete finished runs and their history older than a duration."""
+    from conveyor.settings import parse_duration
+
+    try:
+        seconds = parse_duration(older_than)
+    except ValueError:
+        raise click.BadParameter(
+            "expected a duration like 7d, 12h, 90m", param_hint="--older-than"
+        ) from None
+    with app.connect() as conn:
+        total = runs.prune(conn, app.settings.schema, seconds)
+    click.echo(f"pruned {total} finished runs older than {older_than}")
 
 
 @cli.command("demo")

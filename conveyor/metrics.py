@@ -58,3 +58,8 @@ WAKEUP_LATENCY = Histogram(
 IN_FLIGHT = Gauge(
     "conveyor_runs_in_flight", "Runs being handled right now.", _STAGE, multiprocess_mode="livesum"
 )
+WORKER_RESTARTS = Counter(
+    "conveyor_worker_restarts_total",
+    "Worker processes the supervisor restarted after they died.",
+    ("stage",),
+)

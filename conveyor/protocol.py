@@ -61,7 +61,6 @@ class StageProtocol:
         stage: Stage,
         worker_id: str,
         lease_seconds: float,
-        max_rescues: int,
     ) -> None:
         self.pool = pool
         self.sql = queries.load(schema)
@@ -77,7 +76,6 @@ class StageProtocol:
             "worker": worker_id,
         }
         self._terminal = pipeline.is_terminal(stage.produces)
-        self._max_rescues = max_rescues
 
     async def claim(self, batch: int) -> list[ClaimedRow]:
         params = {**self._fence, "batch": batch, "lease_seconds": self.lease_seconds}
@@ -141,14 +139,6 @@ class StageProtocol:
                 {**self._fence, "ids": run_ids, "lease_seconds": self.lease_seconds},
             )
             return {row[0] for row in await cur.fetchall()}
-
-    async def rescue_expired(self) -> list[tuple[UUID, str]]:
-        async with self.pool.connection() as conn:
-            cur = await conn.execute(
-                self.sql["rescue_expired"], {**self._fence, "max_rescues": self._max_rescues}
-            )
-            rows: list[Any] = await cur.fetchall()
-            return rows
 
     async def beat(self, *, channel: str, waiting: bool, ttl_seconds: float) -> None:
         async with self.pool.connection() as conn:

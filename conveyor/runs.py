@@ -94,15 +94,45 @@ def retry(
 ) -> bool:
     """Re-run a FAILED or CANCELLED run from a named stage, or from the stage it failed in."""
     if from_stage is None:
-        row = conn.execute(
-            f"SELECT stage FROM {queries.for_schema('@schema@', schema)}.run_events"
-            " WHERE run_id = %s AND stage IS NOT NULL ORDER BY id DESC LIMIT 1",
-            (run_id,),
-        ).fetchone()
-        from_stage = row[0] if row else pipeline.stages[0].name
+        row = conn.execute(queries.load(schema)["failed_stage"], {"id": run_id}).fetchone()
+        from_stage = row[0] if row and row[0] else pipeline.stages[0].name
     stage = pipeline.stage(from_stage)
     rows = conn.execute(
         queries.load(schema)["retry_run"],
         {"id": run_id, "consumes": stage.consumes, "stage": stage.name, "actor": actor},
     ).fetchall()
     return bool(rows)
+
+
+def retry_failed(
+    conn: psycopg.Connection[Any],
+    schema: str,
+    pipeline: Pipeline,
+    actor: str,
+    stage: str | None = None,
+) -> int:
+    """Retry every FAILED run of the pipeline (that failed in `stage`, when given)."""
+    if stage is not None:
+        pipeline.stage(stage)  # an unknown stage is an error, not "nothing to retry"
+    rows = conn.execute(
+        queries.load(schema)["failed_runs"], {"pipeline": pipeline.name, "stage": stage}
+    ).fetchall()
+    return sum(
+        retry(conn, schema, pipeline, run_id, actor, stage or failed_stage)
+        for run_id, failed_stage in rows
+    )
+
+
+def prune(conn: psycopg.Connection[Any], schema: str, older_than_seconds: float) -> int:
+    """Delete finished runs older than the given age, in batches; return how many."""
+    total = 0
+    while True:
+        deleted = len(
+            conn.execute(
+                queries.load(schema)["prune_finished"],
+                {"pipeline": None, "older_than_seconds": older_than_seconds},
+            ).fetchall()
+        )
+        total += deleted
+        if deleted < 1000:
+            return total

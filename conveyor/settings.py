@@ -46,6 +46,8 @@ class Settings:
     # The LISTEN connection proves itself after this much silence, within the timeout.
     listener_check_interval: float = 15.0
     listener_check_timeout: float = 5.0
+    # Finished runs older than this many seconds are pruned by the leader; None keeps them.
+    retention: float | None = None
     metrics_port: int = 9464
     log_format: str = "auto"
     log_level: str = "info"
@@ -73,6 +75,7 @@ class Settings:
             listener_check_timeout=reader.number(
                 "CONVEYOR_LISTENER_CHECK_TIMEOUT", 5.0, minimum=0.1
             ),
+            retention=reader.duration("CONVEYOR_RETENTION"),
             metrics_port=reader.integer("CONVEYOR_METRICS_PORT", 9464, minimum=0, maximum=65535),
             log_format=reader.choice("CONVEYOR_LOG_FORMAT", "auto", ("auto", "json", "console")),
             log_level=reader.choice(
@@ -90,6 +93,18 @@ def _default_data_dir(env: Mapping[str, str]) -> Path:
         return Path(env["CONVEYOR_DATA_DIR"]).expanduser()
     base = env.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(base) / "conveyor"
+
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(s|m|h|d|w)?$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str) -> float:
+    """'90s', '30m', '12h', '7d', '2w' or plain seconds -> seconds."""
+    match = _DURATION.match(text.strip().lower())
+    if not match or float(match.group(1)) <= 0:
+        raise ValueError(f"not a duration: {text!r}")
+    return float(match.group(1)) * _UNIT_SECONDS[match.group(2) or "s"]
 
 
 _STAGE_VARIABLE = re.compile(
@@ -129,6 +144,17 @@ class _Reader:
             bound = f" and <= {maximum}" if maximum is not None else ""
             raise ConfigError(name, raw, f"expected an integer >= {minimum}{bound}")
         return value
+
+    def duration(self, name: str) -> float | None:
+        raw = self._raw(name)
+        if raw is None or raw.lower() in ("off", "none", "0"):
+            return None
+        try:
+            return parse_duration(raw)
+        except ValueError:
+            raise ConfigError(
+                name, raw, "expected a duration like 90s, 30m, 12h, 7d (or off)"
+            ) from None
 
     def choice(self, name: str, default: str, accepted: tuple[str, ...]) -> str:
         raw = self._raw(name)

@@ -28,6 +28,10 @@ CREATE INDEX pipeline_runs_claimable
     ON @schema@.pipeline_runs (pipeline, status, priority DESC, run_after)
     WHERE finished_at IS NULL;
 
+-- Operators' views of failures (`retry --failed`, the console) without scanning history.
+CREATE INDEX pipeline_runs_failed ON @schema@.pipeline_runs (pipeline, finished_at)
+    WHERE status = 'FAILED';
+
 -- History and pruning.
 CREATE INDEX pipeline_runs_finished ON @schema@.pipeline_runs (finished_at)
     WHERE finished_at IS NOT NULL;

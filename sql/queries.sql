@@ -205,6 +205,21 @@ INSERT INTO @schema@.run_events (run_id, pipeline, stage, from_status, to_status
 SELECT id, pipeline, %(stage)s, from_status, %(consumes)s, %(actor)s FROM moved
 RETURNING run_id;
 
+-- failed_stage --
+-- The stage a run last moved in: where a retry without --stage starts again.
+SELECT stage FROM @schema@.run_events
+ WHERE run_id = %(id)s AND stage IS NOT NULL ORDER BY id DESC LIMIT 1;
+
+-- failed_runs --
+-- FAILED runs of a pipeline with the stage each failed in, optionally only one stage's.
+SELECT r.id, e.stage
+  FROM @schema@.pipeline_runs r
+  CROSS JOIN LATERAL (SELECT stage FROM @schema@.run_events
+                       WHERE run_id = r.id AND stage IS NOT NULL
+                       ORDER BY id DESC LIMIT 1) e
+ WHERE r.pipeline = %(pipeline)s AND r.status = 'FAILED'
+   AND (%(stage)s::text IS NULL OR e.stage = %(stage)s);
+
 -- submit_run --
 -- A convenience over the plain INSERT any service may write; a duplicate idempotency key returns
 -- the existing run instead of a second one.
@@ -255,3 +270,18 @@ SELECT count(*) AS runs
   FROM @schema@.pipeline_runs
  WHERE pipeline = %(pipeline)s AND finished_at IS NULL
    AND ((status = %(consumes)s AND run_after <= now()) OR status = %(working)s);
+
+-- prune_finished --
+-- Delete up to 1000 finished runs older than the retention, with their history. Called in a
+-- loop by the leader (or `conveyor prune`) so no single statement holds many locks for long.
+WITH doomed AS (
+    SELECT id FROM @schema@.pipeline_runs
+     WHERE finished_at < now() - make_interval(secs => %(older_than_seconds)s)
+       AND (%(pipeline)s::text IS NULL OR pipeline = %(pipeline)s)
+     LIMIT 1000
+       FOR UPDATE SKIP LOCKED
+), events AS (
+    DELETE FROM @schema@.run_events e USING doomed d WHERE e.run_id = d.id
+)
+DELETE FROM @schema@.pipeline_runs r USING doomed d WHERE r.id = d.id
+RETURNING r.id;

@@ -60,6 +60,7 @@ def conveyor_env(database_url: str, **extra: str) -> dict[str, str]:
             "CONVEYOR_DATABASE_URL": database_url,
             "CONVEYOR_LOG_FORMAT": "json",
             "CONVEYOR_LOG_LEVEL": "info",
+            "CONVEYOR_METRICS_PORT": "0",  # an ephemeral port: tests never fight over 9464
             "PYTHONPATH": str(ROOT),
         }
     )

@@ -11,8 +11,14 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from conveyor import metrics
+from conveyor.supervisor.http import ProbeServer
+from conveyor.supervisor.multiproc import mark_dead
+from conveyor.worker.liveness import LivenessBoard, LivenessSlot
+
 log = structlog.get_logger("conveyor.supervisor")
 
+MAINTENANCE = "maintenance"  # the child that competes for the maintenance lead
 CRASH_WINDOW_SECONDS = 10.0  # a child that dies sooner than this after start is crash-looping
 MAX_RESTART_DELAY_SECONDS = 30.0
 # A stage that crash-loops this many times in a row cannot be kept alive: exit non-zero so the
@@ -31,29 +37,50 @@ class Slot:
     restarts: int = 0
 
 
+# A child whose loop has not turned for this long is stuck: /healthz fails and the orchestrator
+# restarts the pod. Loops turn every second, whatever the database is doing.
+STUCK_AFTER_SECONDS = 30.0
+
+
 @dataclass
 class Supervisor:
-    """`start_child(stage)` runs in the forked child and never returns."""
+    """Keeps `plan[name]` children of each name alive.
+
+    `start_child(name, liveness)` runs in the forked child and never returns; the child reports
+    through its LivenessSlot. `metrics_port` None serves no HTTP (tests of the class itself).
+    """
 
     plan: dict[str, int]
-    start_child: Callable[[str], None]
+    start_child: Callable[[str, LivenessSlot], None]
     grace_seconds: float
+    metrics_port: int | None = None
     slots: list[Slot] = field(default_factory=list)
     stopping: bool = False
     exit_code: int = 0
 
     def run(self) -> int:
-        self.slots = [Slot(stage, i) for stage, n in self.plan.items() for i in range(n)]
+        self.slots = [Slot(name, i) for name, n in self.plan.items() for i in range(n)]
+        self.board = LivenessBoard(len(self.slots))
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
+        server = None
+        if self.metrics_port is not None:
+            server = ProbeServer(self.metrics_port, health=self.health, ready=self.readiness)
         log.info("supervisor started", plan=self.plan, pid=os.getpid())
         for slot in self.slots:
             self._spawn(slot)
-        while not self.stopping:
-            self._reap()
-            self._restart_due()
-            time.sleep(0.1)
-        self._shutdown()
+        try:
+            while not self.stopping:
+                self._reap()
+                self._restart_due()
+                if server is not None:
+                    server.serve_once(0.1)
+                else:
+                    time.sleep(0.1)
+            self._shutdown()
+        finally:
+            if server is not None:
+                server.close()
         return self.exit_code
 
     def alive(self) -> dict[str, int]:
@@ -63,19 +90,45 @@ class Supervisor:
                 counts[slot.stage] += 1
         return counts
 
+    def health(self) -> tuple[bool, dict[str, object]]:
+        """Alive: every child running and its loop turning. Never asks the database."""
+        now = time.time()
+        stuck = [
+            f"{s.stage}#{s.index}"
+            for s in self.slots
+            if s.pid and now - self.board.last_tick(self._position(s)) > STUCK_AFTER_SECONDS
+        ]
+        alive = self.alive()
+        ok = not self.stopping and alive == self.plan and not stuck
+        return ok, {"processes": alive, "expected": self.plan, "stuck": stuck}
+
+    def readiness(self) -> tuple[bool, dict[str, object]]:
+        """Ready: every child connected (workers: LISTENing). Read from shared memory."""
+        waiting = [
+            f"{s.stage}#{s.index}"
+            for s in self.slots
+            if not (s.pid and self.board.listening(self._position(s)))
+        ]
+        return not waiting and not self.stopping, {"not_connected": waiting}
+
+    def _position(self, slot: Slot) -> int:
+        return self.slots.index(slot)
+
     def _on_signal(self, signum: int, _frame: object) -> None:
         if not self.stopping:
             log.info("supervisor stopping", signal=signal.Signals(signum).name)
         self.stopping = True
 
     def _spawn(self, slot: Slot) -> None:
+        position = self._position(slot)
+        self.board.reset(position)
         pid = os.fork()
         if pid == 0:  # the child
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             code = 0
             try:
-                self.start_child(slot.stage)
+                self.start_child(slot.stage, self.board.slot(position))
             except SystemExit as exc:
                 code = exc.code if isinstance(exc.code, int) else 1
             except BaseException:
@@ -99,6 +152,7 @@ class Supervisor:
             self._on_child_exit(slot, status)
 
     def _on_child_exit(self, slot: Slot, status: int) -> None:
+        slot_pid = slot.pid
         lived = time.monotonic() - slot.started_at
         how = (
             f"signal {signal.Signals(os.WTERMSIG(status)).name}"
@@ -106,8 +160,10 @@ class Supervisor:
             else f"exit code {os.WEXITSTATUS(status)}"
         )
         slot.pid = 0
+        mark_dead(slot_pid)
         if self.stopping:
             return
+        metrics.WORKER_RESTARTS.labels(slot.stage).inc()
         slot.crashes = slot.crashes + 1 if lived < CRASH_WINDOW_SECONDS else 1
         delay = min(MAX_RESTART_DELAY_SECONDS, 0.1 * 2 ** (slot.crashes - 1))
         slot.restart_at = time.monotonic() + delay

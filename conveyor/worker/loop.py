@@ -16,10 +16,12 @@ from psycopg_pool import AsyncConnectionPool
 
 from conveyor import metrics
 from conveyor.db import CONNECT_TIMEOUT_SECONDS, KEEPALIVE_OPTIONS, redact
+from conveyor.maintenance import Maintenance
 from conveyor.pipeline import Pipeline, Run, Stage
 from conveyor.protocol import Failure, StageProtocol, Success
 from conveyor.settings import Settings
 from conveyor.worker.listener import Listener, wake_channel
+from conveyor.worker.liveness import LivenessSlot
 from conveyor.worker.runner import run_handler
 
 log = structlog.get_logger("conveyor.worker")
@@ -27,6 +29,8 @@ log = structlog.get_logger("conveyor.worker")
 # A worker that has just gone idle claims once more after this grace: a transaction whose wake-up
 # trigger ran (and found nobody waiting) just before we said we were waiting commits within it.
 IDLE_GRACE_SECONDS = 0.05
+# The supervisor's liveness probe wants to see the loop turn at least this often.
+_LIVENESS_TICK = 1.0
 _DB_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError, psycopg.errors.DeadlockDetected)
 
 
@@ -46,8 +50,13 @@ class Worker:
         listen_url: str | None = None,
         worker_id: str | None = None,
         parent_pid: int | None = None,
+        liveness: LivenessSlot | None = None,
+        maintain: bool = False,
     ) -> None:
         self.parent_pid = parent_pid
+        self.liveness = liveness
+        self.maintain = maintain
+        self._next_sweep_at = 0.0
         self.settings = settings
         self.pipeline = pipeline
         self.stage = stage
@@ -96,7 +105,6 @@ class Worker:
             stage=self.stage,
             worker_id=self.worker_id,
             lease_seconds=self.settings.lease,
-            max_rescues=self.settings.max_rescues,
         )
         self.listener = Listener(
             self.listen_url,
@@ -119,6 +127,9 @@ class Worker:
         ]
         if self.parent_pid is not None:
             helpers.append(asyncio.create_task(self._watch_parent(), name="parent"))
+        if self.maintain:
+            maintenance = Maintenance(self.settings, self.pipeline, self.url, self.worker_id)
+            helpers.append(asyncio.create_task(maintenance.run(), name="maintenance"))
         completer = asyncio.create_task(self._complete_forever(), name="completer")
         try:
             await self._dispatch_until_stopped()
@@ -199,24 +210,20 @@ class Worker:
 
     async def _sweep_timer(self) -> None:
         """Claim on a jittered timer even without a notification: the bound on anything missed.
-        Rescue of expired leases of this stage rides on the same timer."""
+        While the listener is down or unproven the sweep tightens to at most a second."""
         while True:
             healthy = self.listener.connected.is_set()
+            if self.liveness is not None:
+                self.liveness.tick()
+                self.liveness.set_listening(healthy)
             interval = (
                 self.settings.sweep_interval if healthy else min(self.settings.sweep_interval, 1.0)
             )
-            await asyncio.sleep(interval * random.uniform(0.8, 1.2))
-            try:
-                rescued = await self.protocol.rescue_expired()
-            except _DB_ERRORS as exc:
-                self._log.warning("rescue failed", error=_brief(exc))
-                continue
-            for run_id, to_status in rescued:
-                self._log.warning("run rescued", run_id=str(run_id), to_status=to_status)
-            if rescued:
-                metrics.RESCUED.labels(*self._labels).inc(len(rescued))
-            self._woken_by_timer = True
-            self._wake.set()
+            await asyncio.sleep(min(interval * random.uniform(0.8, 1.2), _LIVENESS_TICK))
+            if time.monotonic() >= self._next_sweep_at or not healthy:
+                self._next_sweep_at = time.monotonic() + interval * random.uniform(0.8, 1.2)
+                self._woken_by_timer = True
+                self._wake.set()
 
     # -- running ------------------------------------------------------------------------------
 
@@ -374,6 +381,17 @@ def run_worker(
     *,
     listen_url: str | None = None,
     parent_pid: int | None = None,
+    liveness: LivenessSlot | None = None,
+    maintain: bool = False,
 ) -> None:
-    worker = Worker(settings, pipeline, stage, url, listen_url=listen_url, parent_pid=parent_pid)
+    worker = Worker(
+        settings,
+        pipeline,
+        stage,
+        url,
+        listen_url=listen_url,
+        parent_pid=parent_pid,
+        liveness=liveness,
+        maintain=maintain,
+    )
     asyncio.run(worker.run())

@@ -118,7 +118,9 @@ def test_stale_completion_is_refused_and_counted(database_url: str) -> None:
 
     from psycopg_pool import AsyncConnectionPool
 
+    from conveyor.maintenance import Maintenance
     from conveyor.protocol import StageProtocol, Success
+    from conveyor.settings import Settings
     from tests.pipelines import chain
 
     stage = chain.stage("one")
@@ -139,7 +141,6 @@ def test_stale_completion_is_refused_and_counted(database_url: str) -> None:
                 stage=stage,
                 worker_id=name,
                 lease_seconds=lease,
-                max_rescues=3,
             )
 
         slow, fresh = worker("slow", 0.2), worker("fresh", 30)
@@ -150,7 +151,8 @@ def test_stale_completion_is_refused_and_counted(database_url: str) -> None:
             )
         [(run_id, _input, _outputs, attempt, _waited)] = await slow.claim(1)
         await asyncio.sleep(0.3)  # the slow worker's lease runs out
-        assert [to for _, to in await fresh.rescue_expired()] == ["NEW"]
+        async with pool.connection() as c:
+            await Maintenance(Settings(), chain, database_url, "test").tick(c)
         [(again, *_rest)] = await fresh.claim(1)
         assert again == run_id
 

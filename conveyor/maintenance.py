@@ -1,0 +1,115 @@
+"""Leader-only chores: rescue expired leases, prune old runs, forget dead workers.
+
+Exactly one process per schema and pipeline leads: the one holding a session advisory lock on
+its own connection. When that process dies its connection closes, the lock is released, and
+another replica takes over at its next attempt. No user cron is involved.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from typing import Any
+
+import psycopg
+import structlog
+
+from conveyor import metrics, queries
+from conveyor.db import CONNECT_TIMEOUT_SECONDS, KEEPALIVE_OPTIONS, redact
+from conveyor.pipeline import Pipeline
+from conveyor.settings import Settings
+
+log = structlog.get_logger("conveyor.maintenance")
+_DB_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError)
+
+
+class Maintenance:
+    def __init__(self, settings: Settings, pipeline: Pipeline, url: str, identity: str) -> None:
+        self.settings = settings
+        self.pipeline = pipeline
+        self.url = url
+        self.identity = identity
+        self.sql = queries.load(settings.schema)
+        self.is_leader = False
+        self.connected = False
+        self.lock_name = f"conveyor.leader.{settings.schema}.{pipeline.name}"
+
+    @property
+    def interval(self) -> float:
+        # Rescue promptly after a lease expires, without hammering an idle database.
+        return min(self.settings.sweep_interval, self.settings.lease / 2)
+
+    async def run(self) -> None:
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(
+                    self.url,
+                    autocommit=True,
+                    application_name=f"conveyor-leader:{self.identity}"[:63],
+                    connect_timeout=CONNECT_TIMEOUT_SECONDS,
+                    **KEEPALIVE_OPTIONS,
+                ) as conn:
+                    self.connected = True
+                    while True:
+                        await self._lead_or_wait(conn)
+                        await asyncio.sleep(self.interval * random.uniform(0.8, 1.2))
+            except _DB_ERRORS as exc:
+                self.connected = False
+                if self.is_leader:
+                    log.warning("leadership lost with the connection", error=_brief(exc))
+                self.is_leader = False
+                await asyncio.sleep(random.uniform(0.5, 2.0))
+
+    async def _lead_or_wait(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        if not self.is_leader:
+            cur = await conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (self.lock_name,))
+            row = await cur.fetchone()
+            self.is_leader = bool(row and row[0])
+            if not self.is_leader:
+                return
+            log.info("leading maintenance", pipeline=self.pipeline.name, leader=self.identity)
+        await self.tick(conn)
+
+    async def tick(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        for stage in self.pipeline.stages:
+            cur = await conn.execute(
+                self.sql["rescue_expired"],
+                {
+                    "pipeline": self.pipeline.name,
+                    "stage": stage.name,
+                    "consumes": stage.consumes,
+                    "working": stage.working,
+                    "max_rescues": self.settings.max_rescues,
+                },
+            )
+            rescued = await cur.fetchall()
+            for run_id, to_status in rescued:
+                log.warning(
+                    "run rescued", run_id=str(run_id), stage=stage.name, to_status=to_status
+                )
+            if rescued:
+                metrics.RESCUED.labels(self.pipeline.name, stage.name).inc(len(rescued))
+        if self.settings.retention is not None:
+            await self.prune(conn, self.settings.retention)
+        await conn.execute(self.sql["forget_dead_workers"])
+
+    async def prune(self, conn: psycopg.AsyncConnection[Any], older_than: float) -> int:
+        """Delete finished runs (and their events) older than the retention, in small batches."""
+        total = 0
+        while True:
+            cur = await conn.execute(
+                self.sql["prune_finished"],
+                {"pipeline": self.pipeline.name, "older_than_seconds": older_than},
+            )
+            deleted = len(await cur.fetchall())
+            total += deleted
+            if deleted < 1000:
+                break
+        if total:
+            log.info("pruned finished runs", runs=total)
+        return total
+
+
+def _brief(exc: BaseException) -> str:
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return redact(lines[-1].strip() if lines else type(exc).__name__)
