@@ -97,12 +97,18 @@ pass_app = click.make_pass_decorator(App)
 
 
 @cli.command("migrate")
+@click.option("--roles", is_flag=True, help="Also create the least-privilege roles "
+              "conveyor_worker and conveyor_reader (sql/roles.sql).")
 @pass_app
 @clear_errors
-def migrate_command(app: App) -> None:
+def migrate_command(app: App, roles: bool) -> None:
     """Create or upgrade the schema (safe to run concurrently)."""
     with app.connect() as conn:
         applied = migrate.migrate(conn, app.settings.schema)
+        if roles:
+            migrate.apply_roles(conn, app.settings.schema)
+            click.echo("roles conveyor_worker and conveyor_reader granted on "
+                       f"schema {app.settings.schema}")
     if applied:
         click.echo(f"applied {', '.join(applied)} to schema {app.settings.schema}")
     else:

@@ -75,3 +75,10 @@ def migrate(conn: psycopg.Connection[Any], schema: str) -> list[str]:
 
 def is_current(conn: psycopg.Connection[Any], schema: str) -> bool:
     return {version for version, _ in migrations()} <= applied_versions(conn, schema)
+
+
+def apply_roles(conn: psycopg.Connection[Any], schema: str) -> None:
+    """Create the optional least-privilege roles of sql/roles.sql and grant them on schema."""
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext('conveyor.migrate.' || %s))", (schema,))
+        conn.execute(for_schema(read_sql("roles.sql"), schema))
