@@ -81,6 +81,7 @@ class Settings:
             log_level=reader.choice(
                 "CONVEYOR_LOG_LEVEL", "info", ("debug", "info", "warning", "error")
             ),
+            # Last: it skips the names read above (CONVEYOR_DRAIN_TIMEOUT is not stage "drain").
             stage_overrides=reader.stage_overrides(),
         )
 
@@ -115,8 +116,10 @@ _STAGE_VARIABLE = re.compile(
 class _Reader:
     def __init__(self, env: Mapping[str, str]) -> None:
         self.env = env
+        self.read: set[str] = set()  # names already read as settings of their own
 
     def _raw(self, name: str) -> str | None:
+        self.read.add(name)
         value = self.env.get(name)
         return None if value is None or value.strip() == "" else value.strip()
 
@@ -208,7 +211,7 @@ class _Reader:
         found: dict[str, dict[str, float | int]] = {}
         for variable in self.env:
             match = _STAGE_VARIABLE.match(variable)
-            if not match:
+            if not match or variable in self.read:
                 continue
             stage, kind = match.group(1).lower(), match.group(2)
             if kind == "TIMEOUT":
