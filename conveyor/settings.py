@@ -49,6 +49,9 @@ class Settings:
     # Finished runs older than this many seconds are pruned by the leader; None keeps them.
     retention: float | None = None
     metrics_port: int = 9464
+    # Server-side prepared statements on the pooled connections (psycopg prepares a statement
+    # after 5 runs); off for PgBouncer in transaction mode without prepared-statement support.
+    prepared_statements: bool = True
     log_format: str = "auto"
     log_level: str = "info"
     stage_overrides: Mapping[str, StageOverrides] = field(default_factory=dict)
@@ -77,6 +80,8 @@ class Settings:
             ),
             retention=reader.duration("CONVEYOR_RETENTION"),
             metrics_port=reader.integer("CONVEYOR_METRICS_PORT", 9464, minimum=0, maximum=65535),
+            prepared_statements=reader.choice("CONVEYOR_PREPARED_STATEMENTS", "on", ("on", "off"))
+            == "on",
             log_format=reader.choice("CONVEYOR_LOG_FORMAT", "auto", ("auto", "json", "console")),
             log_level=reader.choice(
                 "CONVEYOR_LOG_LEVEL", "info", ("debug", "info", "warning", "error")

@@ -46,7 +46,10 @@ async def _maintain(
 ) -> None:
     import signal
 
-    maintenance = Maintenance(settings, pipeline, url, new_worker_id(MAINTENANCE))
+    # The leader holds a session advisory lock: it needs a session of its own, which the LISTEN
+    # URL is (a transaction-mode pooler would share the lock's server connection).
+    session_url = listen_url(settings, url)
+    maintenance = Maintenance(settings, pipeline, session_url, new_worker_id(MAINTENANCE))
     task = asyncio.create_task(maintenance.run())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -94,6 +94,9 @@ class Worker:
                 "application_name": f"conveyor:{self.worker_id}"[:63],
                 "connect_timeout": CONNECT_TIMEOUT_SECONDS,
                 **KEEPALIVE_OPTIONS,
+                # None: never prepare (a transaction-mode pooler hands each statement to any
+                # server connection, where a prepared statement may not exist).
+                **({} if self.settings.prepared_statements else {"prepare_threshold": None}),
             },
             reconnect_timeout=0,  # never give up: the database may be away for a long time
         )

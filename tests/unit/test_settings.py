@@ -80,3 +80,10 @@ def test_global_timeouts_are_not_taken_for_a_stage() -> None:
     assert settings.drain_timeout == 20.0
     assert settings.listener_check_timeout == 4.0
     assert dict(settings.stage_overrides) == {"answer": StageOverrides(timeout=90.0)}
+
+
+def test_prepared_statements_can_be_turned_off_for_a_transaction_pooler() -> None:
+    assert Settings.from_env({}).prepared_statements is True
+    assert Settings.from_env({"CONVEYOR_PREPARED_STATEMENTS": "off"}).prepared_statements is False
+    with pytest.raises(ConfigError, match="CONVEYOR_PREPARED_STATEMENTS"):
+        Settings.from_env({"CONVEYOR_PREPARED_STATEMENTS": "sometimes"})
