@@ -118,6 +118,8 @@ def test_conveyor_services_agree_with_the_cli_and_the_settings(compose: dict[str
     services = conveyor_services(compose)
     assert "migrate" in services
     for name, service in services.items():
+        # exec form, and the image's ENTRYPOINT kept: `conveyor` is PID 1, never `sh -c`
+        assert isinstance(service["command"], list) and "entrypoint" not in service, name
         parse_command(service["command"])
         env = service_environment(service)
         reading = read_environment(env)

@@ -128,6 +128,7 @@ def test_the_migrate_job_runs_migrate_with_the_same_security(
     [job] = of_kind(rendered, "Job")
     pod = job["spec"]["template"]["spec"]
     [container] = pod["containers"]
+    assert "command" not in container
     assert parse_command(container["args"]) == "migrate"
     reading = read_environment(container_environment(rendered, container))
     assert reading.ignored == []
@@ -154,6 +155,8 @@ def test_the_grace_period_outlasts_the_drain_and_the_supervisors_escalation(
 
 def test_containers_agree_with_the_cli_and_the_settings(rendered: list[dict[str, Any]]) -> None:
     for name, found in stage_deployments(rendered).items():
+        # args only: the image's exec-form ENTRYPOINT stays, so `conveyor` is PID 1
+        assert "command" not in found.container, f"{name}: overrides the entrypoint"
         assert parse_command(found.container["args"]) == "run", name
         assert found.reading.ignored == [], f"{name}: variables conveyor ignores"
         assert found.reading.settings.database_url is not None, f"{name}: no database URL"
