@@ -97,8 +97,12 @@ pass_app = click.make_pass_decorator(App)
 
 
 @cli.command("migrate")
-@click.option("--roles", is_flag=True, help="Also create the least-privilege roles "
-              "conveyor_worker and conveyor_reader (sql/roles.sql).")
+@click.option(
+    "--roles",
+    is_flag=True,
+    help="Also create the least-privilege roles "
+    "conveyor_worker and conveyor_reader (sql/roles.sql).",
+)
 @pass_app
 @clear_errors
 def migrate_command(app: App, roles: bool) -> None:
@@ -107,8 +111,9 @@ def migrate_command(app: App, roles: bool) -> None:
         applied = migrate.migrate(conn, app.settings.schema)
         if roles:
             migrate.apply_roles(conn, app.settings.schema)
-            click.echo("roles conveyor_worker and conveyor_reader granted on "
-                       f"schema {app.settings.schema}")
+            click.echo(
+                f"roles conveyor_worker and conveyor_reader granted on schema {app.settings.schema}"
+            )
     if applied:
         click.echo(f"applied {', '.join(applied)} to schema {app.settings.schema}")
     else:

@@ -54,7 +54,7 @@ async def _maintain(
         loop.add_signal_handler(signum, stop.set)
     while not stop.is_set() and os.getppid() == supervisor_pid:
         liveness.tick()
-        liveness.set_listening(maintenance.connected)
+        liveness.set_listening(maintenance.ready)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=1.0)
     task.cancel()
