@@ -46,7 +46,10 @@ async def _maintain(
 ) -> None:
     import signal
 
-    maintenance = Maintenance(settings, pipeline, url, new_worker_id(MAINTENANCE))
+    # The leader's session lock needs a session: the direct (LISTEN) URL, not a pooler.
+    maintenance = Maintenance(
+        settings, pipeline, listen_url(settings, url), new_worker_id(MAINTENANCE)
+    )
     task = asyncio.create_task(maintenance.run())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -8,6 +8,7 @@ import random
 import signal
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from uuid import UUID
 
 import psycopg
@@ -84,6 +85,12 @@ class Worker:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stop)
+        if not self.stage.is_async:
+            # Sync handlers run in threads: as many threads as the stage's concurrency (the
+            # default executor would cap them at cpu count + 4).
+            loop.set_default_executor(
+                ThreadPoolExecutor(self.stage.concurrency, thread_name_prefix=self.stage.name)
+            )
         self.pool = AsyncConnectionPool(
             self.url,
             min_size=2,
@@ -92,6 +99,7 @@ class Worker:
             kwargs={
                 "autocommit": True,
                 "application_name": f"conveyor:{self.worker_id}"[:63],
+                "prepare_threshold": 5 if self.settings.prepared_statements else None,
                 "connect_timeout": CONNECT_TIMEOUT_SECONDS,
                 **KEEPALIVE_OPTIONS,
             },
@@ -128,7 +136,8 @@ class Worker:
         if self.parent_pid is not None:
             helpers.append(asyncio.create_task(self._watch_parent(), name="parent"))
         if self.maintain:
-            maintenance = Maintenance(self.settings, self.pipeline, self.url, self.worker_id)
+            # The leader's session lock needs a session: the direct (LISTEN) URL, not a pooler.
+            maintenance = Maintenance(self.settings, self.pipeline, self.listen_url, self.worker_id)
             helpers.append(asyncio.create_task(maintenance.run(), name="maintenance"))
         completer = asyncio.create_task(self._complete_forever(), name="completer")
         try:
