@@ -368,6 +368,23 @@ def demo_command(app: App, questions: int) -> None:
     sys.exit(run_demo(app.settings, app.pipeline, app.url, questions))
 
 
+@cli.command("bench", context_settings={"ignore_unknown_options": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench_command(args: tuple[str, ...]) -> None:
+    """Run the benchmark harness of a source checkout (`python -m benchmarks ARGS`)."""
+    import subprocess
+    from pathlib import Path
+
+    checkout = Path(__file__).resolve().parent.parent
+    if not (checkout / "benchmarks" / "__main__.py").exists():
+        click.echo(
+            "conveyor: error: bench needs a source checkout (benchmarks/ is not in the wheel)",
+            err=True,
+        )
+        sys.exit(EXIT_USAGE)
+    sys.exit(subprocess.call([sys.executable, "-m", "benchmarks", *args], cwd=checkout))
+
+
 @cli.group("embedded")
 def embedded_group() -> None:
     """The embedded PostgreSQL used when no database URL is set."""
