@@ -368,6 +368,19 @@ def demo_command(app: App, questions: int) -> None:
     sys.exit(run_demo(app.settings, app.pipeline, app.url, questions))
 
 
+@cli.command("observer")
+@click.argument("state", type=click.Choice(["on", "off", "status"]), default="status")
+@pass_app
+@clear_errors
+def observer_command(app: App, state: str) -> None:
+    """Switch the `pipeline_events` observer channel for this database (default: on)."""
+    with app.connect() as conn:
+        if state != "status":
+            migrate.set_observer(conn, app.settings.schema, enabled=state == "on")
+        enabled = migrate.observer_enabled(conn, app.settings.schema)
+    click.echo(f"pipeline_events observer is {'on' if enabled else 'off'}")
+
+
 @cli.command("bench", context_settings={"ignore_unknown_options": True})
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def bench_command(args: tuple[str, ...]) -> None:
