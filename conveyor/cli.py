@@ -368,6 +368,36 @@ def demo_command(app: App, questions: int) -> None:
     sys.exit(run_demo(app.settings, app.pipeline, app.url, questions))
 
 
+@cli.command("observer")
+@click.argument("state", type=click.Choice(["on", "off", "status"]), default="status")
+@pass_app
+@clear_errors
+def observer_command(app: App, state: str) -> None:
+    """Switch the `pipeline_events` observer channel for this database (default: on)."""
+    with app.connect() as conn:
+        if state != "status":
+            migrate.set_observer(conn, app.settings.schema, enabled=state == "on")
+        enabled = migrate.observer_enabled(conn, app.settings.schema)
+    click.echo(f"pipeline_events observer is {'on' if enabled else 'off'}")
+
+
+@cli.command("bench", context_settings={"ignore_unknown_options": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench_command(args: tuple[str, ...]) -> None:
+    """Run the benchmark harness of a source checkout (`python -m benchmarks ARGS`)."""
+    import subprocess
+    from pathlib import Path
+
+    checkout = Path(__file__).resolve().parent.parent
+    if not (checkout / "benchmarks" / "__main__.py").exists():
+        click.echo(
+            "conveyor: error: bench needs a source checkout (benchmarks/ is not in the wheel)",
+            err=True,
+        )
+        sys.exit(EXIT_USAGE)
+    sys.exit(subprocess.call([sys.executable, "-m", "benchmarks", *args], cwd=checkout))
+
+
 @cli.group("embedded")
 def embedded_group() -> None:
     """The embedded PostgreSQL used when no database URL is set."""

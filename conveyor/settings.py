@@ -46,12 +46,11 @@ class Settings:
     # The LISTEN connection proves itself after this much silence, within the timeout.
     listener_check_interval: float = 15.0
     listener_check_timeout: float = 5.0
+    # Server-side prepared statements; off for PgBouncer in transaction mode before 1.21.
+    prepared_statements: bool = True
     # Finished runs older than this many seconds are pruned by the leader; None keeps them.
     retention: float | None = None
     metrics_port: int = 9464
-    # Server-side prepared statements on the pooled connections (psycopg prepares a statement
-    # after 5 runs); off for PgBouncer in transaction mode without prepared-statement support.
-    prepared_statements: bool = True
     log_format: str = "auto"
     log_level: str = "info"
     stage_overrides: Mapping[str, StageOverrides] = field(default_factory=dict)
@@ -79,9 +78,9 @@ class Settings:
                 "CONVEYOR_LISTENER_CHECK_TIMEOUT", 5.0, minimum=0.1
             ),
             retention=reader.duration("CONVEYOR_RETENTION"),
-            metrics_port=reader.integer("CONVEYOR_METRICS_PORT", 9464, minimum=0, maximum=65535),
             prepared_statements=reader.choice("CONVEYOR_PREPARED_STATEMENTS", "on", ("on", "off"))
             == "on",
+            metrics_port=reader.integer("CONVEYOR_METRICS_PORT", 9464, minimum=0, maximum=65535),
             log_format=reader.choice("CONVEYOR_LOG_FORMAT", "auto", ("auto", "json", "console")),
             log_level=reader.choice(
                 "CONVEYOR_LOG_LEVEL", "info", ("debug", "info", "warning", "error")
