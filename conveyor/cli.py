@@ -16,6 +16,7 @@ import click
 import psycopg
 
 from conveyor import _embedded, migrate, runs
+from conveyor.agents.cli import memory_group
 from conveyor.db import DatabaseUnavailable, connect, database_url, listen_url, redact
 from conveyor.logs import configure_logging
 from conveyor.pipeline import Pipeline, PipelineError, load_pipeline
@@ -332,6 +333,9 @@ def embedded_stop(app: App) -> None:
     """Stop the embedded server."""
     stopped = _embedded.stop(app.settings.data_dir)
     click.echo("stopped" if stopped else "not running")
+
+
+cli.add_command(memory_group)
 
 
 def _actor() -> str:
