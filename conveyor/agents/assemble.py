@@ -118,9 +118,10 @@ class Assembler:
         retrieval = "full-text"
         async with pool.connection() as conn:
             for query in queries:
-                lists.append(
-                    await memory.search_text(conn, schema, query, namespaces, limit=PER_QUERY)
+                hits = await memory.search_text(
+                    conn, schema, query, namespaces, limit=PER_QUERY, exclude_run_id=str(run.id)
                 )
+                lists.append(hits)
             if vectors:
                 vector_schema = await memory.vector_type_schema(conn, schema)
                 if vector_schema is None:
@@ -139,6 +140,7 @@ class Assembler:
                                 self.embedder.model,
                                 namespaces,
                                 limit=PER_QUERY,
+                                exclude_run_id=str(run.id),
                             )
                         )
             if analysis.get("follow_up") and analysis.get("history"):

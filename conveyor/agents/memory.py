@@ -295,8 +295,10 @@ async def search_text(
     *,
     kinds: Sequence[str] | None = None,
     limit: int = 10,
+    exclude_run_id: str | None = None,
 ) -> list[Hit]:
-    """Full-text search (the GIN index on `search`), best first."""
+    """Full-text search (the GIN index on `search`), best first. exclude_run_id: a run's own
+    exchange, which must not answer that run when its stage runs again."""
     terms = text_query(query)
     if not terms:
         return []
@@ -305,6 +307,7 @@ async def search_text(
         "  FROM {} m, websearch_to_tsquery('english', %(terms)s) q"
         " WHERE m.namespace = ANY(%(namespaces)s) AND m.search @@ q"
         "   AND (%(kinds)s::text[] IS NULL OR m.kind = ANY(%(kinds)s::text[]))"
+        "   AND coalesce(m.metadata->>'run_id', '') <> %(exclude)s"
         " ORDER BY 6 DESC, m.id"
         " LIMIT %(limit)s"
     ).format(_table(schema))
@@ -313,6 +316,7 @@ async def search_text(
         "namespaces": list(namespaces),
         "kinds": list(kinds) if kinds else None,
         "limit": limit,
+        "exclude": exclude_run_id or "",
     }
     rows = await (await conn.execute(statement, params)).fetchall()
     return [Hit(r[0], r[1], r[2], r[3], r[4], float(r[5])) for r in rows]
@@ -327,6 +331,7 @@ async def search_vector(
     namespaces: Sequence[str],
     *,
     limit: int = 10,
+    exclude_run_id: str | None = None,
 ) -> list[Hit]:
     """Nearest rows by cosine distance, among rows embedded by the same model."""
     vs = sql.Identifier(vector_schema)
@@ -337,6 +342,7 @@ async def search_vector(
         " WHERE m.namespace = ANY(%(namespaces)s) AND m.embedding IS NOT NULL"
         "   AND m.metadata->>'embedding_model' = %(model)s"
         "   AND {vs}.vector_dims(m.embedding) = %(dims)s"
+        "   AND coalesce(m.metadata->>'run_id', '') <> %(exclude)s"
         " ORDER BY m.embedding OPERATOR({vs}.<=>) %(v)s::text::{vs}.vector, m.id"
         " LIMIT %(limit)s"
     ).format(table=_table(schema), vs=vs)
@@ -346,6 +352,7 @@ async def search_vector(
         "model": model,
         "dims": len(embedding),
         "limit": limit,
+        "exclude": exclude_run_id or "",
     }
     rows = await (await conn.execute(statement, params)).fetchall()
     return [Hit(r[0], r[1], r[2], r[3], r[4], float(r[5])) for r in rows]
