@@ -34,10 +34,6 @@ class Route:
     def endpoint(self, path: str) -> str:
         return f"{self.base_url}/{path.lstrip('/')}"
 
-    def scrub(self, text: str) -> str:
-        """The text with this route's key removed, whatever quoted it."""
-        return text.replace(self.api_key, _HIDDEN) if self.api_key else text
-
 
 @dataclass(frozen=True)
 class LLMConfig:

@@ -63,7 +63,7 @@ class Labels:
 
 
 class _RouteFailed(Exception):
-    """One route gave up; the message says why (scrubbed of its key)."""
+    """One route gave up; the message says why (scrubbed of every key)."""
 
 
 class _Http:
@@ -97,9 +97,18 @@ class _Http:
 class _Caller:
     """POSTs JSON to a route with retries; shared by chat completions and embeddings."""
 
-    def __init__(self, config: LLMConfig) -> None:
+    def __init__(self, config: LLMConfig, *routes: Route) -> None:
         self.config = config
         self.http = _Http(config.timeout_seconds)
+        # Every key this process knows: a server may echo any of them (a proxy in front of
+        # several routes), and none may reach a log line or a run's error.
+        known = (config.primary, config.fallback, *routes)
+        self._keys = sorted({r.api_key for r in known if r and r.api_key}, key=len, reverse=True)
+
+    def scrub(self, text: str) -> str:
+        for key in self._keys:
+            text = text.replace(key, "***")
+        return redact(text)
 
     async def post(
         self, route: Route, path: str, body: dict[str, Any], labels: Labels
@@ -131,7 +140,7 @@ class _Caller:
                 try_number=attempt + 1,
             )
             await asyncio.sleep(delay)
-        raise _RouteFailed(redact(route.scrub(f"{route.name} route ({model}): {last}")))
+        raise _RouteFailed(self.scrub(f"{route.name} route ({model}): {last}"))
 
     async def _once(
         self, route: Route, path: str, body: dict[str, Any], labels: Labels, model: str
@@ -152,7 +161,7 @@ class _Caller:
             error = f"timed out after {self.config.timeout_seconds:g}s"
         except httpx.HTTPError as exc:
             outcome = "connection_error"
-            error = f"{type(exc).__name__}: {route.scrub(str(exc)) or 'connection failed'}"
+            error = f"{type(exc).__name__}: {self.scrub(str(exc)) or 'connection failed'}"
         else:
             status = response.status_code
             if status == 200:
@@ -164,10 +173,10 @@ class _Caller:
                     outcome, reply, error = "ok", parsed, ""
                 else:
                     outcome = "bad_response"
-                    body_text = _excerpt(route, response)
+                    body_text = self._excerpt(response)
                     error = f"HTTP 200 with a body that is not a JSON object: {body_text}"
             else:
-                error = f"HTTP {status}: {_excerpt(route, response)}"
+                error = f"HTTP {status}: {self._excerpt(response)}"
                 if status == 429:
                     outcome = "rate_limited"
                 elif status >= 500:
@@ -181,6 +190,11 @@ class _Caller:
         conveyor_metrics.LLM_LATENCY.labels(labels.pipeline, labels.stage, model).observe(elapsed)
         conveyor_metrics.LLM_REQUESTS.labels(labels.pipeline, labels.stage, model, outcome).inc()
         return outcome, wait, reply, error
+
+    def _excerpt(self, response: httpx.Response) -> str:
+        # Scrubbed before it is cut, so that a key is never half-shown at the cut.
+        text = self.scrub(" ".join(response.text.split()))[:_ERROR_BODY_CHARS]
+        return text or "(empty body)"
 
     async def call(
         self,
@@ -259,7 +273,7 @@ class Embedder:
     def __init__(self, config: EmbeddingsConfig, llm: LLMConfig) -> None:
         self.config = config
         self.model = config.model
-        self._caller = _Caller(llm)
+        self._caller = _Caller(llm, config.route)
 
     async def embed(
         self, texts: Sequence[str], *, run: Run | None = None, labels: Labels | None = None
@@ -316,11 +330,6 @@ def retry_after_seconds(value: str | None) -> float | None:
 def _backoff(base: float, attempt: int) -> float:
     ceiling: float = min(MAX_BACKOFF_SECONDS, base * 2.0**attempt)
     return ceiling * random.uniform(0.5, 1.0)
-
-
-def _excerpt(route: Route, response: httpx.Response) -> str:
-    text = " ".join(response.text.split())[:_ERROR_BODY_CHARS]
-    return route.scrub(text) or "(empty body)"
 
 
 def _message_text(reply: dict[str, Any]) -> str | None:

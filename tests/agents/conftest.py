@@ -10,6 +10,9 @@ import pytest
 from conveyor import Pipeline, Run
 from conveyor.agents import db
 from tests.agents.llm_server import FakeLLM
+from tests.integration.conftest import start_conveyor
+
+__all__ = ["start_conveyor"]  # the engine's fixture: `conveyor ARGS` against the test database
 
 T = TypeVar("T")
 
