@@ -99,7 +99,10 @@ def add_command(
         click.echo(f"note: {note}", err=True)
     width = max(len(i.source) for i in loaded)
     for item in loaded:
-        click.echo(f"{item.source.ljust(width)}  {item.chunks:>4} chunks  {item.status}")
+        notes_text = f" ({'; '.join(item.notes)})" if item.notes else ""
+        click.echo(
+            f"{item.source.ljust(width)}  {item.chunks:>4} chunks  {item.status}{notes_text}"
+        )
     click.echo(f"{len(loaded)} documents in namespace {target!r}")
 
 

@@ -198,6 +198,12 @@ async def _load_one(
     wanted_model = embedding_model if vectors is not None else None
     if count and shas == {digest} and (wanted_model is None or models == {wanted_model}):
         return Loaded(document.source, count, "unchanged")
+    if not count:
+        # The same text under another name (the file given from another directory): once is
+        # enough, or every search would find it twice.
+        twin = await _loaded_elsewhere(conn, schema, namespace, digest)
+        if twin is not None and wanted_model is None:
+            return Loaded(document.source, 0, "unchanged", [f"the same text is loaded as {twin}"])
     if count:
         await conn.execute(
             sql.SQL(
@@ -227,6 +233,17 @@ async def _load_one(
     async with conn.cursor() as cur:
         await cur.executemany(insert, rows)
     return Loaded(document.source, len(chunks), "replaced" if count else "added")
+
+
+async def _loaded_elsewhere(
+    conn: psycopg.AsyncConnection[Any], schema: str, namespace: str, digest: str
+) -> str | None:
+    query = sql.SQL(
+        "SELECT metadata->>'source' FROM {} WHERE namespace = %s AND kind = 'document'"
+        " AND metadata->>'sha256' = %s LIMIT 1"
+    ).format(_table(schema))
+    row = await (await conn.execute(query, (namespace, digest))).fetchone()
+    return str(row[0]) if row else None
 
 
 async def remember_exchange(
@@ -307,7 +324,7 @@ async def search_text(
         "  FROM {} m, websearch_to_tsquery('english', %(terms)s) q"
         " WHERE m.namespace = ANY(%(namespaces)s) AND m.search @@ q"
         "   AND (%(kinds)s::text[] IS NULL OR m.kind = ANY(%(kinds)s::text[]))"
-        "   AND coalesce(m.metadata->>'run_id', '') <> %(exclude)s"
+        "   AND (%(exclude)s::text IS NULL OR m.metadata->>'run_id' IS DISTINCT FROM %(exclude)s)"
         " ORDER BY 6 DESC, m.id"
         " LIMIT %(limit)s"
     ).format(_table(schema))
@@ -316,7 +333,7 @@ async def search_text(
         "namespaces": list(namespaces),
         "kinds": list(kinds) if kinds else None,
         "limit": limit,
-        "exclude": exclude_run_id or "",
+        "exclude": exclude_run_id,
     }
     rows = await (await conn.execute(statement, params)).fetchall()
     return [Hit(r[0], r[1], r[2], r[3], r[4], float(r[5])) for r in rows]
@@ -342,7 +359,7 @@ async def search_vector(
         " WHERE m.namespace = ANY(%(namespaces)s) AND m.embedding IS NOT NULL"
         "   AND m.metadata->>'embedding_model' = %(model)s"
         "   AND {vs}.vector_dims(m.embedding) = %(dims)s"
-        "   AND coalesce(m.metadata->>'run_id', '') <> %(exclude)s"
+        "   AND (%(exclude)s::text IS NULL OR m.metadata->>'run_id' IS DISTINCT FROM %(exclude)s)"
         " ORDER BY m.embedding OPERATOR({vs}.<=>) %(v)s::text::{vs}.vector, m.id"
         " LIMIT %(limit)s"
     ).format(table=_table(schema), vs=vs)
@@ -352,7 +369,7 @@ async def search_vector(
         "model": model,
         "dims": len(embedding),
         "limit": limit,
-        "exclude": exclude_run_id or "",
+        "exclude": exclude_run_id,
     }
     rows = await (await conn.execute(statement, params)).fetchall()
     return [Hit(r[0], r[1], r[2], r[3], r[4], float(r[5])) for r in rows]
@@ -372,12 +389,11 @@ async def recent_messages(
     statement = sql.SQL(
         "SELECT id, namespace, kind, content, metadata FROM {}"
         " WHERE namespace = %s AND kind = 'message'"
-        "   AND coalesce(metadata->>'run_id', '') <> %s"
+        "   AND (%s::text IS NULL OR metadata->>'run_id' IS DISTINCT FROM %s)"
         " ORDER BY created_at DESC, id DESC LIMIT %s"
     ).format(_table(schema))
-    rows = await (
-        await conn.execute(statement, (namespace, exclude_run_id or "", limit))
-    ).fetchall()
+    params = (namespace, exclude_run_id, exclude_run_id, limit)
+    rows = await (await conn.execute(statement, params)).fetchall()
     return [Hit(r[0], r[1], r[2], r[3], r[4]) for r in rows]
 
 
