@@ -27,6 +27,7 @@ MAX_KEYWORDS = 12
 MAX_QUERIES = 4
 JSON_TRIES = 2  # the model's first answer, and one more after telling it what was wrong
 MAX_SESSION_ID_CHARS = 200
+MAX_HISTORY_ANSWER_CHARS = 1000  # an earlier answer, as the analyzer's output carries it
 _INTENTS = {
     "how": "how-to",
     "why": "reason",
@@ -249,7 +250,7 @@ class Analyzer:
                     "memory_id": row.id,
                     "run_id": row.metadata.get("run_id"),
                     "question": row.metadata.get("question", ""),
-                    "answer": answer,
+                    "answer": answer[:MAX_HISTORY_ANSWER_CHARS],
                 }
             )
         return history

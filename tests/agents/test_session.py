@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import uuid
 
+import psycopg
 import pytest
 
+from conveyor import migrate
 from conveyor.agents import build_pipeline
 from conveyor.agents.analyze import InvalidQuestion
 from conveyor.agents.config import AgentConfig
@@ -115,4 +117,16 @@ def test_bad_questions_fail_before_anything_is_written(agents_db: str) -> None:
     for bad in ({"question": ""}, {"question": "why? " * 20, "session_id": "s"}):
         with pytest.raises(InvalidQuestion):
             run_async(lambda bad=bad: run_stages(pipeline, bad))
+    assert scalar(agents_db, "SELECT count(*) FROM conveyor.memory") == 0
+
+
+def test_the_configured_schema_is_used(agents_db: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    with psycopg.connect(agents_db, autocommit=True) as conn:
+        migrate.migrate(conn, "agents_b")
+    monkeypatch.setenv("CONVEYOR_SCHEMA", "agents_b")
+    run_async(lambda: ingest(agents_db, "agents_b", bundled_corpus(), OFFLINE))
+    question = {"question": "What does the sweep do?", "session_id": "b"}
+    outputs, _ = run_async(lambda: run_stages(build_pipeline(OFFLINE), question))
+    assert outputs["answer"]["sources"][0]["source"] == "corpus/notifications.md"
+    assert scalar(agents_db, "SELECT count(*) FROM agents_b.memory WHERE kind = 'message'") == 1
     assert scalar(agents_db, "SELECT count(*) FROM conveyor.memory") == 0
