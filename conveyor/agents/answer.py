@@ -250,9 +250,13 @@ class Answerer:
             return False
         answer_text = plain(answer)
         embedding = None
-        if self.embedder is not None:
-            (embedding,) = await self.embedder.embed([f"Q: {question}\nA: {answer_text}"], run=run)
         pool, schema = await db.pool()
+        if self.embedder is not None:
+            async with pool.connection() as conn:
+                can_store = await memory.vector_type_schema(conn, schema) is not None
+            if can_store:  # embedded with no connection held
+                exchange = f"Q: {question}\nA: {answer_text}"
+                (embedding,) = await self.embedder.embed([exchange], run=run)
         async with pool.connection() as conn:
             written = await memory.remember_exchange(
                 conn,

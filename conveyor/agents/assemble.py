@@ -110,39 +110,40 @@ class Assembler:
         if session_id:
             namespaces.append(memory.session_namespace(str(session_id)))
 
+        pool, schema = await db.pool()
+        retrieval = "full-text"
+        vector_schema: str | None = None
         vectors: list[list[float]] = []
         if self.embedder is not None and queries:
-            vectors = await self.embedder.embed(queries, run=run)
-        pool, schema = await db.pool()
+            async with pool.connection() as conn:
+                vector_schema = await memory.vector_type_schema(conn, schema)
+            if vector_schema is None:
+                retrieval = f"full-text (vector search off: {memory.VECTOR_UNAVAILABLE})"
+                log.warning("vector search unavailable", reason=memory.VECTOR_UNAVAILABLE)
+            else:
+                # No connection is held while the embeddings endpoint answers.
+                vectors = await self.embedder.embed(queries, run=run)
+                retrieval = "full-text + vector (RRF)"
         lists: list[list[memory.Hit]] = []
-        retrieval = "full-text"
         async with pool.connection() as conn:
             for query in queries:
                 hits = await memory.search_text(
                     conn, schema, query, namespaces, limit=PER_QUERY, exclude_run_id=str(run.id)
                 )
                 lists.append(hits)
-            if vectors:
-                vector_schema = await memory.vector_type_schema(conn, schema)
-                if vector_schema is None:
-                    retrieval = f"full-text (vector search off: {memory.VECTOR_UNAVAILABLE})"
-                    log.warning("vector search unavailable", reason=memory.VECTOR_UNAVAILABLE)
-                else:
-                    assert self.embedder is not None
-                    retrieval = "full-text + vector (RRF)"
-                    for vector in vectors:
-                        lists.append(
-                            await memory.search_vector(
-                                conn,
-                                schema,
-                                vector_schema,
-                                vector,
-                                self.embedder.model,
-                                namespaces,
-                                limit=PER_QUERY,
-                                exclude_run_id=str(run.id),
-                            )
-                        )
+            for vector in vectors:
+                assert self.embedder is not None and vector_schema is not None
+                hits = await memory.search_vector(
+                    conn,
+                    schema,
+                    vector_schema,
+                    vector,
+                    self.embedder.model,
+                    namespaces,
+                    limit=PER_QUERY,
+                    exclude_run_id=str(run.id),
+                )
+                lists.append(hits)
             if analysis.get("follow_up") and analysis.get("history"):
                 # The question leans on the last exchange: it belongs in the context even when
                 # it shares no word with the new question.

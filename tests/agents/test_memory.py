@@ -159,6 +159,23 @@ def test_with_embeddings_vector_search_is_fused_with_full_text(
     assert [r.path for r in fake_llm.requests] == ["/v1/embeddings"] * 3
 
 
+def test_with_embeddings_the_exchange_is_stored_with_its_vector(
+    agents_db: str, fake_llm: FakeLLM
+) -> None:
+    config = embeddings_config(fake_llm)
+    run_async(lambda: ingest(agents_db, "conveyor", [LEASES, CLAIMS], config))
+    question = {"question": "Which worker claims runs?", "session_id": "v"}
+    outputs, runs = run_async(lambda: run_stages(build_pipeline(config), question))
+    assert outputs["answer"]["remembered"] is True
+    assert runs[2].llm_model == "embed-16"  # the answer stage embedded the exchange
+    stored = fetch_all(
+        agents_db,
+        "SELECT vector_dims(embedding), metadata->>'embedding_model' FROM conveyor.memory"
+        " WHERE kind = 'message'",
+    )
+    assert stored == [(EMBEDDING_DIMENSIONS, "embed-16")]
+
+
 @pytest.fixture
 def database_without_pgvector(pg_server: PgServer) -> Iterator[str]:
     """A database whose owner may not create the pgvector extension (it is not trusted)."""
