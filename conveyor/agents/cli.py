@@ -19,6 +19,7 @@ import psycopg
 from conveyor import migrate
 from conveyor.agents import config_from_env, memory
 from conveyor.agents.config import AgentConfig
+from conveyor.agents.documents import MemoryInputError, read_documents
 from conveyor.agents.ingest import ingest
 from conveyor.agents.llm import Embedder, Labels, LLMUnavailable
 from conveyor.db import DatabaseUnavailable, connect, database_url, redact
@@ -35,7 +36,12 @@ def _clear_errors(command: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
-        except (ConfigError, DatabaseUnavailable, memory.MemoryInputError, LLMUnavailable) as exc:
+        except (
+            ConfigError,
+            DatabaseUnavailable,
+            MemoryInputError,
+            LLMUnavailable,
+        ) as exc:
             click.echo(f"conveyor: error: {redact(str(exc))}", err=True)
             sys.exit(EXIT_USAGE)
         except psycopg.OperationalError as exc:
@@ -82,7 +88,7 @@ def add_command(
     whole load. A file loaded before with the same text is left as it is; a changed file
     replaces its old chunks."""
     config = config_from_env()
-    documents = memory.read_documents(paths)
+    documents = read_documents(paths)
     settings, url = _target(ctx)
     loaded, notes = asyncio.run(
         ingest(url, settings.schema, documents, config, namespace=namespace)

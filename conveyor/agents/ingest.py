@@ -9,25 +9,26 @@ import psycopg
 
 from conveyor.agents import memory
 from conveyor.agents.config import AgentConfig
+from conveyor.agents.documents import Document
 from conveyor.agents.llm import Embedder, Labels
 
 CORPUS_PACKAGE = "conveyor.agents.corpus"
 _EMBED_BATCH = 64
 
 
-def bundled_corpus() -> list[memory.Document]:
+def bundled_corpus() -> list[Document]:
     """The documentation of conveyor that ships with it, cited as corpus/<file>.md."""
     files = sorted(
         (f for f in resources.files(CORPUS_PACKAGE).iterdir() if f.name.endswith(".md")),
         key=lambda f: f.name,
     )
-    return [memory.Document(f"corpus/{f.name}", f.read_text(encoding="utf-8")) for f in files]
+    return [Document(f"corpus/{f.name}", f.read_text(encoding="utf-8")) for f in files]
 
 
 async def ingest(
     url: str,
     schema: str,
-    documents: list[memory.Document],
+    documents: list[Document],
     config: AgentConfig,
     *,
     namespace: str | None = None,
@@ -60,7 +61,7 @@ async def ingest(
 async def _embed(
     conn: psycopg.AsyncConnection[Any],
     schema: str,
-    documents: list[memory.Document],
+    documents: list[Document],
     config: AgentConfig,
     namespace: str,
 ) -> dict[str, list[list[float]]]:

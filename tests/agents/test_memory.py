@@ -11,26 +11,27 @@ import pytest
 from psycopg import conninfo, sql
 
 from conveyor import migrate
-from conveyor.agents import build_pipeline, memory
+from conveyor.agents import build_pipeline, documents, memory
 from conveyor.agents.config import AgentConfig, EmbeddingsConfig, Route
+from conveyor.agents.documents import Document
 from conveyor.agents.ingest import bundled_corpus, ingest
 from tests.agents.conftest import run_async, run_stages
 from tests.agents.llm_server import EMBEDDING_DIMENSIONS, FakeLLM, embed
 from tests.helpers import PgServer, fetch_all, scalar
 
-LEASES = memory.Document(
+LEASES = Document(
     "docs/leases.md",
     "# Leases\n\nA lease expires after thirty seconds unless a heartbeat extends it.\n\n"
     "## Rescue\n\nA run whose lease expired is rescued by another worker.\n",
 )
-CLAIMS = memory.Document(
+CLAIMS = Document(
     "docs/claims.md",
     "# Claims\n\nA worker claims runs with SKIP LOCKED, so two workers never take the same run.\n",
 )
 OFFLINE = AgentConfig()
 
 
-def load(url: str, documents: list[memory.Document], **kwargs: str) -> list[memory.Loaded]:
+def load(url: str, documents: list[Document], **kwargs: str) -> list[memory.Loaded]:
     loaded, _ = run_async(lambda: ingest(url, "conveyor", documents, OFFLINE, **kwargs))
     return loaded
 
@@ -70,7 +71,7 @@ def test_documents_are_chunked_with_source_and_position_and_loaded_once(
 
 def test_a_changed_document_replaces_its_old_chunks(database_url: str) -> None:
     load(database_url, [LEASES, CLAIMS])
-    changed = memory.Document(LEASES.source, "# Leases\n\nLeases now last a minute.\n")
+    changed = Document(LEASES.source, "# Leases\n\nLeases now last a minute.\n")
     assert [i.status for i in load(database_url, [changed])] == ["replaced"]
     rows = fetch_all(
         database_url,
@@ -82,7 +83,7 @@ def test_a_changed_document_replaces_its_old_chunks(database_url: str) -> None:
 
 def test_full_text_search_ranks_by_matching_words_within_namespaces(database_url: str) -> None:
     load(database_url, [LEASES, CLAIMS])
-    load(database_url, [memory.Document("other.md", "Workers claim runs elsewhere.")],
+    load(database_url, [Document("other.md", "Workers claim runs elsewhere.")],
          namespace="team-b")  # fmt: skip
     hits = search(database_url, "Which worker claims a run?")
     assert [h.source for h in hits] == ["docs/claims.md", "docs/leases.md"]
@@ -111,15 +112,15 @@ def test_unreadable_files_stop_the_whole_load_before_anything_is_written(tmp_pat
     binary.write_bytes(b"\x00\x01\x02")
     empty = tmp_path / "empty.md"
     empty.write_text("  \n")
-    with pytest.raises(memory.MemoryInputError, match=r"latin\.txt: not UTF-8 text \(byte 0xe9"):
-        memory.read_documents([good, latin])
-    with pytest.raises(memory.MemoryInputError, match=r"blob\.md: a binary file"):
-        memory.read_documents([binary])
-    with pytest.raises(memory.MemoryInputError, match=r"empty\.md: the file is empty"):
-        memory.read_documents([empty])
-    with pytest.raises(memory.MemoryInputError, match="no such file or directory"):
-        memory.read_documents([tmp_path / "missing.md"])
-    assert [d.source for d in memory.read_documents([good])] == [good.resolve().as_posix()]
+    with pytest.raises(documents.MemoryInputError, match=r"latin\.txt: not UTF-8 text \(byte 0xe9"):
+        documents.read_documents([good, latin])
+    with pytest.raises(documents.MemoryInputError, match=r"blob\.md: a binary file"):
+        documents.read_documents([binary])
+    with pytest.raises(documents.MemoryInputError, match=r"empty\.md: the file is empty"):
+        documents.read_documents([empty])
+    with pytest.raises(documents.MemoryInputError, match="no such file or directory"):
+        documents.read_documents([tmp_path / "missing.md"])
+    assert [d.source for d in documents.read_documents([good])] == [good.resolve().as_posix()]
 
 
 def embeddings_config(server: FakeLLM) -> AgentConfig:
