@@ -1,10 +1,11 @@
 """conveyor: multi-stage pipelines on PostgreSQL."""
 
-from conveyor.pipeline import Backoff, Pipeline, PipelineError, Run, Stage
+from conveyor.pipeline import Backoff, PermanentError, Pipeline, PipelineError, Run, Stage
 from conveyor.runs import SubmitError, Submitted, submit
 
 __all__ = [
     "Backoff",
+    "PermanentError",
     "Pipeline",
     "PipelineError",
     "Run",

@@ -16,6 +16,7 @@ import click
 import psycopg
 
 from conveyor import _embedded, migrate, runs
+from conveyor.agents.cli import memory_group
 from conveyor.db import DatabaseUnavailable, connect, database_url, listen_url, redact
 from conveyor.logs import configure_logging
 from conveyor.pipeline import Pipeline, PipelineError, load_pipeline
@@ -140,9 +141,9 @@ def _ensure_schema(app: App) -> None:
 def run_command(app: App) -> None:
     """Run the supervisor: worker processes for every configured stage, one maintenance
     process, and /metrics, /healthz, /readyz on CONVEYOR_METRICS_PORT."""
-    from conveyor.supervisor.multiproc import prepare_metrics_dir
+    from conveyor.supervisor.multiproc import prepare_metrics_dir, remove_owned_metrics_dir
 
-    prepare_metrics_dir()  # before anything imports prometheus_client
+    prepare_metrics_dir()
     from conveyor.supervisor.children import start_child
     from conveyor.supervisor.processes import MAINTENANCE, Supervisor
 
@@ -162,7 +163,12 @@ def run_command(app: App) -> None:
         grace_seconds=app.settings.drain_timeout + 5.0,
         metrics_port=app.settings.metrics_port,
     )
-    sys.exit(supervisor.run())
+    try:
+        code = supervisor.run()
+    finally:
+        if os.getpid() == supervisor_pid:
+            remove_owned_metrics_dir()
+    sys.exit(code)
 
 
 @cli.command("worker")
@@ -417,6 +423,9 @@ def embedded_stop(app: App) -> None:
     """Stop the embedded server."""
     stopped = _embedded.stop(app.settings.data_dir)
     click.echo("stopped" if stopped else "not running")
+
+
+cli.add_command(memory_group)
 
 
 def _actor() -> str:

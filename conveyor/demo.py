@@ -1,17 +1,22 @@
-"""`conveyor demo`: submit questions, run the pipeline in a child supervisor, show the answers."""
+"""`conveyor demo`: load the bundled corpus into memory, ask it questions through the pipeline
+(run by a child supervisor, as in production), and print every answer with its sources and the
+time each stage took. Works with no model configured: the agents' offline defaults answer."""
 
 from __future__ import annotations
 
-import json
+import asyncio
 import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
+import uuid
 from typing import Any
 from uuid import UUID
 
 import click
+from psycopg import sql
 
 from conveyor import runs
 from conveyor.db import connect
@@ -19,82 +24,154 @@ from conveyor.pipeline import Pipeline
 from conveyor.settings import Settings
 
 QUESTIONS = [
-    "How does a worker claim runs without two workers taking the same one?",
     "What happens to a run when its worker is killed?",
+    "How does a worker claim runs without two workers taking the same one?",
     "How do I start a run from another service with plain SQL?",
-    "Which metrics show that the LISTEN connection is unhealthy?",
     "How is a failing handler retried?",
     "What does the sweep do?",
+    "How do I make the answer stage use an LLM?",
 ]
+# Asked after the first question's answer is in memory, in the same session: it only makes sense
+# with that exchange ("it" is the worker), which the analyzer finds in the session's memory.
+FOLLOW_UP = "And what if it keeps dying?"
+TERMINAL = ("DONE", "FAILED", "CANCELLED")
+WIDTH = 100
 
 
 def run_demo(settings: Settings, pipeline: Pipeline, url: str, count: int) -> int:
+    _load_corpus(settings, url)
     questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(count or len(QUESTIONS))]
-    with connect(url, autocommit=True) as conn:
-        ids = [
-            runs.submit(conn, {"question": q}, pipeline=pipeline.name, schema=settings.schema).id
-            for q in questions
-        ]
-    click.echo(f"submitted {len(ids)} runs to pipeline {pipeline.name!r}; starting workers")
+    session = f"demo-{uuid.uuid4().hex[:8]}"
+    first = [(q, session if i == 0 else None) for i, q in enumerate(questions)]
+    ids = _submit(url, settings.schema, pipeline, first)
+    click.echo(f"submitted {len(ids)} questions to pipeline {pipeline.name!r}; starting workers")
     env = {**os.environ, "CONVEYOR_DATABASE_URL": url, "CONVEYOR_LOG_LEVEL": "warning"}
     supervisor = subprocess.Popen([sys.executable, "-m", "conveyor", "run"], env=env)
     try:
-        finished = _wait_with_progress(url, settings.schema, ids, timeout=120.0)
+        finished = _wait_with_progress(url, settings.schema, ids, timeout=180.0)
+        if finished:
+            click.echo(f"follow-up in session {session}: {FOLLOW_UP}")
+            follow = _submit(url, settings.schema, pipeline, [(FOLLOW_UP, session)])
+            finished = _wait_with_progress(url, settings.schema, follow, timeout=60.0)
+            ids += follow
     finally:
         supervisor.send_signal(signal.SIGTERM)
-        supervisor.wait(timeout=60)
+        try:
+            supervisor.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            supervisor.kill()
+            supervisor.wait()
     with connect(url, autocommit=True) as conn:
-        for run_id in ids:
-            _print_answer(conn, settings.schema, run_id, pipeline)
-    return 0 if finished else 1
+        results = [_print_answer(conn, settings.schema, run_id, pipeline) for run_id in ids]
+    click.echo("")
+    done = sum(results)
+    click.echo(f"{done}/{len(ids)} answered")
+    return 0 if finished and done == len(ids) else 1
+
+
+def _load_corpus(settings: Settings, url: str) -> None:
+    from conveyor.agents import config_from_env
+    from conveyor.agents.ingest import bundled_corpus, ingest
+
+    documents = bundled_corpus()
+    loaded, notes = asyncio.run(ingest(url, settings.schema, documents, config_from_env()))
+    added = sum(1 for item in loaded if item.status != "unchanged")
+    chunks = sum(item.chunks for item in loaded)
+    click.echo(
+        f"memory: {len(loaded)} documents of the bundled corpus, {chunks} chunks "
+        f"({added} loaded now, {len(loaded) - added} already there)"
+    )
+    for note in notes:
+        click.echo(f"note: {note}")
+
+
+def _submit(
+    url: str, schema: str, pipeline: Pipeline, questions: list[tuple[str, str | None]]
+) -> list[UUID]:
+    with connect(url, autocommit=True) as conn:
+        return [
+            runs.submit(
+                conn,
+                {"question": q, **({"session_id": s} if s else {})},
+                pipeline=pipeline.name,
+                schema=schema,
+            ).id
+            for q, s in questions
+        ]
 
 
 def _wait_with_progress(url: str, schema: str, ids: list[UUID], timeout: float) -> bool:
+    """A live line on a terminal; elsewhere (logs, CI) one line whenever the counts change."""
+    live = sys.stdout.isatty()
     deadline = time.monotonic() + timeout
+    query = sql.SQL(
+        "SELECT status, count(*) FROM {}.pipeline_runs WHERE id = ANY(%s) GROUP BY 1"
+    ).format(sql.Identifier(schema))
+    last = ""
     with connect(url, autocommit=True) as conn:
         while True:
-            rows = conn.execute(
-                f"SELECT status, count(*) FROM {_table(schema)} WHERE id = ANY(%s) GROUP BY 1",
-                (ids,),
-            ).fetchall()
-            counts = dict(rows)
-            done = sum(n for s, n in counts.items() if s in ("DONE", "FAILED", "CANCELLED"))
-            line = "  ".join(f"{s}={n}" for s, n in sorted(counts.items()))
-            click.echo(f"\r  {done}/{len(ids)} finished   {line}".ljust(100), nl=False)
+            counts: dict[str, int] = dict(conn.execute(query, (ids,)).fetchall())  # type: ignore[arg-type]
+            done = sum(n for s, n in counts.items() if s in TERMINAL)
+            bar = "#" * (20 * done // len(ids))
+            detail = "  ".join(f"{s}={n}" for s, n in sorted(counts.items()))
+            line = f"  [{bar:<20}] {done}/{len(ids)} finished   {detail}"
+            if live:
+                click.echo(f"\r{line}".ljust(WIDTH), nl=False)
+            elif line != last:
+                click.echo(line)
+            last = line
             if done == len(ids):
-                click.echo("")
+                if live:
+                    click.echo("")
                 return True
             if time.monotonic() > deadline:
-                click.echo("\n  timed out waiting for the runs")
+                click.echo(("\n" if live else "") + "  timed out waiting for the runs")
                 return False
             time.sleep(0.1)
 
 
-def _table(schema: str) -> str:
-    from conveyor.db import schema_identifier
-
-    return f"{schema_identifier(schema)}.pipeline_runs"
-
-
-def _print_answer(conn: Any, schema: str, run_id: UUID, pipeline: Pipeline) -> None:
+def _print_answer(conn: Any, schema: str, run_id: UUID, pipeline: Pipeline) -> bool:
     run = runs.get_run(conn, schema, run_id)
     assert run is not None
     history = runs.run_history(conn, schema, run_id)
-    timings = "  ".join(
-        f"{h['stage']} {h['duration_seconds'] * 1000:.1f}ms"
-        for h in history
-        if h["stage"] and h["duration_seconds"] is not None and h["error"] is None
-    )
-    total = (
-        (run["finished_at"] - run["created_at"]).total_seconds() * 1000 if run["finished_at"] else 0
-    )
     click.echo("")
-    click.echo(f"Q: {run['input'].get('question')}")
-    final = run["outputs"].get(pipeline.stages[-1].name) or {}
+    session = run["input"].get("session_id")
+    click.echo(
+        f"Q: {run['input'].get('question')}" + (f"   (session {session})" if session else "")
+    )
     if run["status"] != pipeline.final_status:
-        click.echo(f"   {run['status']}: {(run['last_error'] or '').splitlines()[-1:]}")
-        return
-    click.echo(f"A: {final.get('answer', json.dumps(final))}")
+        error = (run["last_error"] or "").strip().splitlines()[-1:] or ["no error recorded"]
+        click.echo(f"   {run['status']}: {error[0]}")
+        return False
+    final = run["outputs"].get(pipeline.stages[-1].name) or {}
+    answer = str(final.get("answer", final))
+    click.echo(textwrap.fill(answer, WIDTH, initial_indent="A: ", subsequent_indent="   "))
     for source in final.get("sources", []):
-        click.echo(f"   [{source.get('ref', '?')}] {source.get('source', '')}")
-    click.echo(f"   {run_id}  total {total:.1f}ms  ({timings})")
+        click.echo(f"   [{source.get('ref', '?')}] {_describe_source(source)}")
+    click.echo(f"   {_timings(run, history)}")
+    return True
+
+
+def _describe_source(source: dict[str, Any]) -> str:
+    where = str(source.get("source", "?"))
+    if source.get("heading"):
+        where += f" > {source['heading']}"
+    if source.get("kind") == "message":
+        where += " (an earlier answer in this session)"
+    elif source.get("position") is not None:
+        where += f" (chunk {source['position']})"
+    return where
+
+
+def _timings(run: dict[str, Any], history: list[dict[str, Any]]) -> str:
+    """Per stage: handler time of the successful attempt (and how many attempts it took)."""
+    parts = []
+    for event in history:
+        if event["stage"] and event["duration_seconds"] is not None and event["error"] is None:
+            attempts = f", attempt {event['attempt']}" if (event["attempt"] or 1) > 1 else ""
+            model = f", {event['model']}" if event.get("model") else ""
+            parts.append(
+                f"{event['stage']} {event['duration_seconds'] * 1000:.1f}ms{attempts}{model}"
+            )
+    total = (run["finished_at"] - run["created_at"]).total_seconds() * 1000
+    return f"{' | '.join(parts)}  (total {total:.0f}ms, run {run['id']})"

@@ -63,3 +63,23 @@ WORKER_RESTARTS = Counter(
     "Worker processes the supervisor restarted after they died.",
     ("stage",),
 )
+
+# The agents' LLM router. `model` is a configured model name (bounded by configuration); outcome is
+# ok, rate_limited, server_error, client_error, timeout, connection_error or bad_response.
+_LLM = ("pipeline", "stage", "model")
+LLM_REQUESTS = Counter(
+    "conveyor_llm_requests_total",
+    "HTTP requests to a model (chat completions and embeddings), by outcome.",
+    (*_LLM, "outcome"),
+)
+LLM_TOKENS = Counter(
+    "conveyor_llm_tokens_total",
+    "Tokens reported by the model's usage, by kind (prompt or completion).",
+    (*_LLM, "kind"),
+)
+LLM_LATENCY = Histogram(
+    "conveyor_llm_latency_seconds",
+    "Time of one HTTP request to a model, whatever its outcome.",
+    _LLM,
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120),
+)

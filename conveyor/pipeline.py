@@ -23,6 +23,11 @@ class PipelineError(Exception):
     """A pipeline declaration that cannot run; the message is one line."""
 
 
+class PermanentError(Exception):
+    """Raised by a handler for a failure no retry can fix (bad input): the run becomes FAILED at
+    once, with this error, instead of being retried."""
+
+
 @dataclass(slots=True)
 class Run:
     """What a handler receives: one run, as its stage sees it."""

@@ -35,6 +35,7 @@ CREATE TABLE conveyor.memory (
     metadata jsonb DEFAULT '{}'::jsonb NOT NULL,
     search tsvector GENERATED ALWAYS AS (to_tsvector('english'::regconfig, content)) STORED,
     created_at timestamp with time zone DEFAULT now() NOT NULL,
+    embedding public.vector,
     CONSTRAINT memory_kind_check CHECK ((kind = ANY (ARRAY['document'::text, 'message'::text, 'fact'::text])))
 );
 ALTER TABLE conveyor.memory ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
@@ -119,6 +120,8 @@ ALTER TABLE ONLY conveyor.schema_migrations
     ADD CONSTRAINT schema_migrations_pkey PRIMARY KEY (version);
 ALTER TABLE ONLY conveyor.workers
     ADD CONSTRAINT workers_pkey PRIMARY KEY (worker_id);
+CREATE INDEX memory_document_source ON conveyor.memory USING btree (namespace, ((metadata ->> 'source'::text))) WHERE (kind = 'document'::text);
+CREATE UNIQUE INDEX memory_exchange_run ON conveyor.memory USING btree (((metadata ->> 'run_id'::text))) WHERE ((kind = 'message'::text) AND (metadata ? 'run_id'::text));
 CREATE INDEX memory_namespace ON conveyor.memory USING btree (namespace, kind, created_at);
 CREATE INDEX memory_search ON conveyor.memory USING gin (search);
 CREATE INDEX pipeline_runs_claimable ON conveyor.pipeline_runs USING btree (pipeline, status, priority DESC, run_after) WHERE (finished_at IS NULL);

@@ -9,7 +9,7 @@ import time
 import traceback
 from typing import Any
 
-from conveyor.pipeline import Run, Stage
+from conveyor.pipeline import PermanentError, Run, Stage
 from conveyor.protocol import Failure, Success
 
 _MAX_ERROR_CHARS = 4000
@@ -33,7 +33,8 @@ async def run_handler(stage: Stage, run: Run) -> Success | Failure:
         error = f"TimeoutError: stage {stage.name!r} timed out after {stage.timeout:g}s"
         return _failure(stage, run, error, started, time.perf_counter() - t0)
     except Exception as exc:  # a handler's error never kills the worker
-        return _failure(stage, run, describe(exc), started, time.perf_counter() - t0)
+        permanent = isinstance(exc, PermanentError)
+        return _failure(stage, run, describe(exc), started, time.perf_counter() - t0, permanent)
     return Success(
         run.id,
         run.attempt,
@@ -53,6 +54,9 @@ def describe(exc: BaseException) -> str:
     return text if len(text) <= _MAX_ERROR_CHARS else text[-_MAX_ERROR_CHARS:]
 
 
-def _failure(stage: Stage, run: Run, error: str, started: float, duration: float) -> Failure:
-    retry_in = stage.backoff.delay(run.attempt) if run.attempt < stage.max_attempts else None
+def _failure(
+    stage: Stage, run: Run, error: str, started: float, duration: float, permanent: bool = False
+) -> Failure:
+    retryable = run.attempt < stage.max_attempts and not permanent
+    retry_in = stage.backoff.delay(run.attempt) if retryable else None
     return Failure(run.id, run.attempt, error, retry_in, started, duration)

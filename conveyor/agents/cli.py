@@ -1,0 +1,191 @@
+"""`conveyor memory add|search`: load documents into the agents' memory and look into it.
+
+Registered on the main command group (`cli.add_command(memory_group)`); it reads the settings
+and database from the group's context object when there is one, else from the environment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+import psycopg
+
+from conveyor import migrate
+from conveyor.agents import config_from_env, memory
+from conveyor.agents.config import AgentConfig
+from conveyor.agents.documents import MemoryInputError, read_documents
+from conveyor.agents.ingest import ingest
+from conveyor.agents.llm import Embedder, Labels, LLMUnavailable
+from conveyor.db import DatabaseUnavailable, connect, database_url, redact
+from conveyor.settings import ConfigError, Settings
+
+F = TypeVar("F", bound=Callable[..., Any])
+EXIT_USAGE = 2
+
+
+def _clear_errors(command: F) -> F:
+    """A known problem is one line on stderr and exit code 2, never a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except (
+            ConfigError,
+            DatabaseUnavailable,
+            MemoryInputError,
+            LLMUnavailable,
+        ) as exc:
+            click.echo(f"conveyor: error: {redact(str(exc))}", err=True)
+            sys.exit(EXIT_USAGE)
+        except psycopg.OperationalError as exc:
+            lines = [line for line in str(exc).splitlines() if line.strip()]
+            click.echo(f"conveyor: error: database: {redact(lines[-1] if lines else '')}", err=True)
+            sys.exit(EXIT_USAGE)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _target(ctx: click.Context) -> tuple[Settings, str]:
+    """The settings and database URL: the CLI group's, or read here when used on its own."""
+    app = ctx.find_root().obj
+    settings: Settings = getattr(app, "settings", None) or Settings.from_env()
+    url: str = app.url if app is not None and hasattr(app, "url") else database_url(settings)
+    with connect(url, autocommit=True) as conn:
+        if not migrate.is_current(conn, settings.schema):
+            if settings.database_url is not None:
+                raise DatabaseUnavailable(
+                    f"schema {settings.schema!r} is not migrated to the latest version: "
+                    "run `conveyor migrate` first"
+                )
+            migrate.migrate(conn, settings.schema)  # the embedded database migrates itself
+    return settings, url
+
+
+@click.group("memory")
+def memory_group() -> None:
+    """The agents' memory: documents, session exchanges, facts."""
+
+
+@memory_group.command("add")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.option("--namespace", default=None, help="Namespace (default CONVEYOR_MEMORY_NAMESPACE).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+@_clear_errors
+def add_command(
+    ctx: click.Context, paths: tuple[str, ...], namespace: str | None, as_json: bool
+) -> None:
+    """Load text or markdown files (or the text files under directories) into memory.
+
+    Every file is checked before anything is written: a file that is not UTF-8 text stops the
+    whole load. A file loaded before with the same text is left as it is; a changed file
+    replaces its old chunks."""
+    config = config_from_env()
+    documents = read_documents(paths)
+    settings, url = _target(ctx)
+    loaded, notes = asyncio.run(
+        ingest(url, settings.schema, documents, config, namespace=namespace)
+    )
+    target = namespace or config.documents_namespace
+    if as_json:
+        payload = [
+            {"source": i.source, "chunks": i.chunks, "status": i.status, "notes": i.notes}
+            for i in loaded
+        ]
+        click.echo(json.dumps({"namespace": target, "documents": payload, "notes": notes}))
+        return
+    for note in notes:
+        click.echo(f"note: {note}", err=True)
+    width = max(len(i.source) for i in loaded)
+    for item in loaded:
+        notes_text = f" ({'; '.join(item.notes)})" if item.notes else ""
+        click.echo(
+            f"{item.source.ljust(width)}  {item.chunks:>4} chunks  {item.status}{notes_text}"
+        )
+    click.echo(f"{len(loaded)} documents in namespace {target!r}")
+
+
+@memory_group.command("search")
+@click.argument("query")
+@click.option(
+    "--namespace",
+    "namespaces",
+    multiple=True,
+    help="Namespace to search; repeat for several (default CONVEYOR_MEMORY_NAMESPACE).",
+)
+@click.option("--limit", default=5, show_default=True, type=click.IntRange(1, 100))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+@_clear_errors
+def search_command(
+    ctx: click.Context, query: str, namespaces: tuple[str, ...], limit: int, as_json: bool
+) -> None:
+    """Full-text search of memory (fused with vector similarity when embeddings are set)."""
+    config = config_from_env()
+    settings, url = _target(ctx)
+    wanted = list(namespaces) or [config.documents_namespace]
+    hits, note = asyncio.run(_search(url, settings.schema, query, wanted, limit, config))
+    if note:
+        click.echo(f"note: {note}", err=True)
+    if as_json:
+        rows = [
+            {
+                "id": h.id,
+                "namespace": h.namespace,
+                "kind": h.kind,
+                "score": h.score,
+                "source": h.source,
+                "metadata": h.metadata,
+                "content": h.content,
+            }
+            for h in hits
+        ]
+        click.echo(json.dumps(rows, default=str))
+        return
+    if not hits:
+        terms = memory.text_query(query) or "(no searchable words)"
+        click.echo(f"nothing in {', '.join(wanted)} matches {terms}")
+        return
+    for rank, hit in enumerate(hits, start=1):
+        where = hit.source
+        if hit.metadata.get("position") is not None:
+            where += f"#{hit.metadata['position']}"
+        if hit.metadata.get("heading"):
+            where += f"  {hit.metadata['heading']}"
+        click.echo(f"{rank:>2}. {hit.score:.4f}  {hit.kind:<8} {where}")
+        snippet = " ".join(hit.content.split())
+        click.echo(f"    {snippet[:160]}{'...' if len(snippet) > 160 else ''}")
+
+
+async def _search(
+    url: str, schema: str, query: str, namespaces: list[str], limit: int, config: AgentConfig
+) -> tuple[list[memory.Hit], str | None]:
+    from conveyor.agents.assemble import fuse
+
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        text_hits = await memory.search_text(conn, schema, query, namespaces, limit=limit)
+        if config.embeddings is None:
+            return text_hits, None
+        vector_schema = await memory.vector_type_schema(conn, schema)
+        if vector_schema is None:
+            return text_hits, f"full-text only: {memory.VECTOR_UNAVAILABLE}"
+        embedder = Embedder(config.embeddings, config.llm)
+        try:
+            (vector,) = await embedder.embed([query], labels=Labels("", "memory"))
+        finally:
+            await embedder.aclose()
+        vector_hits = await memory.search_vector(
+            conn, schema, vector_schema, vector, embedder.model, namespaces, limit=limit
+        )
+    fused = fuse([text_hits, vector_hits])[:limit]
+    return [
+        memory.Hit(r.hit.id, r.hit.namespace, r.hit.kind, r.hit.content, r.hit.metadata, r.score)
+        for r in fused
+    ], None
