@@ -27,6 +27,7 @@ log = structlog.get_logger("conveyor.worker")
 # A worker that has just gone idle claims once more after this grace: a transaction whose wake-up
 # trigger ran (and found nobody waiting) just before we said we were waiting commits within it.
 IDLE_GRACE_SECONDS = 0.05
+POOL_WAIT_SECONDS = 5.0
 _DB_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError, psycopg.errors.DeadlockDetected)
 
 
@@ -86,7 +87,13 @@ class Worker:
                 "connect_timeout": CONNECT_TIMEOUT_SECONDS,
                 **KEEPALIVE_OPTIONS,
             },
-            reconnect_timeout=0,  # never give up: the database may be away for a long time
+            # psycopg_pool stops reconnecting after reconnect_timeout (0: at once), and a request
+            # already queued is not served when the server comes back: it waits out `timeout`.
+            # A short wait makes the caller fail and ask again (every caller retries on database
+            # errors), which re-arms the reconnection: the worker resumes within seconds of an
+            # outage instead of ~30 s (psycopg_pool's default wait).
+            reconnect_timeout=0,
+            timeout=POOL_WAIT_SECONDS,
         )
         await self.pool.open(wait=False)
         self.protocol = StageProtocol(
