@@ -95,6 +95,8 @@ def _default_data_dir(env: Mapping[str, str]) -> Path:
 _STAGE_VARIABLE = re.compile(
     r"^CONVEYOR_([A-Z][A-Z0-9_]*)_(CONCURRENCY|BATCH|TIMEOUT|MAX_ATTEMPTS)$"
 )
+# Global settings whose names also fit the per-stage pattern: never a stage's override.
+_GLOBAL_LOOKALIKES = frozenset({"CONVEYOR_DRAIN_TIMEOUT", "CONVEYOR_LISTENER_CHECK_TIMEOUT"})
 
 
 class _Reader:
@@ -182,7 +184,7 @@ class _Reader:
         found: dict[str, dict[str, float | int]] = {}
         for variable in self.env:
             match = _STAGE_VARIABLE.match(variable)
-            if not match:
+            if not match or variable in _GLOBAL_LOOKALIKES:
                 continue
             stage, kind = match.group(1).lower(), match.group(2)
             if kind == "TIMEOUT":
