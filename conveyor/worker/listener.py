@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import os
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -115,18 +118,32 @@ class Listener:
                 await self._check_health(conn)
 
     async def _check_health(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        # On timeout the socket is shut down under the probe, which then fails at once.
+        # Cancelling the probe instead would make psycopg try to cancel the query over the
+        # same dead path first, and wait up to 10 s more before giving the connection up.
+        deadline = asyncio.get_running_loop().call_later(
+            self.health_timeout, self._give_up_on, conn
+        )
         try:
-            async with asyncio.timeout(self.health_timeout):
-                await conn.execute("SELECT pg_notify(%s, %s)", (self.channel, _PING))
-                async for _ in conn.notifies(stop_after=1):
-                    return
-        except TimeoutError:
-            log.warning(
-                "listener health check timed out; reconnecting",
-                channel=self.channel,
-                timeout=self.health_timeout,
-            )
-            raise
+            await conn.execute("SELECT pg_notify(%s, %s)", (self.channel, _PING))
+            async for _ in conn.notifies(stop_after=1):
+                return
+        finally:
+            deadline.cancel()
+
+    def _give_up_on(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        log.warning(
+            "listener health check timed out; reconnecting",
+            channel=self.channel,
+            timeout=self.health_timeout,
+        )
+        # On a duplicate of the descriptor: shutdown() acts on the connection itself, and
+        # closing the duplicate leaves psycopg's own descriptor for psycopg to close.
+        with (
+            contextlib.suppress(OSError, psycopg.Error),
+            socket.socket(fileno=os.dup(conn.pgconn.socket)) as sock,
+        ):
+            sock.shutdown(socket.SHUT_RDWR)
 
     def _log_retry(self, state: Any) -> None:
         exc = state.outcome.exception() if state.outcome else None
