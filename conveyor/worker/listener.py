@@ -57,6 +57,8 @@ class Listener:
         self.health_interval = health_interval
         self.health_timeout = health_timeout
         self.connected = asyncio.Event()
+        self.disconnected = asyncio.Event()  # the opposite, for those who wait for a loss
+        self.disconnected.set()
         self.reconnects = 0
         self.last_notification_at = 0.0
         self._conn: psycopg.AsyncConnection[Any] | None = None
@@ -74,11 +76,13 @@ class Listener:
                 await self._listen(conn)
             except _CONNECTION_ERRORS as exc:
                 self.connected.clear()
+                self.disconnected.set()
                 log.warning("listener connection lost", channel=self.channel, error=_brief(exc))
                 await conn.close()
 
     async def close(self) -> None:
         self.connected.clear()
+        self.disconnected.set()
         if self._conn is not None:
             await self._conn.close()
 
@@ -104,6 +108,7 @@ class Listener:
                     raise
         self._conn = conn
         self.connected.set()
+        self.disconnected.clear()
         return conn
 
     async def _listen(self, conn: psycopg.AsyncConnection[Any]) -> None:

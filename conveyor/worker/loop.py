@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import signal
@@ -210,13 +211,16 @@ class Worker:
 
     async def _sweep_timer(self) -> None:
         """Claim on a jittered timer even without a notification: the bound on anything missed.
-        Rescue of expired leases of this stage rides on the same timer."""
+        Rescue of expired leases of this stage rides on the same timer. While the listener is
+        down the sweep runs every second at most; a slow sweep is cut short as soon as it is."""
         while True:
-            healthy = self.listener.connected.is_set()
-            interval = (
-                self.settings.sweep_interval if healthy else min(self.settings.sweep_interval, 1.0)
-            )
-            await asyncio.sleep(interval * random.uniform(0.8, 1.2))
+            if self.listener.connected.is_set():
+                interval = self.settings.sweep_interval * random.uniform(0.8, 1.2)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.listener.disconnected.wait(), interval)
+            else:
+                fast = min(self.settings.sweep_interval, 1.0)
+                await asyncio.sleep(fast * random.uniform(0.8, 1.2))
             try:
                 rescued = await self.protocol.rescue_expired()
             except _DB_ERRORS as exc:
