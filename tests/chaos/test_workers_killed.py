@@ -22,6 +22,10 @@ def test_random_worker_sigkills_lose_nothing_and_every_worker_is_restarted(
         CONVEYOR_STAGES="one=2,two=2,three=2",
         CONVEYOR_LEASE="2",
         CONVEYOR_SWEEP_INTERVAL="0.5",
+        # Random kills are not the runs' fault. A run caught on killed workers several times
+        # (its rescues add up over its three stages) must not be given up as a crash-looper
+        # here; test_poison_runs covers that bound.
+        CONVEYOR_MAX_RESCUES="10",
     )
     wait_until(
         lambda: scalar(database_url, "SELECT count(*) FROM conveyor.workers") == 6,
