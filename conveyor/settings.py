@@ -115,6 +115,7 @@ def parse_duration(text: str) -> float:
 _STAGE_VARIABLE = re.compile(
     r"^CONVEYOR_([A-Z][A-Z0-9_]*)_(CONCURRENCY|BATCH|TIMEOUT|MAX_ATTEMPTS)$"
 )
+# Global settings whose names also fit the per-stage pattern: never a stage's override.
 
 
 class _Reader:

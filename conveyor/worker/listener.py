@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import os
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -54,6 +57,8 @@ class Listener:
         self.health_interval = health_interval
         self.health_timeout = health_timeout
         self.connected = asyncio.Event()
+        self.disconnected = asyncio.Event()  # the opposite, for those who wait for a loss
+        self.disconnected.set()
         self.reconnects = 0
         self.last_notification_at = 0.0
         self._conn: psycopg.AsyncConnection[Any] | None = None
@@ -71,11 +76,13 @@ class Listener:
                 await self._listen(conn)
             except _CONNECTION_ERRORS as exc:
                 self.connected.clear()
+                self.disconnected.set()
                 log.warning("listener connection lost", channel=self.channel, error=_brief(exc))
                 await conn.close()
 
     async def close(self) -> None:
         self.connected.clear()
+        self.disconnected.set()
         if self._conn is not None:
             await self._conn.close()
 
@@ -101,6 +108,7 @@ class Listener:
                     raise
         self._conn = conn
         self.connected.set()
+        self.disconnected.clear()
         return conn
 
     async def _listen(self, conn: psycopg.AsyncConnection[Any]) -> None:
@@ -115,18 +123,32 @@ class Listener:
                 await self._check_health(conn)
 
     async def _check_health(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        # On timeout the socket is shut down under the probe, which then fails at once.
+        # Cancelling the probe instead would make psycopg try to cancel the query over the
+        # same dead path first, and wait up to 10 s more before giving the connection up.
+        deadline = asyncio.get_running_loop().call_later(
+            self.health_timeout, self._give_up_on, conn
+        )
         try:
-            async with asyncio.timeout(self.health_timeout):
-                await conn.execute("SELECT pg_notify(%s, %s)", (self.channel, _PING))
-                async for _ in conn.notifies(stop_after=1):
-                    return
-        except TimeoutError:
-            log.warning(
-                "listener health check timed out; reconnecting",
-                channel=self.channel,
-                timeout=self.health_timeout,
-            )
-            raise
+            await conn.execute("SELECT pg_notify(%s, %s)", (self.channel, _PING))
+            async for _ in conn.notifies(stop_after=1):
+                return
+        finally:
+            deadline.cancel()
+
+    def _give_up_on(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        log.warning(
+            "listener health check timed out; reconnecting",
+            channel=self.channel,
+            timeout=self.health_timeout,
+        )
+        # On a duplicate of the descriptor: shutdown() acts on the connection itself, and
+        # closing the duplicate leaves psycopg's own descriptor for psycopg to close.
+        with (
+            contextlib.suppress(OSError, psycopg.Error),
+            socket.socket(fileno=os.dup(conn.pgconn.socket)) as sock,
+        ):
+            sock.shutdown(socket.SHUT_RDWR)
 
     def _log_retry(self, state: Any) -> None:
         exc = state.outcome.exception() if state.outcome else None

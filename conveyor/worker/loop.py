@@ -32,6 +32,9 @@ log = structlog.get_logger("conveyor.worker")
 IDLE_GRACE_SECONDS = 0.05
 # The supervisor's liveness probe wants to see the loop turn at least this often.
 _LIVENESS_TICK = 1.0
+POOL_WAIT_SECONDS = 5.0
+# At exit, how long the completer may take to commit its last batch before it is cancelled.
+COMPLETER_STOP_SECONDS = 5.0
 _DB_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError, psycopg.errors.DeadlockDetected)
 
 
@@ -74,6 +77,7 @@ class Worker:
         self._failures: list[Failure] = []
         self._taken_away: set[UUID] = set()
         self._backlog = False
+        self._completing = True
         self._waiting = False
         self._woken_by_timer = False
         self._labels = (pipeline.name, stage.name)
@@ -103,7 +107,13 @@ class Worker:
                 "connect_timeout": CONNECT_TIMEOUT_SECONDS,
                 **KEEPALIVE_OPTIONS,
             },
-            reconnect_timeout=0,  # never give up: the database may be away for a long time
+            # psycopg_pool stops reconnecting after reconnect_timeout (0: at once), and a request
+            # already queued is not served when the server comes back: it waits out `timeout`.
+            # A short wait makes the caller fail and ask again (every caller retries on database
+            # errors), which re-arms the reconnection: the worker resumes within seconds of an
+            # outage instead of ~30 s (psycopg_pool's default wait).
+            reconnect_timeout=0,
+            timeout=POOL_WAIT_SECONDS,
         )
         await self.pool.open(wait=False)
         self.protocol = StageProtocol(
@@ -143,6 +153,7 @@ class Worker:
         try:
             await self._dispatch_until_stopped()
             await self._drain()
+            await self._stop_completer(completer)
         finally:
             for task in helpers:
                 task.cancel()
@@ -271,7 +282,7 @@ class Worker:
         self._results_ready.set()
 
     async def _complete_forever(self) -> None:
-        while True:
+        while self._completing:
             await self._results_ready.wait()
             self._results_ready.clear()
             await self._flush_results()
@@ -286,6 +297,12 @@ class Worker:
             failures, self._failures = self._failures, []
             try:
                 applied = await self.protocol.apply(successes, failures)
+            except asyncio.CancelledError:
+                # Cancelled at exit while the database does not answer: keep the batch for the
+                # final flush (the fence refuses it if this attempt committed after all).
+                self._successes[:0] = successes
+                self._failures[:0] = failures
+                raise
             except _DB_ERRORS as exc:
                 self._successes[:0] = successes
                 self._failures[:0] = failures
@@ -388,6 +405,13 @@ class Worker:
             pass  # the row expires by itself
 
     # -- shutdown -----------------------------------------------------------------------------
+
+    async def _stop_completer(self, completer: asyncio.Task[None]) -> None:
+        """Let the completer commit what it holds and return. Cancelled mid-batch, its
+        statement would be rolled back, and the finished runs rescued and run again."""
+        self._completing = False
+        self._results_ready.set()
+        await asyncio.wait({completer}, timeout=COMPLETER_STOP_SECONDS)
 
     async def _drain(self) -> None:
         """Stop claiming; give in-flight handlers until the drain timeout, then release them."""

@@ -36,6 +36,14 @@ def test_reads_every_variable() -> None:
     assert settings.log_format == "json"
 
 
+def test_global_timeouts_are_not_read_as_stage_overrides() -> None:
+    settings = Settings.from_env(
+        {"CONVEYOR_DRAIN_TIMEOUT": "0.5", "CONVEYOR_LISTENER_CHECK_TIMEOUT": "2"}
+    )
+    assert (settings.drain_timeout, settings.listener_check_timeout) == (0.5, 2.0)
+    assert settings.stage_overrides == {}
+
+
 def test_conveyor_url_wins_over_database_url() -> None:
     env = {"DATABASE_URL": "postgresql://a/b", "CONVEYOR_DATABASE_URL": "postgresql://c/d"}
     assert Settings.from_env(env).database_url == "postgresql://c/d"
