@@ -16,6 +16,7 @@ import structlog
 
 from conveyor import metrics, queries
 from conveyor.db import CONNECT_TIMEOUT_SECONDS, KEEPALIVE_OPTIONS, redact
+from conveyor.leader_metrics import LeaderMetrics
 from conveyor.pipeline import Pipeline
 from conveyor.settings import Settings
 
@@ -33,6 +34,7 @@ class Maintenance:
         self.is_leader = False
         self.connected = False
         self.lock_name = f"conveyor.leader.{settings.schema}.{pipeline.name}"
+        self.published = LeaderMetrics(pipeline, self.sql)
 
     @property
     def interval(self) -> float:
@@ -57,6 +59,7 @@ class Maintenance:
                 self.connected = False
                 if self.is_leader:
                     log.warning("leadership lost with the connection", error=_brief(exc))
+                    self.published.resign()
                 self.is_leader = False
                 await asyncio.sleep(random.uniform(0.5, 2.0))
 
@@ -66,6 +69,7 @@ class Maintenance:
             row = await cur.fetchone()
             self.is_leader = bool(row and row[0])
             if not self.is_leader:
+                self.published.follow()
                 return
             log.info("leading maintenance", pipeline=self.pipeline.name, leader=self.identity)
         await self.tick(conn)
@@ -83,15 +87,22 @@ class Maintenance:
                 },
             )
             rescued = await cur.fetchall()
-            for run_id, to_status in rescued:
+            for run_id, to_status, attempt, owner in rescued:
                 log.warning(
-                    "run rescued", run_id=str(run_id), stage=stage.name, to_status=to_status
+                    "run rescued",
+                    run_id=str(run_id),
+                    pipeline=self.pipeline.name,
+                    stage=stage.name,
+                    attempt=attempt,
+                    worker=owner,
+                    to_status=to_status,
                 )
             if rescued:
                 metrics.RESCUED.labels(self.pipeline.name, stage.name).inc(len(rescued))
         if self.settings.retention is not None:
             await self.prune(conn, self.settings.retention)
         await conn.execute(self.sql["forget_dead_workers"])
+        await self.published.publish(conn)
 
     async def prune(self, conn: psycopg.AsyncConnection[Any], older_than: float) -> int:
         """Delete finished runs (and their events) older than the retention, in small batches."""
