@@ -31,6 +31,7 @@ class LeaderMetrics:
             for status in (stage.consumes, stage.working)
         }
         self._published: set[tuple[Gauge, tuple[str, ...]]] = set()
+        self._statuses: set[str] = set()
         self._cancels = _CancelCounter(self)
 
     async def publish(self, conn: psycopg.AsyncConnection[Any]) -> None:
@@ -45,8 +46,10 @@ class LeaderMetrics:
             status: (due, scheduled, oldest)
             for status, due, scheduled, oldest in await cur.fetchall()
         }
-        # Statuses with no runs left still need a value: zero, not the last one seen.
-        for status in {*self._stage_of, *found}:
+        # Statuses with no runs left (the stages' own, and any seen before) read zero, not
+        # the last value seen.
+        self._statuses |= {*self._stage_of, *found}
+        for status in self._statuses:
             due, scheduled, oldest = found.get(status, (0, 0, 0.0))
             labels = (name, self.stage_of(status), status)
             self._set(metrics.QUEUE_DEPTH, labels, due)
