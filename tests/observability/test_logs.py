@@ -212,3 +212,28 @@ except ConnectionError:
         assert all("locals" not in frame for frame in frames)
     assert records[0]["url"] == "postgresql://ops:***@db/x"
     assert records[1]["logger"] == "psycopg" and "password=***" in records[1]["event"]
+
+
+@pytest.mark.timeout(120)
+def test_lines_of_processes_sharing_stdout_never_interleave(tmp_path: Any) -> None:
+    """Forked workers share the supervisor's stdout; containers set PYTHONUNBUFFERED, under
+    which a line written in two pieces (text, then newline) gets split by another's line."""
+    program = """
+import logging, structlog
+from conveyor.logs import configure_logging
+configure_logging("json", "info")
+for i in range(3000):
+    structlog.get_logger().info("line", i=i, pad="x" * 50)
+    if i % 10 == 0:
+        logging.getLogger("lib").warning("library line %s", i)
+"""
+    env = conveyor_env("unused", PYTHONUNBUFFERED="1")
+    output = tmp_path / "shared.log"
+    with open(output, "wb") as shared:
+        writers = [
+            subprocess.Popen([sys.executable, "-c", program], stdout=shared, env=env, cwd=ROOT)
+            for _ in range(4)
+        ]
+        assert [writer.wait(timeout=100) for writer in writers] == [0] * 4
+    records = _records(output.read_text())
+    assert len(records) == 4 * 3300
