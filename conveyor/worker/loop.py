@@ -243,7 +243,7 @@ class Worker:
         try:
             outcome = await run_handler(self.stage, run)
         except asyncio.CancelledError:
-            if run.id in self._taken_away:  # cancelled or rescued: nothing to report
+            if run.id in self._taken_away:  # cancelled, rescued or released: no result
                 self._taken_away.discard(run.id)
                 self._log.warning(
                     "run interrupted: worker stopping"
@@ -254,6 +254,7 @@ class Worker:
                     outcome="interrupted",
                 )
                 self._in_flight.pop(run.id, None)
+                metrics.IN_FLIGHT.labels(*self._labels).set(len(self._in_flight))
                 self._slot_freed.set()
                 return
             raise

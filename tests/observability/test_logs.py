@@ -5,6 +5,8 @@ library warnings, tracebacks)."""
 from __future__ import annotations
 
 import json
+import os
+import pty
 import subprocess
 import sys
 import uuid
@@ -237,3 +239,61 @@ for i in range(3000):
         assert [writer.wait(timeout=100) for writer in writers] == [0] * 4
     records = _records(output.read_text())
     assert len(records) == 4 * 3300
+
+
+_EMIT = """
+import logging, structlog
+from conveyor.logs import configure_logging
+configure_logging({log_format!r}, {level!r})
+structlog.get_logger().debug("structlog debug")
+structlog.get_logger().info("structlog info")
+structlog.get_logger().warning("structlog warning")
+logging.getLogger("lib").debug("library debug")
+logging.getLogger("lib").info("library info")
+logging.getLogger("lib").warning("library warning")
+"""
+
+
+def _emit(log_format: str, level: str, *, tty: bool = False) -> str:
+    code = _EMIT.format(log_format=log_format, level=level)
+    if not tty:
+        result = subprocess.run(
+            [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
+        )
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+    leader, follower = pty.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=ROOT, stdout=follower, stderr=subprocess.PIPE
+    )
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # the pty closes when the child exits
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    assert process.wait(timeout=60) == 0
+    os.close(leader)
+    return b"".join(chunks).decode(errors="replace")
+
+
+def test_levels_come_from_the_setting() -> None:
+    events = {r["event"] for r in _records(_emit("json", "warning"))}
+    assert events == {"structlog warning", "library warning"}
+    events = {r["event"] for r in _records(_emit("json", "info"))}
+    assert events == {"structlog info", "structlog warning", "library warning"}
+    events = {r["event"] for r in _records(_emit("json", "debug"))}
+    assert {"structlog debug", "library debug", "library info"} <= events
+
+
+def test_json_off_a_terminal_and_readable_console_output_on_one() -> None:
+    assert len(_records(_emit("auto", "info"))) == 3  # a pipe: JSON lines
+    console = _emit("auto", "info", tty=True)
+    assert "structlog warning" in console and "library warning" in console
+    assert not any(line.lstrip().startswith("{") for line in console.splitlines())
+    forced = _emit("json", "info", tty=True)  # CONVEYOR_LOG_FORMAT=json wins over the terminal
+    assert len(_records(forced.replace("\r\n", "\n"))) == 3
