@@ -240,18 +240,24 @@ class Worker:
         # This task's context (and the handler's thread, which copies it): every line logged
         # while handling the run carries its id and attempt.
         structlog.contextvars.bind_contextvars(run_id=str(run.id), attempt=run.attempt)
+        started = time.perf_counter()
         try:
             outcome = await run_handler(self.stage, run)
         except asyncio.CancelledError:
             if run.id in self._taken_away:  # cancelled, rescued or released: no result
                 self._taken_away.discard(run.id)
+                stopping = self.stopping.is_set()
                 self._log.warning(
                     "run interrupted: worker stopping"
-                    if self.stopping.is_set()
-                    else "run taken away; interrupting",
+                    if stopping
+                    else "run taken away; interrupting"
+                )
+                self._log.info(
+                    "run finished",
                     run_id=str(run.id),
                     attempt=run.attempt,
-                    outcome="interrupted",
+                    outcome="released" if stopping else "taken away",
+                    duration=round(time.perf_counter() - started, 6),
                 )
                 self._in_flight.pop(run.id, None)
                 metrics.IN_FLIGHT.labels(*self._labels).set(len(self._in_flight))
