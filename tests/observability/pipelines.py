@@ -3,6 +3,7 @@ handler and from a sync one (run in a thread): their lines must carry the run's 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from typing import Any
@@ -18,6 +19,7 @@ stdlib_log = logging.getLogger("tests.handler.stdlib")
 async def first(run: Run) -> dict[str, Any]:
     log.info("async handler working")
     stdlib_log.warning("async handler warns through the standard library")
+    await asyncio.sleep(float(run.input.get("sleep", 0)))
     if run.input.get("leak_url"):
         # A careless handler: its error message quotes the database URL with its password.
         raise RuntimeError(f"cannot reach {os.environ['CONVEYOR_DATABASE_URL']}")

@@ -17,6 +17,7 @@ import psycopg
 import pytest
 from psycopg import conninfo, sql
 
+from conveyor import runs
 from tests.helpers import ROOT, ConveyorProcess, conveyor_env, fetch_all, scalar, wait_until
 
 LOGGED = {"CONVEYOR_PIPELINE": "tests.observability.pipelines:logged"}
@@ -93,6 +94,30 @@ def test_a_runs_life_reads_as_json_lines_with_its_context_on_each(
     started = [r for r in records if r["event"] == "worker started"]
     assert {r["stage"] for r in started} == {"first", "second"}
     assert all(r["worker"].startswith(r["stage"] + "-") and "run_id" not in r for r in started)
+
+
+@pytest.mark.timeout(120)
+def test_a_run_taken_away_ends_with_its_run_finished_line(
+    database_url: str, start_conveyor: Callable[..., ConveyorProcess]
+) -> None:
+    supervisor = start_conveyor("run", CONVEYOR_LEASE="3", **LOGGED)
+    run_id = _insert(database_url, {"sleep": 60})
+    wait_until(
+        lambda: (
+            scalar(database_url, "SELECT status FROM conveyor.pipeline_runs") == "FIRST_RUNNING"
+        ),
+        30,
+        "the run in flight",
+    )
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        assert runs.cancel(conn, "conveyor", uuid.UUID(run_id), actor="test")
+    wait_until(lambda: '"taken away"' in supervisor.log(), 30, "the interruption logged")
+    assert supervisor.stop() == 0
+    about_run = [r for r in _records(supervisor.log()) if r.get("run_id") == run_id]
+    assert [r["event"] for r in about_run][-2:] == ["run taken away; interrupting", "run finished"]
+    last = about_run[-1]
+    assert last["outcome"] == "taken away" and last["duration"] > 0
+    assert all(last.get(field) for field in RUN_FIELDS)
 
 
 SECRET = "S3cr3t-Pa55w0rd"
