@@ -162,6 +162,7 @@ def run_command(app: App) -> None:
         start,
         grace_seconds=app.settings.drain_timeout + 5.0,
         metrics_port=app.settings.metrics_port,
+        pipeline=app.pipeline.name,
     )
     try:
         code = supervisor.run()

@@ -1,11 +1,20 @@
-"""structlog configuration: JSON lines in production, console rendering on a terminal."""
+"""structlog configuration: JSON lines in production, console rendering on a terminal.
+
+Context comes from contextvars: a forked child binds its pid, a worker its pipeline, stage and
+worker id, and each run's task its run_id and attempt; every line logged under them, including
+those of standard-library loggers (psycopg, asyncio) and of handlers, carries them.
+"""
 
 from __future__ import annotations
 
 import logging
 import sys
+from typing import Any
 
 import structlog
+from structlog.tracebacks import ExceptionDictTransformer
+
+from conveyor.db import redact
 
 _LEVELS = {
     "debug": logging.DEBUG,
@@ -16,8 +25,7 @@ _LEVELS = {
 
 
 def configure_logging(log_format: str = "auto", level: str = "info") -> None:
-    """Configure once per process, at CLI entry. Standard-library loggers (psycopg, asyncio)
-    go through the same processors so every production line parses as JSON."""
+    """Configure once per process, at CLI entry: to stdout, never to files."""
     as_json = log_format == "json" or (log_format == "auto" and not sys.stdout.isatty())
     shared: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
@@ -27,11 +35,22 @@ def configure_logging(log_format: str = "auto", level: str = "info") -> None:
     renderer: structlog.types.Processor = (
         structlog.processors.JSONRenderer()
         if as_json
-        else structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())
+        else _RedactedText(
+            structlog.dev.ConsoleRenderer(
+                colors=sys.stdout.isatty(), exception_formatter=structlog.dev.plain_traceback
+            )
+        )
     )
-    exceptions: list[structlog.types.Processor] = (
-        [structlog.processors.dict_tracebacks] if as_json else []
-    )
+    # Structured tracebacks without local variables (a frame's locals may hold a database URL),
+    # then no field may carry a password.
+    exceptions: list[structlog.types.Processor] = [
+        *(
+            [structlog.processors.ExceptionRenderer(ExceptionDictTransformer(show_locals=False))]
+            if as_json
+            else []
+        ),
+        redact_secrets,
+    ]
     structlog.configure(
         processors=[*shared, *exceptions, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
@@ -43,7 +62,7 @@ def configure_logging(log_format: str = "auto", level: str = "info") -> None:
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
-            foreign_pre_chain=shared,
+            foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                 *exceptions,
@@ -53,4 +72,33 @@ def configure_logging(log_format: str = "auto", level: str = "info") -> None:
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(max(_LEVELS[level], logging.WARNING))
+    # Libraries speak up from WARNING; their INFO chatter (connection pools, pg_ctl) only in debug.
+    root.setLevel(logging.DEBUG if level == "debug" else max(_LEVELS[level], logging.WARNING))
+
+
+def redact_secrets(_logger: Any, _method: str, event_dict: Any) -> Any:
+    """Hide the password of any URL or DSN in any field, however deep (exception frames)."""
+    return _redacted(event_dict)
+
+
+def _redacted(value: Any) -> Any:
+    if isinstance(value, str):
+        # The cheap test first: most values hold neither a URL nor a DSN.
+        return redact(value) if "://" in value or "assword" in value else value
+    if isinstance(value, dict):
+        return {key: _redacted(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_redacted(item) for item in value]
+    if isinstance(value, tuple):  # exc_info is a tuple and must stay one
+        return tuple(_redacted(item) for item in value)
+    return value
+
+
+class _RedactedText:
+    """Console rendering formats tracebacks itself: redact the finished text as well."""
+
+    def __init__(self, renderer: Any) -> None:
+        self.renderer = renderer
+
+    def __call__(self, logger: Any, method_name: str, event_dict: Any) -> str:
+        return redact(str(self.renderer(logger, method_name, event_dict)))

@@ -18,6 +18,7 @@ from psycopg import sql
 
 from conveyor import metrics, queries
 from conveyor.db import CONNECT_TIMEOUT_SECONDS, KEEPALIVE_OPTIONS, redact
+from conveyor.leader_metrics import LeaderMetrics
 from conveyor.migrate import latest_version
 from conveyor.pipeline import Pipeline
 from conveyor.settings import Settings
@@ -38,6 +39,7 @@ class Maintenance:
         self.connected = False
         self.schema_current = False
         self.lock_name = f"conveyor.leader.{settings.schema}.{pipeline.name}"
+        self.published = LeaderMetrics(pipeline, self.sql)
 
     @property
     def interval(self) -> float:
@@ -45,6 +47,7 @@ class Maintenance:
         return min(self.settings.sweep_interval, self.settings.lease / 2)
 
     async def run(self) -> None:
+        failures = 0  # in a row: only the first of a streak is logged
         while True:
             try:
                 async with await psycopg.AsyncConnection.connect(
@@ -60,12 +63,17 @@ class Maintenance:
                             self.schema_current = await self._schema_is_current(conn)
                             schema_checked_at = time.monotonic()
                         self.connected = True
+                        failures = 0
                         await self._lead_or_wait(conn)
                         await asyncio.sleep(self.interval * random.uniform(0.8, 1.2))
             except _DB_ERRORS as exc:
-                self.connected = False
                 if self.is_leader:
                     log.warning("leadership lost with the connection", error=_brief(exc))
+                    self.published.resign()
+                elif self.connected or not failures:
+                    log.warning("maintenance cannot reach the database", error=_brief(exc))
+                failures += 1
+                self.connected = False
                 self.is_leader = False
                 await asyncio.sleep(random.uniform(0.5, 2.0))
 
@@ -92,6 +100,7 @@ class Maintenance:
             row = await cur.fetchone()
             self.is_leader = bool(row and row[0])
             if not self.is_leader:
+                self.published.follow()
                 return
             log.info("leading maintenance", pipeline=self.pipeline.name, leader=self.identity)
         await self.tick(conn)
@@ -109,15 +118,22 @@ class Maintenance:
                 },
             )
             rescued = await cur.fetchall()
-            for run_id, to_status in rescued:
+            for run_id, to_status, attempt, owner in rescued:
                 log.warning(
-                    "run rescued", run_id=str(run_id), stage=stage.name, to_status=to_status
+                    "run rescued",
+                    run_id=str(run_id),
+                    pipeline=self.pipeline.name,
+                    stage=stage.name,
+                    attempt=attempt,
+                    worker=owner,
+                    to_status=to_status,
                 )
             if rescued:
                 metrics.RESCUED.labels(self.pipeline.name, stage.name).inc(len(rescued))
         if self.settings.retention is not None:
             await self.prune(conn, self.settings.retention)
         await conn.execute(self.sql["forget_dead_workers"])
+        await self.published.publish(conn)
 
     async def prune(self, conn: psycopg.AsyncConnection[Any], older_than: float) -> int:
         """Delete finished runs (and their events) older than the retention, in small batches."""

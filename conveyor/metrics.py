@@ -1,14 +1,26 @@
-"""Metric definitions. Labels are bounded (pipeline, stage, status, outcome), never a run id.
+"""Metric definitions. Labels are bounded (pipeline, stage, status), never a run id or a pid.
 
 With PROMETHEUS_MULTIPROC_DIR set before Python starts, every process writes its own files and
-the supervisor serves them all from one /metrics.
+the supervisor serves them all from one /metrics. Counters and histograms add up across
+processes. Every Gauge names its multiprocess mode, which says how the values of several
+processes combine into the one series a scrape shows (the default, 'all', would add a pid label):
+
+- livesum: one value per process, summed over the processes alive (in flight, connected);
+- livemin: the worst of the live processes (the listener that heard from the server longest ago);
+- livemostrecent: the last value set by any live process (what the maintenance leader measured);
+- livemax / max: a flag that one process sets (leadership, build info).
+
+The 'live' modes drop a process's value when the supervisor reaps it (mark_process_dead).
 """
 
 from __future__ import annotations
 
+import platform
+
 from prometheus_client import Counter, Gauge, Histogram
 
 _STAGE = ("pipeline", "stage")
+_STATUS = ("pipeline", "stage", "status")
 _FAST_BUCKETS = (
     0.0005,
     0.001,
@@ -29,21 +41,20 @@ _FAST_BUCKETS = (
 )
 _STAGE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
+# -- workers: what happens to the runs they handle ----------------------------------------------
+
 CLAIMED = Counter("conveyor_runs_claimed_total", "Runs claimed by a worker.", _STAGE)
 COMPLETED = Counter("conveyor_runs_completed_total", "Stage attempts committed as done.", _STAGE)
 RETRIED = Counter("conveyor_runs_retried_total", "Failed attempts scheduled for retry.", _STAGE)
 FAILED = Counter(
     "conveyor_runs_failed_total", "Runs that became FAILED after their last attempt.", _STAGE
 )
-RESCUED = Counter(
-    "conveyor_runs_rescued_total", "Runs taken back from a worker whose lease expired.", _STAGE
-)
 LEASE_LOSSES = Counter(
     "conveyor_lease_losses_total", "Results refused because the run's lease was lost.", _STAGE
 )
 SWEEP_PICKUPS = Counter(
     "conveyor_sweep_pickups_total",
-    "Runs claimed by the timer sweep rather than by a notification.",
+    "Runs claimed by an idle worker woken by its sweep timer rather than by a notification.",
     _STAGE,
 )
 STAGE_DURATION = Histogram(
@@ -51,18 +62,129 @@ STAGE_DURATION = Histogram(
 )
 WAKEUP_LATENCY = Histogram(
     "conveyor_wakeup_latency_seconds",
-    "From a run becoming claimable to its claim.",
+    "From a run becoming claimable (its status change or its run_after) to its claim.",
     _STAGE,
     buckets=_FAST_BUCKETS,
 )
 IN_FLIGHT = Gauge(
     "conveyor_runs_in_flight", "Runs being handled right now.", _STAGE, multiprocess_mode="livesum"
 )
+
+# -- workers: the LISTEN connection --------------------------------------------------------------
+
+NOTIFICATIONS = Counter(
+    "conveyor_notifications_received_total",
+    "Wake-up notifications received (the listener's own health pings are not counted).",
+    _STAGE,
+)
+LISTENER_RECONNECTS = Counter(
+    "conveyor_listener_reconnects_total",
+    "Times a worker's LISTEN connection was lost and opened again.",
+    _STAGE,
+)
+LISTENERS_CONNECTED = Gauge(
+    "conveyor_listeners_connected",
+    "Worker processes whose LISTEN connection is up.",
+    _STAGE,
+    multiprocess_mode="livesum",
+)
+LAST_NOTIFICATION = Gauge(
+    "conveyor_listener_last_notification_timestamp_seconds",
+    "When the stalest live listener of a stage last heard from the server (a notification, "
+    "its own health ping, or its connect).",
+    _STAGE,
+    multiprocess_mode="livemin",
+)
+
+# -- the maintenance leader: one query for the whole queue, not one per worker -------------------
+
+RESCUED = Counter(
+    "conveyor_runs_rescued_total", "Runs taken back from a worker whose lease expired.", _STAGE
+)
+CANCELLED = Counter(
+    "conveyor_runs_cancelled_total",
+    "Runs cancelled while in this stage's statuses, counted by the maintenance leader from "
+    "run_events.",
+    _STAGE,
+)
+QUEUE_DEPTH = Gauge(
+    "conveyor_queue_depth",
+    "Unfinished runs due now, per status: waiting to be claimed, or leased (working status).",
+    _STATUS,
+    multiprocess_mode="livemostrecent",
+)
+QUEUE_SCHEDULED = Gauge(
+    "conveyor_queue_scheduled",
+    "Unfinished runs not due yet (delayed submission or retry backoff), per status.",
+    _STATUS,
+    multiprocess_mode="livemostrecent",
+)
+QUEUE_OLDEST_AGE = Gauge(
+    "conveyor_queue_oldest_age_seconds",
+    "How long the oldest due run of a status has been due (for a working status: waiting "
+    "plus handling time).",
+    _STATUS,
+    multiprocess_mode="livemostrecent",
+)
+WORKERS_ALIVE = Gauge(
+    "conveyor_workers_alive",
+    "Worker processes of a stage with an unexpired heartbeat, across all hosts.",
+    _STAGE,
+    multiprocess_mode="livemostrecent",
+)
+NOTIFICATION_QUEUE_USAGE = Gauge(
+    "conveyor_notification_queue_usage_ratio",
+    "pg_notification_queue_usage(): the server's NOTIFY queue fill (0-1); when full, every "
+    "notifying commit fails.",
+    multiprocess_mode="livemostrecent",
+)
+MAINTENANCE_LEADER = Gauge(
+    "conveyor_maintenance_leader",
+    "1 while this host's maintenance process leads the pipeline's maintenance, else 0.",
+    ("pipeline",),
+    multiprocess_mode="livemax",
+)
+
+# -- the supervisor ------------------------------------------------------------------------------
+
 WORKER_RESTARTS = Counter(
     "conveyor_worker_restarts_total",
     "Worker processes the supervisor restarted after they died.",
-    ("stage",),
+    _STAGE,
 )
+BUILD_INFO = Gauge(
+    "conveyor_build_info",
+    "Always 1; the labels say which conveyor and Python serve these metrics.",
+    ("version", "python"),
+    multiprocess_mode="max",
+)
+
+
+def publish_build_info() -> None:
+    from conveyor import __version__
+
+    BUILD_INFO.labels(__version__, platform.python_version()).set(1)
+
+
+def prepare_stage(pipeline: str, stage: str) -> None:
+    """Create a worker's series at zero, so that rates and alerts see 'nothing happened yet'
+    rather than 'no such series'."""
+    for counter in (
+        CLAIMED,
+        COMPLETED,
+        RETRIED,
+        FAILED,
+        LEASE_LOSSES,
+        SWEEP_PICKUPS,
+        NOTIFICATIONS,
+        LISTENER_RECONNECTS,
+    ):
+        counter.labels(pipeline, stage)
+    STAGE_DURATION.labels(pipeline, stage)
+    WAKEUP_LATENCY.labels(pipeline, stage)
+    IN_FLIGHT.labels(pipeline, stage)
+    LISTENERS_CONNECTED.labels(pipeline, stage)
+
 
 # The agents' LLM router. `model` is a configured model name (bounded by configuration); outcome is
 # ok, rate_limited, server_error, client_error, timeout, connection_error or bad_response.

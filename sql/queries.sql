@@ -155,7 +155,7 @@ INSERT INTO @schema@.run_events
        (run_id, pipeline, stage, from_status, to_status, attempt, worker, error)
 SELECT id, pipeline, %(stage)s, %(working)s, status, attempt, lease_owner, last_error
   FROM moved
-RETURNING run_id, to_status;
+RETURNING run_id, to_status, attempt, worker;
 
 -- beat_worker --
 -- Register or refresh this worker in the registry; `waiting` arms the wake-up trigger.
@@ -270,6 +270,43 @@ SELECT count(*) AS runs
   FROM @schema@.pipeline_runs
  WHERE pipeline = %(pipeline)s AND finished_at IS NULL
    AND ((status = %(consumes)s AND run_after <= now()) OR status = %(working)s);
+
+-- queue_depth --
+-- The maintenance leader's one look at a pipeline's queue, for the queue gauges: per unfinished
+-- status, the runs due now, the runs scheduled later (delay, retry backoff) and how long the
+-- oldest due run has been due. Every column is in pipeline_runs_claimable, so this reads only
+-- that partial index (finished history costs nothing), and only the leader sends it.
+SELECT status,
+       count(*) FILTER (WHERE run_after <= now()) AS due,
+       count(*) FILTER (WHERE run_after > now()) AS scheduled,
+       coalesce(extract(epoch FROM now() - min(run_after) FILTER (WHERE run_after <= now())),
+                0)::float8 AS oldest_due_seconds
+  FROM @schema@.pipeline_runs
+ WHERE pipeline = %(pipeline)s AND finished_at IS NULL
+ GROUP BY status;
+
+-- live_workers --
+-- Worker processes per stage whose heartbeat has not expired, on every host.
+SELECT stage, count(*) AS workers
+  FROM @schema@.workers
+ WHERE pipeline = %(pipeline)s AND expires_at > now()
+ GROUP BY stage;
+
+-- notification_queue_usage --
+-- The server's NOTIFY queue fill (0-1). It grows while some listener stops draining; when it is
+-- full, every transaction that notifies fails at commit.
+SELECT pg_notification_queue_usage();
+
+-- newest_event --
+SELECT coalesce(max(id), 0) FROM @schema@.run_events;
+
+-- cancelled_since --
+-- Cancellations recorded after a run_events id (the leader's mark), with the status each run was
+-- cancelled in. A short range scan of run_events' primary key.
+SELECT id, from_status
+  FROM @schema@.run_events
+ WHERE id > %(after)s AND pipeline = %(pipeline)s AND to_status = 'CANCELLED'
+ ORDER BY id;
 
 -- prune_finished --
 -- Delete up to 1000 finished runs older than the retention, with their history. Called in a

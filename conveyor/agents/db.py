@@ -53,6 +53,8 @@ async def pool() -> tuple[AsyncConnectionPool[Any], str]:
         kwargs={
             "autocommit": True,
             "application_name": f"conveyor-agents:{os.getpid()}",
+            # Behind PgBouncer in transaction mode, server-side prepared statements break.
+            "prepare_threshold": 5 if settings.prepared_statements else None,
             "connect_timeout": CONNECT_TIMEOUT_SECONDS,
             **KEEPALIVE_OPTIONS,
         },

@@ -50,6 +50,9 @@ async def _maintain(
     maintenance = Maintenance(
         settings, pipeline, listen_url(settings, url), new_worker_id(MAINTENANCE)
     )
+    structlog.contextvars.bind_contextvars(
+        pipeline=pipeline.name, stage=MAINTENANCE, worker=maintenance.identity
+    )
     task = asyncio.create_task(maintenance.run())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

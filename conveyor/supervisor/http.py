@@ -69,10 +69,11 @@ class ProbeServer:
 def metrics_exposition() -> tuple[bytes, str]:
     """Every process's metrics: a fresh registry holding only the multiprocess collector."""
     from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
-    from prometheus_client.multiprocess import MultiProcessCollector
+
+    from conveyor.supervisor.multiproc import collect_all
 
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
-        MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        collect_all(registry)
         return generate_latest(registry), CONTENT_TYPE_LATEST
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST

@@ -7,15 +7,20 @@ re-executes itself with the variable set: the new process starts as if the opera
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from conveyor.settings import ConfigError
 
 _OWNED = "CONVEYOR_OWNS_METRICS_DIR"  # we made the directory, so we remove it at exit
+# A metric file starts with its used size (4 bytes) and 4 of padding; a reader needs them.
+_HEADER_BYTES = 8
 
 
 def prepare_metrics_dir() -> Path:
@@ -49,3 +54,22 @@ def mark_dead(pid: int) -> None:
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
+
+
+def collect_all(registry: object) -> None:
+    """Register the collector of every process's metric files on a fresh registry."""
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    class SettledFiles(MultiProcessCollector):  # type: ignore[misc]
+        """Skips a file a starting process has created but not sized yet: read at that instant
+        it fails the whole scrape. Its metrics are in the next scrape."""
+
+        def collect(self) -> Any:
+            files = []
+            for path in glob.glob(os.path.join(self._path, "*.db")):
+                with contextlib.suppress(FileNotFoundError):  # a dead process's live gauges
+                    if os.path.getsize(path) >= _HEADER_BYTES:
+                        files.append(path)
+            return self.merge(files, accumulate=True)  # type: ignore[no-untyped-call]
+
+    SettledFiles(registry)  # type: ignore[no-untyped-call]

@@ -56,6 +56,7 @@ class Supervisor:
     metrics_port: int | None = None
     max_consecutive_crashes: int = MAX_CONSECUTIVE_CRASHES
     max_restart_delay: float = MAX_RESTART_DELAY_SECONDS
+    pipeline: str = ""  # the metrics' pipeline label
     slots: list[Slot] = field(default_factory=list)
     stopping: bool = False
     exit_code: int = 0
@@ -66,6 +67,9 @@ class Supervisor:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         server = None
+        metrics.publish_build_info()
+        for name in self.plan:  # restarts read as zero, not as missing, until one happens
+            metrics.WORKER_RESTARTS.labels(self.pipeline, name)
         if self.metrics_port is not None:
             server = ProbeServer(self.metrics_port, health=self.health, ready=self.readiness)
         log.info("supervisor started", plan=self.plan, pid=os.getpid())
@@ -166,7 +170,7 @@ class Supervisor:
         mark_dead(slot_pid)
         if self.stopping:
             return
-        metrics.WORKER_RESTARTS.labels(slot.stage).inc()
+        metrics.WORKER_RESTARTS.labels(self.pipeline, slot.stage).inc()
         slot.crashes = slot.crashes + 1 if lived < CRASH_WINDOW_SECONDS else 1
         delay = min(self.max_restart_delay, 0.1 * 2 ** (slot.crashes - 1))
         slot.restart_at = time.monotonic() + delay

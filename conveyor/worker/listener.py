@@ -16,6 +16,7 @@ import structlog
 from psycopg import sql
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
 
+from conveyor import metrics
 from conveyor.db import CONNECT_TIMEOUT_SECONDS, KEEPALIVE_OPTIONS, redact
 
 log = structlog.get_logger("conveyor.listener")
@@ -49,6 +50,7 @@ class Listener:
         health_interval: float = 15.0,
         health_timeout: float = 5.0,
         application_name: str = "conveyor-listener",
+        metric_labels: tuple[str, str] | None = None,
     ) -> None:
         self.application_name = application_name
         self.url = url
@@ -62,6 +64,7 @@ class Listener:
         self.reconnects = 0
         self.last_notification_at = 0.0
         self._conn: psycopg.AsyncConnection[Any] | None = None
+        self._metrics = _ListenerMetrics(metric_labels) if metric_labels else None
 
     async def run(self) -> None:
         first = True
@@ -69,6 +72,8 @@ class Listener:
             conn = await self._connect()
             if not first:
                 self.reconnects += 1
+                if self._metrics:
+                    self._metrics.reconnected()
                 log.info("listener reconnected", channel=self.channel, reconnects=self.reconnects)
             first = False
             self.on_wake()  # sweep now: notifications sent while we were away are lost
@@ -77,12 +82,16 @@ class Listener:
             except _CONNECTION_ERRORS as exc:
                 self.connected.clear()
                 self.disconnected.set()
+                if self._metrics:
+                    self._metrics.disconnected()
                 log.warning("listener connection lost", channel=self.channel, error=_brief(exc))
                 await conn.close()
 
     async def close(self) -> None:
         self.connected.clear()
         self.disconnected.set()
+        if self._metrics:
+            self._metrics.disconnected()
         if self._conn is not None:
             await self._conn.close()
 
@@ -109,6 +118,8 @@ class Listener:
         self._conn = conn
         self.connected.set()
         self.disconnected.clear()
+        if self._metrics:
+            self._metrics.connected()
         return conn
 
     async def _listen(self, conn: psycopg.AsyncConnection[Any]) -> None:
@@ -117,6 +128,8 @@ class Listener:
             async for notify in conn.notifies(timeout=self.health_interval):
                 heard = True
                 self.last_notification_at = time.time()
+                if self._metrics:
+                    self._metrics.heard(self.last_notification_at, ping=notify.payload == _PING)
                 if notify.payload != _PING:
                     self.on_wake()
             if not heard:
@@ -158,6 +171,31 @@ class Listener:
             error=_brief(exc),
             retry_in=round(state.next_action.sleep, 3) if state.next_action else None,
         )
+
+
+class _ListenerMetrics:
+    """The listener's side of the metrics: is it connected, when did it last hear anything."""
+
+    def __init__(self, labels: tuple[str, str]) -> None:
+        self.connected_gauge = metrics.LISTENERS_CONNECTED.labels(*labels)
+        self.last_heard = metrics.LAST_NOTIFICATION.labels(*labels)
+        self.notifications = metrics.NOTIFICATIONS.labels(*labels)
+        self.reconnects = metrics.LISTENER_RECONNECTS.labels(*labels)
+
+    def connected(self) -> None:
+        self.connected_gauge.set(1)
+        self.last_heard.set(time.time())  # connecting proves the path, like a ping
+
+    def disconnected(self) -> None:
+        self.connected_gauge.set(0)
+
+    def reconnected(self) -> None:
+        self.reconnects.inc()
+
+    def heard(self, when: float, *, ping: bool) -> None:
+        self.last_heard.set(when)
+        if not ping:
+            self.notifications.inc()
 
 
 _CONNECTION_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError, TimeoutError, OSError)

@@ -86,6 +86,11 @@ class Worker:
     # -- lifecycle -------------------------------------------------------------------------
 
     async def run(self) -> None:
+        # Every line this process logs (psycopg's too) says which worker it comes from.
+        structlog.contextvars.bind_contextvars(
+            pipeline=self.pipeline.name, stage=self.stage.name, worker=self.worker_id
+        )
+        metrics.prepare_stage(*self._labels)
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stop)
@@ -131,6 +136,7 @@ class Worker:
             health_interval=self.settings.listener_check_interval,
             health_timeout=self.settings.listener_check_timeout,
             application_name=f"conveyor-listen:{self.worker_id}"[:63],
+            metric_labels=self._labels,
         )
         self._log.info(
             "worker started",
@@ -191,12 +197,15 @@ class Worker:
                 self._slot_freed.clear()
                 await self._slot_freed.wait()
                 continue
-            if not self._backlog:
+            idle = not self._backlog
+            if idle:
                 await self._wake.wait()
                 if self.stopping.is_set():
                     return
             self._wake.clear()
-            by_timer, self._woken_by_timer = self._woken_by_timer, False
+            # A sweep pick-up is a claim by an idle worker that the timer woke; under a backlog
+            # the dispatcher claims without waiting, whatever the timer did meanwhile.
+            by_timer, self._woken_by_timer = self._woken_by_timer and idle, False
             want = min(free, stage.batch)
             try:
                 rows = await self.protocol.claim(want)
@@ -248,12 +257,30 @@ class Worker:
     # -- running ------------------------------------------------------------------------------
 
     async def _execute(self, run: Run) -> None:
+        # This task's context (and the handler's thread, which copies it): every line logged
+        # while handling the run carries its id and attempt.
+        structlog.contextvars.bind_contextvars(run_id=str(run.id), attempt=run.attempt)
+        started = time.perf_counter()
         try:
             outcome = await run_handler(self.stage, run)
         except asyncio.CancelledError:
-            if run.id in self._taken_away:  # cancelled or rescued: nothing to report
+            if run.id in self._taken_away:  # cancelled, rescued or released: no result
                 self._taken_away.discard(run.id)
+                stopping = self.stopping.is_set()
+                self._log.warning(
+                    "run interrupted: worker stopping"
+                    if stopping
+                    else "run taken away; interrupting"
+                )
+                self._log.info(
+                    "run finished",
+                    run_id=str(run.id),
+                    attempt=run.attempt,
+                    outcome="released" if stopping else "taken away",
+                    duration=round(time.perf_counter() - started, 6),
+                )
                 self._in_flight.pop(run.id, None)
+                metrics.IN_FLIGHT.labels(*self._labels).set(len(self._in_flight))
                 self._slot_freed.set()
                 return
             raise
@@ -383,8 +410,7 @@ class Worker:
                     held = await self.protocol.extend_leases(held_before)
                     for run_id in set(held_before) - held:
                         task = self._in_flight.get(run_id)
-                        if task is not None:
-                            self._log.warning("run taken away; interrupting", run_id=str(run_id))
+                        if task is not None:  # its task logs it, with the run's context
                             self._taken_away.add(run_id)
                             task.cancel()
             except _DB_ERRORS as exc:

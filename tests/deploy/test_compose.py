@@ -162,7 +162,9 @@ def test_prometheus_and_grafana_get_the_shipped_configuration(compose: dict[str,
     assert mounts["/etc/prometheus/prometheus.yml"] == "./deploy/prometheus/prometheus.yml"
     assert mounts["/etc/prometheus/rules.yml"] == "./deploy/prometheus/rules.yml"
     config = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
-    assert "/etc/prometheus/rules.yml" in config["rule_files"]
+    # rule_files are relative to the configuration file, mounted in /etc/prometheus
+    rule_files = {str(Path("/etc/prometheus") / f) for f in config["rule_files"]}
+    assert "/etc/prometheus/rules.yml" in rule_files
     scraped = scrape_targets(config)
     for name, service in conveyor_services(compose).items():
         if name != "migrate":

@@ -1,0 +1,264 @@
+"""A real Prometheus scraping a running `conveyor run` with real traffic, the shipped rules
+loaded: the counters of several worker processes add up, every dashboard panel's query and every
+rule runs through Prometheus's query API, and an alert really fires."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+import pytest
+
+from tests.helpers import ROOT, ConveyorProcess, conveyor_env, scalar, wait_until
+from tests.observability.prom import (
+    DASHBOARD,
+    RULES,
+    Prometheus,
+    http_get,
+    metrics_port,
+    require_binary,
+    scrape,
+)
+
+CHAIN = {"CONVEYOR_PIPELINE": "tests.pipelines:chain"}
+STAGES = {"one": 2, "two": 2, "three": 1}
+# Defined on the LLM router's branch (conveyor/metrics.py there), incremented by its model calls.
+# Until a run calls a model they export no sample, so their panels must run without error but
+# cannot be required to return data.
+LLM_METRICS = {
+    "conveyor_llm_requests_total",
+    "conveyor_llm_tokens_total",
+    "conveyor_llm_latency_seconds",
+}
+_METRIC_NAME = re.compile(r"\b((?:[a-z_]+:)?conveyor_[a-z0-9_]+(?::[a-z0-9_]+)?)\b")
+_HISTOGRAM_SUFFIX = re.compile(r"_(bucket|sum|count)$")
+
+
+def _insert(url: str, inputs: list[dict[str, Any]], delay: str | None = None) -> list[Any]:
+    with psycopg.connect(url, autocommit=True) as conn:
+        return [
+            conn.execute(
+                "INSERT INTO conveyor.pipeline_runs (pipeline, input, run_after)"
+                " VALUES ('chain', %s, now() + %s::interval) RETURNING id",
+                (json.dumps(item), delay or "0 seconds"),
+            ).fetchone()[0]  # type: ignore[index]
+            for item in inputs
+        ]
+
+
+def _finished(url: str) -> int:
+    return int(
+        scalar(url, "SELECT count(*) FROM conveyor.pipeline_runs WHERE finished_at IS NOT NULL")
+    )
+
+
+def _started_pids(process: ConveyorProcess, stage: str) -> list[int]:
+    pids = []
+    for line in process.log().splitlines():
+        if '"worker process started"' in line:
+            record = json.loads(line)
+            if record["stage"] == stage:
+                pids.append(int(record["pid"]))
+    return pids
+
+
+def _kill_and_await_restart(process: ConveyorProcess, stage: str) -> None:
+    before = _started_pids(process, stage)
+    os.kill(before[-1], signal.SIGKILL)
+    wait_until(lambda: len(_started_pids(process, stage)) > len(before), 30, f"{stage} restarted")
+
+
+def _substitute(expr: str, pipeline: str, stage: str) -> str:
+    """What Grafana sends for a panel: its variables and interval macros filled in."""
+    return (
+        expr.replace("$__rate_interval", "15s")
+        .replace("$__interval", "5s")
+        .replace("$pipeline", pipeline)
+        .replace("$stage", stage)
+    )
+
+
+def _names(expr: str) -> set[str]:
+    return {_HISTOGRAM_SUFFIX.sub("", name) for name in _METRIC_NAME.findall(expr)}
+
+
+@pytest.mark.timeout(300)
+def test_prometheus_scrapes_conveyor_and_runs_every_panel_and_rule(
+    database_url: str,
+    start_conveyor: Callable[..., ConveyorProcess],
+    start_prometheus: Callable[..., Prometheus],
+) -> None:
+    promtool = require_binary("promtool")
+    supervisor = start_conveyor(
+        "run",
+        CONVEYOR_STAGES=",".join(f"{k}={v}" for k, v in STAGES.items()),
+        CONVEYOR_SWEEP_INTERVAL="0.5",
+        CONVEYOR_LISTENER_CHECK_INTERVAL="1",
+        **CHAIN,
+    )
+    port = metrics_port(supervisor)
+    wait_until(lambda: http_get(f"http://127.0.0.1:{port}/readyz")[0] == 200, 30, "readiness")
+    prometheus = start_prometheus([f"127.0.0.1:{port}"], [RULES])
+    wait_until(lambda: prometheus.value('up{job="conveyor"}') == 1, 30, "the first scrape")
+
+    # Traffic: plain runs, flaky ones (retried once), poison ones (FAILED after 3 attempts), and
+    # one delayed run that is cancelled before it is due.
+    _insert(database_url, [{"n": n} for n in range(100)])
+    _insert(database_url, [{"n": n, "fail_times": 1} for n in range(10)])
+    _insert(database_url, [{"n": n, "always_fail": True} for n in range(5)])
+    (delayed,) = _insert(database_url, [{"n": -1}], delay="1 hour")
+    wait_until(lambda: _finished(database_url) == 115, 60, "115 runs finished")
+
+    # A worker of stage one dies: its counters stay in the sum, its replacement adds to them.
+    _kill_and_await_restart(supervisor, "one")
+    _insert(database_url, [{"n": n} for n in range(100, 150)])
+    wait_until(lambda: _finished(database_url) == 165, 60, "165 runs finished")
+    cancel = subprocess.run(
+        [sys.executable, "-m", "conveyor", "cancel", str(delayed)],
+        env=conveyor_env(database_url, **CHAIN),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert cancel.returncode == 0, cancel.stderr
+
+    # Several processes did the work of stages one and two...
+    for stage in ("one", "two"):
+        workers = scalar(
+            database_url,
+            "SELECT count(DISTINCT worker) FROM conveyor.run_events WHERE stage = %s",
+            (stage,),
+        )
+        assert workers >= 2, (stage, workers)
+
+    # ... and one scrape adds their counters up exactly.
+    def total(expr: str) -> float | None:
+        return prometheus.value(expr)
+
+    wait_until(
+        lambda: total('sum(conveyor_runs_cancelled_total{stage="one"})') == 1,
+        30,
+        "the cancel counted by the leader and scraped",
+    )
+    done = 150
+    expected = {
+        'sum(conveyor_runs_completed_total{stage="one"})': done + 10,
+        'sum(conveyor_runs_completed_total{stage="two"})': done + 10,
+        'sum(conveyor_runs_completed_total{stage="three"})': done + 10,
+        'sum(conveyor_runs_retried_total{stage="one"})': 10 + 5 * 2,
+        'sum(conveyor_runs_failed_total{stage="one"})': 5,
+        'sum(conveyor_runs_claimed_total{stage="one"})': done + 10 * 2 + 5 * 3,
+        'sum(conveyor_stage_duration_seconds_count{stage="one"})': done + 10 * 2 + 5 * 3,
+        'sum(conveyor_runs_failed_total{stage=~"two|three"})': 0,
+        'sum(conveyor_lease_losses_total{pipeline="chain"})': 0,
+        'sum(conveyor_worker_restarts_total{stage="one"})': 1,
+    }
+    wait_until(
+        lambda: all(total(expr) == value for expr, value in expected.items()),
+        30,
+        "every counter scraped at its final value",
+    )
+    in_db = scalar(
+        database_url,
+        "SELECT count(*) FROM conveyor.run_events WHERE stage = 'one' AND to_status = 'ONE_DONE'",
+    )
+    assert in_db == expected['sum(conveyor_runs_completed_total{stage="one"})']
+
+    # The leader's gauges describe the database, and live workers their listeners.
+    wait_until(
+        lambda: all(
+            total(f'max(conveyor_workers_alive{{stage="{stage}"}})') == n
+            for stage, n in STAGES.items()
+        ),
+        30,
+        "workers alive per stage",
+    )
+    assert total('max(conveyor_queue_scheduled{status="NEW"})') == 0  # the delayed one: cancelled
+    assert total('max(conveyor_queue_depth{stage="one"})') == 0
+    assert total('max(conveyor_maintenance_leader{pipeline="chain"})') == 1
+    assert total("max(conveyor_notification_queue_usage_ratio)") is not None
+    for stage, n in STAGES.items():
+        wait_until(
+            lambda s=stage, n=n: total(f'sum(conveyor_listeners_connected{{stage="{s}"}})') == n,
+            30,
+            f"{stage}'s listeners connected",
+        )
+    assert total("count(conveyor_build_info == 1)") == 1
+
+    # Every panel of the dashboard, as Grafana would send it, for all and for one selection.
+    present = set(prometheus.api("label/__name__/values"))
+    dashboard = json.loads(DASHBOARD.read_text())
+    panels = [p for p in dashboard["panels"] if p["type"] != "row"]
+    assert panels
+    for panel in panels:
+        for target in panel["targets"]:
+            names = _names(target["expr"])
+            assert names, target["expr"]
+            llm_only = names <= LLM_METRICS
+            for pipeline, stage in ((".*", ".*"), ("chain", "one")):
+                expr = _substitute(target["expr"], pipeline, stage)
+                result = prometheus.query(expr)  # raises unless Prometheus accepts it
+                if llm_only and not any(n in present or f"{n}_count" in present for n in names):
+                    continue
+                assert result, f"panel {panel['title']!r} returns no data: {expr}"
+
+    # The dashboard's variables: the label values Grafana would offer.
+    pipelines = prometheus.api(
+        "label/pipeline/values", **{"match[]": "conveyor_runs_claimed_total"}
+    )
+    assert pipelines == ["chain"]
+    stages = prometheus.api(
+        "label/stage/values", **{"match[]": 'conveyor_runs_claimed_total{pipeline=~"chain"}'}
+    )
+    assert sorted(stages) == sorted(STAGES)
+
+    # Every rule was evaluated without error, and names only series that exist.
+    groups = prometheus.api("rules")["groups"]
+    rules = [rule for group in groups for rule in group["rules"]]
+    assert len(rules) >= 10
+    for rule in rules:
+        assert rule["health"] == "ok", rule
+        prometheus.query(rule["query"])
+        for name in _names(rule["query"]):
+            assert name in present or f"{name}_count" in present, (rule["name"], name)
+    recorded = prometheus.query("pipeline_stage:conveyor_queue_depth:sum")
+    assert {r["metric"]["stage"] for r in recorded} == set(STAGES)
+
+    # An alert fires for real: stage three's process dies four times in a row.
+    for _ in range(4):
+        _kill_and_await_restart(supervisor, "three")
+
+    def firing() -> set[tuple[str, str]]:
+        alerts = prometheus.api("alerts")["alerts"]
+        return {
+            (a["labels"]["alertname"], a["labels"].get("stage", ""))
+            for a in alerts
+            if a["state"] == "firing"
+        }
+
+    wait_until(lambda: ("ConveyorWorkersRestarting", "three") in firing(), 30, "the restart alert")
+    assert ("ConveyorWorkersRestarting", "one") not in firing()  # one restart is no alarm
+    assert not {alert for alert, _ in firing()} & {
+        "ConveyorNoWorkerAlive",
+        "ConveyorNoMaintenanceLeader",
+        "ConveyorMetricsDown",
+        "ConveyorListenerSilent",
+    }
+
+    # promtool's lint of a real scrape.
+    text = scrape(port)
+    checked = subprocess.run(
+        [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30
+    )
+    assert checked.returncode == 0 and not checked.stdout.strip(), checked.stdout + checked.stderr
+
+    supervisor.signal(signal.SIGTERM)
+    assert supervisor.wait(60) == 0
