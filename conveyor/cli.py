@@ -16,6 +16,7 @@ import click
 import psycopg
 
 from conveyor import _embedded, migrate, runs
+from conveyor.console.cli import console_command
 from conveyor.db import DatabaseUnavailable, connect, database_url, listen_url, redact
 from conveyor.logs import configure_logging
 from conveyor.pipeline import Pipeline, PipelineError, load_pipeline
@@ -419,6 +420,9 @@ def _print_run(app: App, run: dict[str, Any], history: list[dict[str, Any]], as_
         click.echo(
             _table(("AT", "STAGE", "TRANSITION", "ATTEMPT", "DURATION", "WORKER", "ERROR"), rows)
         )
+
+
+cli.add_command(console_command)
 
 
 def main() -> None:
