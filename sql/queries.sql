@@ -393,3 +393,12 @@ SELECT r.id, r.pipeline, r.status, r.priority, r.attempt, r.created_at, r.update
              ORDER BY e.id DESC LIMIT 1) = %(failed_stage)s)
  ORDER BY r.created_at DESC, r.id DESC
  LIMIT %(limit)s;
+
+-- live_workers --
+-- Worker processes whose heartbeat is fresh; an expired row is a process that is gone. What
+-- `conveyor status` prints under the counts (the console's overview reads the same registry).
+SELECT pipeline, stage, worker_id, hostname, pid,
+       extract(epoch FROM now() - heartbeat_at)::float8 AS beat_age_seconds, waiting
+  FROM @schema@.workers
+ WHERE expires_at > now()
+ ORDER BY pipeline, stage, worker_id;

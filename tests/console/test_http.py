@@ -6,6 +6,8 @@ import http.client
 import json
 import queue
 import re
+import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import Iterator
@@ -19,7 +21,7 @@ import pytest
 
 from conveyor import submit
 from tests.console.conftest import Console, StartConsole
-from tests.helpers import fetch_all, scalar, wait_until
+from tests.helpers import ROOT, conveyor_env, fetch_all, scalar, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -321,3 +323,44 @@ def test_one_listen_connection_fans_out_and_comes_back_after_a_cut(
             run_id = str(submit(conn, {"question": "still heard?"}).id)
         assert run_id in streams[0].next("runs", where=lambda d: "ids" in d)["ids"]
     assert '"console listener reconnected"' in console.process.log()
+
+
+def test_a_worker_that_stops_beating_drops_out_and_its_run_shows_as_orphaned(
+    database_url: str, start_console: StartConsole, start_conveyor: Any
+) -> None:
+    chain = {"CONVEYOR_PIPELINE": "tests.pipelines:chain", "CONVEYOR_LEASE": "3"}
+    worker = start_conveyor("worker", "--stage", "one", **chain)
+    console = start_console(**chain)
+
+    def stage_one() -> dict[str, Any]:
+        overview = _json(console, "/api/overview")
+        stages: list[dict[str, Any]] = overview["pipelines"][0]["stages"]
+        return stages[0]
+
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        run_id = str(submit(conn, {"sleep": 60}, pipeline="chain").id)
+    wait_until(lambda: _status(database_url, run_id) == "ONE_RUNNING", 30, "the run in flight")
+    one = wait_until(lambda: (s := stage_one())["in_flight"] == 1 and s, 30, "in flight")
+    assert one["orphaned"] == 0
+    assert [w["worker_id"].split("-")[0] for w in one["workers"]] == ["one"]
+    status = _conveyor_status(database_url, **chain)
+    assert re.search(r"^chain\s+one\s+one-\d+-[0-9a-f]{8}\s", status, re.MULTILINE), status
+
+    worker.process.kill()  # no goodbye: only the missing heartbeats tell
+    worker.wait(10)
+    one = wait_until(lambda: (s := stage_one())["workers"] == [] and s, 30, "the worker gone")
+    assert (one["in_flight"], one["orphaned"]) == (1, 1)  # claimed by a worker that is gone
+    assert "no live workers" in _conveyor_status(database_url, **chain)
+
+
+def _conveyor_status(database_url: str, **env: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-m", "conveyor", "status"],
+        env=conveyor_env(database_url, **env),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
