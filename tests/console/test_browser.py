@@ -158,10 +158,13 @@ def test_a_run_submitted_while_the_page_is_open_appears_and_reaches_done(
 def test_run_page_shows_every_stages_output_the_history_and_the_timeline(
     browser: WebDriver, start_console: StartConsole, start_conveyor: Start, database_url: str
 ) -> None:
-    start_conveyor("run")
+    start_conveyor("run", CONVEYOR_SWEEP_INTERVAL="0.5")
     console = start_console()
-    run_id = _submit(database_url, {"question": "Where did the time go?"})
+    # Due in 5 s: the page is open before the run moves, and follows it without a reload.
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        run_id = str(submit(conn, {"question": "Where did the time go?"}, delay_seconds=5).id)
     _open_live(browser, f"{console.url}/runs/{run_id}")
+    assert _text(browser, "#run-status") == "NEW"
     _wait(browser, lambda d: _text(d, "#run-status") == "DONE")
     _wait(browser, lambda d: len(_attrs(d, "#history tbody tr[data-to]", "data-to")) == 3)
     assert _not_reloaded(browser)

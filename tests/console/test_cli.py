@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import http.client
+import signal
 import socket
 import subprocess
 import sys
@@ -115,3 +117,15 @@ def test_no_auth_allows_a_public_bind_behind_a_proxy(
     console = start_console("--no-auth", "--bind", f"0.0.0.0:{port}")
     assert console.port == port
     assert console.get("/api/overview")[0] == 200
+
+
+def test_sigterm_ends_open_event_streams_and_exits_0(start_console: StartConsole) -> None:
+    console = start_console()
+    stream = http.client.HTTPConnection("127.0.0.1", console.port, timeout=30)
+    stream.request("GET", "/events")
+    response = stream.getresponse()
+    assert response.readline() == b"retry: 2000\n"
+    console.process.signal(signal.SIGTERM)
+    assert console.process.wait(timeout=20) == 0  # an open stream does not hold the exit
+    response.read()  # returns: the server ended the stream rather than leaving it hanging
+    stream.close()
