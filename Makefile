@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit bench clean
+.PHONY: demo test lint typecheck unit bench schema clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,9 @@ test: lint typecheck
 
 bench: $(STAMP)
 	$(BIN)/conveyor bench
+
+schema: $(STAMP)
+	$(BIN)/python -m tests.integration.test_schema
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -98,12 +98,23 @@ pass_app = click.make_pass_decorator(App)
 
 
 @cli.command("migrate")
+@click.option(
+    "--roles",
+    is_flag=True,
+    help="Also create the least-privilege roles "
+    "conveyor_worker and conveyor_reader (sql/roles.sql).",
+)
 @pass_app
 @clear_errors
-def migrate_command(app: App) -> None:
+def migrate_command(app: App, roles: bool) -> None:
     """Create or upgrade the schema (safe to run concurrently)."""
     with app.connect() as conn:
         applied = migrate.migrate(conn, app.settings.schema)
+        if roles:
+            migrate.apply_roles(conn, app.settings.schema)
+            click.echo(
+                f"roles conveyor_worker and conveyor_reader granted on schema {app.settings.schema}"
+            )
     if applied:
         click.echo(f"applied {', '.join(applied)} to schema {app.settings.schema}")
     else:
@@ -357,6 +368,36 @@ def demo_command(app: App, questions: int) -> None:
     app.check_stages()
     _ensure_schema(app)
     sys.exit(run_demo(app.settings, app.pipeline, app.url, questions))
+
+
+@cli.command("observer")
+@click.argument("state", type=click.Choice(["on", "off", "status"]), default="status")
+@pass_app
+@clear_errors
+def observer_command(app: App, state: str) -> None:
+    """Switch the `pipeline_events` observer channel for this database (default: on)."""
+    with app.connect() as conn:
+        if state != "status":
+            migrate.set_observer(conn, app.settings.schema, enabled=state == "on")
+        enabled = migrate.observer_enabled(conn, app.settings.schema)
+    click.echo(f"pipeline_events observer is {'on' if enabled else 'off'}")
+
+
+@cli.command("bench", context_settings={"ignore_unknown_options": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench_command(args: tuple[str, ...]) -> None:
+    """Run the benchmark harness of a source checkout (`python -m benchmarks ARGS`)."""
+    import subprocess
+    from pathlib import Path
+
+    checkout = Path(__file__).resolve().parent.parent
+    if not (checkout / "benchmarks" / "__main__.py").exists():
+        click.echo(
+            "conveyor: error: bench needs a source checkout (benchmarks/ is not in the wheel)",
+            err=True,
+        )
+        sys.exit(EXIT_USAGE)
+    sys.exit(subprocess.call([sys.executable, "-m", "benchmarks", *args], cwd=checkout))
 
 
 @cli.group("embedded")

@@ -9,18 +9,22 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from typing import Any
 
 import psycopg
 import structlog
+from psycopg import sql
 
 from conveyor import metrics, queries
 from conveyor.db import CONNECT_TIMEOUT_SECONDS, KEEPALIVE_OPTIONS, redact
+from conveyor.migrate import latest_version
 from conveyor.pipeline import Pipeline
 from conveyor.settings import Settings
 
 log = structlog.get_logger("conveyor.maintenance")
 _DB_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError)
+SCHEMA_CHECK_SECONDS = 60.0
 
 
 class Maintenance:
@@ -32,6 +36,7 @@ class Maintenance:
         self.sql = queries.load(settings.schema)
         self.is_leader = False
         self.connected = False
+        self.schema_current = False
         self.lock_name = f"conveyor.leader.{settings.schema}.{pipeline.name}"
 
     @property
@@ -49,8 +54,12 @@ class Maintenance:
                     connect_timeout=CONNECT_TIMEOUT_SECONDS,
                     **KEEPALIVE_OPTIONS,
                 ) as conn:
-                    self.connected = True
+                    schema_checked_at = 0.0
                     while True:
+                        if time.monotonic() - schema_checked_at > SCHEMA_CHECK_SECONDS:
+                            self.schema_current = await self._schema_is_current(conn)
+                            schema_checked_at = time.monotonic()
+                        self.connected = True
                         await self._lead_or_wait(conn)
                         await asyncio.sleep(self.interval * random.uniform(0.8, 1.2))
             except _DB_ERRORS as exc:
@@ -59,6 +68,23 @@ class Maintenance:
                     log.warning("leadership lost with the connection", error=_brief(exc))
                 self.is_leader = False
                 await asyncio.sleep(random.uniform(0.5, 2.0))
+
+    @property
+    def ready(self) -> bool:
+        """Database reachable and migrated to what this code expects (the supervisor's /readyz)."""
+        return self.connected and self.schema_current
+
+    async def _schema_is_current(self, conn: psycopg.AsyncConnection[Any]) -> bool:
+        cur = await conn.execute(
+            sql.SQL("SELECT coalesce(max(version), 0) FROM {}.schema_migrations").format(
+                sql.Identifier(self.settings.schema)
+            )
+        )
+        row = await cur.fetchone()
+        current = bool(row and row[0] >= latest_version())
+        if not current:
+            log.warning("schema is behind this version: run `conveyor migrate`")
+        return current
 
     async def _lead_or_wait(self, conn: psycopg.AsyncConnection[Any]) -> None:
         if not self.is_leader:

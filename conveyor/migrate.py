@@ -75,3 +75,35 @@ def migrate(conn: psycopg.Connection[Any], schema: str) -> list[str]:
 
 def is_current(conn: psycopg.Connection[Any], schema: str) -> bool:
     return {version for version, _ in migrations()} <= applied_versions(conn, schema)
+
+
+def apply_roles(conn: psycopg.Connection[Any], schema: str) -> None:
+    """Create the optional least-privilege roles of sql/roles.sql and grant them on schema."""
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext('conveyor.migrate.' || %s))", (schema,))
+        conn.execute(for_schema(read_sql("roles.sql"), schema))
+
+
+_OBSERVER_TRIGGERS = ("pipeline_events_insert", "pipeline_events_update")
+
+
+def set_observer(conn: psycopg.Connection[Any], schema: str, *, enabled: bool) -> None:
+    """The observer channel costs a NOTIFY per changed run; a database may switch it off."""
+    action = sql.SQL("ENABLE" if enabled else "DISABLE")
+    table = sql.Identifier(schema, "pipeline_runs")
+    with conn.transaction():
+        for trigger in _OBSERVER_TRIGGERS:
+            conn.execute(
+                sql.SQL("ALTER TABLE {} {} TRIGGER {}").format(
+                    table, action, sql.Identifier(trigger)
+                )
+            )
+
+
+def observer_enabled(conn: psycopg.Connection[Any], schema: str) -> bool:
+    row = conn.execute(
+        "SELECT bool_and(tgenabled <> 'D') FROM pg_trigger"
+        " WHERE tgrelid = to_regclass(%s) AND tgname = ANY(%s)",
+        (f"{schema}.pipeline_runs", list(_OBSERVER_TRIGGERS)),
+    ).fetchone()
+    return bool(row and row[0])

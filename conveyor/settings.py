@@ -46,6 +46,8 @@ class Settings:
     # The LISTEN connection proves itself after this much silence, within the timeout.
     listener_check_interval: float = 15.0
     listener_check_timeout: float = 5.0
+    # Server-side prepared statements; off for PgBouncer in transaction mode before 1.21.
+    prepared_statements: bool = True
     # Finished runs older than this many seconds are pruned by the leader; None keeps them.
     retention: float | None = None
     metrics_port: int = 9464
@@ -76,11 +78,14 @@ class Settings:
                 "CONVEYOR_LISTENER_CHECK_TIMEOUT", 5.0, minimum=0.1
             ),
             retention=reader.duration("CONVEYOR_RETENTION"),
+            prepared_statements=reader.choice("CONVEYOR_PREPARED_STATEMENTS", "on", ("on", "off"))
+            == "on",
             metrics_port=reader.integer("CONVEYOR_METRICS_PORT", 9464, minimum=0, maximum=65535),
             log_format=reader.choice("CONVEYOR_LOG_FORMAT", "auto", ("auto", "json", "console")),
             log_level=reader.choice(
                 "CONVEYOR_LOG_LEVEL", "info", ("debug", "info", "warning", "error")
             ),
+            # Last: it skips the names read above (CONVEYOR_DRAIN_TIMEOUT is not stage "drain").
             stage_overrides=reader.stage_overrides(),
         )
 
@@ -115,8 +120,10 @@ _STAGE_VARIABLE = re.compile(
 class _Reader:
     def __init__(self, env: Mapping[str, str]) -> None:
         self.env = env
+        self.read: set[str] = set()  # names already read as settings of their own
 
     def _raw(self, name: str) -> str | None:
+        self.read.add(name)
         value = self.env.get(name)
         return None if value is None or value.strip() == "" else value.strip()
 
@@ -208,7 +215,7 @@ class _Reader:
         found: dict[str, dict[str, float | int]] = {}
         for variable in self.env:
             match = _STAGE_VARIABLE.match(variable)
-            if not match:
+            if not match or variable in self.read:
                 continue
             stage, kind = match.group(1).lower(), match.group(2)
             if kind == "TIMEOUT":

@@ -4,7 +4,9 @@
 - "fail_times": raise on the first N attempts of stage "one";
 - "always_fail": stage "one" always raises;
 - "kill_first_attempt": stage "one" SIGKILLs its own worker on attempt 1;
-- "kill_always": stage "one" SIGKILLs its own worker every time.
+- "kill_always": stage "one" SIGKILLs its own worker every time;
+- "bad_output": stage "one" returns what jsonb cannot store ("nan", "nul") or what JSON cannot
+  encode ("object").
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ async def one(run: Run) -> dict[str, Any]:
         raise ValueError(f"flaky failure on attempt {run.attempt}")
     if run.input.get("kill_always") or (run.input.get("kill_first_attempt") and run.attempt == 1):
         os.kill(os.getpid(), signal.SIGKILL)
+    bad = run.input.get("bad_output")
+    if bad:
+        return {"nan": {"x": float("nan")}, "nul": {"x": "a\x00b"}, "object": {"x": object()}}[bad]
     await asyncio.sleep(float(run.input.get("sleep", 0)))
     return {"stage": "one", "n": run.input.get("n")}
 

@@ -38,7 +38,7 @@ OVERVIEW_MAX_AGE_SECONDS = 2.0
 def create_app(
     settings: ConsoleSettings, pipeline: Pipeline, url: str, listen_url: str, schema: str
 ) -> Starlette:
-    store = Store(url, schema, pipeline)
+    store = Store(url, schema, pipeline, read_only=not settings.allow_actions)
 
     async def load_overview() -> Overview:
         return await run_in_threadpool(store.overview)

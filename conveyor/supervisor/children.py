@@ -46,7 +46,10 @@ async def _maintain(
 ) -> None:
     import signal
 
-    maintenance = Maintenance(settings, pipeline, url, new_worker_id(MAINTENANCE))
+    # The leader's session lock needs a session: the direct (LISTEN) URL, not a pooler.
+    maintenance = Maintenance(
+        settings, pipeline, listen_url(settings, url), new_worker_id(MAINTENANCE)
+    )
     task = asyncio.create_task(maintenance.run())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -54,7 +57,7 @@ async def _maintain(
         loop.add_signal_handler(signum, stop.set)
     while not stop.is_set() and os.getppid() == supervisor_pid:
         liveness.tick()
-        liveness.set_listening(maintenance.connected)
+        liveness.set_listening(maintenance.ready)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=1.0)
     task.cancel()

@@ -32,6 +32,8 @@ def prepare_metrics_dir() -> Path:
 
 def mark_dead(pid: int) -> None:
     """A reaped child's live gauges must stop counting (its counters stay in the sums)."""
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]

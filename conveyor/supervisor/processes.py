@@ -54,6 +54,8 @@ class Supervisor:
     start_child: Callable[[str, LivenessSlot], None]
     grace_seconds: float
     metrics_port: int | None = None
+    max_consecutive_crashes: int = MAX_CONSECUTIVE_CRASHES
+    max_restart_delay: float = MAX_RESTART_DELAY_SECONDS
     slots: list[Slot] = field(default_factory=list)
     stopping: bool = False
     exit_code: int = 0
@@ -103,7 +105,8 @@ class Supervisor:
         return ok, {"processes": alive, "expected": self.plan, "stuck": stuck}
 
     def readiness(self) -> tuple[bool, dict[str, object]]:
-        """Ready: every child connected (workers: LISTENing). Read from shared memory."""
+        """Ready: every child connected: workers LISTENing, the maintenance process connected
+        and the schema migrated to the current version. Read from shared memory."""
         waiting = [
             f"{s.stage}#{s.index}"
             for s in self.slots
@@ -165,7 +168,7 @@ class Supervisor:
             return
         metrics.WORKER_RESTARTS.labels(slot.stage).inc()
         slot.crashes = slot.crashes + 1 if lived < CRASH_WINDOW_SECONDS else 1
-        delay = min(MAX_RESTART_DELAY_SECONDS, 0.1 * 2 ** (slot.crashes - 1))
+        delay = min(self.max_restart_delay, 0.1 * 2 ** (slot.crashes - 1))
         slot.restart_at = time.monotonic() + delay
         log.warning(
             "worker process died; restarting",
@@ -174,7 +177,7 @@ class Supervisor:
             lived_seconds=round(lived, 2),
             restart_in=round(delay, 2),
         )
-        if slot.crashes >= MAX_CONSECUTIVE_CRASHES:
+        if slot.crashes >= self.max_consecutive_crashes:
             log.error("stage keeps crashing; giving up", stage=slot.stage, crashes=slot.crashes)
             self.exit_code = 1
             self.stopping = True

@@ -8,6 +8,7 @@ import random
 import signal
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from uuid import UUID
 
 import psycopg
@@ -18,7 +19,7 @@ from conveyor import metrics
 from conveyor.db import CONNECT_TIMEOUT_SECONDS, KEEPALIVE_OPTIONS, redact
 from conveyor.maintenance import Maintenance
 from conveyor.pipeline import Pipeline, Run, Stage
-from conveyor.protocol import Failure, StageProtocol, Success
+from conveyor.protocol import Applied, Failure, StageProtocol, Success
 from conveyor.settings import Settings
 from conveyor.worker.listener import Listener, wake_channel
 from conveyor.worker.liveness import LivenessSlot
@@ -84,6 +85,12 @@ class Worker:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stop)
+        if not self.stage.is_async:
+            # Sync handlers run in threads: as many threads as the stage's concurrency (the
+            # default executor would cap them at cpu count + 4).
+            loop.set_default_executor(
+                ThreadPoolExecutor(self.stage.concurrency, thread_name_prefix=self.stage.name)
+            )
         self.pool = AsyncConnectionPool(
             self.url,
             min_size=2,
@@ -92,6 +99,7 @@ class Worker:
             kwargs={
                 "autocommit": True,
                 "application_name": f"conveyor:{self.worker_id}"[:63],
+                "prepare_threshold": 5 if self.settings.prepared_statements else None,
                 "connect_timeout": CONNECT_TIMEOUT_SECONDS,
                 **KEEPALIVE_OPTIONS,
             },
@@ -128,7 +136,8 @@ class Worker:
         if self.parent_pid is not None:
             helpers.append(asyncio.create_task(self._watch_parent(), name="parent"))
         if self.maintain:
-            maintenance = Maintenance(self.settings, self.pipeline, self.url, self.worker_id)
+            # The leader's session lock needs a session: the direct (LISTEN) URL, not a pooler.
+            maintenance = Maintenance(self.settings, self.pipeline, self.listen_url, self.worker_id)
             helpers.append(asyncio.create_task(maintenance.run(), name="maintenance"))
         completer = asyncio.create_task(self._complete_forever(), name="completer")
         try:
@@ -289,6 +298,9 @@ class Worker:
                     return
                 await self._database_trouble("complete", exc)
                 continue
+            except psycopg.Error as exc:  # bad data, not a lost connection: isolate the culprit
+                self._log.error("batch of results rejected; applying one by one", error=_brief(exc))
+                applied = await self._apply_one_by_one(successes, failures)
             labels = self._labels
             metrics.COMPLETED.labels(*labels).inc(applied.completed)
             metrics.RETRIED.labels(*labels).inc(applied.retried)
@@ -297,6 +309,43 @@ class Worker:
                 metrics.LEASE_LOSSES.labels(*labels).inc(applied.refused)
                 self._log.warning("stale results refused: lease lost", runs=applied.refused)
             metrics.IN_FLIGHT.labels(*labels).set(len(self._in_flight))
+
+    async def _apply_one_by_one(self, successes: list[Success], failures: list[Failure]) -> Applied:
+        """A result PostgreSQL refuses fails its run with the reason, instead of blocking
+        every other result behind it forever."""
+        totals = [0, 0, 0, 0]
+        results: list[Success | Failure] = [*successes, *failures]
+        for result in results:
+            try:
+                if isinstance(result, Success):
+                    one = await self.protocol.apply([result], [])
+                else:
+                    one = await self.protocol.apply([], [result])
+            except _DB_ERRORS:  # the connection went: keep it for the next flush
+                if isinstance(result, Success):
+                    self._successes.append(result)
+                else:
+                    self._failures.append(result)
+                continue
+            except psycopg.Error as exc:
+                self._log.error(
+                    "result refused by the database", run_id=str(result.run_id), error=_brief(exc)
+                )
+                failure = Failure(
+                    result.run_id,
+                    result.attempt,
+                    f"result could not be stored: {_brief(exc)}",
+                    None,
+                    result.started_epoch,
+                    result.duration,
+                )
+                try:
+                    one = await self.protocol.apply([], [failure])
+                except psycopg.Error:
+                    continue  # its lease will expire and the rescue bound applies
+            for i, value in enumerate((one.completed, one.retried, one.failed, one.refused)):
+                totals[i] += value
+        return Applied(*totals)
 
     # -- leases and registry ----------------------------------------------------------------
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 import traceback
 from typing import Any
@@ -12,6 +13,8 @@ from conveyor.pipeline import Run, Stage
 from conveyor.protocol import Failure, Success
 
 _MAX_ERROR_CHARS = 4000
+# An unescaped \u0000 in JSON text: jsonb refuses it, and one such output must not sink a batch.
+_NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 
 
 async def run_handler(stage: Stage, run: Run) -> Success | Failure:
@@ -23,7 +26,9 @@ async def run_handler(stage: Stage, run: Run) -> Success | Failure:
                 output: Any = await stage.handler(run)  # type: ignore[misc]
             else:
                 output = await asyncio.to_thread(stage.handler, run)
-        payload = json.dumps(output)
+        payload = json.dumps(output, allow_nan=False)  # NaN/Infinity are not JSON
+        if _NUL_ESCAPE.search(payload):
+            raise ValueError("output contains a NUL character (\\u0000): jsonb cannot store it")
     except TimeoutError:
         error = f"TimeoutError: stage {stage.name!r} timed out after {stage.timeout:g}s"
         return _failure(stage, run, error, started, time.perf_counter() - t0)
@@ -44,7 +49,7 @@ async def run_handler(stage: Stage, run: Run) -> Success | Failure:
 def describe(exc: BaseException) -> str:
     """The error as kept on the run: type, message and the innermost frames."""
     frames = traceback.format_exception(exc, limit=-3)
-    text = "".join(frames).strip()
+    text = "".join(frames).strip().replace("\x00", "\\x00")  # text columns refuse NUL
     return text if len(text) <= _MAX_ERROR_CHARS else text[-_MAX_ERROR_CHARS:]
 
 

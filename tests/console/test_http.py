@@ -20,6 +20,8 @@ import psycopg
 import pytest
 
 from conveyor import submit
+from conveyor.console.store import Store
+from conveyor.reference import pipeline as reference
 from tests.console.conftest import Console, StartConsole
 from tests.helpers import ROOT, conveyor_env, fetch_all, scalar, wait_until
 
@@ -364,3 +366,17 @@ def _conveyor_status(database_url: str, **env: str) -> str:
     )
     assert result.returncode == 0, result.stderr
     return result.stdout
+
+
+def test_with_actions_off_the_consoles_connections_cannot_write(database_url: str) -> None:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        (waiting,) = _insert(conn, "NEW", 1)
+    read_only = Store(database_url, "conveyor", reference, read_only=True)
+    read_only.open()
+    try:
+        assert read_only.run(uuid.UUID(waiting))[0] is not None
+        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+            read_only.cancel(uuid.UUID(waiting), "console:test")
+    finally:
+        read_only.close()
+    assert _status(database_url, waiting) == "NEW"

@@ -409,3 +409,40 @@ def test_submit_wait_show_and_status_commands(database_url: str, start_conveyor:
     assert "CONTEXT_READY -> DONE" in text
     counts = json.loads(conveyor("status", "--json"))
     assert {"pipeline": "agents", "status": "DONE", "runs": 1, "oldest_seconds": None} in counts
+
+
+def test_outputs_postgres_cannot_store_fail_their_run_not_the_worker(
+    database_url: str, start_conveyor: Start
+) -> None:
+    worker = start_conveyor("run", CONVEYOR_SWEEP_INTERVAL="0.5", **CHAIN)
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO conveyor.pipeline_runs (pipeline, input) VALUES"
+            ' (\'chain\', \'{"n": 1, "bad_output": "nan"}\'),'
+            ' (\'chain\', \'{"n": 2, "bad_output": "nul"}\'),'
+            ' (\'chain\', \'{"n": 3, "bad_output": "object"}\'),'
+            " ('chain', '{\"n\": 4}')"
+        )
+    wait_until(
+        lambda: (
+            scalar(
+                database_url,
+                "SELECT count(*) FROM conveyor.pipeline_runs WHERE finished_at IS NOT NULL",
+            )
+            == 4
+        ),
+        60,
+        "all four runs finished",
+    )
+    rows = dict(
+        fetch_all(
+            database_url,
+            "SELECT (input->>'n')::int, status || ': ' ||"
+            " coalesce(last_error, '') FROM conveyor.pipeline_runs",
+        )
+    )
+    assert rows[4] == "DONE: "
+    assert rows[1].startswith("FAILED") and "Out of range float values" in rows[1]
+    assert rows[2].startswith("FAILED") and "NUL character" in rows[2]
+    assert rows[3].startswith("FAILED") and "not JSON serializable" in rows[3]
+    assert worker.process.poll() is None

@@ -59,3 +59,30 @@ def test_schema_name_is_configurable(empty_database: str) -> None:
         conn.execute("INSERT INTO pipelines_b.pipeline_runs (input) VALUES ('{}')")
         assert conn.execute("SELECT count(*) FROM pipelines_b.pipeline_runs").fetchone() == (1,)
         assert conn.execute("SELECT to_regclass('conveyor.pipeline_runs')").fetchone() == (None,)
+
+
+def test_observer_channel_carries_each_change_and_can_be_switched_off(database_url: str) -> None:
+    import json
+
+    with (
+        psycopg.connect(database_url, autocommit=True) as listener,
+        psycopg.connect(database_url, autocommit=True) as writer,
+    ):
+        listener.execute("LISTEN pipeline_events")
+        assert migrate.observer_enabled(writer, "conveyor")
+        run_id = writer.execute(
+            "INSERT INTO conveyor.pipeline_runs (input) VALUES ('{}') RETURNING id"
+        ).fetchone()[0]  # type: ignore[index]
+        writer.execute("UPDATE conveyor.pipeline_runs SET status = 'ANALYZING'")
+        writer.execute("UPDATE conveyor.pipeline_runs SET priority = 3")  # no status change
+        heard = [json.loads(n.payload) for n in listener.notifies(timeout=1, stop_after=3)]
+        assert heard == [
+            {"id": str(run_id), "status": "NEW", "operation": "INSERT"},
+            {"id": str(run_id), "status": "ANALYZING", "operation": "UPDATE"},
+        ]
+        migrate.set_observer(writer, "conveyor", enabled=False)
+        assert not migrate.observer_enabled(writer, "conveyor")
+        writer.execute("INSERT INTO conveyor.pipeline_runs (input) VALUES ('{}')")
+        assert list(listener.notifies(timeout=0.5)) == []
+        migrate.set_observer(writer, "conveyor", enabled=True)
+        assert migrate.observer_enabled(writer, "conveyor")

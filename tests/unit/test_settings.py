@@ -65,3 +65,25 @@ def test_bad_value_names_its_variable(variable: str, value: str) -> None:
     message = str(raised.value)
     assert message.startswith(f"{variable}={value!r} is invalid: expected")
     assert "\n" not in message
+
+
+def test_global_timeouts_are_not_taken_for_a_stage() -> None:
+    # CONVEYOR_DRAIN_TIMEOUT and CONVEYOR_LISTENER_CHECK_TIMEOUT look like CONVEYOR_<STAGE>_TIMEOUT;
+    # read as stages "drain" and "listener_check" they made every command exit 2.
+    settings = Settings.from_env(
+        {
+            "CONVEYOR_DRAIN_TIMEOUT": "20",
+            "CONVEYOR_LISTENER_CHECK_TIMEOUT": "4",
+            "CONVEYOR_ANSWER_TIMEOUT": "90",
+        }
+    )
+    assert settings.drain_timeout == 20.0
+    assert settings.listener_check_timeout == 4.0
+    assert dict(settings.stage_overrides) == {"answer": StageOverrides(timeout=90.0)}
+
+
+def test_prepared_statements_can_be_turned_off_for_a_transaction_pooler() -> None:
+    assert Settings.from_env({}).prepared_statements is True
+    assert Settings.from_env({"CONVEYOR_PREPARED_STATEMENTS": "off"}).prepared_statements is False
+    with pytest.raises(ConfigError, match="CONVEYOR_PREPARED_STATEMENTS"):
+        Settings.from_env({"CONVEYOR_PREPARED_STATEMENTS": "sometimes"})

@@ -1,0 +1,132 @@
+CREATE SCHEMA conveyor;
+CREATE FUNCTION conveyor.notify_pipeline_change() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    PERFORM pg_notify('pipeline_events',
+        json_build_object('id', NEW.id, 'status', NEW.status, 'operation', TG_OP)::text);
+    RETURN NULL;
+END
+$$;
+CREATE FUNCTION conveyor.wake_waiting_workers() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    waiting_channel text;
+BEGIN
+    IF NEW.finished_at IS NULL THEN
+        SELECT w.channel INTO waiting_channel
+          FROM "conveyor".workers w
+         WHERE w.waiting AND w.pipeline = NEW.pipeline AND w.consumes = NEW.status
+           AND w.expires_at > now()
+         LIMIT 1;
+        IF waiting_channel IS NOT NULL THEN
+            PERFORM pg_notify(waiting_channel, '');
+        END IF;
+    END IF;
+    RETURN NULL;
+END
+$$;
+CREATE TABLE conveyor.memory (
+    id bigint NOT NULL,
+    namespace text DEFAULT 'default'::text NOT NULL,
+    kind text DEFAULT 'document'::text NOT NULL,
+    content text NOT NULL,
+    metadata jsonb DEFAULT '{}'::jsonb NOT NULL,
+    search tsvector GENERATED ALWAYS AS (to_tsvector('english'::regconfig, content)) STORED,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    CONSTRAINT memory_kind_check CHECK ((kind = ANY (ARRAY['document'::text, 'message'::text, 'fact'::text])))
+);
+ALTER TABLE conveyor.memory ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
+    SEQUENCE NAME conveyor.memory_id_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1
+);
+CREATE TABLE conveyor.pipeline_runs (
+    id uuid DEFAULT gen_random_uuid() NOT NULL,
+    pipeline text DEFAULT 'agents'::text NOT NULL,
+    status text DEFAULT 'NEW'::text NOT NULL,
+    input jsonb DEFAULT '{}'::jsonb NOT NULL,
+    outputs jsonb DEFAULT '{}'::jsonb NOT NULL,
+    priority smallint DEFAULT 0 NOT NULL,
+    run_after timestamp with time zone DEFAULT now() NOT NULL,
+    attempt integer DEFAULT 0 NOT NULL,
+    rescues integer DEFAULT 0 NOT NULL,
+    lease_owner text,
+    lease_expires_at timestamp with time zone,
+    last_error text,
+    idempotency_key text,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    updated_at timestamp with time zone DEFAULT now() NOT NULL,
+    finished_at timestamp with time zone,
+    CONSTRAINT pipeline_runs_input_is_object CHECK ((jsonb_typeof(input) = 'object'::text))
+);
+CREATE TABLE conveyor.run_events (
+    id bigint NOT NULL,
+    run_id uuid NOT NULL,
+    pipeline text NOT NULL,
+    stage text,
+    from_status text,
+    to_status text NOT NULL,
+    attempt integer,
+    worker text,
+    started_at timestamp with time zone,
+    duration interval,
+    error text,
+    model text,
+    prompt_tokens integer,
+    completion_tokens integer,
+    created_at timestamp with time zone DEFAULT now() NOT NULL
+);
+ALTER TABLE conveyor.run_events ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
+    SEQUENCE NAME conveyor.run_events_id_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1
+);
+CREATE TABLE conveyor.schema_migrations (
+    version integer NOT NULL,
+    name text NOT NULL,
+    applied_at timestamp with time zone DEFAULT now() NOT NULL
+);
+CREATE UNLOGGED TABLE conveyor.workers (
+    worker_id text NOT NULL,
+    pipeline text NOT NULL,
+    stage text NOT NULL,
+    consumes text NOT NULL,
+    channel text NOT NULL,
+    hostname text NOT NULL,
+    pid integer NOT NULL,
+    started_at timestamp with time zone DEFAULT now() NOT NULL,
+    heartbeat_at timestamp with time zone DEFAULT now() NOT NULL,
+    expires_at timestamp with time zone NOT NULL,
+    waiting boolean DEFAULT false NOT NULL
+);
+ALTER TABLE ONLY conveyor.memory
+    ADD CONSTRAINT memory_pkey PRIMARY KEY (id);
+ALTER TABLE ONLY conveyor.pipeline_runs
+    ADD CONSTRAINT pipeline_runs_idempotency UNIQUE (pipeline, idempotency_key);
+ALTER TABLE ONLY conveyor.pipeline_runs
+    ADD CONSTRAINT pipeline_runs_pkey PRIMARY KEY (id);
+ALTER TABLE ONLY conveyor.run_events
+    ADD CONSTRAINT run_events_pkey PRIMARY KEY (id);
+ALTER TABLE ONLY conveyor.schema_migrations
+    ADD CONSTRAINT schema_migrations_pkey PRIMARY KEY (version);
+ALTER TABLE ONLY conveyor.workers
+    ADD CONSTRAINT workers_pkey PRIMARY KEY (worker_id);
+CREATE INDEX memory_namespace ON conveyor.memory USING btree (namespace, kind, created_at);
+CREATE INDEX memory_search ON conveyor.memory USING gin (search);
+CREATE INDEX pipeline_runs_claimable ON conveyor.pipeline_runs USING btree (pipeline, status, priority DESC, run_after) WHERE (finished_at IS NULL);
+CREATE INDEX pipeline_runs_created ON conveyor.pipeline_runs USING btree (created_at, id);
+CREATE INDEX pipeline_runs_failed ON conveyor.pipeline_runs USING btree (pipeline, finished_at) WHERE (status = 'FAILED'::text);
+CREATE INDEX pipeline_runs_finished ON conveyor.pipeline_runs USING btree (finished_at) WHERE (finished_at IS NOT NULL);
+CREATE INDEX run_events_created ON conveyor.run_events USING btree (created_at);
+CREATE INDEX run_events_run ON conveyor.run_events USING btree (run_id, id);
+CREATE TRIGGER pipeline_events_insert AFTER INSERT ON conveyor.pipeline_runs FOR EACH ROW EXECUTE FUNCTION conveyor.notify_pipeline_change();
+CREATE TRIGGER pipeline_events_update AFTER UPDATE OF status ON conveyor.pipeline_runs FOR EACH ROW WHEN ((old.status IS DISTINCT FROM new.status)) EXECUTE FUNCTION conveyor.notify_pipeline_change();
+CREATE CONSTRAINT TRIGGER wake_waiting_workers AFTER INSERT OR UPDATE OF status ON conveyor.pipeline_runs DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION conveyor.wake_waiting_workers();
