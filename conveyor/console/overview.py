@@ -111,10 +111,12 @@ def build_overview(row: dict[str, Any], pipeline: Pipeline) -> Overview:
 
     for item in row["finished"]:
         view(item["pipeline"]).finished_recent[item["status"]] = item["runs"]
+    # The cap is on all pipelines' FAILED runs together: once reached, every count is a floor.
+    capped = sum(item["runs"] for item in row["failed"]) > FAILED_CAP
     for item in row["failed"]:
         failed = view(item["pipeline"])
         failed.failed_total = min(item["runs"], FAILED_CAP)
-        failed.failed_capped = item["runs"] > FAILED_CAP
+        failed.failed_capped = capped
 
     events_full = row["events_sampled"] >= SAMPLE_ROWS
     events_span = (row["events_span_seconds"] or 0.0) if events_full else EVENTS_WINDOW_SECONDS

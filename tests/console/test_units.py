@@ -151,6 +151,19 @@ def test_overview_is_shaped_per_stage() -> None:
     assert crawl.name == "crawl" and not crawl.declared and crawl.other_statuses == {"FETCHED": 4}
 
 
+def test_failed_counts_are_floors_once_the_shared_cap_is_reached() -> None:
+    failed = [
+        {"pipeline": "agents", "runs": 6_000},
+        {"pipeline": "crawl", "runs": FAILED_CAP + 1 - 6_000},
+    ]
+    agents, crawl = build_overview(_overview_row(failed=failed), reference).pipelines
+    assert (agents.failed_total, agents.failed_capped) == (6_000, True)
+    assert crawl.failed_capped
+    below = [{"pipeline": "agents", "runs": 12}]
+    agents = build_overview(_overview_row(failed=below), reference).pipelines[0]
+    assert (agents.failed_total, agents.failed_capped) == (12, False)
+
+
 def test_a_full_sample_rates_over_the_span_it_covers() -> None:
     overview = build_overview(
         _overview_row(events_sampled=10_000, events_span_seconds=30.0), reference
