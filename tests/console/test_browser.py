@@ -83,6 +83,9 @@ def _open_live(driver: WebDriver, url: str) -> None:
         driver,
         lambda d: d.find_element(By.ID, "live-state").get_attribute("data-state") == "open",
     )
+    # A connected stream makes the page re-read once (changes since it was rendered): let that
+    # land before the test looks at or clicks anything.
+    _wait(driver, lambda d: int(d.find_element(By.ID, "live").get_attribute("data-version") or 0))
     driver.execute_script("window.conveyorTestMark = 'not reloaded';")
 
 
@@ -208,7 +211,7 @@ def test_with_actions_on_a_failed_run_is_retried_from_the_page_to_done(
     assert _text(browser, "#run-status") == "FAILED"
     assert "is closed" in _text(browser, "#last-error")
     gate.write_text("open")  # the cause is fixed; now the operator retries
-    browser.find_element(By.ID, "retry").click()
+    _wait(browser, lambda d: d.find_element(By.ID, "retry").click() or True)  # stale: again
 
     _wait(browser, lambda d: _text(d, "#run-status") == "DONE", 60)
     _wait(browser, lambda d: _attrs(d, "#history tbody tr", "data-to")[-1:] == ["DONE"])
