@@ -17,6 +17,7 @@ import psycopg
 
 from conveyor import _embedded, migrate, runs
 from conveyor.agents.cli import memory_group
+from conveyor.console.cli import console_command
 from conveyor.db import DatabaseUnavailable, connect, database_url, listen_url, redact
 from conveyor.logs import configure_logging
 from conveyor.pipeline import Pipeline, PipelineError, load_pipeline
@@ -254,7 +255,7 @@ def _wait_for(
 @pass_app
 @clear_errors
 def status_command(app: App, as_json: bool, watch: bool, interval: float) -> None:
-    """Runs per pipeline and status, with the age of the oldest due run."""
+    """Runs per pipeline and status, with the age of the oldest due run, and the live workers."""
     with app.connect() as conn:
         while True:
             counts = runs.status_counts(conn, app.settings.schema)
@@ -273,6 +274,7 @@ def status_command(app: App, as_json: bool, watch: bool, interval: float) -> Non
                     for c in counts
                 ]
                 click.echo(_table(("PIPELINE", "STATUS", "RUNS", "OLDEST DUE"), rows))
+                _print_workers(runs.live_workers(conn, app.settings.schema))
             if not watch:
                 return
             time.sleep(interval)
@@ -426,6 +428,26 @@ def embedded_stop(app: App) -> None:
     click.echo("stopped" if stopped else "not running")
 
 
+def _print_workers(workers: list[dict[str, Any]]) -> None:
+    """Processes whose heartbeat is fresh: one that stops beating drops out of this list."""
+    click.echo("")
+    if not workers:
+        click.echo("no live workers")
+        return
+    rows = [
+        (
+            w["pipeline"],
+            w["stage"],
+            w["worker_id"],
+            f"{w['hostname']}:{w['pid']}",
+            f"{w['beat_age_seconds']:.1f}s ago",
+            "idle" if w["waiting"] else "busy",
+        )
+        for w in workers
+    ]
+    click.echo(_table(("PIPELINE", "STAGE", "WORKER", "HOST:PID", "LAST BEAT", "STATE"), rows))
+
+
 cli.add_command(memory_group)
 
 
@@ -470,6 +492,9 @@ def _print_run(app: App, run: dict[str, Any], history: list[dict[str, Any]], as_
         click.echo(
             _table(("AT", "STAGE", "TRANSITION", "ATTEMPT", "DURATION", "WORKER", "ERROR"), rows)
         )
+
+
+cli.add_command(console_command)
 
 
 def main() -> None:

@@ -56,7 +56,7 @@ class LeaderMetrics:
             self._set(metrics.QUEUE_SCHEDULED, labels, scheduled)
             self._set(metrics.QUEUE_OLDEST_AGE, labels, oldest)
 
-        cur = await conn.execute(self.sql["live_workers"], {"pipeline": name})
+        cur = await conn.execute(self.sql["live_workers_per_stage"], {"pipeline": name})
         alive = dict(await cur.fetchall())
         for stage in self.pipeline.stages:
             self._set(metrics.WORKERS_ALIVE, (name, stage.name), alive.get(stage.name, 0))

@@ -26,6 +26,8 @@ def load(schema: str) -> dict[str, str]:
     parts = _HEADER.split(text)
     statements: dict[str, str] = {}
     for name, body in zip(parts[1::2], parts[2::2], strict=True):
+        if name in statements:
+            raise ValueError(f"queries.sql names two statements {name!r}")
         lines = [line for line in body.splitlines() if not line.lstrip().startswith("--")]
         statements[name] = "\n".join(lines).strip().rstrip(";")
     return statements

@@ -67,6 +67,11 @@ def status_counts(conn: psycopg.Connection[Any], schema: str) -> list[dict[str, 
         return cur.execute(queries.load(schema)["status_counts"]).fetchall()
 
 
+def live_workers(conn: psycopg.Connection[Any], schema: str) -> list[dict[str, Any]]:
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(queries.load(schema)["live_workers"]).fetchall()
+
+
 def get_run(conn: psycopg.Connection[Any], schema: str, run_id: UUID) -> dict[str, Any] | None:
     with conn.cursor(row_factory=dict_row) as cur:
         return cur.execute(queries.load(schema)["get_run"], {"id": run_id}).fetchone()

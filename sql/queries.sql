@@ -285,7 +285,7 @@ SELECT status,
  WHERE pipeline = %(pipeline)s AND finished_at IS NULL
  GROUP BY status;
 
--- live_workers --
+-- live_workers_per_stage --
 -- Worker processes per stage whose heartbeat has not expired, on every host.
 SELECT stage, count(*) AS workers
   FROM @schema@.workers
@@ -322,3 +322,120 @@ WITH doomed AS (
 )
 DELETE FROM @schema@.pipeline_runs r USING doomed d WHERE r.id = d.id
 RETURNING r.id;
+
+-- The operators' console (`conveyor console`). Read-only statements; its actions go through
+-- cancel_run and retry_run above, exactly as the CLI's do.
+
+-- console_overview --
+-- Everything the overview shows, in one statement, run by one console process at most every few
+-- seconds however many browsers are open. Every part is served by an index and bounded, so a
+-- million finished runs cost nothing per refresh:
+-- * unfinished runs by status through pipeline_runs_claimable (the queue, never the history),
+--   with the oldest due age and the runs claimed by a worker that is gone (lease expired, or its
+--   owner no longer in the live registry);
+-- * finished runs of the last %(finished_window)s seconds, newest first through
+--   pipeline_runs_finished, stopped after %(sample)s rows (the page then says "of the last N");
+-- * run_events of the last %(events_window)s seconds, newest first through run_events_created,
+--   stopped after %(sample)s rows: throughput and failures per stage over the span they cover;
+-- * FAILED runs through pipeline_runs_failed, counted up to %(failed_cap)s ("10,000+" beyond);
+-- * live workers from the small unlogged registry (expired rows are gone processes);
+-- * the latest runs through pipeline_runs_created; the total is the planner's estimate.
+WITH live AS (
+    SELECT worker_id, pipeline, stage, hostname, pid, started_at, heartbeat_at, waiting,
+           extract(epoch FROM now() - heartbeat_at)::float8 AS beat_age_seconds
+      FROM @schema@.workers
+     WHERE expires_at > now()
+), unfinished AS (
+    SELECT pipeline, status, count(*) AS runs,
+           count(*) FILTER (WHERE run_after <= now()) AS due,
+           extract(epoch FROM now() - min(run_after) FILTER (WHERE run_after <= now()))::float8
+               AS oldest_due_seconds,
+           count(*) FILTER (WHERE lease_owner IS NOT NULL
+                              AND (lease_expires_at < now()
+                                   OR lease_owner NOT IN (SELECT worker_id FROM live)))
+               AS orphaned
+      FROM @schema@.pipeline_runs
+     WHERE finished_at IS NULL
+     GROUP BY pipeline, status
+), finished AS (
+    SELECT pipeline, status, finished_at
+      FROM @schema@.pipeline_runs
+     WHERE finished_at IS NOT NULL
+       AND finished_at > now() - make_interval(secs => %(finished_window)s)
+     ORDER BY finished_at DESC
+     LIMIT %(sample)s
+), events AS (
+    SELECT pipeline, stage, from_status, to_status, created_at
+      FROM @schema@.run_events
+     WHERE created_at > now() - make_interval(secs => %(events_window)s)
+     ORDER BY created_at DESC
+     LIMIT %(sample)s
+), failed AS (
+    SELECT pipeline
+      FROM @schema@.pipeline_runs
+     WHERE status = 'FAILED'
+     LIMIT %(failed_cap)s
+), latest AS (
+    SELECT id, pipeline, status, created_at, updated_at, left(input::text, 160) AS input_preview
+      FROM @schema@.pipeline_runs
+     ORDER BY created_at DESC, id DESC
+     LIMIT %(latest)s
+)
+SELECT now() AS generated_at,
+       (SELECT coalesce(json_agg(u ORDER BY u.pipeline, u.status), '[]') FROM unfinished u)
+           AS unfinished,
+       (SELECT coalesce(json_agg(f), '[]')
+          FROM (SELECT pipeline, status, count(*) AS runs FROM finished GROUP BY 1, 2) f)
+           AS finished,
+       (SELECT count(*) FROM finished) AS finished_sampled,
+       (SELECT extract(epoch FROM now() - min(finished_at))::float8 FROM finished)
+           AS finished_span_seconds,
+       (SELECT coalesce(json_agg(e), '[]')
+          FROM (SELECT pipeline, stage, from_status, to_status, count(*) AS events
+                  FROM events GROUP BY 1, 2, 3, 4) e)
+           AS events,
+       (SELECT count(*) FROM events) AS events_sampled,
+       (SELECT extract(epoch FROM now() - min(created_at))::float8 FROM events)
+           AS events_span_seconds,
+       (SELECT coalesce(json_agg(x), '[]')
+          FROM (SELECT pipeline, count(*) AS runs FROM failed GROUP BY 1) x)
+           AS failed,
+       (SELECT coalesce(json_agg(w ORDER BY w.pipeline, w.stage, w.worker_id), '[]') FROM live w)
+           AS workers,
+       (SELECT coalesce(json_agg(r ORDER BY r.created_at DESC, r.id DESC), '[]') FROM latest r)
+           AS latest,
+       (SELECT greatest(reltuples, 0)::bigint FROM pg_class
+         WHERE oid = '@schema@.pipeline_runs'::regclass)
+           AS runs_estimate;
+
+-- console_runs --
+-- One page of the runs list, newest first, keyset-paged on (created_at, id) through
+-- pipeline_runs_created: no OFFSET, so a deep page costs what the first one costs. A NULL
+-- parameter is no filter; the console sends these unprepared, so each is planned with its
+-- values and the unused conditions fold away. `failed_stage` keeps FAILED runs whose last
+-- event was in that stage (where `retry` would start them again).
+SELECT r.id, r.pipeline, r.status, r.priority, r.attempt, r.created_at, r.updated_at,
+       r.finished_at, left(r.input::text, 160) AS input_preview,
+       left(r.last_error, 160) AS last_error, r.idempotency_key
+  FROM @schema@.pipeline_runs r
+ WHERE (%(pipeline)s::text IS NULL OR r.pipeline = %(pipeline)s)
+   AND (%(statuses)s::text[] IS NULL OR r.status = ANY(%(statuses)s::text[]))
+   AND (%(idempotency_key)s::text IS NULL OR r.idempotency_key = %(idempotency_key)s)
+   AND (%(since)s::timestamptz IS NULL OR r.created_at >= %(since)s)
+   AND (%(before_at)s::timestamptz IS NULL
+        OR (r.created_at, r.id) < (%(before_at)s::timestamptz, %(before_id)s::uuid))
+   AND (%(failed_stage)s::text IS NULL
+        OR (SELECT e.stage FROM @schema@.run_events e
+             WHERE e.run_id = r.id AND e.stage IS NOT NULL
+             ORDER BY e.id DESC LIMIT 1) = %(failed_stage)s)
+ ORDER BY r.created_at DESC, r.id DESC
+ LIMIT %(limit)s;
+
+-- live_workers --
+-- Worker processes whose heartbeat is fresh; an expired row is a process that is gone. What
+-- `conveyor status` prints under the counts (the console's overview reads the same registry).
+SELECT pipeline, stage, worker_id, hostname, pid,
+       extract(epoch FROM now() - heartbeat_at)::float8 AS beat_age_seconds, waiting
+  FROM @schema@.workers
+ WHERE expires_at > now()
+ ORDER BY pipeline, stage, worker_id;

@@ -125,8 +125,10 @@ CREATE UNIQUE INDEX memory_exchange_run ON conveyor.memory USING btree (((metada
 CREATE INDEX memory_namespace ON conveyor.memory USING btree (namespace, kind, created_at);
 CREATE INDEX memory_search ON conveyor.memory USING gin (search);
 CREATE INDEX pipeline_runs_claimable ON conveyor.pipeline_runs USING btree (pipeline, status, priority DESC, run_after) WHERE (finished_at IS NULL);
+CREATE INDEX pipeline_runs_created ON conveyor.pipeline_runs USING btree (created_at, id);
 CREATE INDEX pipeline_runs_failed ON conveyor.pipeline_runs USING btree (pipeline, finished_at) WHERE (status = 'FAILED'::text);
 CREATE INDEX pipeline_runs_finished ON conveyor.pipeline_runs USING btree (finished_at) WHERE (finished_at IS NOT NULL);
+CREATE INDEX run_events_created ON conveyor.run_events USING btree (created_at);
 CREATE INDEX run_events_run ON conveyor.run_events USING btree (run_id, id);
 CREATE TRIGGER pipeline_events_insert AFTER INSERT ON conveyor.pipeline_runs FOR EACH ROW EXECUTE FUNCTION conveyor.notify_pipeline_change();
 CREATE TRIGGER pipeline_events_update AFTER UPDATE OF status ON conveyor.pipeline_runs FOR EACH ROW WHEN ((old.status IS DISTINCT FROM new.status)) EXECUTE FUNCTION conveyor.notify_pipeline_change();
