@@ -1,4 +1,4 @@
-"""The PgBouncer note of docs/deploy.md, checked: with the main URL through PgBouncer in
+"""The PgBouncer note of README.md ("Deploy"), checked: with the main URL through PgBouncer in
 transaction mode, CONVEYOR_PREPARED_STATEMENTS=off and a direct CONVEYOR_LISTEN_DATABASE_URL
 (LISTEN and the maintenance leader's session lock), every run goes through every stage once.
 Needs Debian's pgbouncer (.ci/run installs it)."""

@@ -99,7 +99,7 @@ def test_the_keda_query_is_zero_not_null_on_an_empty_table(
 @pytest.fixture
 def scaler_url(database_url: str) -> Iterator[str]:
     """A login role in conveyor_reader (sql/roles.sql, `conveyor migrate --roles`), as
-    docs/deploy.md tells operators to create for KEDA."""
+    README.md ("Deploy") tells operators to create for KEDA."""
     from conveyor import migrate
 
     role = f"keda_test_{uuid.uuid4().hex[:8]}"
