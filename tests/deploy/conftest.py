@@ -11,6 +11,7 @@ from tests.deploy.support import (
     container_environment,
     kustomize,
     of_kind,
+    parse_command,
     read_environment,
 )
 
@@ -41,12 +42,24 @@ class StageDeployment:
     processes: int
 
 
+@dataclass
+class ConsoleDeployment:
+    """A Deployment running `conveyor console`, and what conveyor makes of its environment."""
+
+    deployment: dict[str, Any]
+    container: dict[str, Any]
+    env: dict[str, str]
+    reading: Reading
+
+
 def stage_deployments(objects: list[dict[str, Any]]) -> dict[str, StageDeployment]:
-    """Every Deployment by the one stage its CONVEYOR_STAGES runs."""
+    """Every Deployment but the console's, by the one stage its CONVEYOR_STAGES runs."""
     found: dict[str, StageDeployment] = {}
     for deployment in of_kind(objects, "Deployment"):
         containers = deployment["spec"]["template"]["spec"]["containers"]
         assert len(containers) == 1, deployment["metadata"]["name"]
+        if parse_command(containers[0]["args"]) == "console":
+            continue
         env = container_environment(objects, containers[0])
         reading = read_environment(env)
         running = {stage: n for stage, n in reading.plan.items() if n > 0}
@@ -58,4 +71,17 @@ def stage_deployments(objects: list[dict[str, Any]]) -> dict[str, StageDeploymen
         found[name] = StageDeployment(
             deployment, containers[0], env, reading, reading.pipeline.stage(name), processes
         )
+    return found
+
+
+def console_deployments(objects: list[dict[str, Any]]) -> list[ConsoleDeployment]:
+    """Every Deployment whose container runs `conveyor console`."""
+    found = []
+    for deployment in of_kind(objects, "Deployment"):
+        [container] = deployment["spec"]["template"]["spec"]["containers"]
+        if parse_command(container["args"]) != "console":
+            continue
+        env = container_environment(objects, container)
+        reading = read_environment(env, container["args"])
+        found.append(ConsoleDeployment(deployment, container, env, reading))
     return found

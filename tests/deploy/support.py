@@ -16,6 +16,7 @@ import yaml
 
 from conveyor import queries
 from conveyor.cli import App, cli
+from conveyor.console.settings import ConsoleSettings
 from conveyor.pipeline import Pipeline, Stage, load_pipeline
 from conveyor.settings import Settings
 
@@ -30,8 +31,10 @@ OTHER_PROGRAMS_VARIABLES = {
     "PYTHONDONTWRITEBYTECODE",
 }
 
-# What a secretKeyRef stands for when the tests read a manifest's environment.
+# What a secretKeyRef stands for when the tests read a manifest's environment: a URL for a
+# *_URL variable, a plain word (as a user name or a password would be) for anything else.
 SECRET_PLACEHOLDER_URL = "postgresql://conveyor:from-secret@postgres.example:5432/conveyor"
+SECRET_PLACEHOLDER_WORD = "from-secret"
 
 
 def tool(name: str) -> Path:
@@ -70,8 +73,8 @@ def container_environment(
     objects: list[dict[str, Any]], container: dict[str, Any]
 ) -> dict[str, str]:
     """The environment a container starts with: envFrom ConfigMaps, then env (which wins).
-    A secretKeyRef becomes a placeholder URL, or nothing when it is optional (as when the key
-    is absent from the Secret)."""
+    A secretKeyRef becomes a placeholder (a URL for a *_URL variable), or nothing when it is
+    optional (as when the key is absent from the Secret)."""
     env: dict[str, str] = {}
     for source in container.get("envFrom", []):
         config_map = named(objects, "ConfigMap", source["configMapRef"]["name"])
@@ -82,7 +85,8 @@ def container_environment(
             continue
         secret = item["valueFrom"]["secretKeyRef"]
         if not secret.get("optional"):
-            env[item["name"]] = SECRET_PLACEHOLDER_URL
+            url = item["name"].endswith("_URL")
+            env[item["name"]] = SECRET_PLACEHOLDER_URL if url else SECRET_PLACEHOLDER_WORD
     return env
 
 
@@ -99,6 +103,14 @@ def parse_command(args: list[str]) -> str:
         raise click.UsageError(f"no such command {args[0]!r}")
     command.make_context(args[0], list(args[1:]), parent=root)
     return args[0]
+
+
+def command_options(args: list[str]) -> dict[str, Any]:
+    """The options click parses from a container's arguments, by parameter name."""
+    root = click.Context(cli, info_name="conveyor")
+    command = cli.get_command(root, parse_command(args))
+    assert command is not None
+    return dict(command.make_context(args[0], list(args[1:]), parent=root).params)
 
 
 # -- Settings -----------------------------------------------------------------------------
@@ -130,17 +142,30 @@ class Reading:
     pipeline: Pipeline
     plan: dict[str, int]  # processes per stage, as `conveyor run` would start them
     ignored: list[str] = field(default_factory=list)  # CONVEYOR_* names conveyor does not use
+    console: ConsoleSettings | None = None  # for `conveyor console`, its own settings
 
 
-def read_environment(env: Mapping[str, str]) -> Reading:
+def read_environment(env: Mapping[str, str], args: list[str] | None = None) -> Reading:
     """Settings.from_env, the pipeline with its per-stage overrides, and the stage plan, exactly
     as the CLI builds them; raises ConfigError/PipelineError where `conveyor` would exit 2.
+    Given the container's arguments of a `conveyor console`, also ConsoleSettings.from_env with
+    that command's options, which reads the CONVEYOR_CONSOLE_* variables (for any other command
+    they are ignored, and reported so).
     A CONVEYOR_* variable counts as used when Settings asks for it by name or when removing it
     changes the Settings (the per-stage CONVEYOR_<STAGE>_* family)."""
     recording = _RecordingEnvironment(env)
     settings = Settings.from_env(recording)
     app = App(settings)
     plan = app.check_stages()
+    console = None
+    if args is not None and parse_command(args) == "console":
+        options = command_options(args)
+        console = ConsoleSettings.from_env(
+            recording,
+            bind=options["bind"],
+            allow_actions=options["allow_actions"],
+            no_auth=options["no_auth"],
+        )
     ignored = []
     for name in env:
         if name in recording.asked or name in OTHER_PROGRAMS_VARIABLES:
@@ -148,7 +173,7 @@ def read_environment(env: Mapping[str, str]) -> Reading:
         without = {k: v for k, v in env.items() if k != name}
         if not name.startswith("CONVEYOR_") or Settings.from_env(without) == settings:
             ignored.append(name)
-    return Reading(settings, app.pipeline, plan, ignored)
+    return Reading(settings, app.pipeline, plan, ignored, console)
 
 
 # -- the KEDA query -----------------------------------------------------------------------

@@ -1,8 +1,10 @@
 """docker-compose.yml: valid against the Compose specification's schema, and every conveyor
-service's command and environment mean what they say to the CLI and to Settings."""
+service's command and environment mean what they say to the CLI, to Settings and (for the
+console) to ConsoleSettings."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -10,6 +12,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
+from conveyor.console.server import SHUTDOWN_GRACE_SECONDS
 from tests.deploy.support import (
     ROOT,
     default_pipeline,
@@ -24,6 +27,11 @@ COMPOSE = ROOT / "docker-compose.yml"
 # The supervisor kills children still running this long after the drain timeout.
 SUPERVISOR_ESCALATION_SECONDS = 5
 SECRET_WORDS = ("PASSWORD", "SECRET", "TOKEN", "_KEY", "DATABASE_URL")
+# The conveyor services that run no stage, and so are neither workers nor scraped.
+NOT_WORKERS = {
+    "migrate": "exits once the schema is current",
+    "console": "serves the operators' page, and no /metrics",
+}
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +45,14 @@ def conveyor_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
         name: service
         for name, service in compose["services"].items()
         if service.get("image", "").startswith("conveyor:")
+    }
+
+
+def worker_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {
+        name: service
+        for name, service in conveyor_services(compose).items()
+        if name not in NOT_WORKERS
     }
 
 
@@ -87,9 +103,7 @@ def test_postgres_is_healthy_only_when_pg_isready_says_so(compose: dict[str, Any
 
 def test_one_worker_service_per_stage_waits_for_the_migration(compose: dict[str, Any]) -> None:
     stages = {}
-    for name, service in conveyor_services(compose).items():
-        if name == "migrate":
-            continue
+    for name, service in worker_services(compose).items():
         assert parse_command(service["command"]) == "run", name
         reading = read_environment(service_environment(service))
         running = {stage: n for stage, n in reading.plan.items() if n > 0}
@@ -116,13 +130,13 @@ def test_one_worker_service_per_stage_waits_for_the_migration(compose: dict[str,
 
 def test_conveyor_services_agree_with_the_cli_and_the_settings(compose: dict[str, Any]) -> None:
     services = conveyor_services(compose)
-    assert "migrate" in services
+    assert NOT_WORKERS.keys() <= services.keys()
     for name, service in services.items():
         # exec form, and the image's ENTRYPOINT kept: `conveyor` is PID 1, never `sh -c`
         assert isinstance(service["command"], list) and "entrypoint" not in service, name
         parse_command(service["command"])
         env = service_environment(service)
-        reading = read_environment(env)
+        reading = read_environment(env, service["command"])
         assert reading.ignored == [], f"{name}: variables conveyor does not read"
         assert reading.settings.database_url, f"{name}: no database URL"
         # a read-only root: PROMETHEUS_MULTIPROC_DIR and /tmp are tmpfs mounts
@@ -166,9 +180,10 @@ def test_prometheus_and_grafana_get_the_shipped_configuration(compose: dict[str,
     rule_files = {str(Path("/etc/prometheus") / f) for f in config["rule_files"]}
     assert "/etc/prometheus/rules.yml" in rule_files
     scraped = scrape_targets(config)
-    for name, service in conveyor_services(compose).items():
-        if name != "migrate":
-            assert f"{name}:{service['expose'][0]}" in scraped, f"Prometheus misses {name}"
+    for name, service in worker_services(compose).items():
+        assert f"{name}:{service['expose'][0]}" in scraped, f"Prometheus misses {name}"
+    for name in NOT_WORKERS:
+        assert not any(target.startswith(f"{name}:") for target in scraped), name
 
     grafana = compose["services"]["grafana"]
     mounts = {m.split(":")[1]: m.split(":")[0] for m in grafana["volumes"]}
@@ -189,6 +204,62 @@ def test_web_interfaces_listen_on_localhost_only(compose: dict[str, Any]) -> Non
     for name, service in compose["services"].items():
         for port in service.get("ports", []):
             assert str(port).startswith("127.0.0.1:"), f"{name}: {port}"
+
+
+def test_the_console_requires_credentials_and_answers_its_healthcheck(
+    compose: dict[str, Any],
+) -> None:
+    console = compose["services"]["console"]
+    assert parse_command(console["command"]) == "console"
+    reading = read_environment(service_environment(console), console["command"])
+    settings = reading.console
+    assert settings is not None
+    # every interface inside the container, so credentials; read-only unless changed locally
+    assert settings.host == "0.0.0.0" and settings.auth_required
+    assert settings.password and not settings.allow_actions
+    assert console["depends_on"] == {
+        "postgres": {"condition": "service_healthy"},
+        "migrate": {"condition": "service_completed_successfully"},
+    }
+    assert console["restart"] == "unless-stopped"
+    healthcheck = console["healthcheck"]["test"]
+    assert healthcheck[0] == "CMD", "exec form, no shell"
+    assert f"'http://127.0.0.1:{settings.port}/healthz'" in " ".join(healthcheck)
+    # uvicorn cuts the open event streams after SHUTDOWN_GRACE_SECONDS, then exits
+    assert seconds(console["stop_grace_period"]) > SHUTDOWN_GRACE_SECONDS
+    # the example files required, the local overrides optional and read last (they win)
+    files = [entry["path"] for entry in console["env_file"]]
+    assert files == [
+        "deploy/compose/example/conveyor.env",
+        "deploy/compose/local/conveyor.env",
+        "deploy/compose/example/console.env",
+        "deploy/compose/local/console.env",
+    ]
+
+
+@pytest.mark.parametrize("host_port", [None, "18474"])
+def test_the_console_port_is_published_on_localhost_only(
+    compose: dict[str, Any], host_port: str | None
+) -> None:
+    console = compose["services"]["console"]
+    settings = read_environment(service_environment(console), console["command"]).console
+    assert settings is not None
+    variables = {} if host_port is None else {"CONVEYOR_CONSOLE_PORT": host_port}
+    published = [published_port(str(port), variables) for port in console["ports"]]
+    assert published == [("127.0.0.1", host_port or str(settings.port), str(settings.port))]
+    assert "expose" not in console and "network_mode" not in console
+
+
+def published_port(spec: str, variables: dict[str, str]) -> tuple[str, str, str]:
+    """A short-syntax `ports` entry, interpolated as docker compose does with ${VAR:-default}:
+    (host address, host port, container port). An entry without an address publishes on every
+    interface of the host, so it has to name one."""
+    text = re.sub(r"\$\{(\w+):-([^}]*)\}", lambda m: variables.get(m.group(1)) or m.group(2), spec)
+    assert "$" not in text, f"uninterpolated: {spec}"
+    parts = text.split(":")
+    assert len(parts) == 3, f"{spec}: no host address, so every interface"
+    address, host, container = parts
+    return address, host, container
 
 
 def scrape_targets(config: dict[str, Any]) -> set[str]:

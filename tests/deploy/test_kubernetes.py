@@ -1,6 +1,7 @@
 """k8s/: the base and the overlay render, every built-in object validates against the Kubernetes
 schemas offline, and each stage's Deployment is one an operator can run: probes, resources, the
-restricted security profile, a grace period longer than the drain, a PodDisruptionBudget."""
+restricted security profile, a grace period longer than the drain, a PodDisruptionBudget. The
+overlay's console Deployment gets the same resources and security, its own probes and Service."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ from typing import Any
 import kubernetes_validate
 import pytest
 
-from tests.deploy.conftest import stage_deployments
+from conveyor.console.server import SHUTDOWN_GRACE_SECONDS
+from tests.deploy.conftest import console_deployments, stage_deployments
 from tests.deploy.support import (
     container_environment,
     default_pipeline,
+    named,
     of_kind,
     parse_command,
     read_environment,
@@ -30,12 +33,15 @@ def builtin(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [o for o in objects if not o["apiVersion"].startswith("keda.sh/")]
 
 
-def test_kustomize_renders_every_object(rendered: list[dict[str, Any]]) -> None:
-    kinds: dict[str, int] = {}
-    for item in rendered:
-        kinds[item["kind"]] = kinds.get(item["kind"], 0) + 1
+def test_kustomize_renders_every_object(renderings: dict[str, list[dict[str, Any]]]) -> None:
+    kinds: dict[str, dict[str, int]] = {}
+    for rendering, objects in renderings.items():
+        kinds[rendering] = {}
+        for item in objects:
+            kinds[rendering][item["kind"]] = kinds[rendering].get(item["kind"], 0) + 1
     stages = len(default_pipeline().stages)
-    assert kinds == {
+    # no Secret anywhere: conveyor-database, conveyor-keda-scaler, conveyor-console are referenced
+    assert kinds["base"] == {
         "ServiceAccount": 1,
         "ConfigMap": 1,
         "Job": 1,
@@ -44,6 +50,8 @@ def test_kustomize_renders_every_object(rendered: list[dict[str, Any]]) -> None:
         "PodDisruptionBudget": stages,
         "ScaledObject": stages,
     }
+    # the overlay adds the console: one Deployment and its Service
+    assert kinds["overlay"] == {**kinds["base"], "Deployment": stages + 1, "Service": 1}
 
 
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
@@ -93,7 +101,27 @@ def test_each_stage_of_the_pipeline_has_a_deployment_a_pdb_and_a_scaledobject(
         assert found.deployment["metadata"]["name"] in scaled, f"{name}: no ScaledObject"
 
 
-def test_every_deployment_has_probes_resources_and_the_restricted_security_profile(
+def test_every_deployment_has_resources_and_the_restricted_security_profile(
+    rendered: list[dict[str, Any]],
+) -> None:
+    deployments = of_kind(rendered, "Deployment")
+    assert len(deployments) == len(stage_deployments(rendered)) + len(console_deployments(rendered))
+    for deployment in deployments:
+        name = deployment["metadata"]["name"]
+        pod = deployment["spec"]["template"]["spec"]
+        [container] = pod["containers"]
+        resources = container["resources"]
+        assert {"cpu", "memory"} <= resources["requests"].keys(), name
+        assert "memory" in resources["limits"], name
+        assert_restricted(pod, container, name)
+        mounts = emptydir_mounts(pod, container)
+        assert "/tmp" in mounts, name
+        # importing conveyor (any command) writes to the multiprocess directory
+        env = container_environment(rendered, container)
+        assert env["PROMETHEUS_MULTIPROC_DIR"] in mounts, name
+
+
+def test_every_stage_deployment_has_probes_on_its_metrics_port(
     rendered: list[dict[str, Any]],
 ) -> None:
     for name, found in stage_deployments(rendered).items():
@@ -113,13 +141,53 @@ def test_every_deployment_has_probes_resources_and_the_restricted_security_profi
             "prometheus.io/port": str(port),
             "prometheus.io/path": "/metrics",
         }
-        resources = container["resources"]
-        assert {"cpu", "memory"} <= resources["requests"].keys(), name
-        assert "memory" in resources["limits"], name
-        assert_restricted(pod["spec"], container, name)
-        mounts = emptydir_mounts(pod["spec"], container)
-        assert "/tmp" in mounts, name
-        assert found.env["PROMETHEUS_MULTIPROC_DIR"] in mounts, name
+
+
+def test_the_overlays_console_listens_with_credentials_behind_a_clusterip_service(
+    renderings: dict[str, list[dict[str, Any]]],
+) -> None:
+    assert console_deployments(renderings["base"]) == []
+    objects = renderings["overlay"]
+    [console] = console_deployments(objects)
+    pod = console.deployment["spec"]["template"]
+    container = console.container
+    settings = console.reading.console
+    assert settings is not None
+    assert console.deployment["spec"]["replicas"] == 1
+    # every interface of the pod, so credentials, from the Secret `conveyor-console`
+    assert settings.host == "0.0.0.0" and settings.auth_required
+    assert not settings.allow_actions
+    secrets = {
+        item["name"]: item["valueFrom"]["secretKeyRef"]
+        for item in container["env"]
+        if "valueFrom" in item
+    }
+    for variable, key in (("USER", "user"), ("PASSWORD", "password")):
+        reference = secrets[f"CONVEYOR_CONSOLE_{variable}"]
+        assert reference == {"name": "conveyor-console", "key": key}, variable
+    # probes on the console's own port; /healthz answers without credentials
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"http": settings.port}
+    for probe_name in ("readinessProbe", "livenessProbe"):
+        assert container[probe_name]["httpGet"] == {"path": "/healthz", "port": "http"}
+    # no /metrics to scrape
+    assert "prometheus.io/scrape" not in pod["metadata"].get("annotations", {})
+    # uvicorn cuts the open event streams after SHUTDOWN_GRACE_SECONDS, then exits
+    grace = pod["spec"]["terminationGracePeriodSeconds"]
+    assert grace > SHUTDOWN_GRACE_SECONDS and "lifecycle" not in container
+
+    service = named(objects, "Service", "conveyor-console")
+    assert service["spec"]["type"] == "ClusterIP"
+    selector = service["spec"]["selector"]
+    assert selector == console.deployment["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= pod["metadata"]["labels"].items()
+    for other in of_kind(objects, "Deployment"):
+        if other is not console.deployment:
+            labels = other["spec"]["template"]["metadata"]["labels"]
+            assert not selector.items() <= labels.items(), other["metadata"]["name"]
+    assert service["spec"]["ports"] == [
+        {"name": "http", "port": settings.port, "targetPort": "http", "protocol": "TCP"}
+    ]
 
 
 def test_the_migrate_job_runs_migrate_with_the_same_security(
@@ -161,6 +229,13 @@ def test_containers_agree_with_the_cli_and_the_settings(rendered: list[dict[str,
         assert found.reading.ignored == [], f"{name}: variables conveyor ignores"
         assert found.reading.settings.database_url is not None, f"{name}: no database URL"
         assert found.container["image"].split("/")[-1].startswith("conveyor:"), name
+    for console in console_deployments(rendered):
+        name = console.deployment["metadata"]["name"]
+        assert "command" not in console.container, f"{name}: overrides the entrypoint"
+        assert console.reading.console is not None, name
+        assert console.reading.ignored == [], f"{name}: variables conveyor ignores"
+        assert console.reading.settings.database_url is not None, f"{name}: no database URL"
+        assert console.container["image"].split("/")[-1].startswith("conveyor:"), name
 
 
 def assert_restricted(pod: dict[str, Any], container: dict[str, Any], name: str) -> None:
@@ -188,7 +263,8 @@ def test_the_overlay_changes_one_stages_replicas_and_concurrency(
 ) -> None:
     base = {identity(o): comparable(o) for o in renderings["base"]}
     overlay = {identity(o): comparable(o) for o in renderings["overlay"]}
-    assert base.keys() == overlay.keys()
+    added = {("Deployment", "conveyor-console"), ("Service", "conveyor-console")}
+    assert overlay.keys() == base.keys() | added
     changed = sorted(key for key in base if base[key] != overlay[key])
     assert changed == [("Deployment", "conveyor-analyze"), ("ScaledObject", "conveyor-analyze")]
 
