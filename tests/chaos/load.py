@@ -74,6 +74,10 @@ def is_running(pid: int) -> bool:
     return process_state(pid) not in (None, "Z", "X")
 
 
+# The chaos supervisors run two processes per stage plus their maintenance process.
+CHILDREN = 3 * 2 + 1
+
+
 def live_children(pid: int) -> list[int]:
     return [child for child in children_of(pid) if is_running(child)]
 

@@ -6,7 +6,7 @@ import pytest
 
 from tests.chaos.audit import assert_each_once, audit
 from tests.chaos.conftest import RecordCounts, Supervisors
-from tests.chaos.load import count_status, event_counts, live_children, submit
+from tests.chaos.load import CHILDREN, count_status, event_counts, live_children, submit
 from tests.helpers import fetch_all, wait_until
 
 RUNS = 400
@@ -66,7 +66,7 @@ def test_run_that_kills_its_worker_every_time_fails_after_bounded_rescues(
         database_url, "SELECT rescues, last_error FROM conveyor.pipeline_runs"
     )[0]
     # Every death of a worker was answered with a new process.
-    wait_until(lambda: len(live_children(supervisor.pid)) == 6, 60, "six live workers")
+    wait_until(lambda: len(live_children(supervisor.pid)) == CHILDREN, 60, "every child alive")
     deaths = event_counts(supervisor.log())["worker process died; restarting"]
     record_counts(killer_rescues=rescues, worker_deaths=deaths, runs=1, duplicates=0, lost=0)
     # Each execution killed its worker; the lease ran out and the run was rescued, until the

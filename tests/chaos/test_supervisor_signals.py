@@ -9,7 +9,7 @@ import pytest
 
 from tests.chaos.audit import WORKING, assert_each_once, audit
 from tests.chaos.conftest import RecordCounts, Supervisors
-from tests.chaos.load import all_in, count_status, event_counts, is_running, submit
+from tests.chaos.load import CHILDREN, all_in, count_status, event_counts, is_running, submit
 from tests.helpers import scalar, wait_until
 
 RUNS = 300
@@ -68,7 +68,9 @@ def test_sigkill_to_the_supervisor_its_workers_exit_and_a_new_one_finishes(
     database_url: str, supervisors: Supervisors, record_counts: RecordCounts
 ) -> None:
     first = supervisors.start(CONVEYOR_STAGES=STAGES, CONVEYOR_LEASE="3")
-    wait_until(lambda: len(supervisors.remember_workers(first)) == 6, 60, "six worker processes")
+    wait_until(
+        lambda: len(supervisors.remember_workers(first)) == CHILDREN, 60, "every child process"
+    )
     workers = supervisors.remember_workers(first)
     submit(database_url, RUNS, sleep=0.2)
     wait_until(lambda: _mid_load(database_url), 60, "runs in flight")

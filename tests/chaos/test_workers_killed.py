@@ -6,7 +6,7 @@ import pytest
 
 from tests.chaos.audit import assert_each_once, audit
 from tests.chaos.conftest import RecordCounts, Supervisors
-from tests.chaos.load import Feeder, Killer, all_in, event_counts, live_children
+from tests.chaos.load import CHILDREN, Feeder, Killer, all_in, event_counts, live_children
 from tests.helpers import scalar, wait_until
 
 RUNS = 2000
@@ -50,11 +50,11 @@ def test_random_worker_sigkills_lose_nothing_and_every_worker_is_restarted(
     wait_until(lambda: all_in(database_url, RUNS, "DONE"), 150, f"{RUNS} runs DONE")
     # Every killed worker was replaced: one restart per kill, and the pool is whole again.
     wait_until(
-        lambda: event_counts(supervisor.log())["worker process started"] == 6 + kills,
+        lambda: event_counts(supervisor.log())["worker process started"] == CHILDREN + kills,
         60,
         "a new worker process for every kill",
     )
-    wait_until(lambda: len(live_children(supervisor.pid)) == 6, 30, "six live workers")
+    wait_until(lambda: len(live_children(supervisor.pid)) == CHILDREN, 30, "every child alive")
     events = event_counts(supervisor.log())
     assert events["worker process died; restarting"] == kills
     assert not set(killer.killed) & set(live_children(supervisor.pid))
