@@ -26,7 +26,7 @@ test: lint typecheck
 	$(BIN)/pytest -q --timeout=300
 
 bench: $(STAMP)
-	$(BIN)/conveyor bench
+	$(BIN)/python -m benchmarks
 
 schema: $(STAMP)
 	$(BIN)/python -m tests.integration.test_schema

@@ -1,47 +1,40 @@
-"""Commit -> handler start latency with idle workers.
+"""(c) commit -> handler start latency with an idle worker; (d) end-to-end three-stage latency.
 
-    python -m benchmarks.latency [--runs 300]
+    python -m benchmarks.latency            (c)
+    python -m benchmarks.latency --three    (d)
 
-Starts one worker for a one-stage no-op pipeline on the embedded PostgreSQL, waits until it is
-idle, then inserts runs one at a time (autocommit: the INSERT and its commit are one round trip)
-and reads each handler's start time from run_events. Two figures: from the commit's
-acknowledgement to the handler's start (commit -> start), and from the moment the client sent the
-INSERT (submit -> start, which adds the insert and its flush to disk).
+(c): one worker for a one-stage no-op pipeline, idle; runs are inserted one at a time
+(autocommit: the INSERT and its commit are one round trip) and each handler's start time is read
+from run_events. Two figures: from the commit's acknowledgement to the handler's start
+(commit -> start), and from the moment the client sent the INSERT (submit -> start, which adds
+the insert and its flush to disk). Client and worker read the same clock.
+
+(d): the supervisor with one worker per stage of a three-stage no-op pipeline, idle; one run at a
+time, from sending the INSERT to the moment an outside client LISTENing on the observer channel
+`pipeline_events` hears that the run is DONE (the origin design's way to follow a run).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from dataclasses import dataclass
+from typing import Any
 
-from benchmarks.harness import BenchDatabase, start_conveyor
+from benchmarks.harness import BenchDatabase, Scale, running
+
+COMMAND = "python -m benchmarks.latency"
+_PAUSE = 0.01  # between runs: each run finds the workers idle, as a lone arrival would
 
 
-def measure(db: BenchDatabase, runs: int, pipeline: str = "single") -> dict[str, float]:
-    worker = start_conveyor(db, ["worker", "--stage", "only"], pipeline=pipeline)
-    try:
-        with db.connect() as conn:
-            db.wait_idle_workers(conn, 1)
-            from_commit, from_submit = [], []
-            for _ in range(runs):
-                sent = time.time()
-                run_id = conn.execute(
-                    "INSERT INTO conveyor.pipeline_runs (pipeline) VALUES ('bench1') RETURNING id"
-                ).fetchone()[0]  # type: ignore[index]
-                committed = time.time()
-                started = db.wait_started(conn, run_id)
-                from_commit.append(started - committed)
-                from_submit.append(started - sent)
-                time.sleep(0.01)  # let the worker go idle again, as a fresh arrival would find it
-    finally:
-        worker.stop()
-    return {
-        "commit_p50_ms": percentile(from_commit, 0.50) * 1000,
-        "commit_p99_ms": percentile(from_commit, 0.99) * 1000,
-        "submit_p50_ms": percentile(from_submit, 0.50) * 1000,
-        "submit_p99_ms": percentile(from_submit, 0.99) * 1000,
-        "runs": runs,
-    }
+@dataclass(frozen=True)
+class Latency:
+    p50_ms: float
+    p99_ms: float
+    submit_p50_ms: float
+    submit_p99_ms: float
+    runs: int
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -49,17 +42,85 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
 
 
+def _summary(from_commit: list[float], from_submit: list[float]) -> Latency:
+    return Latency(
+        percentile(from_commit, 0.50) * 1000,
+        percentile(from_commit, 0.99) * 1000,
+        percentile(from_submit, 0.50) * 1000,
+        percentile(from_submit, 0.99) * 1000,
+        len(from_commit),
+    )
+
+
+def _insert(conn: Any, pipeline: str) -> Any:
+    row = conn.execute(
+        "INSERT INTO conveyor.pipeline_runs (pipeline) VALUES (%s) RETURNING id", (pipeline,)
+    ).fetchone()
+    return row[0]
+
+
+def commit_to_start(db: BenchDatabase, scale: Scale) -> Latency:
+    with db.connect() as conn:
+        db.reset(conn)
+        with running(db, ["worker", "--stage", "only"], pipeline="single"):
+            db.wait_idle_workers(conn, 1)
+            time.sleep(0.2)  # past the grace claim a worker makes right after going idle
+            from_commit, from_submit = [], []
+            for _ in range(scale.latency_runs):
+                sent = time.time()
+                run_id = _insert(conn, "bench1")
+                committed = time.time()
+                started = db.wait_started(conn, run_id)
+                from_commit.append(started - committed)
+                from_submit.append(started - sent)
+                time.sleep(_PAUSE)
+    return _summary(from_commit, from_submit)
+
+
+def end_to_end(db: BenchDatabase, scale: Scale) -> Latency:
+    with db.connect() as conn, db.connect() as listener:
+        db.reset(conn)
+        listener.execute("LISTEN pipeline_events")
+        with running(db, ["run"], pipeline="three"):
+            db.wait_idle_workers(conn, 3)
+            time.sleep(0.2)
+            from_commit, from_submit = [], []
+            for _ in range(scale.latency_runs):
+                sent = time.time()
+                run_id = str(_insert(conn, "bench3"))
+                committed = time.time()
+                for notify in listener.notifies(timeout=30):
+                    event = json.loads(notify.payload)
+                    if event["id"] == run_id and event["status"] == "DONE":
+                        done = time.time()
+                        break
+                else:
+                    raise RuntimeError(f"run {run_id} did not finish within 30 s")
+                from_commit.append(done - committed)
+                from_submit.append(done - sent)
+                time.sleep(_PAUSE)
+    return _summary(from_commit, from_submit)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=300)
+    parser.add_argument("--three", action="store_true", help="(d) end to end, three stages")
+    parser.add_argument("--runs", type=int, default=Scale().latency_runs)
+    parser.add_argument("--tiny", action="store_true", help="a handful of runs, for tests")
     args = parser.parse_args()
+    scale = Scale.small() if args.tiny else Scale(latency_runs=args.runs)
     with BenchDatabase.create() as db:
-        result = measure(db, args.runs)
+        if args.three:
+            result = end_to_end(db, scale)
+            what = "(d) submit -> DONE heard on pipeline_events, three stages"
+        else:
+            result = commit_to_start(db, scale)
+            what = "(c) commit -> handler start, idle worker"
     print(
-        f"commit -> handler start, idle worker: p50 {result['commit_p50_ms']:.2f} ms, "
-        f"p99 {result['commit_p99_ms']:.2f} ms; submit -> start: p50 "
-        f"{result['submit_p50_ms']:.2f} ms, p99 {result['submit_p99_ms']:.2f} ms "
-        f"({args.runs} runs; python -m benchmarks.latency)"
+        f"{what}: p50 {result.p50_ms:.2f} ms, p99 {result.p99_ms:.2f} ms"
+        f" (from the commit's acknowledgement); from sending the INSERT: p50"
+        f" {result.submit_p50_ms:.2f} ms, p99 {result.submit_p99_ms:.2f} ms"
+        f" ({result.runs} runs; {COMMAND}{' --three' if args.three else ''})"
     )
 
 

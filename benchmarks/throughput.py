@@ -1,0 +1,108 @@
+"""(a), (b), (e): no-op runs per second moved by conveyor workers from a backlog.
+
+    python -m benchmarks.throughput --single    (a) one worker process, one stage, batch 50
+    python -m benchmarks.throughput --three     (b) supervisor, one process per stage
+    python -m benchmarks.throughput --million   (e) (a) with 1,000,000 finished runs, ratio to (a)
+    add --observer-off to switch the pipeline_events observer triggers off
+
+A backlog is queued first, the worker started, and completions are counted in run_events over a
+few seconds of steady state (after the first completion and a warm-up), from outside the workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+
+from benchmarks.harness import (
+    BenchDatabase,
+    Scale,
+    fill,
+    measure_rate,
+    running,
+    set_observer,
+)
+from benchmarks.procstat import rss_megabytes
+
+COMMAND = "python -m benchmarks.throughput"
+_RATE_GUESS = 30_000  # queue for this rate, so that a fast worker never runs dry
+
+
+@dataclass(frozen=True)
+class Throughput:
+    runs_per_second: float
+    cpu_us_per_run: float  # worker processes' CPU time per run moved (a steady cost figure)
+    rss_mb: float  # the worker's resident memory at the end of the window (one-stage only)
+
+
+def single(
+    db: BenchDatabase, scale: Scale, *, observer: bool = True, history: int = 0
+) -> Throughput:
+    """One `conveyor worker` process for a one-stage no-op pipeline (batch 50, 100 slots)."""
+    with db.connect() as conn:
+        db.reset(conn)
+        set_observer(conn, on=observer)
+        if history:
+            fill(conn, "bench1", history, finished=True)
+        fill(conn, "bench1", scale.backlog(_RATE_GUESS))
+        conn.execute("VACUUM ANALYZE conveyor.pipeline_runs")
+        with running(db, ["worker", "--stage", "only"], pipeline="single") as worker:
+            rate = measure_rate(conn, scale, pids=(worker.pid,))
+            rss = rss_megabytes(worker.pid)
+    return Throughput(rate.per_second, rate.cpu_us_per_run, rss)
+
+
+def three(db: BenchDatabase, scale: Scale, *, observer: bool = True) -> Throughput:
+    """`conveyor run`: the supervisor with one worker process per stage of a three-stage
+    no-op pipeline; runs/s reaching DONE."""
+    with db.connect() as conn:
+        db.reset(conn)
+        set_observer(conn, on=observer)
+        fill(conn, "bench3", scale.backlog(_RATE_GUESS // 3))
+        conn.execute("VACUUM ANALYZE conveyor.pipeline_runs")
+        with running(db, ["run"], pipeline="three") as supervisor:
+            rate = measure_rate(conn, scale, pids=(supervisor.pid,))
+    return Throughput(rate.per_second, rate.cpu_us_per_run, 0.0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--single", action="store_true", help="(a) one worker, one stage")
+    which.add_argument("--three", action="store_true", help="(b) three stages, supervisor")
+    which.add_argument("--million", action="store_true", help="(e) with 1,000,000 finished runs")
+    parser.add_argument("--observer-off", action="store_true", help="pipeline_events off")
+    parser.add_argument("--tiny", action="store_true", help="a second per figure, for tests")
+    args = parser.parse_args()
+    scale = Scale.small() if args.tiny else Scale()
+    observer = not args.observer_off
+    suffix = f" ({'observer off' if args.observer_off else 'observer on'})"
+    with BenchDatabase.create() as db:
+        if args.single:
+            result = single(db, scale, observer=observer)
+            print(
+                f"(a) one worker process, batch 50: {result.runs_per_second:,.0f} runs/s"
+                f"{suffix}; worker CPU {result.cpu_us_per_run:.0f} us per run;"
+                f" RSS after the load {result.rss_mb:.0f} MB"
+            )
+        elif args.three:
+            result = three(db, scale, observer=observer)
+            print(
+                f"(b) three stages, supervisor: {result.runs_per_second:,.0f} runs/s{suffix};"
+                f" worker CPU {result.cpu_us_per_run:.0f} us per run (three processes)"
+            )
+        else:
+            empty = single(db, scale, observer=observer)
+            t0 = time.monotonic()
+            loaded = single(db, scale, observer=observer, history=scale.million)
+            print(
+                f"(e) with {scale.million:,} finished runs: {loaded.runs_per_second:,.0f} runs/s,"
+                f" empty table {empty.runs_per_second:,.0f} runs/s, ratio"
+                f" {loaded.runs_per_second / empty.runs_per_second:.2f}{suffix}"
+                f" (loading took {time.monotonic() - t0:.0f} s)"
+            )
+
+
+if __name__ == "__main__":
+    main()

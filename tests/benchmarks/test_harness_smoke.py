@@ -1,0 +1,57 @@
+"""The benchmark harness works: one figure in tiny mode, and it leaves nothing behind.
+
+No speed is asserted here (figures go to `make bench`); only that a figure comes out, that the
+harness drops its database and stops its worker, and that the pure-SQL ceiling replays the
+protocol's own statements.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import psycopg
+
+from benchmarks import ceiling, pipelines
+from conveyor import queries
+from tests.helpers import ROOT, PgServer
+
+
+def test_one_figure_in_tiny_mode_and_nothing_left_behind(pg_server: PgServer) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONVEYOR_")}
+    env.update({"CONVEYOR_DATABASE_URL": pg_server.admin_url, "PYTHONPATH": str(ROOT)})
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.throughput", "--single", "--tiny"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"^\(a\) one worker process, batch 50: [\d,]+ runs/s", done.stdout, re.M)
+    with psycopg.connect(pg_server.admin_url, autocommit=True) as conn:
+        left = conn.execute(
+            "SELECT datname FROM pg_database WHERE datname LIKE 'conveyor_bench_%'"
+        ).fetchall()
+        workers = conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE application_name LIKE 'conveyor%'"
+        ).fetchall()
+    assert left == []
+    assert workers == []
+
+
+def test_the_ceiling_replays_the_protocol_statements_with_literals() -> None:
+    stage = pipelines.single.stages[0]
+    script = ceiling.script(pipelines.single, stage, batch=50)
+    assert "%(" not in script
+    for name in ("claim_batch", "complete_if_leased"):
+        # every line of the statement is in the script, only its parameters written in
+        for line in queries.load("conveyor")[name].splitlines():
+            pattern = re.escape(line.strip())
+            pattern = re.sub(r"%\\\(\w+\\\)s", r"\\S+", pattern)
+            assert re.search(pattern, script), (name, line)
+    assert "LIMIT 50" in script
+    assert "r.status = 'ONLY_RUNNING' AND r.lease_owner = 'ceiling-only-:client_id'" in script
