@@ -6,6 +6,7 @@ Every call is one short transaction. Nothing here holds a transaction open while
 from __future__ import annotations
 
 import socket
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
@@ -87,7 +88,10 @@ class StageProtocol:
     async def apply(self, successes: list[Success], failures: list[Failure]) -> Applied:
         """Commit a batch of finished attempts in one transaction, fenced by the lease."""
         completed = retried = failed = 0
-        async with self.pool.connection() as conn, conn.transaction():
+        # A lone statement is a transaction already: BEGIN and COMMIT would be two more round
+        # trips per batch. Successes and failures together are committed together.
+        both = bool(successes and failures)
+        async with self.pool.connection() as conn, conn.transaction() if both else nullcontext():
             if successes:
                 cur = await conn.execute(
                     self.sql["complete_if_leased"],
@@ -104,7 +108,7 @@ class StageProtocol:
                         "completion_tokens": [s.completion_tokens for s in successes],
                     },
                 )
-                completed = len(await cur.fetchall())
+                completed = cur.rowcount  # one run_events row per applied run
             if failures:
                 cur = await conn.execute(
                     self.sql["fail_if_leased"],
