@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import inspect
 import random
@@ -83,7 +84,7 @@ class Stage:
         if not self.batch:
             object.__setattr__(self, "batch", min(self.concurrency, 50))
 
-    @property
+    @functools.cached_property  # asked once per run
     def is_async(self) -> bool:
         return inspect.iscoroutinefunction(self.handler) or inspect.iscoroutinefunction(
             getattr(self.handler, "__call__", None)  # noqa: B004

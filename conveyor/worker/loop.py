@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import random
 import signal
@@ -81,7 +82,13 @@ class Worker:
         self._waiting = False
         self._woken_by_timer = False
         self._labels = (pipeline.name, stage.name)
+        # Observed once per run: bound to their labels once, not looked up per run.
+        self._wakeup_latency = metrics.WAKEUP_LATENCY.labels(*self._labels)
+        self._stage_duration = metrics.STAGE_DURATION.labels(*self._labels)
         self._log = log.bind(pipeline=pipeline.name, stage=stage.name, worker=self.worker_id)
+        # A "run finished" line per run is built only when INFO is logged at all.
+        enabled_for = getattr(self._log, "is_enabled_for", None)
+        self._log_runs = enabled_for is None or bool(enabled_for(logging.INFO))
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -215,7 +222,7 @@ class Worker:
             for run_id, run_input, outputs, attempt, waited in rows:
                 run = Run(run_id, self.pipeline.name, stage.name, run_input, outputs, attempt)
                 self._in_flight[run_id] = asyncio.create_task(self._execute(run))
-                metrics.WAKEUP_LATENCY.labels(*self._labels).observe(waited)
+                self._wakeup_latency.observe(waited)
             if rows:
                 metrics.CLAIMED.labels(*self._labels).inc(len(rows))
                 metrics.IN_FLIGHT.labels(*self._labels).set(len(self._in_flight))
@@ -284,16 +291,17 @@ class Worker:
                 self._slot_freed.set()
                 return
             raise
-        metrics.STAGE_DURATION.labels(*self._labels).observe(outcome.duration)
+        self._stage_duration.observe(outcome.duration)
         if isinstance(outcome, Success):
             self._successes.append(outcome)
-            self._log.info(
-                "run finished",
-                run_id=str(run.id),
-                attempt=run.attempt,
-                outcome="completed",
-                duration=round(outcome.duration, 6),
-            )
+            if self._log_runs:
+                self._log.info(
+                    "run finished",
+                    run_id=str(run.id),
+                    attempt=run.attempt,
+                    outcome="completed",
+                    duration=round(outcome.duration, 6),
+                )
         else:
             self._failures.append(outcome)
             self._log.warning(
