@@ -98,14 +98,14 @@ class StageProtocol:
                     {
                         **self._fence,
                         "terminal": self._terminal,
-                        "ids": [s.run_id for s in successes],
-                        "outputs": [s.output_json for s in successes],
-                        "attempts": [s.attempt for s in successes],
-                        "started": [s.started_epoch for s in successes],
-                        "durations": [s.duration for s in successes],
-                        "models": [s.model for s in successes],
-                        "prompt_tokens": [s.prompt_tokens for s in successes],
-                        "completion_tokens": [s.completion_tokens for s in successes],
+                        "ids": uuid_array([s.run_id for s in successes]),
+                        "outputs": text_array([s.output_json for s in successes]),
+                        "attempts": number_array([s.attempt for s in successes]),
+                        "started": number_array([s.started_epoch for s in successes]),
+                        "durations": number_array([s.duration for s in successes]),
+                        "models": text_array([s.model for s in successes]),
+                        "prompt_tokens": number_array([s.prompt_tokens for s in successes]),
+                        "completion_tokens": number_array([s.completion_tokens for s in successes]),
                     },
                 )
                 completed = cur.rowcount  # one run_events row per applied run
@@ -114,12 +114,12 @@ class StageProtocol:
                     self.sql["fail_if_leased"],
                     {
                         **self._fence,
-                        "ids": [f.run_id for f in failures],
-                        "errors": [f.error for f in failures],
-                        "attempts": [f.attempt for f in failures],
-                        "retry_in": [f.retry_in for f in failures],
-                        "started": [f.started_epoch for f in failures],
-                        "durations": [f.duration for f in failures],
+                        "ids": uuid_array([f.run_id for f in failures]),
+                        "errors": text_array([f.error for f in failures]),
+                        "attempts": number_array([f.attempt for f in failures]),
+                        "retry_in": number_array([f.retry_in for f in failures]),
+                        "started": number_array([f.started_epoch for f in failures]),
+                        "durations": number_array([f.duration for f in failures]),
                     },
                 )
                 for _run_id, to_status in await cur.fetchall():
@@ -161,6 +161,30 @@ class StageProtocol:
     async def forget(self) -> None:
         async with self.pool.connection() as conn:
             await conn.execute(self.sql["forget_worker"], {"worker": self.worker_id})
+
+
+# The batched statements take their columns as arrays (unnest). Their literals are written here
+# in one pass: adapting a list element by element costs several times more per run.
+
+
+def uuid_array(values: list[UUID]) -> str:
+    return "{" + ",".join([value.hex for value in values]) + "}"
+
+
+def number_array(values: list[int] | list[float] | list[int | None] | list[float | None]) -> str:
+    return "{" + ",".join(["NULL" if v is None else repr(v) for v in values]) + "}"
+
+
+def text_array(values: list[str] | list[str | None]) -> str:
+    """Every element quoted, with backslash and double quote escaped: any text survives."""
+    return (
+        "{"
+        + ",".join(
+            "NULL" if v is None else '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+            for v in values
+        )
+        + "}"
+    )
 
 
 def _pid() -> int:
