@@ -35,7 +35,7 @@ class Scale:
     window: float = 3.0  # seconds of steady state counted by a throughput figure
     warmup: float = 0.5  # seconds after the first completion before counting starts
     latency_runs: int = 200
-    idle_seconds: float = 30.0
+    idle_seconds: float = 60.0
     million: int = 1_000_000
     # Tiny runs prove the harness works; their figures mean nothing (the backlog may run dry).
     tiny: bool = False
