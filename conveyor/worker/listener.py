@@ -124,16 +124,17 @@ class Listener:
 
     async def _listen(self, conn: psycopg.AsyncConnection[Any]) -> None:
         while True:
-            heard = False
-            async for notify in conn.notifies(timeout=self.health_interval):
-                heard = True
+            # Wait for the socket here: psycopg's notifies(timeout=...) wakes up every 0.1 s to
+            # poll, which was most of what an idle worker cost.
+            if not await _readable(conn.fileno(), self.health_interval):
+                await self._check_health(conn)
+                continue
+            async for notify in conn.notifies(timeout=0):  # what has arrived, without waiting
                 self.last_notification_at = time.time()
                 if self._metrics:
                     self._metrics.heard(self.last_notification_at, ping=notify.payload == _PING)
                 if notify.payload != _PING:
                     self.on_wake()
-            if not heard:
-                await self._check_health(conn)
 
     async def _check_health(self, conn: psycopg.AsyncConnection[Any]) -> None:
         # On timeout the socket is shut down under the probe, which then fails at once.
@@ -196,6 +197,26 @@ class _ListenerMetrics:
         self.last_heard.set(when)
         if not ping:
             self.notifications.inc()
+
+
+async def _readable(fd: int, timeout: float) -> bool:
+    """Whether the socket has something to read within `timeout` seconds."""
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def on_readable() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(fd, on_readable)
+    try:
+        async with asyncio.timeout(timeout):
+            await ready
+        return True
+    except TimeoutError:
+        return False
+    finally:
+        loop.remove_reader(fd)
 
 
 _CONNECTION_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError, TimeoutError, OSError)
