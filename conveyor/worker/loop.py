@@ -109,8 +109,9 @@ class Worker:
             )
         self.pool = AsyncConnectionPool(
             self.url,
-            min_size=2,
-            max_size=2,
+            # Claims and completions keep one connection each; the rest share the third.
+            min_size=3,
+            max_size=3,
             open=False,
             kwargs={
                 "autocommit": True,
@@ -135,6 +136,7 @@ class Worker:
             stage=self.stage,
             worker_id=self.worker_id,
             lease_seconds=self.settings.lease,
+            hold_connections=True,
         )
         self.listener = Listener(
             self.listen_url,
@@ -177,6 +179,7 @@ class Worker:
             await self._flush_results(final=True)
             await self._forget()
             await self.listener.close()
+            await self.protocol.close()
             await self.pool.close()
             self._log.info("worker stopped")
 
