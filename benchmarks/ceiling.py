@@ -22,7 +22,15 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import pipelines
-from benchmarks.harness import BenchDatabase, PgbenchResult, Scale, fill, pgbench, set_observer
+from benchmarks.harness import (
+    BenchDatabase,
+    PgbenchResult,
+    Scale,
+    fill,
+    pgbench,
+    set_observer,
+    settle,
+)
 from conveyor import queries
 from conveyor.pipeline import Pipeline, Stage
 
@@ -125,7 +133,7 @@ def measure(
                 db.reset(conn)
                 set_observer(conn, on=observer)
                 fill(conn, pipeline.name, backlog)
-                conn.execute("VACUUM ANALYZE conveyor.pipeline_runs")
+                settle(conn)
             started = time.monotonic()
             with ThreadPoolExecutor(len(paths)) as pool:
                 results: list[PgbenchResult] = list(

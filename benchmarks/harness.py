@@ -142,6 +142,14 @@ def fill(
             )
 
 
+def settle(conn: psycopg.Connection[Any]) -> None:
+    """After set-up: statistics and visibility map as a lived-in table has them, and a
+    checkpoint, so that writing out the set-up's pages (and the full-page images that follow a
+    checkpoint) does not land inside the measurement."""
+    conn.execute("VACUUM ANALYZE conveyor.pipeline_runs")
+    conn.execute("CHECKPOINT")
+
+
 def set_triggers(conn: psycopg.Connection[Any], names: tuple[str, ...], *, enabled: bool) -> None:
     action = sql.SQL("ENABLE" if enabled else "DISABLE")
     conn.execute(

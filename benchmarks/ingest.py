@@ -24,6 +24,7 @@ from benchmarks.harness import (
     Scale,
     pgbench,
     set_triggers,
+    settle,
 )
 from conveyor.worker.listener import wake_channel
 
@@ -62,7 +63,7 @@ def measure(
                 " 'NEW', %s, 'bench', 0, now() + interval '1 hour', true)",
                 (wake_channel("conveyor", "bench1", "NEW"),),
             )
-        conn.execute("VACUUM ANALYZE conveyor.pipeline_runs")
+        settle(conn)
     with tempfile.TemporaryDirectory(prefix="conveyor-ingest-") as tmp:
         script = Path(tmp) / "insert.sql"
         script.write_text(_INSERT)

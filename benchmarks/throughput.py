@@ -22,6 +22,7 @@ from benchmarks.harness import (
     measure_rate,
     running,
     set_observer,
+    settle,
 )
 from benchmarks.procstat import rss_megabytes
 
@@ -46,7 +47,7 @@ def single(
         if history:
             fill(conn, "bench1", history, finished=True)
         fill(conn, "bench1", scale.backlog(_RATE_GUESS))
-        conn.execute("VACUUM ANALYZE conveyor.pipeline_runs")
+        settle(conn)
         with running(db, ["worker", "--stage", "only"], pipeline="single") as worker:
             rate = measure_rate(conn, scale, pids=(worker.pid,))
             rss = rss_megabytes(worker.pid)
@@ -60,7 +61,7 @@ def three(db: BenchDatabase, scale: Scale, *, observer: bool = True) -> Throughp
         db.reset(conn)
         set_observer(conn, on=observer)
         fill(conn, "bench3", scale.backlog(_RATE_GUESS // 3))
-        conn.execute("VACUUM ANALYZE conveyor.pipeline_runs")
+        settle(conn)
         with running(db, ["run"], pipeline="three") as supervisor:
             rate = measure_rate(conn, scale, pids=(supervisor.pid,))
     return Throughput(rate.per_second, rate.cpu_us_per_run, 0.0)
