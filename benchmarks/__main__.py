@@ -57,6 +57,7 @@ def main() -> None:
         progress("(a) one worker process")
         a_on = best(repeat, lambda: throughput.single(db, scale), _runs)
         a_off = best(repeat, lambda: throughput.single(db, scale, observer=False), _runs)
+        a_info = best(repeat, lambda: throughput.single(db, scale, log_level="info"), _runs)
         progress("(b) three stages under the supervisor")
         b_on = best(repeat, lambda: throughput.three(db, scale), _runs)
         b_off = best(repeat, lambda: throughput.three(db, scale, observer=False), _runs)
@@ -73,7 +74,7 @@ def main() -> None:
             (r.wake, r.observer, r.waiting_worker): r.rows_per_second
             for r in best_each(repeat, lambda: ingest.measure_all(db, scale))
         }
-    rows = _rows_of(ceilings, a_on, a_off, b_on, b_off, e, c, d, f, h, scale)
+    rows = _rows_of(ceilings, a_on, a_off, a_info, b_on, b_off, e, c, d, f, h, scale)
     print(table(rows))
     print(
         f"\nOne run of {time.monotonic() - started:.0f} s; best of {repeat} for throughput; load"
@@ -100,6 +101,7 @@ def _rows_of(
     ceilings: dict[tuple[int, int, int, bool], ceiling.Ceiling],
     a_on: throughput.Throughput,
     a_off: throughput.Throughput,
+    a_info: throughput.Throughput,
     b_on: throughput.Throughput,
     b_off: throughput.Throughput,
     e: throughput.Throughput,
@@ -136,6 +138,12 @@ def _rows_of(
             f"{rate(a_off.runs_per_second)} (worker CPU {a_off.cpu_us_per_run:.0f} us/run)",
             ceiling=share(a_off.runs_per_second, single_off.rows_per_second, "i: observer off"),
             command=single + " --observer-off",
+        ),
+        Row(
+            "(a) ... worker at log level info (a JSON line per run)",
+            f"{rate(a_info.runs_per_second)} (worker CPU {a_info.cpu_us_per_run:.0f} us/run)",
+            ceiling=share(a_info.runs_per_second, single_on.rows_per_second, "i: batch 50"),
+            command=single + " --log-level info",
         ),
         Row(
             "(b) three stages, supervisor, 1 process each",

@@ -233,10 +233,15 @@ def start_conveyor(db: BenchDatabase, args: list[str], *, pipeline: str, **env: 
         "PYTHONPATH": str(ROOT),
         **env,
     }
-    # Its log lines (warnings) go to stderr, so that stdout keeps only the figures.
+    # Warnings go to stderr, so that stdout keeps only the figures; a worker logging every run
+    # (INFO) writes to /dev/null: the cost of rendering and writing each line is still paid.
+    verbose = environment["CONVEYOR_LOG_LEVEL"] in ("info", "debug")
     return Process(
         subprocess.Popen(
-            [sys.executable, "-m", "conveyor", *args], env=environment, cwd=ROOT, stdout=sys.stderr
+            [sys.executable, "-m", "conveyor", *args],
+            env=environment,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL if verbose else sys.stderr,
         )
     )
 

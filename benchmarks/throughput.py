@@ -3,7 +3,8 @@
     python -m benchmarks.throughput --single    (a) one worker process, one stage, batch 50
     python -m benchmarks.throughput --three     (b) supervisor, one process per stage
     python -m benchmarks.throughput --million   (e) (a) with 1,000,000 finished runs, ratio to (a)
-    add --observer-off to switch the pipeline_events observer triggers off
+    add --observer-off to switch the pipeline_events observer triggers off, --log-level info to
+    have the worker log its "run finished" line for every run (the default level of conveyor)
 
 A backlog is queued first, the worker started, and completions are counted in run_events over a
 few seconds of steady state (after the first completion and a warm-up), from outside the workers.
@@ -38,7 +39,12 @@ class Throughput:
 
 
 def single(
-    db: BenchDatabase, scale: Scale, *, observer: bool = True, history: int = 0
+    db: BenchDatabase,
+    scale: Scale,
+    *,
+    observer: bool = True,
+    history: int = 0,
+    log_level: str = "warning",
 ) -> Throughput:
     """One `conveyor worker` process for a one-stage no-op pipeline (batch 50, 100 slots)."""
     with db.connect() as conn:
@@ -48,7 +54,13 @@ def single(
             fill(conn, "bench1", history, finished=True)
         fill(conn, "bench1", scale.backlog(_RATE_GUESS))
         settle(conn)
-        with running(db, ["worker", "--stage", "only"], pipeline="single") as worker:
+        with running(
+            db,
+            ["worker", "--stage", "only"],
+            pipeline="single",
+            CONVEYOR_LOG_LEVEL=log_level,
+            CONVEYOR_LOG_FORMAT="json",
+        ) as worker:
             rate = measure_rate(conn, scale, pids=(worker.pid,))
             rss = rss_megabytes(worker.pid)
     return Throughput(rate.per_second, rate.cpu_us_per_run, rss)
@@ -74,6 +86,9 @@ def main() -> None:
     which.add_argument("--three", action="store_true", help="(b) three stages, supervisor")
     which.add_argument("--million", action="store_true", help="(e) with 1,000,000 finished runs")
     parser.add_argument("--observer-off", action="store_true", help="pipeline_events off")
+    parser.add_argument(
+        "--log-level", default="warning", help="the worker's (info: a JSON line per run)"
+    )
     parser.add_argument("--tiny", action="store_true", help="a second per figure, for tests")
     args = parser.parse_args()
     scale = Scale.small() if args.tiny else Scale()
@@ -81,7 +96,7 @@ def main() -> None:
     suffix = f" ({'observer off' if args.observer_off else 'observer on'})"
     with BenchDatabase.create() as db:
         if args.single:
-            result = single(db, scale, observer=observer)
+            result = single(db, scale, observer=observer, log_level=args.log_level)
             print(
                 f"(a) one worker process, batch 50: {result.runs_per_second:,.0f} runs/s"
                 f"{suffix}; worker CPU {result.cpu_us_per_run:.0f} us per run;"
