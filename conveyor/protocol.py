@@ -5,6 +5,7 @@ Every call is one short transaction. Nothing here holds a transaction open while
 
 from __future__ import annotations
 
+import json
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, nullcontext
@@ -13,6 +14,7 @@ from typing import Any
 from uuid import UUID
 
 from psycopg import AsyncConnection
+from psycopg.types.json import set_json_loads
 from psycopg_pool import AsyncConnectionPool
 
 from conveyor import queries
@@ -91,7 +93,9 @@ class StageProtocol:
     async def claim(self, batch: int) -> list[ClaimedRow]:
         params = {**self._fence, "batch": batch, "lease_seconds": self.lease_seconds}
         async with self._claiming.connection() as conn:
-            cur = await conn.execute(self.sql["claim_batch"], params)
+            cur = conn.cursor()
+            set_json_loads(_utf8_json, cur)  # input and outputs of every claimed run
+            await cur.execute(self.sql["claim_batch"], params)
             rows: list[Any] = await cur.fetchall()
             return rows
 
@@ -203,6 +207,15 @@ class _Held:
         conn, self._conn = self._conn, None
         if conn is not None:
             await self._pool.putconn(conn)
+
+
+_json_decode = json.JSONDecoder().decode
+
+
+def _utf8_json(data: str | bytes) -> Any:
+    """JSON from the server, which sends it as UTF-8: json.loads would first work out the
+    encoding of the bytes, for every value."""
+    return _json_decode(data if isinstance(data, str) else str(data, "utf-8"))
 
 
 # The batched statements take their columns as arrays (unnest). Their literals are written here
