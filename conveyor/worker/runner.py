@@ -11,6 +11,7 @@ from typing import Any
 
 from conveyor.pipeline import PermanentError, Run, Stage
 from conveyor.protocol import Failure, Success
+from conveyor.worker.deadlines import for_running_loop
 
 _MAX_ERROR_CHARS = 4000
 # An unescaped \u0000 in JSON text: jsonb refuses it, and one such output must not sink a batch.
@@ -20,21 +21,28 @@ _NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 async def run_handler(stage: Stage, run: Run) -> Success | Failure:
     started = time.time()
     t0 = time.perf_counter()
+    task = asyncio.current_task()
+    assert task is not None, "runs in a task of its own"
+    deadlines = for_running_loop()
+    slice_ = deadlines.watch(task, stage.timeout)
     try:
-        async with asyncio.timeout(stage.timeout):
-            if stage.is_async:
-                output: Any = await stage.handler(run)  # type: ignore[misc]
-            else:
-                output = await asyncio.to_thread(stage.handler, run)
+        if stage.is_async:
+            output: Any = await stage.handler(run)  # type: ignore[misc]
+        else:
+            output = await asyncio.to_thread(stage.handler, run)
         payload = json.dumps(output, allow_nan=False)  # NaN/Infinity are not JSON
-        if _NUL_ESCAPE.search(payload):
+        if "\\u0000" in payload and _NUL_ESCAPE.search(payload):
             raise ValueError("output contains a NUL character (\\u0000): jsonb cannot store it")
-    except TimeoutError:
+    except asyncio.CancelledError:
+        if not deadlines.timed_out(task):
+            raise  # taken away or shutting down: the worker handles it
         error = f"TimeoutError: stage {stage.name!r} timed out after {stage.timeout:g}s"
         return _failure(stage, run, error, started, time.perf_counter() - t0)
     except Exception as exc:  # a handler's error never kills the worker
         permanent = isinstance(exc, PermanentError)
         return _failure(stage, run, describe(exc), started, time.perf_counter() - t0, permanent)
+    finally:
+        deadlines.leave(task, slice_)
     return Success(
         run.id,
         run.attempt,
