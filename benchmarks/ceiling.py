@@ -80,6 +80,7 @@ def script(pipeline: Pipeline, stage: Stage, batch: int, lease_seconds: float = 
         "terminal": pipeline.is_terminal(stage.produces),
         "batch": batch,
         "lease_seconds": lease_seconds,
+        "alone": False,  # no rescued runs here
     }
     # Each client is a worker of its own; pgbench fills in :client_id, also inside quotes.
     values = {key: literal(value) for key, value in fence.items()}

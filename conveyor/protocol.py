@@ -20,7 +20,8 @@ from psycopg_pool import AsyncConnectionPool
 from conveyor import queries
 from conveyor.pipeline import Pipeline, Stage
 
-ClaimedRow = tuple[UUID, dict[str, Any], dict[str, Any], int, float]
+# id, input, outputs, attempt, seconds it waited to be claimed, whether it was rescued
+ClaimedRow = tuple[UUID, dict[str, Any], dict[str, Any], int, float, bool]
 
 
 @dataclass(slots=True)
@@ -90,14 +91,27 @@ class StageProtocol:
         }
         self._terminal = pipeline.is_terminal(stage.produces)
 
-    async def claim(self, batch: int) -> list[ClaimedRow]:
-        params = {**self._fence, "batch": batch, "lease_seconds": self.lease_seconds}
+    async def claim(self, batch: int, *, alone: bool = False) -> list[ClaimedRow]:
+        """Lease up to `batch` runs. A worker with nothing in flight says `alone`: it may then
+        get a rescued run, and gets it alone."""
+        params = {
+            **self._fence,
+            "batch": batch,
+            "lease_seconds": self.lease_seconds,
+            "alone": alone,
+        }
         async with self._claiming.connection() as conn:
             cur = conn.cursor()
             set_json_loads(_utf8_json, cur)  # input and outputs of every claimed run
             await cur.execute(self.sql["claim_batch"], params)
             rows: list[Any] = await cur.fetchall()
             return rows
+
+    async def rescued_waiting(self) -> bool:
+        async with self._claiming.connection() as conn:
+            cur = await conn.execute(self.sql["rescued_waiting"], self._fence)
+            row = await cur.fetchone()
+            return bool(row and row[0])
 
     async def apply(self, successes: list[Success], failures: list[Failure]) -> Applied:
         """Commit a batch of finished attempts in one transaction, fenced by the lease."""

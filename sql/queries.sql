@@ -7,18 +7,29 @@
 -- Lease up to `batch` due runs of one stage: best priority first, then the longest waiting.
 -- One statement, one short transaction; ready_at (when the run became claimable) feeds the
 -- wake-up latency metric.
+-- A run that has been rescued (its worker died under it) may have killed that worker, so it runs
+-- alone: only a worker with nothing in flight may take one (`alone`), and then takes only it. The
+-- runs that shared the dead worker with it are not claimed beside it again, and cannot be killed
+-- with it a second time.
 -- The claim commits without waiting for its WAL flush (synchronous_commit off for this
 -- transaction only): a claim lost in a server crash just puts the run back where it was, which
 -- the at-least-once contract allows, and the completion that follows is flushed, which makes
 -- the claim before it durable too. It saves a disk flush on the path from commit to handler.
-WITH picked AS (
-    SELECT id, greatest(run_after, updated_at) AS ready_at
+WITH candidates AS (
+    SELECT id, greatest(run_after, updated_at) AS ready_at, rescues > 0 AS rescued, priority,
+           run_after
       FROM @schema@.pipeline_runs
      WHERE pipeline = %(pipeline)s AND status = %(consumes)s
        AND finished_at IS NULL AND run_after <= now()
+       AND (rescues = 0 OR %(alone)s)
      ORDER BY priority DESC, run_after
      LIMIT %(batch)s
        FOR UPDATE SKIP LOCKED
+), picked AS (
+    -- the first rescued candidate alone when there is one, else every candidate
+    SELECT * FROM candidates WHERE NOT EXISTS (SELECT 1 FROM candidates WHERE rescued)
+    UNION ALL
+    (SELECT * FROM candidates WHERE rescued ORDER BY priority DESC, run_after LIMIT 1)
 )
 UPDATE @schema@.pipeline_runs r
    SET status = %(working)s,
@@ -30,7 +41,17 @@ UPDATE @schema@.pipeline_runs r
  WHERE r.id = picked.id
    AND set_config('synchronous_commit', 'off', true) IS NOT NULL
 RETURNING r.id, r.input, r.outputs, r.attempt,
-          extract(epoch FROM clock_timestamp() - picked.ready_at)::float8 AS waited_seconds;
+          extract(epoch FROM clock_timestamp() - picked.ready_at)::float8 AS waited_seconds,
+          picked.rescued;
+
+-- rescued_waiting --
+-- Whether a rescued run of the stage is due: a busy worker then stops claiming until it is empty
+-- and can take that run alone (claim_batch with `alone`). Asked once per sweep by busy workers.
+SELECT EXISTS (
+    SELECT 1 FROM @schema@.pipeline_runs
+     WHERE pipeline = %(pipeline)s AND status = %(consumes)s
+       AND finished_at IS NULL AND run_after <= now() AND rescues > 0
+);
 
 -- complete_if_leased --
 -- Apply a batch of successful attempts, fenced: a run whose lease was lost (rescued, cancelled)
@@ -47,6 +68,7 @@ WITH finished AS (
        SET status = %(produces)s,
            outputs = r.outputs || jsonb_build_object(%(stage)s::text, f.output::jsonb),
            attempt = 0,
+           rescues = 0,
            lease_owner = NULL,
            lease_expires_at = NULL,
            last_error = NULL,

@@ -78,6 +78,8 @@ class Worker:
         self._failures: list[Failure] = []
         self._taken_away: set[UUID] = set()
         self._backlog = False
+        self._running_rescued = False  # a rescued run is in flight: it runs alone
+        self._emptying_for_rescued = False  # one is waiting: finish what is in flight first
         self._completing = True
         self._waiting = False
         self._woken_by_timer = False
@@ -203,35 +205,47 @@ class Worker:
         refill_at = max(1, stage.batch // 2)
         while not self.stopping.is_set():
             free = stage.concurrency - len(self._in_flight)
-            if free <= 0 or (self._backlog and free < min(refill_at, stage.concurrency)):
+            # A rescued run in flight runs alone; one waiting makes this worker empty itself.
+            hold = self._in_flight and (self._running_rescued or self._emptying_for_rescued)
+            if free <= 0 or hold or (self._backlog and free < min(refill_at, stage.concurrency)):
                 self._slot_freed.clear()
                 await self._slot_freed.wait()
                 continue
+            self._running_rescued = False
             idle = not self._backlog
-            if idle:
+            if idle and not self._emptying_for_rescued:
                 await self._wake.wait()
                 if self.stopping.is_set():
                     return
             self._wake.clear()
+            timer_fired, self._woken_by_timer = self._woken_by_timer, False
             # A sweep pick-up is a claim by an idle worker that the timer woke; under a backlog
             # the dispatcher claims without waiting, whatever the timer did meanwhile.
-            by_timer, self._woken_by_timer = self._woken_by_timer and idle, False
-            want = min(free, stage.batch)
+            by_timer = timer_fired and idle
+            alone = not self._in_flight
             try:
-                rows = await self.protocol.claim(want)
+                if timer_fired and not alone:
+                    self._emptying_for_rescued = await self.protocol.rescued_waiting()
+                    if self._emptying_for_rescued:
+                        continue
+                want = min(free, stage.batch)
+                rows = await self.protocol.claim(want, alone=alone)
             except _DB_ERRORS as exc:
                 await self._database_trouble("claim", exc)
                 continue
-            for run_id, run_input, outputs, attempt, waited in rows:
+            self._emptying_for_rescued = False
+            for run_id, run_input, outputs, attempt, waited, rescued in rows:
                 run = Run(run_id, self.pipeline.name, stage.name, run_input, outputs, attempt)
                 self._in_flight[run_id] = asyncio.create_task(self._execute(run))
                 self._wakeup_latency.observe(waited)
+                self._running_rescued = self._running_rescued or rescued
             if rows:
                 metrics.CLAIMED.labels(*self._labels).inc(len(rows))
                 metrics.IN_FLIGHT.labels(*self._labels).set(len(self._in_flight))
                 if by_timer:
                     metrics.SWEEP_PICKUPS.labels(*self._labels).inc(len(rows))
-            self._backlog = len(rows) == want
+            # A lone rescued run says nothing about the backlog: look again once it is done.
+            self._backlog = len(rows) == want or self._running_rescued
             await self._set_waiting(not self._backlog)
 
     async def _set_waiting(self, waiting: bool) -> None:

@@ -1,13 +1,8 @@
-"""Reproduction of an engine bug; NOT part of the suite (the file name keeps pytest from
-collecting it). Run it on purpose:
+"""A run whose handler kills its worker every time must not take other runs down with it.
 
-    .venv/bin/pytest tests/chaos/repro_kill_always_collateral.py -q -s
-
-A run whose handler kills its worker every time (input kill_always) takes the runs that share
-its worker process down with it: they are rescued with it (their `rescues` grows), re-claimed
-with it (same run_after, same batch), killed again, and end FAILED after CONVEYOR_MAX_RESCUES
-though their handlers never failed. Expected: only the killer run ends FAILED.
-Move this scenario into test_poison_runs.py once the engine isolates rescued runs.
+Runs in flight on the killed worker are rescued with it. Were they claimed beside it again, the
+killer would kill them again until they too ran out of rescues. A rescued run therefore runs
+alone (claim_batch's `alone`), so only the killer ends FAILED.
 """
 
 from __future__ import annotations
