@@ -72,6 +72,7 @@ def test_claim_uses_the_partial_index_with_a_million_finished_runs(database_url:
             "worker": "w",
             "batch": 50,
             "lease_seconds": 30,
+            "alone": True,  # the wider of the two forms: rescued runs allowed
         }
         plan = conn.execute("EXPLAIN (FORMAT JSON) " + claim, params).fetchone()[0]  # type: ignore[index]
         text = json.dumps(plan)
