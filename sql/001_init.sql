@@ -114,8 +114,8 @@ CREATE CONSTRAINT TRIGGER wake_waiting_workers
     FOR EACH ROW EXECUTE FUNCTION @schema@.wake_waiting_workers();
 
 -- The origin design's observer channel: one {id, status, operation} per changed run on
--- `pipeline_events`. On by default; `ALTER TABLE ... DISABLE TRIGGER pipeline_events_insert,
--- pipeline_events_update` turns it off (README, "Performance").
+-- `pipeline_events`. On by default; `conveyor observer off` turns it off for a database
+-- (README, "Performance").
 CREATE FUNCTION @schema@.notify_pipeline_change() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
