@@ -26,6 +26,7 @@ from benchmarks.harness import (
     set_triggers,
     settle,
 )
+from benchmarks.report import ratio
 from conveyor.worker.listener import wake_channel
 
 COMMAND = "python -m benchmarks.ingest"
@@ -90,8 +91,8 @@ def main() -> None:
         print(f"{result.label}: {result.rows_per_second:,.0f} rows/s")
     by = {(r.wake, r.observer, r.waiting_worker): r.rows_per_second for r in results}
     print(
-        f"(h) wake-up trigger on/off: {by[True, False, False] / by[False, False, False]:.2f}"
-        f" with the observer off, {by[True, True, False] / by[False, True, False]:.2f} with it on"
+        f"(h) wake-up trigger on/off: {ratio(by[True, False, False], by[False, False, False])}"
+        f" with the observer off, {ratio(by[True, True, False], by[False, True, False])} with it on"
         f" ({CLIENTS} clients, one run per transaction; {COMMAND})"
     )
 

@@ -37,6 +37,11 @@ def rate(value: float, unit: str = "runs/s") -> str:
     return f"{value:,.0f} {unit}"
 
 
+def ratio(value: float, reference: float) -> str:
+    """value / reference, or n/a when nothing was counted (a tiny run's backlog ran dry)."""
+    return f"{value / reference:.2f}" if reference else "n/a"
+
+
 def share(value: float, ceiling: float, what: str) -> str:
     """A throughput as a fraction of the ceiling it is compared with."""
     return f"{value / ceiling:.2f} of {ceiling:,.0f} ({what})" if ceiling else "n/a"

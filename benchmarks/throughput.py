@@ -26,6 +26,7 @@ from benchmarks.harness import (
     settle,
 )
 from benchmarks.procstat import rss_megabytes
+from benchmarks.report import ratio
 
 COMMAND = "python -m benchmarks.throughput"
 _RATE_GUESS = 30_000  # queue for this rate, so that a fast worker never runs dry
@@ -115,7 +116,7 @@ def main() -> None:
             print(
                 f"(e) with {scale.million:,} finished runs: {loaded.runs_per_second:,.0f} runs/s,"
                 f" empty table {empty.runs_per_second:,.0f} runs/s, ratio"
-                f" {loaded.runs_per_second / empty.runs_per_second:.2f}{suffix}"
+                f" {ratio(loaded.runs_per_second, empty.runs_per_second)}{suffix}"
                 f" (loading took {time.monotonic() - t0:.0f} s)"
             )
 

@@ -174,10 +174,10 @@ class Worker:
         finally:
             for task in helpers:
                 task.cancel()
-            await asyncio.gather(*helpers, return_exceptions=True)
+            await cancelled(helpers)
             self._results_ready.set()
             completer.cancel()
-            await asyncio.gather(completer, return_exceptions=True)
+            await cancelled([completer])
             await self._flush_results(final=True)
             await self._forget()
             await self.listener.close()
@@ -490,6 +490,20 @@ class Worker:
     async def _database_trouble(self, what: str, exc: BaseException) -> None:
         self._log.warning("database error; will retry", during=what, error=_brief(exc))
         await asyncio.sleep(random.uniform(0.05, 0.5))
+
+
+async def cancelled(tasks: list[asyncio.Task[None]]) -> None:
+    """Wait for tasks that were just cancelled to end. Python 3.11's asyncio.wait_for (which
+    psycopg_pool waits with) can lose a cancellation that lands as its wait completes: such a
+    task would run on and the worker never exit. It is cancelled again instead."""
+    pending = set(tasks)
+    while pending:
+        _, pending = await asyncio.wait(pending, timeout=1.0)
+        for task in pending:
+            task.cancel()
+    for task in tasks:
+        if not task.cancelled():
+            task.exception()  # retrieved: ended with an error is fine at exit
 
 
 def _brief(exc: BaseException) -> str:
