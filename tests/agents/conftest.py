@@ -9,8 +9,8 @@ import pytest
 
 from conveyor import Pipeline, Run
 from conveyor.agents import db
-from tests.agents.llm_server import FakeLLM
 from tests.integration.conftest import start_conveyor
+from tests.llm_server import FakeLLM
 
 __all__ = ["start_conveyor"]  # the engine's fixture: `conveyor ARGS` against the test database
 

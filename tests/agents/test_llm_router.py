@@ -13,7 +13,7 @@ from conveyor.agents.analyze import Analyzer
 from conveyor.agents.config import AgentConfig, LLMConfig, Route
 from conveyor.agents.llm import LLMUnavailable, Router
 from tests.agents.conftest import run_async
-from tests.agents.llm_server import USAGE, FakeLLM, Reply, chat_reply
+from tests.llm_server import USAGE, FakeLLM, Reply, chat_reply
 
 KEY = "sk-test-4f1c9e"
 MESSAGES = [{"role": "user", "content": "hello"}]

@@ -16,8 +16,8 @@ from conveyor.agents.config import AgentConfig, EmbeddingsConfig, Route
 from conveyor.agents.documents import Document
 from conveyor.agents.ingest import bundled_corpus, ingest
 from tests.agents.conftest import run_async, run_stages
-from tests.agents.llm_server import EMBEDDING_DIMENSIONS, FakeLLM, embed
 from tests.helpers import PgServer, fetch_all, scalar
+from tests.llm_server import EMBEDDING_DIMENSIONS, FakeLLM, embed
 
 LEASES = Document(
     "docs/leases.md",

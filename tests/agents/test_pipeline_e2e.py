@@ -12,8 +12,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from tests.agents.llm_server import FakeLLM, Reply
 from tests.helpers import ConveyorProcess, fetch_all, scalar, wait_until
+from tests.llm_server import FakeLLM, Reply
 
 Start = Callable[..., ConveyorProcess]
 KEY = "sk-e2e-primary-1f2e3d"

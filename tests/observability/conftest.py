@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import start_conveyor
+from tests.llm_server import FakeLLM
 from tests.observability.prom import Prometheus, require_binary
 
 
@@ -30,6 +31,14 @@ def start_prometheus(tmp_path: Path) -> Iterator[Callable[..., Prometheus]]:
     yield start
     for server in started:
         server.stop()
+
+
+@pytest.fixture
+def fake_llm() -> Iterator[FakeLLM]:
+    """An OpenAI-compatible server on loopback for the agents' model calls."""
+    server = FakeLLM()
+    yield server
+    server.close()
 
 
 __all__ = ["start_conveyor"]

@@ -1,6 +1,8 @@
-"""A real Prometheus scraping a running `conveyor run` with real traffic, the shipped rules
-loaded: the counters of several worker processes add up, every dashboard panel's query and every
-rule runs through Prometheus's query API, and an alert really fires."""
+"""A real Prometheus scraping two running `conveyor run`s with real traffic, the shipped rules
+loaded: the test pipeline `chain` (retries, failures, a cancel, killed workers) and the reference
+pipeline `agents`, whose stages call models through the LLM router on an OpenAI-compatible server
+on loopback. The counters of several worker processes add up, every dashboard panel's query and
+every rule runs through Prometheus's query API and returns data, and an alert really fires."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import psycopg
 import pytest
 
 from tests.helpers import ROOT, ConveyorProcess, conveyor_env, scalar, wait_until
+from tests.llm_server import USAGE, FakeLLM, Reply
 from tests.observability.prom import (
     DASHBOARD,
     RULES,
@@ -29,33 +32,40 @@ from tests.observability.prom import (
 
 CHAIN = {"CONVEYOR_PIPELINE": "tests.pipelines:chain"}
 STAGES = {"one": 2, "two": 2, "three": 1}
-# Defined on the LLM router's branch (conveyor/metrics.py there), incremented by its model calls.
-# Until a run calls a model they export no sample, so their panels must run without error but
-# cannot be required to return data.
-LLM_METRICS = {
-    "conveyor_llm_requests_total",
-    "conveyor_llm_tokens_total",
-    "conveyor_llm_latency_seconds",
-}
+# The reference pipeline with a model for each stage that calls one (analyze, answer).
+AGENT_STAGES = ("analyze", "assemble", "answer")
+MODELS = {"analyze": "analyzer-small", "answer": "answer-large"}
+QUESTIONS = 8
 _METRIC_NAME = re.compile(r"\b((?:[a-z_]+:)?conveyor_[a-z0-9_]+(?::[a-z0-9_]+)?)\b")
 _HISTOGRAM_SUFFIX = re.compile(r"_(bucket|sum|count)$")
+# A series selector of a rule: a conveyor metric (or a recorded one, or `up`) with its matchers.
+_SELECTOR = re.compile(
+    r"(?<![\w:])((?:[a-z_]+:)?conveyor_[a-z0-9_]+(?::[a-z0-9_]+)?|up)(?![\w:(])(\{[^}]*\})?"
+)
 
 
-def _insert(url: str, inputs: list[dict[str, Any]], delay: str | None = None) -> list[Any]:
+def _insert(
+    url: str, inputs: list[dict[str, Any]], delay: str | None = None, pipeline: str = "chain"
+) -> list[Any]:
     with psycopg.connect(url, autocommit=True) as conn:
         return [
             conn.execute(
                 "INSERT INTO conveyor.pipeline_runs (pipeline, input, run_after)"
-                " VALUES ('chain', %s, now() + %s::interval) RETURNING id",
-                (json.dumps(item), delay or "0 seconds"),
+                " VALUES (%s, %s, now() + %s::interval) RETURNING id",
+                (pipeline, json.dumps(item), delay or "0 seconds"),
             ).fetchone()[0]  # type: ignore[index]
             for item in inputs
         ]
 
 
-def _finished(url: str) -> int:
+def _finished(url: str, pipeline: str = "chain", status: str | None = None) -> int:
     return int(
-        scalar(url, "SELECT count(*) FROM conveyor.pipeline_runs WHERE finished_at IS NOT NULL")
+        scalar(
+            url,
+            "SELECT count(*) FROM conveyor.pipeline_runs WHERE finished_at IS NOT NULL"
+            " AND pipeline = %s AND status = coalesce(%s, status)",
+            (pipeline, status),
+        )
     )
 
 
@@ -89,11 +99,21 @@ def _names(expr: str) -> set[str]:
     return {_HISTOGRAM_SUFFIX.sub("", name) for name in _METRIC_NAME.findall(expr)}
 
 
+def _selectors(expr: str) -> set[str]:
+    return {name + (matchers or "") for name, matchers in _SELECTOR.findall(expr)}
+
+
+def _series_names(names: set[str]) -> str:
+    """A regex for the series of these metrics, a histogram's included."""
+    return "|".join(f"{name}(_bucket|_count|_sum)?" for name in sorted(names))
+
+
 @pytest.mark.timeout(300)
 def test_prometheus_scrapes_conveyor_and_runs_every_panel_and_rule(
     database_url: str,
     start_conveyor: Callable[..., ConveyorProcess],
     start_prometheus: Callable[..., Prometheus],
+    fake_llm: FakeLLM,
 ) -> None:
     promtool = require_binary("promtool")
     supervisor = start_conveyor(
@@ -103,10 +123,28 @@ def test_prometheus_scrapes_conveyor_and_runs_every_panel_and_rule(
         CONVEYOR_LISTENER_CHECK_INTERVAL="1",
         **CHAIN,
     )
-    port = metrics_port(supervisor)
-    wait_until(lambda: http_get(f"http://127.0.0.1:{port}/readyz")[0] == 200, 30, "readiness")
-    prometheus = start_prometheus([f"127.0.0.1:{port}"], [RULES])
-    wait_until(lambda: prometheus.value('up{job="conveyor"}') == 1, 30, "the first scrape")
+    agents = start_conveyor(
+        "run",
+        CONVEYOR_LLM_BASE_URL=fake_llm.url,
+        CONVEYOR_LLM_API_KEY="sk-observability-test",
+        CONVEYOR_LLM_BACKOFF_SECONDS="0.05",
+        CONVEYOR_LISTENER_CHECK_INTERVAL="1",
+        **{f"CONVEYOR_{stage.upper()}_MODEL": model for stage, model in MODELS.items()},
+    )
+    port, agents_port = metrics_port(supervisor), metrics_port(agents)
+    for p in (port, agents_port):
+        wait_until(lambda p=p: http_get(f"http://127.0.0.1:{p}/readyz")[0] == 200, 30, "readiness")
+    prometheus = start_prometheus([f"127.0.0.1:{port}", f"127.0.0.1:{agents_port}"], [RULES])
+    wait_until(lambda: prometheus.value('count(up{job="conveyor"} == 1)') == 2, 30, "first scrapes")
+
+    # Model traffic: every question is analyzed and answered by a model; one answer is refused
+    # once with a 429 and retried by the router.
+    fake_llm.push(MODELS["answer"], Reply(status=429, headers={"Retry-After": "0"}))
+    _insert(
+        database_url,
+        [{"question": f"How long does lease {n} last?"} for n in range(QUESTIONS)],
+        pipeline="agents",
+    )
 
     # Traffic: plain runs, flaky ones (retried once), poison ones (FAILED after 3 attempts), and
     # one delayed run that is cancelled before it is due.
@@ -115,6 +153,10 @@ def test_prometheus_scrapes_conveyor_and_runs_every_panel_and_rule(
     _insert(database_url, [{"n": n, "always_fail": True} for n in range(5)])
     (delayed,) = _insert(database_url, [{"n": -1}], delay="1 hour")
     wait_until(lambda: _finished(database_url) == 115, 60, "115 runs finished")
+    wait_until(
+        lambda: _finished(database_url, "agents", "DONE") == QUESTIONS, 60, "the questions answered"
+    )
+    assert _finished(database_url, "agents") == QUESTIONS  # none FAILED
 
     # A worker of stage one dies: its counters stay in the sum, its replacement adds to them.
     _kill_and_await_restart(supervisor, "one")
@@ -149,7 +191,7 @@ def test_prometheus_scrapes_conveyor_and_runs_every_panel_and_rule(
         "the cancel counted by the leader and scraped",
     )
     done = 150
-    expected = {
+    expected: dict[str, float | None] = {
         'sum(conveyor_runs_completed_total{stage="one"})': done + 10,
         'sum(conveyor_runs_completed_total{stage="two"})': done + 10,
         'sum(conveyor_runs_completed_total{stage="three"})': done + 10,
@@ -161,6 +203,21 @@ def test_prometheus_scrapes_conveyor_and_runs_every_panel_and_rule(
         'sum(conveyor_lease_losses_total{pipeline="chain"})': 0,
         'sum(conveyor_worker_restarts_total{stage="one"})': 1,
     }
+    # The agents' model calls: two per question, one more for the 429; tokens from the usage.
+    calls = QUESTIONS * len(MODELS)
+    assert len(fake_llm.requests) == calls + 1
+    for stage, model in MODELS.items():
+        llm = f'pipeline="agents", stage="{stage}", model="{model}"'
+        expected[f'sum(conveyor_llm_requests_total{{{llm}, outcome="ok"}})'] = QUESTIONS
+        expected[f"sum(conveyor_llm_latency_seconds_count{{{llm}}})"] = QUESTIONS + (
+            1 if stage == "answer" else 0
+        )
+        for kind in ("prompt", "completion"):
+            expected[f'sum(conveyor_llm_tokens_total{{{llm}, kind="{kind}"}})'] = (
+                QUESTIONS * USAGE[f"{kind}_tokens"]
+            )
+    expected['sum(conveyor_llm_requests_total{outcome="rate_limited"})'] = 1
+    expected['sum(conveyor_llm_requests_total{pipeline="chain"})'] = None  # it calls no model
     wait_until(
         lambda: all(total(expr) == value for expr, value in expected.items()),
         30,
@@ -191,10 +248,12 @@ def test_prometheus_scrapes_conveyor_and_runs_every_panel_and_rule(
             30,
             f"{stage}'s listeners connected",
         )
-    assert total("count(conveyor_build_info == 1)") == 1
+    assert total("count(conveyor_build_info == 1)") == 2  # one per supervisor scraped
 
-    # Every panel of the dashboard, as Grafana would send it, for all and for one selection.
-    present = set(prometheus.api("label/__name__/values"))
+    # Every panel of the dashboard, as Grafana would send it, returns data: for all pipelines and
+    # stages, and for a stage of the agents pipeline alone (it does all the panels show: claims,
+    # retries, queue, listeners, model calls). The chain pipeline's stage alone too, except where
+    # the panel's metrics have no series of that stage (chain calls no model).
     dashboard = json.loads(DASHBOARD.read_text())
     panels = [p for p in dashboard["panels"] if p["type"] != "row"]
     assert panels
@@ -202,35 +261,41 @@ def test_prometheus_scrapes_conveyor_and_runs_every_panel_and_rule(
         for target in panel["targets"]:
             names = _names(target["expr"])
             assert names, target["expr"]
-            llm_only = names <= LLM_METRICS
-            for pipeline, stage in ((".*", ".*"), ("chain", "one")):
+            for pipeline, stage in ((".*", ".*"), ("agents", "answer"), ("chain", "one")):
                 expr = _substitute(target["expr"], pipeline, stage)
-                result = prometheus.query(expr)  # raises unless Prometheus accepts it
-                if llm_only and not any(n in present or f"{n}_count" in present for n in names):
+                if prometheus.query(expr):  # raises unless Prometheus accepts it
                     continue
-                assert result, f"panel {panel['title']!r} returns no data: {expr}"
+                assert pipeline == "chain", f"panel {panel['title']!r} returns no data: {expr}"
+                selected = f'pipeline="{pipeline}", stage="{stage}"'
+                series = f'{{__name__=~"{_series_names(names)}", {selected}}}'
+                assert not prometheus.query(series), f"panel {panel['title']!r} misses: {expr}"
 
     # The dashboard's variables: the label values Grafana would offer.
     pipelines = prometheus.api(
         "label/pipeline/values", **{"match[]": "conveyor_runs_claimed_total"}
     )
-    assert pipelines == ["chain"]
-    stages = prometheus.api(
-        "label/stage/values", **{"match[]": 'conveyor_runs_claimed_total{pipeline=~"chain"}'}
-    )
-    assert sorted(stages) == sorted(STAGES)
+    assert pipelines == ["agents", "chain"]
+    for pipeline, expected_stages in (("chain", sorted(STAGES)), ("agents", AGENT_STAGES)):
+        stages = prometheus.api(
+            "label/stage/values",
+            **{"match[]": f'conveyor_runs_claimed_total{{pipeline=~"{pipeline}"}}'},
+        )
+        assert sorted(stages) == sorted(expected_stages)
 
-    # Every rule was evaluated without error, and names only series that exist.
+    # Every rule was evaluated without error, and every series selector in it returns data (an
+    # alert's own result is empty while all is well: it holds only what crosses its threshold).
     groups = prometheus.api("rules")["groups"]
     rules = [rule for group in groups for rule in group["rules"]]
     assert len(rules) >= 10
     for rule in rules:
         assert rule["health"] == "ok", rule
         prometheus.query(rule["query"])
-        for name in _names(rule["query"]):
-            assert name in present or f"{name}_count" in present, (rule["name"], name)
+        selectors = _selectors(rule["query"])
+        assert selectors, rule["query"]
+        for selector in selectors:
+            assert prometheus.query(f"count({selector})"), (rule["name"], selector)
     recorded = prometheus.query("pipeline_stage:conveyor_queue_depth:sum")
-    assert {r["metric"]["stage"] for r in recorded} == set(STAGES)
+    assert {r["metric"]["stage"] for r in recorded} == set(STAGES) | set(AGENT_STAGES)
 
     # An alert fires for real: stage three's process dies four times in a row.
     for _ in range(4):
@@ -253,12 +318,19 @@ def test_prometheus_scrapes_conveyor_and_runs_every_panel_and_rule(
         "ConveyorListenerSilent",
     }
 
-    # promtool's lint of a real scrape.
-    text = scrape(port)
-    checked = subprocess.run(
-        [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30
-    )
-    assert checked.returncode == 0 and not checked.stdout.strip(), checked.stdout + checked.stderr
+    # promtool's lint of real scrapes; the model calls as /metrics shows them (pytest -s).
+    for p in (port, agents_port):
+        text = scrape(p)
+        checked = subprocess.run(
+            [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30
+        )
+        assert checked.returncode == 0 and not checked.stdout.strip(), (
+            checked.stdout + checked.stderr
+        )
+    llm_lines = [line for line in text.splitlines() if line.startswith("conveyor_llm_")]
+    assert llm_lines
+    print("\n".join(line for line in llm_lines if "_bucket" not in line))
 
-    supervisor.signal(signal.SIGTERM)
-    assert supervisor.wait(60) == 0
+    for process in (supervisor, agents):
+        process.signal(signal.SIGTERM)
+        assert process.wait(60) == 0
