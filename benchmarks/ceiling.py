@@ -78,6 +78,7 @@ def script(pipeline: Pipeline, stage: Stage, batch: int, lease_seconds: float = 
         "working": stage.working,
         "produces": stage.produces,
         "terminal": pipeline.is_terminal(stage.produces),
+        "durable": pipeline.is_terminal(stage.produces),  # as the worker decides it
         "batch": batch,
         "lease_seconds": lease_seconds,
         "alone": False,  # no rescued runs here

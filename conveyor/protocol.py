@@ -119,6 +119,8 @@ class StageProtocol:
         # A lone statement is a transaction already: BEGIN and COMMIT would be two more round
         # trips per batch. Successes and failures together are committed together.
         both = bool(successes and failures)
+        # One commit for both statements: it waits for its flush when any run ends here.
+        durable = (bool(successes) and self._terminal) or any(f.retry_in is None for f in failures)
         async with (
             self._completing.connection() as conn,
             conn.transaction() if both else nullcontext(),
@@ -129,6 +131,7 @@ class StageProtocol:
                     {
                         **self._fence,
                         "terminal": self._terminal,
+                        "durable": durable,
                         "ids": uuid_array([s.run_id for s in successes]),
                         "outputs": text_array([s.output_json for s in successes]),
                         "attempts": number_array([s.attempt for s in successes]),
@@ -145,6 +148,7 @@ class StageProtocol:
                     self.sql["fail_if_leased"],
                     {
                         **self._fence,
+                        "durable": durable,
                         "ids": uuid_array([f.run_id for f in failures]),
                         "errors": text_array([f.error for f in failures]),
                         "attempts": number_array([f.attempt for f in failures]),

@@ -27,11 +27,13 @@ class PgServer:
     def url_for(self, dbname: str) -> str:
         return conninfo.make_conninfo(self.admin_url, dbname=dbname)
 
-    def stop(self) -> None:
+    def stop(self, mode: str = "fast") -> None:
+        """Stop the server: "fast" shuts it down cleanly, "immediate" is a crash (unflushed
+        commits are lost, unlogged tables emptied, WAL replayed at the next start)."""
         from conveyor import _embedded
 
         assert self.data_dir is not None, "only the embedded server can be restarted"
-        _embedded.stop(self.data_dir, mode="fast")
+        _embedded.stop(self.data_dir, mode=mode)
 
     def start(self) -> None:
         from conveyor import _embedded
