@@ -259,7 +259,7 @@ WITH inserted AS (
     INSERT INTO @schema@.pipeline_runs (pipeline, input, priority, run_after, idempotency_key)
     VALUES (%(pipeline)s, %(input)s, %(priority)s,
             now() + make_interval(secs => %(delay_seconds)s), %(idempotency_key)s)
-    ON CONFLICT (pipeline, idempotency_key) DO NOTHING
+    ON CONFLICT (pipeline, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
     RETURNING id, true AS created
 )
 SELECT id, created FROM inserted

@@ -111,8 +111,6 @@ CREATE UNLOGGED TABLE conveyor.workers (
 ALTER TABLE ONLY conveyor.memory
     ADD CONSTRAINT memory_pkey PRIMARY KEY (id);
 ALTER TABLE ONLY conveyor.pipeline_runs
-    ADD CONSTRAINT pipeline_runs_idempotency UNIQUE (pipeline, idempotency_key);
-ALTER TABLE ONLY conveyor.pipeline_runs
     ADD CONSTRAINT pipeline_runs_pkey PRIMARY KEY (id);
 ALTER TABLE ONLY conveyor.run_events
     ADD CONSTRAINT run_events_pkey PRIMARY KEY (id);
@@ -128,6 +126,7 @@ CREATE INDEX pipeline_runs_claimable ON conveyor.pipeline_runs USING btree (pipe
 CREATE INDEX pipeline_runs_created ON conveyor.pipeline_runs USING btree (created_at, id);
 CREATE INDEX pipeline_runs_failed ON conveyor.pipeline_runs USING btree (pipeline, finished_at) WHERE (status = 'FAILED'::text);
 CREATE INDEX pipeline_runs_finished ON conveyor.pipeline_runs USING btree (finished_at) WHERE (finished_at IS NOT NULL);
+CREATE UNIQUE INDEX pipeline_runs_idempotency ON conveyor.pipeline_runs USING btree (pipeline, idempotency_key) WHERE (idempotency_key IS NOT NULL);
 CREATE INDEX run_events_created ON conveyor.run_events USING btree (created_at);
 CREATE INDEX run_events_run ON conveyor.run_events USING btree (run_id, id);
 CREATE TRIGGER pipeline_events_insert AFTER INSERT ON conveyor.pipeline_runs FOR EACH ROW EXECUTE FUNCTION conveyor.notify_pipeline_change();

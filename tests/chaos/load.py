@@ -24,7 +24,7 @@ _SUBMIT = """
 INSERT INTO conveyor.pipeline_runs (pipeline, input, idempotency_key)
 SELECT 'chain', jsonb_build_object('n', n) || %(extra)s::jsonb, 'n-' || n
   FROM generate_series(%(first)s::int, %(last)s::int) n
-    ON CONFLICT (pipeline, idempotency_key) DO NOTHING
+    ON CONFLICT (pipeline, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
 RETURNING id
 """
 
