@@ -76,6 +76,7 @@ class Worker:
         self._in_flight: dict[UUID, asyncio.Task[None]] = {}
         self._successes: list[Success] = []
         self._failures: list[Failure] = []
+        self._durations: list[float] = []
         self._taken_away: set[UUID] = set()
         self._backlog = False
         self._running_rescued = False  # a rescued run is in flight: it runs alone
@@ -234,12 +235,12 @@ class Worker:
                 await self._database_trouble("claim", exc)
                 continue
             self._emptying_for_rescued = False
-            for run_id, run_input, outputs, attempt, waited, rescued in rows:
+            for run_id, run_input, outputs, attempt, _waited, rescued in rows:
                 run = Run(run_id, self.pipeline.name, stage.name, run_input, outputs, attempt)
                 self._in_flight[run_id] = asyncio.create_task(self._execute(run))
-                self._wakeup_latency.observe(waited)
                 self._running_rescued = self._running_rescued or rescued
             if rows:
+                metrics.observe_many(self._wakeup_latency, (row[4] for row in rows))
                 metrics.CLAIMED.labels(*self._labels).inc(len(rows))
                 metrics.IN_FLIGHT.labels(*self._labels).set(len(self._in_flight))
                 if by_timer:
@@ -308,7 +309,7 @@ class Worker:
                 self._slot_freed.set()
                 return
             raise
-        self._stage_duration.observe(outcome.duration)
+        self._durations.append(outcome.duration)  # observed by the completer, a batch at once
         if isinstance(outcome, Success):
             self._successes.append(outcome)
             if self._log_runs:
@@ -343,6 +344,8 @@ class Worker:
         """Commit every finished attempt collected so far in one fenced batch. On a database
         error the results are kept and the batch is tried again: the fence makes it safe.
         The final flush at exit gives up after a few tries; the leases then expire."""
+        durations, self._durations = self._durations, []
+        metrics.observe_many(self._stage_duration, durations)
         tries = 0
         while self._successes or self._failures:
             successes, self._successes = self._successes, []

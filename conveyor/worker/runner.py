@@ -14,6 +14,9 @@ from conveyor.protocol import Failure, Success
 from conveyor.worker.deadlines import for_running_loop
 
 _MAX_ERROR_CHARS = 4000
+# NaN/Infinity are not JSON. One encoder for every output: json.dumps with an option set builds
+# a new encoder per call.
+_to_json = json.JSONEncoder(allow_nan=False).encode
 # An unescaped \u0000 in JSON text: jsonb refuses it, and one such output must not sink a batch.
 _NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 
@@ -30,7 +33,7 @@ async def run_handler(stage: Stage, run: Run) -> Success | Failure:
             output: Any = await stage.handler(run)  # type: ignore[misc]
         else:
             output = await asyncio.to_thread(stage.handler, run)
-        payload = json.dumps(output, allow_nan=False)  # NaN/Infinity are not JSON
+        payload = _to_json(output)
         if "\\u0000" in payload and _NUL_ESCAPE.search(payload):
             raise ValueError("output contains a NUL character (\\u0000): jsonb cannot store it")
     except asyncio.CancelledError:
