@@ -69,6 +69,12 @@ WAKEUP_LATENCY = Histogram(
 IN_FLIGHT = Gauge(
     "conveyor_runs_in_flight", "Runs being handled right now.", _STAGE, multiprocess_mode="livesum"
 )
+WORKER_ERRORS = Counter(
+    "conveyor_worker_errors_total",
+    "Protocol statements of a worker that PostgreSQL refused for another reason than a lost "
+    "connection (a malformed row, a broken schema); the worker backs off and tries again.",
+    ("pipeline", "stage", "operation"),
+)
 
 # -- workers: the LISTEN connection --------------------------------------------------------------
 
