@@ -71,8 +71,9 @@ IN_FLIGHT = Gauge(
 )
 WORKER_ERRORS = Counter(
     "conveyor_worker_errors_total",
-    "Protocol statements of a worker that PostgreSQL refused for another reason than a lost "
-    "connection (a malformed row, a broken schema); the worker backs off and tries again.",
+    "Statements of a worker (or of the maintenance leader, stage 'maintenance') that PostgreSQL "
+    "refused for another reason than a lost connection (a malformed row, a broken schema); "
+    "they are tried again after a pause.",
     ("pipeline", "stage", "operation"),
 )
 

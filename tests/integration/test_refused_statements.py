@@ -75,3 +75,56 @@ def test_a_row_the_claim_cannot_take_leaves_the_worker_running(
         "the repaired run to pass stage one",
     )
     assert supervisor.stop() == 0
+
+
+@pytest.mark.timeout(120)
+def test_a_row_the_rescue_cannot_take_leaves_the_maintenance_leader_running(
+    database_url: str, start_conveyor: Callable[..., ConveyorProcess]
+) -> None:
+    # An expired lease whose rescue count is at the integer maximum: the rescue counts it up,
+    # so every rescue of the stage that reaches this row fails with "integer out of range".
+    stuck = scalar(
+        database_url,
+        "INSERT INTO conveyor.pipeline_runs"
+        " (pipeline, input, status, attempt, lease_owner, lease_expires_at, rescues)"
+        " VALUES ('chain', '{}', 'ONE_RUNNING', 1, 'one-1-gone', now() - interval '1 h', %s)"
+        " RETURNING id",
+        (INT_MAX,),
+    )
+    supervisor = start_conveyor(
+        "run", CONVEYOR_STAGES="one=1", CONVEYOR_SWEEP_INTERVAL="0.3", **CHAIN
+    )
+    port = metrics_port(supervisor)
+    wait_until(
+        lambda: len(_failed_statements(supervisor, "rescue_expired")) >= 3,
+        60,
+        "three refused rescues",
+    )
+    refused = _failed_statements(supervisor, "rescue_expired")[0]
+    assert (refused["stage"], refused["sqlstate"]) == ("maintenance", "22003")
+    errors = sample(
+        scrape(port),
+        "conveyor_worker_errors_total",
+        stage="maintenance",
+        operation="rescue_expired",
+    )
+    assert errors is not None and errors >= 3
+    assert "worker process died" not in supervisor.log()
+
+    # Repaired, the leader (still leading, still trying) rescues it and the stage runs it again.
+    scalar(
+        database_url,
+        "UPDATE conveyor.pipeline_runs SET rescues = 0 WHERE id = %s RETURNING id",
+        (stuck,),
+    )
+    wait_until(
+        lambda: (
+            scalar(
+                database_url, "SELECT status FROM conveyor.pipeline_runs WHERE id = %s", (stuck,)
+            )
+            == "ONE_DONE"
+        ),
+        30,
+        "the repaired run rescued and passed through stage one",
+    )
+    assert supervisor.stop() == 0
