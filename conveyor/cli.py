@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 from uuid import UUID
 
 import click
@@ -17,15 +16,13 @@ import psycopg
 
 from conveyor import _embedded, migrate, runs
 from conveyor.agents.cli import memory_group
+from conveyor.cli_errors import fail, one_line_errors
 from conveyor.console.cli import console_command
-from conveyor.db import DatabaseUnavailable, connect, database_url, listen_url, redact
+from conveyor.db import DatabaseUnavailable, connect, database_url, listen_url
 from conveyor.logs import configure_logging
 from conveyor.pipeline import Pipeline, PipelineError, load_pipeline
 from conveyor.settings import ConfigError, Settings
 from conveyor.worker.liveness import LivenessSlot
-
-F = TypeVar("F", bound=Callable[..., Any])
-EXIT_USAGE = 2
 
 
 @dataclass
@@ -64,22 +61,8 @@ class App:
         return plan
 
 
-def clear_errors(command: F) -> F:
-    """Known failures print one line and exit 2: no traceback for a bad setting."""
-
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return command(*args, **kwargs)
-        except (ConfigError, PipelineError, DatabaseUnavailable, runs.SubmitError) as exc:
-            click.echo(f"conveyor: error: {redact(str(exc))}", err=True)
-            sys.exit(EXIT_USAGE)
-        except psycopg.OperationalError as exc:
-            lines = [line for line in str(exc).splitlines() if line.strip()]
-            click.echo(f"conveyor: error: database: {redact(lines[-1] if lines else '')}", err=True)
-            sys.exit(EXIT_USAGE)
-
-    return wrapper  # type: ignore[return-value]
+# Known failures print one line and exit 2: no traceback for a bad setting.
+clear_errors = one_line_errors(PipelineError, runs.SubmitError)
 
 
 @click.group()
@@ -89,8 +72,7 @@ def cli(ctx: click.Context) -> None:
     try:
         settings = Settings.from_env()
     except ConfigError as exc:
-        click.echo(f"conveyor: error: {exc}", err=True)
-        sys.exit(EXIT_USAGE)
+        fail(str(exc))
     configure_logging(settings.log_format, settings.log_level)
     ctx.obj = App(settings)
 
@@ -399,11 +381,7 @@ def bench_command(args: tuple[str, ...]) -> None:
 
     checkout = Path(__file__).resolve().parent.parent
     if not (checkout / "benchmarks" / "__main__.py").exists():
-        click.echo(
-            "conveyor: error: bench needs a source checkout (benchmarks/ is not in the wheel)",
-            err=True,
-        )
-        sys.exit(EXIT_USAGE)
+        fail("bench needs a source checkout (benchmarks/ is not in the wheel)")
     sys.exit(subprocess.call([sys.executable, "-m", "benchmarks", *args], cwd=checkout))
 
 

@@ -38,6 +38,7 @@ class Maintenance:
         self.is_leader = False
         self.connected = False
         self.schema_current = False
+        self._statement = ""  # the one under way, for the log line when PostgreSQL refuses it
         self.lock_name = f"conveyor.leader.{settings.schema}.{pipeline.name}"
         self.published = LeaderMetrics(pipeline, self.sql)
 
@@ -59,12 +60,17 @@ class Maintenance:
                 ) as conn:
                     schema_checked_at = 0.0
                     while True:
-                        if time.monotonic() - schema_checked_at > SCHEMA_CHECK_SECONDS:
-                            self.schema_current = await self._schema_is_current(conn)
-                            schema_checked_at = time.monotonic()
-                        self.connected = True
-                        failures = 0
-                        await self._lead_or_wait(conn)
+                        try:
+                            if time.monotonic() - schema_checked_at > SCHEMA_CHECK_SECONDS:
+                                self.schema_current = await self._schema_is_current(conn)
+                                schema_checked_at = time.monotonic()
+                            self.connected = True
+                            failures = 0
+                            await self._lead_or_wait(conn)
+                        except _DB_ERRORS:
+                            raise
+                        except psycopg.Error as exc:
+                            self._statement_refused(exc)
                         await asyncio.sleep(self.interval * random.uniform(0.8, 1.2))
             except _DB_ERRORS as exc:
                 if self.is_leader:
@@ -77,12 +83,26 @@ class Maintenance:
                 self.is_leader = False
                 await asyncio.sleep(random.uniform(0.5, 2.0))
 
+    def _statement_refused(self, exc: psycopg.Error) -> None:
+        """PostgreSQL refused a statement over a working connection (a malformed row, a broken
+        schema). Logged and counted, and tried again next round; the leader keeps its lock.
+        Raised instead, it would end this task without a word, and rescues with it."""
+        log.error(
+            "statement failed",
+            operation=self._statement,
+            error_type=type(exc).__name__,
+            sqlstate=exc.sqlstate,
+            error=_brief(exc),
+        )
+        metrics.WORKER_ERRORS.labels(self.pipeline.name, "maintenance", self._statement).inc()
+
     @property
     def ready(self) -> bool:
         """Database reachable and migrated to what this code expects (the supervisor's /readyz)."""
         return self.connected and self.schema_current
 
     async def _schema_is_current(self, conn: psycopg.AsyncConnection[Any]) -> bool:
+        self._statement = "schema_version"
         cur = await conn.execute(
             sql.SQL("SELECT coalesce(max(version), 0) FROM {}.schema_migrations").format(
                 sql.Identifier(self.settings.schema)
@@ -96,6 +116,7 @@ class Maintenance:
 
     async def _lead_or_wait(self, conn: psycopg.AsyncConnection[Any]) -> None:
         if not self.is_leader:
+            self._statement = "leader_lock"
             cur = await conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (self.lock_name,))
             row = await cur.fetchone()
             self.is_leader = bool(row and row[0])
@@ -107,6 +128,7 @@ class Maintenance:
 
     async def tick(self, conn: psycopg.AsyncConnection[Any]) -> None:
         for stage in self.pipeline.stages:
+            self._statement = "rescue_expired"
             cur = await conn.execute(
                 self.sql["rescue_expired"],
                 {
@@ -131,8 +153,11 @@ class Maintenance:
             if rescued:
                 metrics.RESCUED.labels(self.pipeline.name, stage.name).inc(len(rescued))
         if self.settings.retention is not None:
+            self._statement = "prune_finished"
             await self.prune(conn, self.settings.retention)
+        self._statement = "forget_dead_workers"
         await conn.execute(self.sql["forget_dead_workers"])
+        self._statement = "leader_metrics"
         await self.published.publish(conn)
 
     async def prune(self, conn: psycopg.AsyncConnection[Any], older_than: float) -> int:

@@ -72,6 +72,13 @@ WAKEUP_LATENCY = Histogram(
 IN_FLIGHT = Gauge(
     "conveyor_runs_in_flight", "Runs being handled right now.", _STAGE, multiprocess_mode="livesum"
 )
+WORKER_ERRORS = Counter(
+    "conveyor_worker_errors_total",
+    "Statements of a worker (or of the maintenance leader, stage 'maintenance') that PostgreSQL "
+    "refused for another reason than a lost connection (a malformed row, a broken schema); "
+    "they are tried again after a pause.",
+    ("pipeline", "stage", "operation"),
+)
 
 # -- workers: the LISTEN connection --------------------------------------------------------------
 

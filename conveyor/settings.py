@@ -58,7 +58,7 @@ class Settings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
-        reader = _Reader(env)
+        reader = _SettingsReader(env)
         lease = reader.number("CONVEYOR_LEASE", 30.0, minimum=1.0)
         return cls(
             database_url=env.get("CONVEYOR_DATABASE_URL") or env.get("DATABASE_URL") or None,
@@ -118,30 +118,33 @@ _STAGE_VARIABLE = re.compile(
 # Global settings whose names also fit the per-stage pattern: never a stage's override.
 
 
-class _Reader:
+class EnvReader:
+    """Reads variables from an environment: blank is unset, a bad value is a ConfigError that
+    names its variable. The engine's settings and the agents' configuration both build on it."""
+
     def __init__(self, env: Mapping[str, str]) -> None:
         self.env = env
         self.read: set[str] = set()  # names already read as settings of their own
 
-    def _raw(self, name: str) -> str | None:
+    def raw(self, name: str) -> str | None:
         self.read.add(name)
         value = self.env.get(name)
         return None if value is None or value.strip() == "" else value.strip()
 
     def number(self, name: str, default: float, *, minimum: float) -> float:
-        raw = self._raw(name)
+        raw = self.raw(name)
         if raw is None:
             return default
         try:
             value = float(raw)
         except ValueError:
             value = float("nan")
-        if not value >= minimum or value == float("inf"):
+        if not minimum <= value < float("inf"):  # NaN fails it too
             raise ConfigError(name, raw, f"expected a number of seconds >= {minimum:g}")
         return value
 
     def integer(self, name: str, default: int, *, minimum: int, maximum: int | None = None) -> int:
-        raw = self._raw(name)
+        raw = self.raw(name)
         if raw is None:
             return default
         try:
@@ -153,8 +156,10 @@ class _Reader:
             raise ConfigError(name, raw, f"expected an integer >= {minimum}{bound}")
         return value
 
+
+class _SettingsReader(EnvReader):
     def duration(self, name: str) -> float | None:
-        raw = self._raw(name)
+        raw = self.raw(name)
         if raw is None or raw.lower() in ("off", "none", "0"):
             return None
         try:
@@ -165,7 +170,7 @@ class _Reader:
             ) from None
 
     def choice(self, name: str, default: str, accepted: tuple[str, ...]) -> str:
-        raw = self._raw(name)
+        raw = self.raw(name)
         if raw is None:
             return default
         if raw.lower() not in accepted:
@@ -173,7 +178,7 @@ class _Reader:
         return raw.lower()
 
     def schema(self, name: str, default: str) -> str:
-        raw = self._raw(name)
+        raw = self.raw(name)
         if raw is None:
             return default
         if not _SCHEMA_NAME.match(raw):
@@ -181,7 +186,7 @@ class _Reader:
         return raw
 
     def import_path(self, name: str, default: str) -> str:
-        raw = self._raw(name)
+        raw = self.raw(name)
         if raw is None:
             return default
         module, _, attribute = raw.partition(":")
@@ -190,7 +195,7 @@ class _Reader:
         return raw
 
     def stages(self, name: str) -> dict[str, int] | None:
-        raw = self._raw(name)
+        raw = self.raw(name)
         if raw is None:
             return None
         stages: dict[str, int] = {}
@@ -220,8 +225,8 @@ class _Reader:
                 continue
             stage, kind = match.group(1).lower(), match.group(2)
             if kind == "TIMEOUT":
-                if self._raw(variable) is not None:
+                if self.raw(variable) is not None:
                     found.setdefault(stage, {})["timeout"] = self.number(variable, 0, minimum=0.001)
-            elif self._raw(variable) is not None:
+            elif self.raw(variable) is not None:
                 found.setdefault(stage, {})[kind.lower()] = self.integer(variable, 0, minimum=1)
         return {stage: StageOverrides(**values) for stage, values in found.items()}  # type: ignore[arg-type]

@@ -3,6 +3,7 @@
 - "sleep": seconds each stage sleeps;
 - "fail_times": raise on the first N attempts of stage "one";
 - "always_fail": stage "one" always raises;
+- "fail_with": stage "one" always raises RuntimeError with this message;
 - "kill_first_attempt": stage "one" SIGKILLs its own worker on attempt 1;
 - "kill_always": stage "one" SIGKILLs its own worker every time;
 - "bad_output": stage "one" returns what jsonb cannot store ("nan", "nul") or what JSON cannot
@@ -22,6 +23,8 @@ from conveyor import Backoff, Pipeline, Run, Stage
 async def one(run: Run) -> dict[str, Any]:
     if run.input.get("always_fail"):
         raise RuntimeError(f"poison run {run.input.get('n')}")
+    if run.input.get("fail_with"):
+        raise RuntimeError(run.input["fail_with"])
     if run.attempt <= int(run.input.get("fail_times", 0)):
         raise ValueError(f"flaky failure on attempt {run.attempt}")
     if run.input.get("kill_always") or (run.input.get("kill_first_attempt") and run.attempt == 1):

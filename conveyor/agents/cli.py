@@ -7,11 +7,7 @@ and database from the group's context object when there is one, else from the en
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
-import sys
-from collections.abc import Callable
-from typing import Any, TypeVar
 
 import click
 import psycopg
@@ -22,34 +18,12 @@ from conveyor.agents.config import AgentConfig
 from conveyor.agents.documents import MemoryInputError, read_documents
 from conveyor.agents.ingest import ingest
 from conveyor.agents.llm import Embedder, Labels, LLMUnavailable
-from conveyor.db import DatabaseUnavailable, connect, database_url, redact
-from conveyor.settings import ConfigError, Settings
+from conveyor.cli_errors import one_line_errors
+from conveyor.db import DatabaseUnavailable, connect, database_url
+from conveyor.settings import Settings
 
-F = TypeVar("F", bound=Callable[..., Any])
-EXIT_USAGE = 2
-
-
-def _clear_errors(command: F) -> F:
-    """A known problem is one line on stderr and exit code 2, never a traceback."""
-
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return command(*args, **kwargs)
-        except (
-            ConfigError,
-            DatabaseUnavailable,
-            MemoryInputError,
-            LLMUnavailable,
-        ) as exc:
-            click.echo(f"conveyor: error: {redact(str(exc))}", err=True)
-            sys.exit(EXIT_USAGE)
-        except psycopg.OperationalError as exc:
-            lines = [line for line in str(exc).splitlines() if line.strip()]
-            click.echo(f"conveyor: error: database: {redact(lines[-1] if lines else '')}", err=True)
-            sys.exit(EXIT_USAGE)
-
-    return wrapper  # type: ignore[return-value]
+# A known problem is one line on stderr and exit code 2, never a traceback.
+_clear_errors = one_line_errors(MemoryInputError, LLMUnavailable)
 
 
 def _target(ctx: click.Context) -> tuple[Settings, str]:

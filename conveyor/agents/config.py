@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from conveyor.settings import ConfigError
+from conveyor.settings import ConfigError, EnvReader
 
 # A stage's model is CONVEYOR_<STAGE>_MODEL; this word instead keeps that stage offline.
 BUILTIN = "builtin"
@@ -98,14 +98,7 @@ class AgentConfig:
         return f"models: {models}; embeddings: {vectors}"
 
 
-class _Reader:
-    def __init__(self, env: Mapping[str, str]) -> None:
-        self.env = env
-
-    def raw(self, name: str) -> str | None:
-        value = self.env.get(name)
-        return None if value is None or not value.strip() else value.strip()
-
+class _Reader(EnvReader):
     def url(self, name: str) -> str | None:
         raw = self.raw(name)
         if raw is None:
@@ -129,30 +122,6 @@ class _Reader:
         if key is not None and any(ch.isspace() or ord(ch) < 32 for ch in key):
             raise ConfigError(name, _HIDDEN, "expected a key without spaces or control characters")
         return key
-
-    def number(self, name: str, default: float, *, minimum: float) -> float:
-        raw = self.raw(name)
-        if raw is None:
-            return default
-        try:
-            value = float(raw)
-        except ValueError:
-            value = float("nan")
-        if not minimum <= value < float("inf"):
-            raise ConfigError(name, raw, f"expected a number of seconds >= {minimum:g}")
-        return value
-
-    def integer(self, name: str, default: int, *, minimum: int) -> int:
-        raw = self.raw(name)
-        if raw is None:
-            return default
-        try:
-            value = int(raw)
-        except ValueError:
-            value = minimum - 1
-        if value < minimum:
-            raise ConfigError(name, raw, f"expected an integer >= {minimum}")
-        return value
 
     def namespace(self, name: str, default: str) -> str:
         raw = self.raw(name)

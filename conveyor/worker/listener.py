@@ -8,6 +8,7 @@ import hashlib
 import os
 import socket
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +22,8 @@ from conveyor.db import CONNECT_TIMEOUT_SECONDS, KEEPALIVE_OPTIONS, redact
 
 log = structlog.get_logger("conveyor.listener")
 
+# Every listener on a channel hears every health ping sent on it, its own and its peers': a ping
+# carries its sender's token, so each listener knows its own and takes none for a wake-up.
 _PING = "ping"
 
 
@@ -63,6 +66,7 @@ class Listener:
         self.disconnected.set()
         self.reconnects = 0
         self.last_notification_at = 0.0
+        self._ping_payload = f"{_PING}:{uuid.uuid4().hex}"
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._metrics = _ListenerMetrics(metric_labels) if metric_labels else None
 
@@ -129,12 +133,7 @@ class Listener:
             if not await _readable(conn.fileno(), self.health_interval):
                 await self._check_health(conn)
                 continue
-            async for notify in conn.notifies(timeout=0):  # what has arrived, without waiting
-                self.last_notification_at = time.time()
-                if self._metrics:
-                    self._metrics.heard(self.last_notification_at, ping=notify.payload == _PING)
-                if notify.payload != _PING:
-                    self.on_wake()
+            await self._take_notifications(conn)
 
     async def _check_health(self, conn: psycopg.AsyncConnection[Any]) -> None:
         # On timeout the socket is shut down under the probe, which then fails at once.
@@ -144,11 +143,27 @@ class Listener:
             self.health_timeout, self._give_up_on, conn
         )
         try:
-            await conn.execute("SELECT pg_notify(%s, %s)", (self.channel, _PING))
-            async for _ in conn.notifies(stop_after=1):
-                return
+            await conn.execute("SELECT pg_notify(%s, %s)", (self.channel, self._ping_payload))
+            # A wake-up that arrives before the ping is delivered like any other, not taken
+            # for the ping: the run it announces would otherwise wait for the sweep.
+            while not await self._take_notifications(conn):
+                await _readable(conn.fileno(), None)
         finally:
             deadline.cancel()
+
+    async def _take_notifications(self, conn: psycopg.AsyncConnection[Any]) -> bool:
+        """Handle every notification received so far, without waiting for more; whether this
+        listener's own health ping was among them."""
+        own_ping = False
+        async for notify in conn.notifies(timeout=0):
+            self.last_notification_at = time.time()
+            ping = notify.payload == _PING or notify.payload.startswith(f"{_PING}:")
+            if self._metrics:
+                self._metrics.heard(self.last_notification_at, ping=ping)
+            if not ping:
+                self.on_wake()
+            own_ping = own_ping or notify.payload == self._ping_payload
+        return own_ping
 
     def _give_up_on(self, conn: psycopg.AsyncConnection[Any]) -> None:
         log.warning(
@@ -199,8 +214,8 @@ class _ListenerMetrics:
             self.notifications.inc()
 
 
-async def _readable(fd: int, timeout: float) -> bool:
-    """Whether the socket has something to read within `timeout` seconds."""
+async def _readable(fd: int, timeout: float | None) -> bool:
+    """Whether the socket has something to read within `timeout` seconds (None: no limit)."""
     loop = asyncio.get_running_loop()
     ready: asyncio.Future[None] = loop.create_future()
 

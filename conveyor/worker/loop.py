@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
@@ -224,15 +225,22 @@ class Worker:
             # the dispatcher claims without waiting, whatever the timer did meanwhile.
             by_timer = timer_fired and idle
             alone = not self._in_flight
+            operation = "claim"
             try:
                 if timer_fired and not alone:
+                    operation = "rescued_waiting"
                     self._emptying_for_rescued = await self.protocol.rescued_waiting()
                     if self._emptying_for_rescued:
                         continue
+                    operation = "claim"
                 want = min(free, stage.batch)
                 rows = await self.protocol.claim(want, alone=alone)
             except _DB_ERRORS as exc:
-                await self._database_trouble("claim", exc)
+                await self._database_trouble(operation, exc)
+                continue
+            except psycopg.Error as exc:
+                await self._statement_refused(operation, exc)
+                self._wake.set()  # and claim again
                 continue
             self._emptying_for_rescued = False
             for run_id, run_input, outputs, attempt, _waited, rescued in rows:
@@ -257,6 +265,9 @@ class Worker:
             await self.protocol.beat(channel=self.channel, waiting=waiting, ttl_seconds=self._ttl)
         except _DB_ERRORS as exc:
             await self._database_trouble("beat", exc)
+            return
+        except psycopg.Error as exc:
+            await self._statement_refused("beat", exc)
             return
         self._waiting = waiting
         if waiting:
@@ -443,6 +454,8 @@ class Worker:
                             task.cancel()
             except _DB_ERRORS as exc:
                 self._log.warning("heartbeat failed", error=_brief(exc))
+            except psycopg.Error as exc:  # it beats again on its own period: no extra wait
+                await self._statement_refused("heartbeat", exc, back_off=False)
             await asyncio.sleep(self.settings.lease / 3)
 
     async def _watch_parent(self) -> None:
@@ -453,10 +466,8 @@ class Worker:
         self.stop()
 
     async def _forget(self) -> None:
-        try:
+        with contextlib.suppress(psycopg.Error, TimeoutError):  # the row expires by itself
             await asyncio.wait_for(self.protocol.forget(), timeout=2)
-        except (*_DB_ERRORS, TimeoutError):
-            pass  # the row expires by itself
 
     # -- shutdown -----------------------------------------------------------------------------
 
@@ -489,10 +500,34 @@ class Worker:
                 self._log.warning(
                     "could not release runs; their leases will expire", error=_brief(exc)
                 )
+            except psycopg.Error as exc:
+                await self._statement_refused("release", exc, back_off=False)
 
     async def _database_trouble(self, what: str, exc: BaseException) -> None:
         self._log.warning("database error; will retry", during=what, error=_brief(exc))
         await asyncio.sleep(random.uniform(0.05, 0.5))
+
+    async def _statement_refused(
+        self, operation: str, exc: psycopg.Error, *, back_off: bool = True
+    ) -> None:
+        """PostgreSQL refused a statement over a working connection: a malformed row, a broken
+        schema, a missing privilege. Logged and counted, never the end of the worker (its
+        restarts would meet the same refusal, and the crash-loop bound would stop them all).
+        Retrying at once would only repeat it: the worker waits about a sweep interval."""
+        retry_in = self.settings.sweep_interval * random.uniform(0.8, 1.2) if back_off else None
+        self._log.error(
+            "statement failed",
+            operation=operation,
+            error_type=type(exc).__name__,
+            sqlstate=exc.sqlstate,
+            error=_brief(exc),
+            retry_in=None if retry_in is None else round(retry_in, 3),
+        )
+        metrics.WORKER_ERRORS.labels(*self._labels, operation).inc()
+        if retry_in is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(retry_in):
+                    await self.stopping.wait()
 
 
 async def cancelled(tasks: list[asyncio.Task[None]]) -> None:

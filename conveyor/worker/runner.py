@@ -9,6 +9,7 @@ import time
 import traceback
 from typing import Any
 
+from conveyor.db import redact
 from conveyor.pipeline import PermanentError, Run, Stage
 from conveyor.protocol import Failure, Success
 from conveyor.worker.deadlines import for_running_loop
@@ -59,9 +60,11 @@ async def run_handler(stage: Stage, run: Run) -> Success | Failure:
 
 
 def describe(exc: BaseException) -> str:
-    """The error as kept on the run: type, message and the innermost frames."""
+    """The error as kept on the run: type, message and the innermost frames. Passwords are
+    masked as in the logs (before the cut, which could leave half a URL unrecognised): the
+    error is shown by `conveyor show`, the console, and to anyone who can read the table."""
     frames = traceback.format_exception(exc, limit=-3)
-    text = "".join(frames).strip().replace("\x00", "\\x00")  # text columns refuse NUL
+    text = redact("".join(frames).strip()).replace("\x00", "\\x00")  # text columns refuse NUL
     return text if len(text) <= _MAX_ERROR_CHARS else text[-_MAX_ERROR_CHARS:]
 
 

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import ROOT, conveyor_env, fetch_all, scalar
 
 
@@ -132,3 +134,24 @@ def test_demo_prints_cited_answers_from_the_bundled_corpus(database_url: str) ->
         scalar(database_url, "SELECT count(*) FROM conveyor.memory WHERE kind = 'document'")
         == chunks
     )
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"CONVEYOR_CONTEXT_TOKENS": "many"}, "CONVEYOR_CONTEXT_TOKENS='many' is invalid"),
+        ({"CONVEYOR_LLM_TIMEOUT_SECONDS": "inf"}, "CONVEYOR_LLM_TIMEOUT_SECONDS='inf' is invalid"),
+        ({"CONVEYOR_LLM_MODEL": "m"}, "CONVEYOR_LLM_MODEL='m' is invalid: a model needs a route"),
+        (
+            {"CONVEYOR_DATABASE_URL": "postgresql://ops:s3cret@127.0.0.1:9/nowhere"},
+            "cannot connect to the database at postgresql://ops:***@127.0.0.1:9/nowhere",
+        ),
+    ],
+)
+def test_memory_problems_are_one_line_naming_the_cause_and_exit_2(
+    database_url: str, env: dict[str, str], expected: str
+) -> None:
+    result = conveyor(database_url, "memory", "search", "leases", **env)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.startswith("conveyor: error: ") and expected in result.stderr
+    assert len(result.stderr.splitlines()) == 1 and "s3cret" not in result.stderr

@@ -18,7 +18,10 @@ PROMETHEUS = DEPLOY / "prometheus"
 GRAFANA = DEPLOY / "grafana"
 # model: a configured model name, and kind: prompt or completion (the LLM metrics), are bounded
 # by configuration as the others are by the pipeline's declaration.
-ALLOWED_LABELS = {"pipeline", "stage", "status", "outcome", "version", "python", "model", "kind"}
+ALLOWED_LABELS = {
+    *("pipeline", "stage", "status", "outcome", "version", "python", "model", "kind"),
+    "operation",  # a worker's protocol statement: a handful of fixed names
+}
 
 
 def _promtool(promtool: str, *args: str) -> subprocess.CompletedProcess[str]:
