@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Awaitable
 from typing import Any
 
 import psycopg
@@ -20,7 +21,7 @@ from conveyor import metrics, queries
 from conveyor.db import CONNECT_TIMEOUT_SECONDS, KEEPALIVE_OPTIONS, redact
 from conveyor.leader_metrics import LeaderMetrics
 from conveyor.migrate import latest_version
-from conveyor.pipeline import Pipeline
+from conveyor.pipeline import Pipeline, Stage
 from conveyor.settings import Settings
 
 log = structlog.get_logger("conveyor.maintenance")
@@ -127,38 +128,48 @@ class Maintenance:
         await self.tick(conn)
 
     async def tick(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        # Each step on its own: a statement refused for one stage (a malformed row) must not
+        # stop the rescues of the other stages, the pruning or the queue gauges.
         for stage in self.pipeline.stages:
-            self._statement = "rescue_expired"
-            cur = await conn.execute(
-                self.sql["rescue_expired"],
-                {
-                    "pipeline": self.pipeline.name,
-                    "stage": stage.name,
-                    "consumes": stage.consumes,
-                    "working": stage.working,
-                    "max_rescues": self.settings.max_rescues,
-                },
-            )
-            rescued = await cur.fetchall()
-            for run_id, to_status, attempt, owner in rescued:
-                log.warning(
-                    "run rescued",
-                    run_id=str(run_id),
-                    pipeline=self.pipeline.name,
-                    stage=stage.name,
-                    attempt=attempt,
-                    worker=owner,
-                    to_status=to_status,
-                )
-            if rescued:
-                metrics.RESCUED.labels(self.pipeline.name, stage.name).inc(len(rescued))
+            await self._step("rescue_expired", self._rescue(conn, stage))
         if self.settings.retention is not None:
-            self._statement = "prune_finished"
-            await self.prune(conn, self.settings.retention)
-        self._statement = "forget_dead_workers"
-        await conn.execute(self.sql["forget_dead_workers"])
-        self._statement = "leader_metrics"
-        await self.published.publish(conn)
+            await self._step("prune_finished", self.prune(conn, self.settings.retention))
+        await self._step("forget_dead_workers", conn.execute(self.sql["forget_dead_workers"]))
+        await self._step("leader_metrics", self.published.publish(conn))
+
+    async def _step(self, statement: str, step: Awaitable[object]) -> None:
+        self._statement = statement
+        try:
+            await step
+        except _DB_ERRORS:
+            raise
+        except psycopg.Error as exc:
+            self._statement_refused(exc)
+
+    async def _rescue(self, conn: psycopg.AsyncConnection[Any], stage: Stage) -> None:
+        cur = await conn.execute(
+            self.sql["rescue_expired"],
+            {
+                "pipeline": self.pipeline.name,
+                "stage": stage.name,
+                "consumes": stage.consumes,
+                "working": stage.working,
+                "max_rescues": self.settings.max_rescues,
+            },
+        )
+        rescued = await cur.fetchall()
+        for run_id, to_status, attempt, owner in rescued:
+            log.warning(
+                "run rescued",
+                run_id=str(run_id),
+                pipeline=self.pipeline.name,
+                stage=stage.name,
+                attempt=attempt,
+                worker=owner,
+                to_status=to_status,
+            )
+        if rescued:
+            metrics.RESCUED.labels(self.pipeline.name, stage.name).inc(len(rescued))
 
     async def prune(self, conn: psycopg.AsyncConnection[Any], older_than: float) -> int:
         """Delete finished runs (and their events) older than the retention, in small batches."""

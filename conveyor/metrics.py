@@ -190,6 +190,7 @@ def prepare_stage(pipeline: str, stage: str) -> None:
         LISTENER_RECONNECTS,
     ):
         counter.labels(pipeline, stage)
+    WORKER_ERRORS.labels(pipeline, stage, "claim")  # the statement a worker runs most
     STAGE_DURATION.labels(pipeline, stage)
     WAKEUP_LATENCY.labels(pipeline, stage)
     IN_FLIGHT.labels(pipeline, stage)
@@ -227,7 +228,12 @@ def observe_many(histogram: Histogram, amounts: Iterable[float]) -> None:
     bounds = getattr(histogram, "_upper_bounds", None)
     buckets = getattr(histogram, "_buckets", None)
     total = getattr(histogram, "_sum", None)
-    if bounds is None or buckets is None or total is None:  # another prometheus_client inside
+    if (
+        bounds is None
+        or total is None
+        or not isinstance(buckets, list)
+        or len(buckets) != len(bounds)
+    ):  # a prometheus_client built otherwise inside: one observe() per amount
         for amount in amounts:
             histogram.observe(amount)
         return

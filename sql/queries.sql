@@ -13,8 +13,9 @@
 -- with it a second time.
 -- The claim commits without waiting for its WAL flush (synchronous_commit off for this
 -- transaction only): a claim lost in a server crash just puts the run back where it was, which
--- the at-least-once contract allows, and the completion that follows is flushed, which makes
--- the claim before it durable too. It saves a disk flush on the path from commit to handler.
+-- the at-least-once contract allows, and any later flushed commit (the one that ends the run at
+-- the latest) makes the claim before it durable too. It saves a disk flush on the path from
+-- commit to handler.
 WITH candidates AS (
     SELECT id, greatest(run_after, updated_at) AS ready_at, rescues > 0 AS rescued, priority,
            run_after
@@ -159,11 +160,22 @@ UPDATE @schema@.pipeline_runs
 RETURNING id;
 
 -- rescue_expired --
--- Runs whose lease ran out (their worker died or hung) go back to the stage's input status, or
--- to FAILED once they have been rescued `max_rescues` times: a handler that kills its worker
--- every time must not loop forever. The fence is the expired lease itself, re-checked under lock.
+-- Runs whose lease ran out go back to the stage's input status. When their worker stopped
+-- beating (it died or hung), the run may be what killed it: that counts as a rescue, the run
+-- then runs alone (claim_batch), and after `max_rescues` of them it is FAILED, so a handler that
+-- kills its worker every time cannot loop forever. When the worker is still alive in the
+-- registry, it no longer holds the run: its move to the next stage was committed without a
+-- flush and lost in a server crash or failover (complete_if_leased). The run did nothing wrong;
+-- it goes back without a rescue counted against it. Alive means it beat within the last half
+-- of its TTL (= the lease): a live worker beats every third of it, while the last beat of a dead
+-- one is at least two thirds of a lease older than the expiry of the leases it left behind. The
+-- fence is the expired lease itself, re-checked under lock.
 WITH expired AS (
-    SELECT id, lease_owner
+    SELECT id, lease_owner,
+           EXISTS (SELECT 1 FROM @schema@.workers w
+                    WHERE w.worker_id = lease_owner
+                      AND now() - w.heartbeat_at < (w.expires_at - w.heartbeat_at) / 2
+                  ) AS owner_alive
       FROM @schema@.pipeline_runs
      WHERE pipeline = %(pipeline)s AND status = %(working)s
        AND finished_at IS NULL AND lease_expires_at < now()
@@ -171,14 +183,18 @@ WITH expired AS (
        FOR UPDATE SKIP LOCKED
 ), moved AS (
     UPDATE @schema@.pipeline_runs r
-       SET status = CASE WHEN r.rescues >= %(max_rescues)s THEN 'FAILED' ELSE %(consumes)s END,
-           rescues = r.rescues + 1,
+       SET status = CASE WHEN NOT e.owner_alive AND r.rescues >= %(max_rescues)s THEN 'FAILED'
+                         ELSE %(consumes)s END,
+           rescues = r.rescues + CASE WHEN e.owner_alive THEN 0 ELSE 1 END,
            lease_owner = NULL,
            lease_expires_at = NULL,
-           last_error = 'lease expired: worker ' || e.lease_owner || ' stopped beating',
+           last_error = 'lease expired: worker ' || e.lease_owner
+                        || CASE WHEN e.owner_alive THEN ' is alive but no longer held the run'
+                                ELSE ' stopped beating' END,
            run_after = now(),
            updated_at = now(),
-           finished_at = CASE WHEN r.rescues >= %(max_rescues)s THEN now() END
+           finished_at = CASE WHEN NOT e.owner_alive AND r.rescues >= %(max_rescues)s
+                              THEN now() END
       FROM expired e
      WHERE r.id = e.id
     RETURNING r.id, r.pipeline, r.status, r.attempt, r.last_error, e.lease_owner

@@ -8,6 +8,18 @@ BEGIN
     RETURN NULL;
 END
 $$;
+CREATE FUNCTION conveyor.uuid_v7() RETURNS uuid
+    LANGUAGE sql PARALLEL SAFE
+    AS $$
+    SELECT encode(
+        set_bit(set_bit(
+            overlay(uuid_send(gen_random_uuid())
+                    PLACING substring(int8send(floor(extract(epoch FROM clock_timestamp())
+                                                      * 1000)::bigint) FROM 3)
+                    FROM 1 FOR 6),
+            52, 1), 53, 1),
+        'hex')::uuid
+$$;
 CREATE FUNCTION conveyor.wake_waiting_workers() RETURNS trigger
     LANGUAGE plpgsql
     AS $$
@@ -47,7 +59,7 @@ ALTER TABLE conveyor.memory ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
     CACHE 1
 );
 CREATE TABLE conveyor.pipeline_runs (
-    id uuid DEFAULT gen_random_uuid() NOT NULL,
+    id uuid DEFAULT conveyor.uuid_v7() NOT NULL,
     pipeline text DEFAULT 'agents'::text NOT NULL,
     status text DEFAULT 'NEW'::text NOT NULL,
     input jsonb DEFAULT '{}'::jsonb NOT NULL,

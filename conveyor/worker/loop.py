@@ -437,26 +437,32 @@ class Worker:
         return self.settings.lease
 
     async def _heartbeat(self) -> None:
-        """Extend the leases of in-flight runs well before they expire (a third of the lease),
-        interrupt handlers whose run was taken away, and keep the registry row fresh."""
+        """Keep the registry row fresh, extend the leases of in-flight runs well before they
+        expire (a third of the lease), and interrupt handlers whose run was taken away. The
+        registry beat comes first: the rescue tells a dead worker from a live one by it."""
         while True:
-            try:
-                await self.protocol.beat(
-                    channel=self.channel, waiting=self._waiting, ttl_seconds=self._ttl
-                )
-                held_before = list(self._in_flight)
-                if held_before:
-                    held = await self.protocol.extend_leases(held_before)
-                    for run_id in set(held_before) - held:
-                        task = self._in_flight.get(run_id)
-                        if task is not None:  # its task logs it, with the run's context
-                            self._taken_away.add(run_id)
-                            task.cancel()
-            except _DB_ERRORS as exc:
-                self._log.warning("heartbeat failed", error=_brief(exc))
-            except psycopg.Error as exc:  # it beats again on its own period: no extra wait
-                await self._statement_refused("heartbeat", exc, back_off=False)
+            for operation, step in (("heartbeat", self._beat), ("extend_leases", self._extend)):
+                try:
+                    await step()
+                except _DB_ERRORS as exc:
+                    self._log.warning("heartbeat failed", during=operation, error=_brief(exc))
+                except psycopg.Error as exc:  # it beats again on its own period: no extra wait
+                    await self._statement_refused(operation, exc, back_off=False)
             await asyncio.sleep(self.settings.lease / 3)
+
+    async def _beat(self) -> None:
+        await self.protocol.beat(channel=self.channel, waiting=self._waiting, ttl_seconds=self._ttl)
+
+    async def _extend(self) -> None:
+        held_before = list(self._in_flight)
+        if not held_before:
+            return
+        held = await self.protocol.extend_leases(held_before)
+        for run_id in set(held_before) - held:
+            task = self._in_flight.get(run_id)
+            if task is not None:  # its task logs it, with the run's context
+                self._taken_away.add(run_id)
+                task.cancel()
 
     async def _watch_parent(self) -> None:
         """A worker whose supervisor died exits instead of running on orphaned."""
