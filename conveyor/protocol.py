@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -227,13 +227,23 @@ class _Held:
             await self._pool.putconn(conn)
 
 
-_json_decode = json.JSONDecoder().decode
+_decoder = json.JSONDecoder()
+_json_decode = _decoder.decode
+# set by JSONDecoder.__init__ (the C scanner when there is one); typeshed does not declare it
+_scan_once: Callable[[str, int], tuple[Any, int]] = _decoder.scan_once  # type: ignore[attr-defined]
 
 
 def _utf8_json(data: str | bytes) -> Any:
     """JSON from the server, which sends it as UTF-8: json.loads would first work out the
-    encoding of the bytes, for every value."""
-    return _json_decode(data if isinstance(data, str) else str(data, "utf-8"))
+    encoding of the bytes, for every value. jsonb's text has no surrounding whitespace, so the
+    value is read by the decoder's C scanner directly (decode() would first match whitespace on
+    both sides with a regular expression); anything else goes through decode(), which judges it."""
+    text = data if isinstance(data, str) else str(data, "utf-8")
+    try:
+        value, end = _scan_once(text, 0)
+    except StopIteration:
+        return _json_decode(text)
+    return value if end == len(text) else _json_decode(text)
 
 
 # The batched statements take their columns as arrays (unnest). Their literals are written here
@@ -245,6 +255,8 @@ def uuid_array(values: list[UUID]) -> str:
 
 
 def number_array(values: list[int] | list[float] | list[int | None] | list[float | None]) -> str:
+    if None not in values:  # the common case, without a Python-level loop
+        return "{" + ",".join(map(repr, values)) + "}"
     return "{" + ",".join(["NULL" if v is None else repr(v) for v in values]) + "}"
 
 
