@@ -180,6 +180,7 @@ class Rate:
     runs: int
     seconds: float
     cpu_seconds: float  # used by the given processes over the same window
+    db_cpu_seconds: float = 0.0  # used by the database backends serving them, same window
 
     @property
     def per_second(self) -> float:
@@ -188,6 +189,10 @@ class Rate:
     @property
     def cpu_us_per_run(self) -> float:
         return self.cpu_seconds / self.runs * 1e6 if self.runs else float("nan")
+
+    @property
+    def db_cpu_us_per_run(self) -> float:
+        return self.db_cpu_seconds / self.runs * 1e6 if self.runs else float("nan")
 
 
 def measure_rate(
@@ -208,13 +213,23 @@ def measure_rate(
         time.sleep(0.05)
     time.sleep(scale.warmup)
     processes = [*pids, *(child for pid in pids for child in children(pid))]
+    # the backends of conveyor's pools (same host: the embedded server) and LISTEN connections
+    backends = [
+        int(row[0])
+        for row in conn.execute(
+            "SELECT pid FROM pg_stat_activity"
+            " WHERE datname = current_database() AND application_name LIKE 'conveyor%%'"
+        ).fetchall()
+    ]
     first = events_high_water(conn)
     cpu_before = sum(cpu_seconds(pid) for pid in processes)
+    db_before = sum(_cpu_or_zero(pid) for pid in backends)
     started = time.monotonic()
     time.sleep(scale.window)
     last = events_high_water(conn)
     elapsed = time.monotonic() - started
     cpu = sum(cpu_seconds(pid) for pid in processes) - cpu_before
+    db_cpu = sum(_cpu_or_zero(pid) for pid in backends) - db_before
     row = conn.execute(
         "SELECT count(*) FROM conveyor.run_events WHERE id > %s AND id <= %s AND to_status = %s",
         (first, last, to_status),
@@ -224,7 +239,15 @@ def measure_rate(
     ).fetchone()
     if left and left[0] == 0 and not scale.tiny:
         raise RuntimeError("the backlog ran dry inside the window: queue more runs")
-    return Rate(row[0] if row else 0, elapsed, cpu)
+    return Rate(row[0] if row else 0, elapsed, cpu, max(db_cpu, 0.0))
+
+
+def _cpu_or_zero(pid: int) -> float:
+    """A backend's CPU time so far; 0 when it is not readable (a remote server) or gone."""
+    try:
+        return cpu_seconds(pid)
+    except OSError:
+        return 0.0
 
 
 def start_conveyor(db: BenchDatabase, args: list[str], *, pipeline: str, **env: str) -> Process:

@@ -36,6 +36,7 @@ _RATE_GUESS = 30_000  # queue for this rate, so that a fast worker never runs dr
 class Throughput:
     runs_per_second: float
     cpu_us_per_run: float  # worker processes' CPU time per run moved (a steady cost figure)
+    db_cpu_us_per_run: float  # the CPU time of their database backends per run moved
     rss_mb: float  # the worker's resident memory at the end of the window (one-stage only)
 
 
@@ -64,7 +65,7 @@ def single(
         ) as worker:
             rate = measure_rate(conn, scale, pids=(worker.pid,))
             rss = rss_megabytes(worker.pid)
-    return Throughput(rate.per_second, rate.cpu_us_per_run, rss)
+    return Throughput(rate.per_second, rate.cpu_us_per_run, rate.db_cpu_us_per_run, rss)
 
 
 def three(db: BenchDatabase, scale: Scale, *, observer: bool = True) -> Throughput:
@@ -77,7 +78,7 @@ def three(db: BenchDatabase, scale: Scale, *, observer: bool = True) -> Throughp
         settle(conn)
         with running(db, ["run"], pipeline="three") as supervisor:
             rate = measure_rate(conn, scale, pids=(supervisor.pid,))
-    return Throughput(rate.per_second, rate.cpu_us_per_run, 0.0)
+    return Throughput(rate.per_second, rate.cpu_us_per_run, rate.db_cpu_us_per_run, 0.0)
 
 
 def main() -> None:
@@ -100,14 +101,16 @@ def main() -> None:
             result = single(db, scale, observer=observer, log_level=args.log_level)
             print(
                 f"(a) one worker process, batch 50: {result.runs_per_second:,.0f} runs/s"
-                f"{suffix}; worker CPU {result.cpu_us_per_run:.0f} us per run;"
+                f"{suffix}; worker CPU {result.cpu_us_per_run:.0f} us per run, its database"
+                f" backends {result.db_cpu_us_per_run:.0f} us per run;"
                 f" RSS after the load {result.rss_mb:.0f} MB"
             )
         elif args.three:
             result = three(db, scale, observer=observer)
             print(
                 f"(b) three stages, supervisor: {result.runs_per_second:,.0f} runs/s{suffix};"
-                f" worker CPU {result.cpu_us_per_run:.0f} us per run (three processes)"
+                f" worker CPU {result.cpu_us_per_run:.0f} us per run (three processes), their"
+                f" database backends {result.db_cpu_us_per_run:.0f} us per run"
             )
         else:
             empty = single(db, scale, observer=observer)
