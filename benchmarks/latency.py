@@ -2,6 +2,7 @@
 
     python -m benchmarks.latency            (c)
     python -m benchmarks.latency --three    (d)
+    python -m benchmarks.latency --idle     what a round trip to an idle backend costs here
 
 (c): one worker for a one-stage no-op pipeline, idle; runs are inserted one at a time
 (autocommit: the INSERT and its commit are one round trip) and each handler's start time is read
@@ -102,14 +103,38 @@ def end_to_end(db: BenchDatabase, scale: Scale) -> Latency:
     return _summary(from_commit, from_submit)
 
 
+def idle_round_trip(db: BenchDatabase, scale: Scale) -> tuple[float, float]:
+    """p50 ms of `SELECT 1` back to back, and after the pause that (c) and (d) leave between
+    runs: what waking an idle backend and client costs on this machine, before any work."""
+    pauses: dict[float, list[float]] = {0.0: [], _PAUSE: []}
+    with db.connect() as conn:
+        for _ in range(scale.latency_runs):
+            for pause, times in pauses.items():
+                time.sleep(pause)
+                started = time.perf_counter()
+                conn.execute("SELECT 1").fetchall()
+                times.append(time.perf_counter() - started)
+    return percentile(pauses[0.0], 0.5) * 1000, percentile(pauses[_PAUSE], 0.5) * 1000
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--three", action="store_true", help="(d) end to end, three stages")
+    parser.add_argument(
+        "--idle", action="store_true", help="the round trip to a backend that was idle"
+    )
     parser.add_argument("--runs", type=int, default=Scale().latency_runs)
     parser.add_argument("--tiny", action="store_true", help="a handful of runs, for tests")
     args = parser.parse_args()
     scale = Scale.small() if args.tiny else Scale(latency_runs=args.runs)
     with BenchDatabase.create() as db:
+        if args.idle:
+            hot, idle = idle_round_trip(db, scale)
+            print(
+                f"SELECT 1 round trip: p50 {hot:.3f} ms back to back, {idle:.3f} ms after"
+                f" {_PAUSE * 1000:.0f} ms idle ({COMMAND} --idle)"
+            )
+            return
         if args.three:
             result = end_to_end(db, scale)
             what = "(d) submit -> DONE heard on pipeline_events, three stages"
