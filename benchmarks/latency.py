@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from benchmarks.harness import BenchDatabase, Scale, running
+from conveyor import queries
 
 COMMAND = "python -m benchmarks.latency"
 _PAUSE = 0.01  # between runs: each run finds the workers idle, as a lone arrival would
@@ -103,18 +104,38 @@ def end_to_end(db: BenchDatabase, scale: Scale) -> Latency:
     return _summary(from_commit, from_submit)
 
 
-def idle_round_trip(db: BenchDatabase, scale: Scale) -> tuple[float, float]:
-    """p50 ms of `SELECT 1` back to back, and after the pause that (c) and (d) leave between
-    runs: what waking an idle backend and client costs on this machine, before any work."""
-    pauses: dict[float, list[float]] = {0.0: [], _PAUSE: []}
-    with db.connect() as conn:
+def idle_round_trip(db: BenchDatabase, scale: Scale) -> dict[str, tuple[float, float]]:
+    """p50 ms of `SELECT 1` and of a one-row claim, back to back and after the pause that (c)
+    and (d) leave between runs: what waking an idle backend and client costs on this machine."""
+    claim = queries.load("conveyor")["claim_batch"]
+    params = {
+        "pipeline": "bench1",
+        "consumes": "NEW",
+        "working": "ONLY_RUNNING",
+        "worker": "idle-round-trip",
+        "lease_seconds": 30.0,
+        "batch": 1,
+        "alone": True,
+    }
+    statements = {"SELECT 1": ("SELECT 1", {}), "one-row claim": (claim, params)}
+    times: dict[tuple[str, float], list[float]] = {}
+    with db.connect() as conn, db.connect() as submitter:
+        db.reset(conn)
         for _ in range(scale.latency_runs):
-            for pause, times in pauses.items():
-                time.sleep(pause)
-                started = time.perf_counter()
-                conn.execute("SELECT 1").fetchall()
-                times.append(time.perf_counter() - started)
-    return percentile(pauses[0.0], 0.5) * 1000, percentile(pauses[_PAUSE], 0.5) * 1000
+            for name, (statement, values) in statements.items():
+                for pause in (0.0, _PAUSE):
+                    _insert(submitter, "bench1")
+                    time.sleep(pause)
+                    started = time.perf_counter()
+                    conn.execute(statement, values).fetchall()
+                    times.setdefault((name, pause), []).append(time.perf_counter() - started)
+    return {
+        name: (
+            percentile(times[name, 0.0], 0.5) * 1000,
+            percentile(times[name, _PAUSE], 0.5) * 1000,
+        )
+        for name in statements
+    }
 
 
 def main() -> None:
@@ -129,11 +150,11 @@ def main() -> None:
     scale = Scale.small() if args.tiny else Scale(latency_runs=args.runs)
     with BenchDatabase.create() as db:
         if args.idle:
-            hot, idle = idle_round_trip(db, scale)
-            print(
-                f"SELECT 1 round trip: p50 {hot:.3f} ms back to back, {idle:.3f} ms after"
-                f" {_PAUSE * 1000:.0f} ms idle ({COMMAND} --idle)"
-            )
+            for name, (hot, idle) in idle_round_trip(db, scale).items():
+                print(
+                    f"{name}: p50 {hot:.3f} ms back to back, {idle:.3f} ms after"
+                    f" {_PAUSE * 1000:.0f} ms idle ({COMMAND} --idle)"
+                )
             return
         if args.three:
             result = end_to_end(db, scale)
