@@ -546,8 +546,9 @@ async def cancelled(tasks: list[asyncio.Task[None]]) -> None:
         for task in pending:
             task.cancel()
     for task in tasks:
-        if not task.cancelled():
-            task.exception()  # retrieved: ended with an error is fine at exit
+        error = None if task.cancelled() else task.exception()
+        if error is not None:  # it died before exit: say so, or nobody will ever know
+            log.error("worker task ended with an error", task=task.get_name(), error=_brief(error))
 
 
 def _brief(exc: BaseException) -> str:
