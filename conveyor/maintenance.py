@@ -40,6 +40,7 @@ class Maintenance:
         self.connected = False
         self.schema_current = False
         self._statement = ""  # the one under way, for the log line when PostgreSQL refuses it
+        self._leading_since = 0.0
         self.lock_name = f"conveyor.leader.{settings.schema}.{pipeline.name}"
         self.published = LeaderMetrics(pipeline, self.sql)
 
@@ -125,13 +126,18 @@ class Maintenance:
                 self.published.follow()
                 return
             log.info("leading maintenance", pipeline=self.pipeline.name, leader=self.identity)
+            self._leading_since = time.monotonic()
         await self.tick(conn)
 
     async def tick(self, conn: psycopg.AsyncConnection[Any]) -> None:
         # Each step on its own: a statement refused for one stage (a malformed row) must not
         # stop the rescues of the other stages, the pruning or the queue gauges.
-        for stage in self.pipeline.stages:
-            await self._step("rescue_expired", self._rescue(conn, stage))
+        # The rescue tells live workers from dead ones by the registry, an unlogged table that
+        # is empty after a server crash or failover (when moves may have been lost). A new
+        # leader first lets the live workers beat again (every third of a lease).
+        if time.monotonic() - self._leading_since >= self.settings.lease / 2:
+            for stage in self.pipeline.stages:
+                await self._step("rescue_expired", self._rescue(conn, stage))
         if self.settings.retention is not None:
             await self._step("prune_finished", self.prune(conn, self.settings.retention))
         await self._step("forget_dead_workers", conn.execute(self.sql["forget_dead_workers"]))
@@ -155,6 +161,7 @@ class Maintenance:
                 "consumes": stage.consumes,
                 "working": stage.working,
                 "max_rescues": self.settings.max_rescues,
+                "max_attempts": stage.max_attempts,
             },
         )
         rescued = await cur.fetchall()

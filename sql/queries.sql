@@ -166,16 +166,20 @@ RETURNING id;
 -- kills its worker every time cannot loop forever. When the worker is still alive in the
 -- registry, it no longer holds the run: its move to the next stage was committed without a
 -- flush and lost in a server crash or failover (complete_if_leased). The run did nothing wrong;
--- it goes back without a rescue counted against it. Alive means it beat within the last half
--- of its TTL (= the lease): a live worker beats every third of it, while the last beat of a dead
--- one is at least two thirds of a lease older than the expiry of the leases it left behind. The
--- fence is the expired lease itself, re-checked under lock.
+-- it goes back without a rescue counted against it, while its attempts last (each claim counts
+-- one): a run that keeps coming back this way is counted again. Alive means it beat within the
+-- last half of its TTL (= the lease): a live worker beats every third of it, while the last beat
+-- of a dead one is at least two thirds of a lease older than the expiry of the leases it left
+-- behind. The registry is unlogged, so it is empty after a crash until the workers beat again:
+-- a new leader waits half a lease before its first rescue (conveyor/maintenance.py). The fence
+-- is the expired lease itself, re-checked under lock.
 WITH expired AS (
     SELECT id, lease_owner,
            EXISTS (SELECT 1 FROM @schema@.workers w
                     WHERE w.worker_id = lease_owner
                       AND now() - w.heartbeat_at < (w.expires_at - w.heartbeat_at) / 2
-                  ) AS owner_alive
+                  ) AS owner_alive,
+           attempt < %(max_attempts)s AS attempts_left
       FROM @schema@.pipeline_runs
      WHERE pipeline = %(pipeline)s AND status = %(working)s
        AND finished_at IS NULL AND lease_expires_at < now()
@@ -183,9 +187,10 @@ WITH expired AS (
        FOR UPDATE SKIP LOCKED
 ), moved AS (
     UPDATE @schema@.pipeline_runs r
-       SET status = CASE WHEN NOT e.owner_alive AND r.rescues >= %(max_rescues)s THEN 'FAILED'
+       SET status = CASE WHEN NOT (e.owner_alive AND e.attempts_left)
+                              AND r.rescues >= %(max_rescues)s THEN 'FAILED'
                          ELSE %(consumes)s END,
-           rescues = r.rescues + CASE WHEN e.owner_alive THEN 0 ELSE 1 END,
+           rescues = r.rescues + CASE WHEN e.owner_alive AND e.attempts_left THEN 0 ELSE 1 END,
            lease_owner = NULL,
            lease_expires_at = NULL,
            last_error = 'lease expired: worker ' || e.lease_owner
@@ -193,8 +198,8 @@ WITH expired AS (
                                 ELSE ' stopped beating' END,
            run_after = now(),
            updated_at = now(),
-           finished_at = CASE WHEN NOT e.owner_alive AND r.rescues >= %(max_rescues)s
-                              THEN now() END
+           finished_at = CASE WHEN NOT (e.owner_alive AND e.attempts_left)
+                                   AND r.rescues >= %(max_rescues)s THEN now() END
       FROM expired e
      WHERE r.id = e.id
     RETURNING r.id, r.pipeline, r.status, r.attempt, r.last_error, e.lease_owner

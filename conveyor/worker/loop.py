@@ -425,7 +425,7 @@ class Worker:
                 try:
                     one = await self.protocol.apply([], [failure])
                 except psycopg.Error:
-                    continue  # its lease will expire and the rescue bound applies
+                    continue  # its lease expires; the rescue bounds it once its attempts are spent
             for i, value in enumerate((one.completed, one.retried, one.failed, one.refused)):
                 totals[i] += value
         return Applied(*totals)

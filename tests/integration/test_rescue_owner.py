@@ -14,15 +14,16 @@ PARAMS = {
     "consumes": "NEW",
     "working": "ONE_RUNNING",
     "max_rescues": 0,  # the first counted rescue fails the run
+    "max_attempts": 3,
 }
 
 
-def _leased(conn: psycopg.Connection[tuple[object, ...]], owner: str) -> object:
+def _leased(conn: psycopg.Connection[tuple[object, ...]], owner: str, attempt: int = 1) -> object:
     row = conn.execute(
         "INSERT INTO conveyor.pipeline_runs (pipeline, status, attempt, lease_owner,"
-        " lease_expires_at) VALUES ('chain', 'ONE_RUNNING', 1, %s, now() - interval '1 second')"
+        " lease_expires_at) VALUES ('chain', 'ONE_RUNNING', %s, %s, now() - interval '1 second')"
         " RETURNING id",
-        (owner,),
+        (attempt, owner),
     ).fetchone()
     assert row is not None
     return row[0]
@@ -50,9 +51,16 @@ def test_a_live_owner_costs_the_run_no_rescue_a_dead_one_does(
         _leased(conn, "dead"),
         _leased(conn, "gone"),
     )
+    # back again and again from a live worker: once its attempts are used up, it counts
+    recurring = _leased(conn, "alive", attempt=3)
     rescued = conn.execute(queries.load("conveyor")["rescue_expired"], PARAMS).fetchall()
     assert sorted((str(r[0]), r[1]) for r in rescued) == sorted(
-        [(str(lost_move), "NEW"), (str(killer), "FAILED"), (str(unknown), "FAILED")]
+        [
+            (str(lost_move), "NEW"),
+            (str(killer), "FAILED"),
+            (str(unknown), "FAILED"),
+            (str(recurring), "FAILED"),
+        ]
     )
     state = {
         row[0]: row[1:]
@@ -68,3 +76,9 @@ def test_a_live_owner_costs_the_run_no_rescue_a_dead_one_does(
     )
     assert state[killer] == ("FAILED", 1, None, "lease expired: worker dead stopped beating")
     assert state[unknown][:2] == ("FAILED", 1)
+    assert state[recurring] == (
+        "FAILED",
+        1,
+        None,
+        "lease expired: worker alive is alive but no longer held the run",
+    )
