@@ -41,6 +41,14 @@ def progress(what: str) -> None:
     )
 
 
+def cpu(result: throughput.Throughput, who: str, whose: str) -> str:
+    """The CPU time a throughput figure cost per run, in the worker and in the database."""
+    return (
+        f"{who} CPU {result.cpu_us_per_run:.0f} us/run,"
+        f" {whose} database backends {result.db_cpu_us_per_run:.0f} us/run"
+    )
+
+
 def load_average() -> str:
     return Path("/proc/loadavg").read_text().split()[0]
 
@@ -159,8 +167,7 @@ def _rows_of(
     rows += [
         Row(
             "(a) one worker process, batch 50",
-            f"{rate(a_on.runs_per_second)} (worker CPU {a_on.cpu_us_per_run:.0f} us/run,"
-            f" its database backends {a_on.db_cpu_us_per_run:.0f} us/run)",
+            f"{rate(a_on.runs_per_second)} ({cpu(a_on, 'worker', 'its')})",
             ">= 10,000 runs/s, >= 0.5 of ceiling",
             PGQUEUER_RATE,
             # the worker claims and completes on two connections at once
@@ -171,30 +178,26 @@ def _rows_of(
         ),
         Row(
             "(a) ... observer off",
-            f"{rate(a_off.runs_per_second)} (worker CPU {a_off.cpu_us_per_run:.0f} us/run,"
-            f" its database backends {a_off.db_cpu_us_per_run:.0f} us/run)",
+            f"{rate(a_off.runs_per_second)} ({cpu(a_off, 'worker', 'its')})",
             ceiling=share(a_off.runs_per_second, single_off.rows_per_second, "i: observer off"),
             command=single + " --observer-off",
         ),
         Row(
             "(a) ... worker at log level info (a JSON line per run)",
-            f"{rate(a_info.runs_per_second)} (worker CPU {a_info.cpu_us_per_run:.0f} us/run,"
-            f" its database backends {a_info.db_cpu_us_per_run:.0f} us/run)",
+            f"{rate(a_info.runs_per_second)} ({cpu(a_info, 'worker', 'its')})",
             ceiling=share(a_info.runs_per_second, single_on.rows_per_second, "i: batch 50"),
             command=single + " --log-level info",
         ),
         Row(
             "(b) three stages, supervisor, 1 process each",
-            f"{rate(b_on.runs_per_second)} (workers' CPU {b_on.cpu_us_per_run:.0f} us/run,"
-            f" their database backends {b_on.db_cpu_us_per_run:.0f} us/run)",
+            f"{rate(b_on.runs_per_second)} (" + cpu(b_on, "workers'", "their") + ")",
             ">= 3,000 runs/s",
             ceiling=share(b_on.runs_per_second, three_on.rows_per_second, "i: three stages"),
             command=f"{throughput.COMMAND} --three",
         ),
         Row(
             "(b) ... observer off",
-            f"{rate(b_off.runs_per_second)} (workers' CPU {b_off.cpu_us_per_run:.0f} us/run,"
-            f" their database backends {b_off.db_cpu_us_per_run:.0f} us/run)",
+            f"{rate(b_off.runs_per_second)} (" + cpu(b_off, "workers'", "their") + ")",
             ceiling=share(b_off.runs_per_second, three_off.rows_per_second, "i: observer off"),
             command=f"{throughput.COMMAND} --three --observer-off",
         ),

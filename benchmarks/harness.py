@@ -218,7 +218,7 @@ def measure_rate(
         int(row[0])
         for row in conn.execute(
             "SELECT pid FROM pg_stat_activity"
-            " WHERE datname = current_database() AND application_name LIKE 'conveyor%%'"
+            " WHERE datname = current_database() AND application_name LIKE 'conveyor%'"
         ).fetchall()
     ]
     first = events_high_water(conn)

@@ -24,6 +24,7 @@ def rss_megabytes(pid: int) -> float:
 
 
 def children(pid: int) -> list[int]:
+    """Direct child pids (a supervisor's workers), from /proc."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():

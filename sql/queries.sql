@@ -174,23 +174,22 @@ RETURNING id;
 -- a new leader waits half a lease before its first rescue (conveyor/maintenance.py). The fence
 -- is the expired lease itself, re-checked under lock.
 WITH expired AS (
-    SELECT id, lease_owner,
-           EXISTS (SELECT 1 FROM @schema@.workers w
-                    WHERE w.worker_id = lease_owner
-                      AND now() - w.heartbeat_at < (w.expires_at - w.heartbeat_at) / 2
-                  ) AS owner_alive,
-           attempt < %(max_attempts)s AS attempts_left
-      FROM @schema@.pipeline_runs
-     WHERE pipeline = %(pipeline)s AND status = %(working)s
-       AND finished_at IS NULL AND lease_expires_at < now()
-     LIMIT 1000
-       FOR UPDATE SKIP LOCKED
+    SELECT id, lease_owner, owner_alive, owner_alive AND attempt < %(max_attempts)s AS forgiven
+      FROM (SELECT id, lease_owner, attempt,
+                   EXISTS (SELECT 1 FROM @schema@.workers w
+                            WHERE w.worker_id = lease_owner
+                              AND now() - w.heartbeat_at < (w.expires_at - w.heartbeat_at) / 2
+                          ) AS owner_alive
+              FROM @schema@.pipeline_runs
+             WHERE pipeline = %(pipeline)s AND status = %(working)s
+               AND finished_at IS NULL AND lease_expires_at < now()
+             LIMIT 1000
+               FOR UPDATE SKIP LOCKED) locked
 ), moved AS (
     UPDATE @schema@.pipeline_runs r
-       SET status = CASE WHEN NOT (e.owner_alive AND e.attempts_left)
-                              AND r.rescues >= %(max_rescues)s THEN 'FAILED'
+       SET status = CASE WHEN NOT e.forgiven AND r.rescues >= %(max_rescues)s THEN 'FAILED'
                          ELSE %(consumes)s END,
-           rescues = r.rescues + CASE WHEN e.owner_alive AND e.attempts_left THEN 0 ELSE 1 END,
+           rescues = r.rescues + CASE WHEN e.forgiven THEN 0 ELSE 1 END,
            lease_owner = NULL,
            lease_expires_at = NULL,
            last_error = 'lease expired: worker ' || e.lease_owner
@@ -198,8 +197,8 @@ WITH expired AS (
                                 ELSE ' stopped beating' END,
            run_after = now(),
            updated_at = now(),
-           finished_at = CASE WHEN NOT (e.owner_alive AND e.attempts_left)
-                                   AND r.rescues >= %(max_rescues)s THEN now() END
+           finished_at = CASE WHEN NOT e.forgiven AND r.rescues >= %(max_rescues)s
+                              THEN now() END
       FROM expired e
      WHERE r.id = e.id
     RETURNING r.id, r.pipeline, r.status, r.attempt, r.last_error, e.lease_owner

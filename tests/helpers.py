@@ -115,23 +115,6 @@ class ConveyorProcess:
             return self.wait(10)
 
 
-def children_of(pid: int) -> list[int]:
-    """Direct child pids, from /proc (the supervisor's workers)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # the command name may contain spaces; fields after the closing parenthesis are fixed
-        fields = stat[stat.rindex(")") + 2 :].split()
-        if int(fields[1]) == pid:
-            found.append(int(entry.name))
-    return found
-
-
 def fetch_all(url: str, query: str, params: Any = None) -> list[tuple[Any, ...]]:
     with psycopg.connect(url, autocommit=True) as conn:
         return conn.execute(query, params).fetchall()

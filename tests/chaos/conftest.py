@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 
+from benchmarks.procstat import children as children_of
 from tests.chaos.load import CHAIN, is_running
-from tests.helpers import ConveyorProcess, children_of, conveyor_env
+from tests.helpers import ConveyorProcess, conveyor_env
 
 SUMMARY_FILE = "chaos-summary.jsonl"
 RecordCounts = Callable[..., None]

@@ -16,7 +16,8 @@ from uuid import UUID
 
 import psycopg
 
-from tests.helpers import children_of, scalar
+from benchmarks.procstat import children as children_of
+from tests.helpers import scalar
 
 CHAIN = "tests.pipelines:chain"
 

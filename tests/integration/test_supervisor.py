@@ -16,8 +16,9 @@ from typing import Any
 import psycopg
 import pytest
 
+from benchmarks.procstat import children as children_of
 from conveyor import SubmitError, submit
-from tests.helpers import ROOT, ConveyorProcess, children_of, conveyor_env, scalar, wait_until
+from tests.helpers import ROOT, ConveyorProcess, conveyor_env, scalar, wait_until
 
 CHAIN = {"CONVEYOR_PIPELINE": "tests.pipelines:chain"}
 Start = Callable[..., ConveyorProcess]
