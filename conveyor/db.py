@@ -49,6 +49,20 @@ def redact(text: str) -> str:
     return re.sub(r"(password\s*=\s*)('[^']*'|\S+)", r"\1***", text, flags=re.IGNORECASE)
 
 
+def brief(exc: BaseException | None) -> str:
+    """An error in one line for a log: its last non-empty line (PostgreSQL puts the gist there),
+    passwords hidden."""
+    if exc is None:
+        return ""
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return redact(lines[-1].strip() if lines else type(exc).__name__)
+
+
+def refusal(exc: psycopg.Error) -> dict[str, Any]:
+    """The log fields of a statement PostgreSQL refused (not a lost connection)."""
+    return {"error_type": type(exc).__name__, "sqlstate": exc.sqlstate, "error": brief(exc)}
+
+
 def connect(url: str, **kwargs: Any) -> psycopg.Connection[Any]:
     try:
         return psycopg.connect(url, connect_timeout=CONNECT_TIMEOUT_SECONDS, **kwargs)

@@ -18,7 +18,7 @@ import structlog
 from psycopg import sql
 
 from conveyor import metrics, queries
-from conveyor.db import CONNECT_TIMEOUT_SECONDS, KEEPALIVE_OPTIONS, redact
+from conveyor.db import CONNECT_TIMEOUT_SECONDS, KEEPALIVE_OPTIONS, brief, refusal
 from conveyor.leader_metrics import LeaderMetrics
 from conveyor.migrate import latest_version
 from conveyor.pipeline import Pipeline, Stage
@@ -76,10 +76,10 @@ class Maintenance:
                         await asyncio.sleep(self.interval * random.uniform(0.8, 1.2))
             except _DB_ERRORS as exc:
                 if self.is_leader:
-                    log.warning("leadership lost with the connection", error=_brief(exc))
+                    log.warning("leadership lost with the connection", error=brief(exc))
                     self.published.resign()
                 elif self.connected or not failures:
-                    log.warning("maintenance cannot reach the database", error=_brief(exc))
+                    log.warning("maintenance cannot reach the database", error=brief(exc))
                 failures += 1
                 self.connected = False
                 self.is_leader = False
@@ -89,13 +89,7 @@ class Maintenance:
         """PostgreSQL refused a statement over a working connection (a malformed row, a broken
         schema). Logged and counted, and tried again next round; the leader keeps its lock.
         Raised instead, it would end this task without a word, and rescues with it."""
-        log.error(
-            "statement failed",
-            operation=self._statement,
-            error_type=type(exc).__name__,
-            sqlstate=exc.sqlstate,
-            error=_brief(exc),
-        )
+        log.error("statement failed", operation=self._statement, **refusal(exc))
         metrics.WORKER_ERRORS.labels(self.pipeline.name, "maintenance", self._statement).inc()
 
     @property
@@ -193,8 +187,3 @@ class Maintenance:
         if total:
             log.info("pruned finished runs", runs=total)
         return total
-
-
-def _brief(exc: BaseException) -> str:
-    lines = [line for line in str(exc).splitlines() if line.strip()]
-    return redact(lines[-1].strip() if lines else type(exc).__name__)

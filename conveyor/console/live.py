@@ -30,7 +30,7 @@ from psycopg import sql
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
 
 from conveyor.console.overview import OverviewCache
-from conveyor.db import CONNECT_TIMEOUT_SECONDS, KEEPALIVE_OPTIONS, redact
+from conveyor.db import CONNECT_TIMEOUT_SECONDS, KEEPALIVE_OPTIONS, brief
 
 log = structlog.get_logger("conveyor.console")
 
@@ -153,7 +153,7 @@ class LiveHub:
             except _CONNECTION_ERRORS as exc:
                 self.connected.clear()
                 self.broadcast(Message("listener", {"listening": False}))
-                log.warning("console listener connection lost", error=_brief(exc))
+                log.warning("console listener connection lost", error=brief(exc))
                 with contextlib.suppress(Exception):
                     await conn.close()
 
@@ -230,7 +230,7 @@ class LiveHub:
         try:
             overview = await self.overview.refresh(older_than=self.overview.max_age)
         except Exception as exc:  # the database is away: say so, keep publishing
-            log.warning("overview refresh failed", error=_brief(exc))
+            log.warning("overview refresh failed", error=brief(exc))
             self.broadcast(Message("overview", {"error": True}))
             await asyncio.sleep(1.0)
             return
@@ -256,13 +256,6 @@ def _log_retry(state: Any) -> None:
     exc = state.outcome.exception() if state.outcome else None
     log.warning(
         "console listener cannot connect; retrying",
-        error=_brief(exc),
+        error=brief(exc),
         retry_in=round(state.next_action.sleep, 3) if state.next_action else None,
     )
-
-
-def _brief(exc: BaseException | None) -> str:
-    if exc is None:
-        return ""
-    lines = [line for line in str(exc).splitlines() if line.strip()]
-    return redact(lines[-1].strip() if lines else type(exc).__name__)

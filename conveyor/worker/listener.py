@@ -18,7 +18,7 @@ from psycopg import sql
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
 
 from conveyor import metrics
-from conveyor.db import CONNECT_TIMEOUT_SECONDS, KEEPALIVE_OPTIONS, redact
+from conveyor.db import CONNECT_TIMEOUT_SECONDS, KEEPALIVE_OPTIONS, brief
 
 log = structlog.get_logger("conveyor.listener")
 
@@ -88,7 +88,7 @@ class Listener:
                 self.disconnected.set()
                 if self._metrics:
                     self._metrics.disconnected()
-                log.warning("listener connection lost", channel=self.channel, error=_brief(exc))
+                log.warning("listener connection lost", channel=self.channel, error=brief(exc))
                 await conn.close()
 
     async def close(self) -> None:
@@ -184,7 +184,7 @@ class Listener:
         log.warning(
             "listener cannot connect; retrying",
             channel=self.channel,
-            error=_brief(exc),
+            error=brief(exc),
             retry_in=round(state.next_action.sleep, 3) if state.next_action else None,
         )
 
@@ -235,10 +235,3 @@ async def _readable(fd: int, timeout: float | None) -> bool:
 
 
 _CONNECTION_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError, TimeoutError, OSError)
-
-
-def _brief(exc: BaseException | None) -> str:
-    if exc is None:
-        return ""
-    lines = [line for line in str(exc).splitlines() if line.strip()]
-    return redact(lines[-1].strip() if lines else type(exc).__name__)

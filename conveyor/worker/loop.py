@@ -18,7 +18,7 @@ import structlog
 from psycopg_pool import AsyncConnectionPool
 
 from conveyor import metrics
-from conveyor.db import CONNECT_TIMEOUT_SECONDS, KEEPALIVE_OPTIONS, redact
+from conveyor.db import CONNECT_TIMEOUT_SECONDS, KEEPALIVE_OPTIONS, brief, refusal
 from conveyor.maintenance import Maintenance
 from conveyor.pipeline import Pipeline, Run, Stage
 from conveyor.protocol import Applied, Failure, StageProtocol, Success
@@ -382,7 +382,7 @@ class Worker:
                 await self._database_trouble("complete", exc)
                 continue
             except psycopg.Error as exc:  # bad data, not a lost connection: isolate the culprit
-                self._log.error("batch of results rejected; applying one by one", error=_brief(exc))
+                self._log.error("batch of results rejected; applying one by one", error=brief(exc))
                 applied = await self._apply_one_by_one(successes, failures)
             labels = self._labels
             metrics.COMPLETED.labels(*labels).inc(applied.completed)
@@ -412,12 +412,12 @@ class Worker:
                 continue
             except psycopg.Error as exc:
                 self._log.error(
-                    "result refused by the database", run_id=str(result.run_id), error=_brief(exc)
+                    "result refused by the database", run_id=str(result.run_id), error=brief(exc)
                 )
                 failure = Failure(
                     result.run_id,
                     result.attempt,
-                    f"result could not be stored: {_brief(exc)}",
+                    f"result could not be stored: {brief(exc)}",
                     None,
                     result.started_epoch,
                     result.duration,
@@ -445,7 +445,7 @@ class Worker:
                 try:
                     await step()
                 except _DB_ERRORS as exc:
-                    self._log.warning("heartbeat failed", during=operation, error=_brief(exc))
+                    self._log.warning("heartbeat failed", during=operation, error=brief(exc))
                 except psycopg.Error as exc:  # it beats again on its own period: no extra wait
                     await self._statement_refused(operation, exc, back_off=False)
             await asyncio.sleep(self.settings.lease / 3)
@@ -504,13 +504,13 @@ class Worker:
                 self._log.info("released unfinished runs", runs=released)
             except _DB_ERRORS as exc:
                 self._log.warning(
-                    "could not release runs; their leases will expire", error=_brief(exc)
+                    "could not release runs; their leases will expire", error=brief(exc)
                 )
             except psycopg.Error as exc:
                 await self._statement_refused("release", exc, back_off=False)
 
     async def _database_trouble(self, what: str, exc: BaseException) -> None:
-        self._log.warning("database error; will retry", during=what, error=_brief(exc))
+        self._log.warning("database error; will retry", during=what, error=brief(exc))
         await asyncio.sleep(random.uniform(0.05, 0.5))
 
     async def _statement_refused(
@@ -524,9 +524,7 @@ class Worker:
         self._log.error(
             "statement failed",
             operation=operation,
-            error_type=type(exc).__name__,
-            sqlstate=exc.sqlstate,
-            error=_brief(exc),
+            **refusal(exc),
             retry_in=None if retry_in is None else round(retry_in, 3),
         )
         metrics.WORKER_ERRORS.labels(*self._labels, operation).inc()
@@ -548,12 +546,7 @@ async def cancelled(tasks: list[asyncio.Task[None]]) -> None:
     for task in tasks:
         error = None if task.cancelled() else task.exception()
         if error is not None:  # it died before exit: say so, or nobody will ever know
-            log.error("worker task ended with an error", task=task.get_name(), error=_brief(error))
-
-
-def _brief(exc: BaseException) -> str:
-    lines = [line for line in str(exc).splitlines() if line.strip()]
-    return redact(lines[-1].strip() if lines else type(exc).__name__)
+            log.error("worker task ended with an error", task=task.get_name(), error=brief(error))
 
 
 def run_worker(
