@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import psycopg
 import pytest
@@ -36,8 +37,12 @@ async def _health_check_after(url: str, *payloads: str) -> tuple[int, list[str]]
         # for notifications that arrive while the check waits for its ping.
         await listener._check_health(conn)
         assert listener.connected.is_set()
-        async for notify in conn.notifies(timeout=0.2):
-            unread.append(notify.payload)
+        # Whatever is still on the connection, read past the listener (which hands everything
+        # it reads to on_wake or takes it for its ping).
+        await asyncio.sleep(0.2)
+        conn.pgconn.consume_input()
+        while (left := conn.pgconn.notifies()) is not None:
+            unread.append(left.extra.decode())
     finally:
         await listener.close()
     return woken, unread
@@ -58,3 +63,49 @@ def test_a_peers_ping_is_neither_a_wake_up_nor_taken_for_the_own_ping(database_u
     # Every worker of a stage listens on the same channel and hears its peers' pings.
     # The check waits for its own ping: not satisfied by the first ping it hears.
     assert asyncio.run(_health_check_after(database_url, "ping:a-peer", "ping")) == (0, [])
+
+
+async def _wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+async def _idle_listener_hears_wake_ups_and_survives_termination(url: str) -> None:
+    woken = 0
+
+    def on_wake() -> None:
+        nonlocal woken
+        woken += 1
+
+    listener = Listener(url, CHANNEL, on_wake, health_interval=3600, health_timeout=10)
+    task = asyncio.create_task(listener.run())
+    try:
+        await asyncio.wait_for(listener.connected.wait(), 10)
+        assert woken == 1  # the sweep after connecting
+        for payload in ("", "run-1", "ping:a-peer"):
+            await asyncio.to_thread(_notify, url, payload)
+        await _wait_for(lambda: woken == 3)
+        assert listener.last_notification_at > 0
+
+        # The server ends the connection under the idle listener: read as a loss, reconnected.
+        assert listener._conn is not None
+        pid = listener._conn.info.backend_pid
+        with psycopg.connect(url, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        await _wait_for(lambda: listener.reconnects == 1)
+        await _wait_for(lambda: woken == 4)  # the sweep after reconnecting
+        await asyncio.to_thread(_notify, url, "")
+        await _wait_for(lambda: woken == 5)
+        assert not task.done()
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await listener.close()
+
+
+@pytest.mark.timeout(60)
+def test_an_idle_listener_delivers_wake_ups_and_reconnects_when_its_backend_ends(
+    database_url: str,
+) -> None:
+    asyncio.run(_idle_listener_hears_wake_ups_and_survives_termination(database_url))
