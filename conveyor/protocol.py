@@ -90,20 +90,34 @@ class StageProtocol:
             "worker": worker_id,
         }
         self._terminal = pipeline.is_terminal(stage.produces)
+        self._claims: dict[int, str] = {}
+
+    def claim_size(self, free: int) -> int:
+        """How many runs to claim with `free` slots: the stage's batch, or fewer rounded down
+        to a few sizes (multiples of an eighth of the batch, powers of two below that), each a
+        statement of its own with its plan kept: a handful of statements per stage, not one
+        per number of free slots."""
+        batch = self.stage.batch
+        if free >= batch:
+            return batch
+        step = max(1, batch // 8)
+        if free >= step:
+            return free // step * step
+        return 1 << (max(free, 1).bit_length() - 1)
 
     async def claim(self, batch: int, *, alone: bool = False) -> list[ClaimedRow]:
-        """Lease up to `batch` runs. A worker with nothing in flight says `alone`: it may then
-        get a rescued run, and gets it alone."""
-        params = {
-            **self._fence,
-            "batch": batch,
-            "lease_seconds": self.lease_seconds,
-            "alone": alone,
-        }
+        """Lease up to `batch` runs (see claim_size). A worker with nothing in flight says
+        `alone`: it may then get a rescued run, and gets it alone."""
+        statement = self._claims.get(batch)
+        if statement is None:  # the size written in: one cached plan per size (queries.sql)
+            statement = self._claims[batch] = self.sql["claim_batch"].replace(
+                "%(batch)s", str(int(batch))
+            )
+        params = {**self._fence, "lease_seconds": self.lease_seconds, "alone": alone}
         async with self._claiming.connection() as conn:
             cur = conn.cursor()
             set_json_loads(_utf8_json, cur)  # input and outputs of every claimed run
-            await cur.execute(self.sql["claim_batch"], params)
+            await cur.execute(statement, params)
             rows: list[Any] = await cur.fetchall()
             return rows
 

@@ -16,6 +16,10 @@
 -- the at-least-once contract allows, and any later flushed commit (the one that ends the run at
 -- the latest) makes the claim before it durable too. It saves a disk flush on the path from
 -- commit to handler.
+-- The worker writes the number of runs it asks for into the statement in place of %(batch)s
+-- (StageProtocol.claim, a handful of sizes per stage), and PostgreSQL then keeps one plan for
+-- it. With a parameter there, its generic plan would guess a tenth of the queue, so it planned
+-- every claim anew instead (~0.2-0.3 ms on the path from commit to handler).
 WITH candidates AS (
     SELECT id, greatest(run_after, updated_at) AS ready_at, rescues > 0 AS rescued, priority,
            run_after

@@ -233,7 +233,7 @@ class Worker:
                     if self._emptying_for_rescued:
                         continue
                     operation = "claim"
-                want = min(free, stage.batch)
+                want = self.protocol.claim_size(free)
                 rows = await self.protocol.claim(want, alone=alone)
             except _DB_ERRORS as exc:
                 await self._database_trouble(operation, exc)

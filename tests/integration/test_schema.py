@@ -79,6 +79,28 @@ def test_claim_uses_the_partial_index_with_a_million_finished_runs(database_url:
         assert "pipeline_runs_claimable" in text
         assert "Seq Scan" not in text
 
+        # As the worker sends it (the size written in): PostgreSQL settles on one generic plan
+        # instead of planning every claim, and that plan reads the queue through the indexes.
+        # With a deep queue, where a parameter in LIMIT made it plan every claim anew.
+        with conn.transaction():
+            conn.execute("SET LOCAL session_replication_role = replica")
+            conn.execute(
+                "INSERT INTO conveyor.pipeline_runs (pipeline, status)"
+                " SELECT 'agents', 'NEW' FROM generate_series(1, 20000)"
+            )
+        conn.execute("ANALYZE conveyor.pipeline_runs")
+        # Each size the worker asks for is a statement of its own, which PostgreSQL can keep
+        # one generic plan for: that plan, too, reads the queue through the indexes.
+        with psycopg.connect(database_url, autocommit=True) as worker:
+            worker.execute("SET plan_cache_mode = force_generic_plan")
+            for size in (1, 50):
+                statement = claim.replace("%(batch)s", str(size))
+                with worker.transaction(force_rollback=True):
+                    plan = worker.execute("EXPLAIN (FORMAT JSON) " + statement, params).fetchone()
+                text = json.dumps(plan)
+                assert "pipeline_runs_claimable" in text and "pipeline_runs_pkey" in text
+                assert "Seq Scan" not in text
+
 
 def main() -> None:
     """`make schema`: migrate a scratch database and write sql/schema.sql."""
