@@ -93,11 +93,11 @@ class StageProtocol:
         self._claims: dict[int, str] = {}
 
     def claim_size(self, free: int) -> int:
-        """How many runs to claim with `free` slots: the stage's batch, or fewer rounded down
+        """How many runs to claim with `free` slots: a full batch, or fewer rounded down
         to a few sizes (multiples of an eighth of the batch, powers of two below that), each a
         statement of its own with its plan kept: a handful of statements per stage, not one
         per number of free slots."""
-        batch = self.stage.batch
+        batch = min(self.stage.batch, self.stage.concurrency)  # no more than it can hold
         if free >= batch:
             return batch
         step = max(1, batch // 8)

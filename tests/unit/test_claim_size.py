@@ -12,8 +12,10 @@ async def _noop(run: Run) -> dict[str, object]:
     return {}
 
 
-def _protocol(batch: int) -> StageProtocol:
-    stage = Stage("only", _noop, consumes="NEW", produces="DONE", concurrency=500, batch=batch)
+def _protocol(batch: int, concurrency: int = 500) -> StageProtocol:
+    stage = Stage(
+        "only", _noop, consumes="NEW", produces="DONE", concurrency=concurrency, batch=batch
+    )
     pipeline = Pipeline("p", [stage])
     return StageProtocol(
         None,  # type: ignore[arg-type]  # claim_size never touches the pool
@@ -38,3 +40,7 @@ def test_claim_sizes_fit_the_free_slots_and_stay_few(batch: int) -> None:
     assert protocol.claim_size(10 * batch) == batch
     # One prepared statement per size: a handful, not one per number of free slots.
     assert len(sizes) <= 8 + 1 + max(1, batch // 8).bit_length()
+
+
+def test_an_idle_worker_with_fewer_slots_than_a_batch_fills_them_all() -> None:
+    assert _protocol(batch=50, concurrency=10).claim_size(10) == 10
