@@ -179,10 +179,19 @@ class StageProtocol:
         refused = len(successes) + len(failures) - completed - retried - failed
         return Applied(completed, retried, failed, refused)
 
-    async def release(self, run_ids: list[UUID]) -> int:
+    async def release(self, run_ids: list[UUID], *, reason: str = "worker shutting down") -> int:
+        """Give leased runs back (fenced), due at once; `reason` is kept on their event."""
         async with self.pool.connection() as conn:
-            cur = await conn.execute(self.sql["release_if_leased"], {**self._fence, "ids": run_ids})
+            cur = await conn.execute(
+                self.sql["release_if_leased"], {**self._fence, "ids": run_ids, "reason": reason}
+            )
             return len(await cur.fetchall())
+
+    async def leased_to_me(self) -> set[UUID]:
+        """The runs the database has leased to this worker."""
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(self.sql["leased_to_worker"], self._fence)
+            return {row[0] for row in await cur.fetchall()}
 
     async def extend_leases(self, run_ids: list[UUID]) -> set[UUID]:
         """Extend the leases of in-flight runs; return the ids still held."""
@@ -193,7 +202,9 @@ class StageProtocol:
             )
             return {row[0] for row in await cur.fetchall()}
 
-    async def beat(self, *, channel: str, waiting: bool, ttl_seconds: float) -> None:
+    async def beat(
+        self, *, channel: str, waiting: bool, ttl_seconds: float, free_slots: int
+    ) -> None:
         async with self.pool.connection() as conn:
             await conn.execute(
                 self.sql["beat_worker"],
@@ -204,6 +215,9 @@ class StageProtocol:
                     "pid": _pid(),
                     "ttl_seconds": ttl_seconds,
                     "waiting": waiting,
+                    # what a hand-off gives this worker (migration 007)
+                    "lease_seconds": self.lease_seconds,
+                    "free_slots": free_slots,
                 },
             )
 

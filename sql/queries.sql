@@ -135,8 +135,8 @@ SELECT id, pipeline, %(stage)s, %(working)s, status, attempt, %(worker)s,
 RETURNING run_id, to_status;
 
 -- release_if_leased --
--- Give back runs this worker will not finish (shutdown): due at once, and the interrupted
--- attempt is not counted against the run.
+-- Give back runs this worker will not finish (shutdown, or a hand-off it cannot take): due at
+-- once, and the interrupted attempt is not counted against the run.
 WITH moved AS (
     UPDATE @schema@.pipeline_runs r
        SET status = %(consumes)s,
@@ -151,9 +151,17 @@ WITH moved AS (
 INSERT INTO @schema@.run_events
        (run_id, pipeline, stage, from_status, to_status, attempt, worker, error)
 SELECT id, pipeline, %(stage)s, %(working)s, %(consumes)s, attempt + 1, %(worker)s,
-       'released: worker shutting down'
+       'released: ' || %(reason)s
   FROM moved
 RETURNING run_id;
+
+-- leased_to_worker --
+-- The runs this worker holds a lease on, as the database sees it: after its listener was away,
+-- those it never heard were handed to it (migration 007) and are released.
+-- Through pipeline_runs_claimable: the runs in flight at the stage, a bounded number.
+SELECT id FROM @schema@.pipeline_runs
+ WHERE pipeline = %(pipeline)s AND status = %(working)s AND finished_at IS NULL
+   AND lease_owner = %(worker)s;
 
 -- extend_leases --
 -- Heartbeat for in-flight runs. An id missing from the result has been taken away (rescued or
@@ -214,13 +222,19 @@ SELECT id, pipeline, %(stage)s, %(working)s, status, attempt, lease_owner, last_
 RETURNING run_id, to_status, attempt, worker;
 
 -- beat_worker --
--- Register or refresh this worker in the registry; `waiting` arms the wake-up trigger.
+-- Register or refresh this worker in the registry; `waiting` arms the wake-up trigger, which
+-- hands a run that becomes claimable to a waiting worker with its working status and lease, up
+-- to `free_slots` runs (migration 007).
 INSERT INTO @schema@.workers
-       (worker_id, pipeline, stage, consumes, channel, hostname, pid, expires_at, waiting)
+       (worker_id, pipeline, stage, consumes, channel, hostname, pid, expires_at, waiting,
+        working, lease_seconds, free_slots)
 VALUES (%(worker)s, %(pipeline)s, %(stage)s, %(consumes)s, %(channel)s, %(hostname)s, %(pid)s,
-        now() + make_interval(secs => %(ttl_seconds)s), %(waiting)s)
+        now() + make_interval(secs => %(ttl_seconds)s), %(waiting)s, %(working)s,
+        %(lease_seconds)s, %(free_slots)s)
 ON CONFLICT (worker_id) DO UPDATE
-   SET heartbeat_at = now(), expires_at = excluded.expires_at, waiting = excluded.waiting;
+   SET heartbeat_at = now(), expires_at = excluded.expires_at, waiting = excluded.waiting,
+       working = excluded.working, lease_seconds = excluded.lease_seconds,
+       free_slots = excluded.free_slots;
 
 -- forget_worker --
 DELETE FROM @schema@.workers WHERE worker_id = %(worker)s;

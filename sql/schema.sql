@@ -1,4 +1,46 @@
 CREATE SCHEMA conveyor;
+CREATE FUNCTION conveyor.hand_off(handed_id uuid, handed_pipeline text, handed_status text, ready_at timestamp with time zone) RETURNS boolean
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+    waiter record;
+    handed record;
+    left_free integer;
+BEGIN
+    SELECT w.worker_id, w.channel, w.working, w.lease_seconds INTO waiter
+      FROM "conveyor".workers w
+     WHERE w.waiting AND w.pipeline = handed_pipeline AND w.consumes = handed_status
+       AND w.expires_at > now() AND w.working IS NOT NULL AND w.free_slots > 0
+     LIMIT 1
+       FOR UPDATE SKIP LOCKED;
+    IF waiter.worker_id IS NULL THEN
+        RETURN false;
+    END IF;
+    UPDATE "conveyor".pipeline_runs r
+       SET status = waiter.working,
+           lease_owner = waiter.worker_id,
+           lease_expires_at = now() + make_interval(secs => waiter.lease_seconds),
+           attempt = r.attempt + 1,
+           updated_at = now()
+     WHERE r.id = handed_id AND r.status = handed_status AND r.lease_owner IS NULL
+       AND r.finished_at IS NULL AND r.rescues = 0 AND r.run_after <= now()
+       AND octet_length(r.input::text) + octet_length(r.outputs::text) <= 7000
+    RETURNING r.id, r.attempt, r.input, r.outputs INTO handed;
+    IF handed.id IS NULL THEN
+        RETURN false;
+    END IF;
+    UPDATE "conveyor".workers
+       SET free_slots = free_slots - 1, waiting = free_slots > 1
+     WHERE worker_id = waiter.worker_id
+    RETURNING free_slots INTO left_free;
+    PERFORM pg_notify(waiter.channel, 'run:' || json_build_object(
+        'worker', waiter.worker_id, 'free', left_free, 'id', handed.id, 'attempt', handed.attempt,
+        'waited', extract(epoch FROM clock_timestamp() - ready_at),
+        'input', handed.input, 'outputs', handed.outputs)::text);
+    RETURN true;
+END
+$$;
 CREATE FUNCTION conveyor.notify_pipeline_change() RETURNS trigger
     LANGUAGE plpgsql
     AS $$
@@ -26,16 +68,25 @@ CREATE FUNCTION conveyor.wake_waiting_workers() RETURNS trigger
 DECLARE
     waiting_channel text;
 BEGIN
-    IF NEW.finished_at IS NULL THEN
-        SELECT w.channel INTO waiting_channel
-          FROM "conveyor".workers w
-         WHERE w.waiting AND w.pipeline = NEW.pipeline AND w.consumes = NEW.status
-           AND w.expires_at > now()
-         LIMIT 1;
-        IF waiting_channel IS NOT NULL THEN
-            PERFORM pg_notify(waiting_channel, '');
+    IF NEW.finished_at IS NOT NULL THEN
+        RETURN NULL;
+    END IF;
+    SELECT w.channel INTO waiting_channel
+      FROM "conveyor".workers w
+     WHERE w.waiting AND w.pipeline = NEW.pipeline AND w.consumes = NEW.status
+       AND w.expires_at > now()
+     LIMIT 1;
+    IF waiting_channel IS NULL THEN
+        RETURN NULL;  -- nobody waits: under load, the commit pays nothing more
+    END IF;
+    IF NEW.rescues = 0 AND NEW.run_after <= now()
+       AND current_setting('transaction_isolation') = 'read committed' THEN
+        IF "conveyor".hand_off(NEW.id, NEW.pipeline, NEW.status,
+                             greatest(NEW.run_after, NEW.updated_at)) THEN
+            RETURN NULL;
         END IF;
     END IF;
+    PERFORM pg_notify(waiting_channel, '');
     RETURN NULL;
 END
 $$;
@@ -118,7 +169,10 @@ CREATE UNLOGGED TABLE conveyor.workers (
     started_at timestamp with time zone DEFAULT now() NOT NULL,
     heartbeat_at timestamp with time zone DEFAULT now() NOT NULL,
     expires_at timestamp with time zone NOT NULL,
-    waiting boolean DEFAULT false NOT NULL
+    waiting boolean DEFAULT false NOT NULL,
+    working text,
+    lease_seconds double precision,
+    free_slots integer
 );
 ALTER TABLE ONLY conveyor.memory
     ADD CONSTRAINT memory_pkey PRIMARY KEY (id);

@@ -38,17 +38,18 @@ def wake_channel(schema: str, pipeline: str, status: str) -> str:
 class Listener:
     """Holds one autocommit connection that LISTENs on the wake channel.
 
-    `on_wake` is called for every wake-up notification, and once after every (re)connect,
-    because whatever was notified while disconnected is gone. Every `health_interval` seconds
-    of silence the connection proves itself with a notification to itself, answered within
-    `health_timeout`; a half-open socket fails that check and is replaced.
+    `on_wake` is called with the payload of every wake-up notification, and with None once
+    after every (re)connect, because whatever was notified while disconnected is gone. Every
+    `health_interval` seconds of silence the connection proves itself with a notification to
+    itself, answered within `health_timeout`; a half-open socket fails that check and is
+    replaced.
     """
 
     def __init__(
         self,
         url: str,
         channel: str,
-        on_wake: Callable[[], None],
+        on_wake: Callable[[str | None], None],
         *,
         health_interval: float = 15.0,
         health_timeout: float = 5.0,
@@ -81,7 +82,7 @@ class Listener:
                     self._metrics.reconnected()
                 log.info("listener reconnected", channel=self.channel, reconnects=self.reconnects)
             first = False
-            self.on_wake()  # sweep now: notifications sent while we were away are lost
+            self.on_wake(None)  # sweep now: notifications sent while we were away are lost
             try:
                 await self._listen(conn)
             except _CONNECTION_ERRORS as exc:
@@ -179,7 +180,7 @@ class Listener:
         if self._metrics:
             self._metrics.heard(self.last_notification_at, ping=ping)
         if not ping:
-            self.on_wake()
+            self.on_wake(notify.payload)
         elif notify.payload == self._ping_payload:
             self._ping_answered = True
 

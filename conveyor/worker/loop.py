@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import random
@@ -21,7 +22,7 @@ from conveyor import metrics
 from conveyor.db import CONNECT_TIMEOUT_SECONDS, KEEPALIVE_OPTIONS, brief, refusal
 from conveyor.maintenance import Maintenance
 from conveyor.pipeline import Pipeline, Run, Stage
-from conveyor.protocol import Applied, Failure, StageProtocol, Success
+from conveyor.protocol import Applied, ClaimedRow, Failure, StageProtocol, Success
 from conveyor.settings import Settings
 from conveyor.worker.listener import Listener, wake_channel
 from conveyor.worker.liveness import LivenessSlot
@@ -38,6 +39,8 @@ POOL_WAIT_SECONDS = 5.0
 # At exit, how long the completer may take to commit its last batch before it is cancelled.
 COMPLETER_STOP_SECONDS = 5.0
 _DB_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError, psycopg.errors.DeadlockDetected)
+# A wake-up notification that carries a run leased to a waiting worker at commit (migration 007).
+_HAND_OFF = "run:"
 
 
 def new_worker_id(stage: str) -> str:
@@ -79,6 +82,13 @@ class Worker:
         self._failures: list[Failure] = []
         self._durations: list[float] = []
         self._taken_away: set[UUID] = set()
+        # Every run this worker knows it holds, from its claim or hand-off until its result is
+        # applied or it is given back. A run leased to it that is not here was handed to it
+        # while its listener was away, and is released (_release_unheard).
+        self._held: set[UUID] = set()
+        self._releasing: set[UUID] = set()
+        self._recover_unheard = False
+        self._giving_back: set[asyncio.Task[None]] = set()
         self._backlog = False
         self._running_rescued = False  # a rescued run is in flight: it runs alone
         self._emptying_for_rescued = False  # one is waiting: finish what is in flight first
@@ -161,6 +171,7 @@ class Worker:
             asyncio.create_task(self.listener.run(), name="listener"),
             asyncio.create_task(self._sweep_timer(), name="sweep"),
             asyncio.create_task(self._heartbeat(), name="heartbeat"),
+            asyncio.create_task(self._not_waiting_while_deaf(), name="deaf"),
         ]
         if self.parent_pid is not None:
             helpers.append(asyncio.create_task(self._watch_parent(), name="parent"))
@@ -181,7 +192,12 @@ class Worker:
             completer.cancel()
             await cancelled([completer])
             await self._flush_results(final=True)
+            await cancelled(list(self._giving_back))
+            # Off the registry first, so no hand-off can follow; then nothing leased to this
+            # worker is left behind for the lease to expire (a hand-off it never heard).
             await self._forget()
+            with contextlib.suppress(psycopg.Error, TimeoutError):
+                await asyncio.wait_for(self._release_unheard(), timeout=2)
             await self.listener.close()
             await self.protocol.close()
             await self.pool.close()
@@ -198,8 +214,72 @@ class Worker:
 
     # -- claiming ----------------------------------------------------------------------------
 
-    def _on_notification(self) -> None:
+    def _on_notification(self, payload: str | None) -> None:
+        if payload is None:  # (re)connected: what was handed to it meanwhile went unheard
+            self._recover_unheard = True
+        elif payload.startswith(_HAND_OFF) and not self._take_hand_off(payload[len(_HAND_OFF) :]):
+            return  # a hand-off to this worker with slots left, or a peer's: nothing to claim
         self._wake.set()
+
+    def _take_hand_off(self, text: str) -> bool:
+        """Start a run the wake-up trigger leased to this worker at commit, from the
+        notification. One it cannot take is given back. Whether the dispatcher should look
+        again: the registry handed it its last free slot, so it no longer waits."""
+        try:
+            handed = json.loads(text)
+            if handed["worker"] != self.worker_id:
+                return False
+            no_slot_left = int(handed["free"]) <= 0
+            row: ClaimedRow = (
+                UUID(handed["id"]),
+                dict(handed["input"]),
+                dict(handed["outputs"]),
+                int(handed["attempt"]),
+                float(handed["waited"]),
+                False,
+            )
+        except (ValueError, KeyError, TypeError) as exc:  # its lease expires, the rescue frees it
+            self._log.error("malformed hand-off notification; skipped", error=brief(exc))
+            return False
+        if no_slot_left:
+            self._waiting = False  # the trigger took it off the waiting list
+        run_id = row[0]
+        if run_id in self._held or run_id in self._releasing:
+            return no_slot_left
+        full = len(self._in_flight) >= self.stage.concurrency or self._running_rescued
+        if self.stopping.is_set() or full:
+            task = asyncio.create_task(self._give_back(run_id))
+            self._giving_back.add(task)
+            task.add_done_callback(self._giving_back.discard)
+            return no_slot_left
+        self._start([row], by_timer=False)
+        return no_slot_left
+
+    async def _give_back(self, run_id: UUID) -> None:
+        self._releasing.add(run_id)
+        try:
+            await self.protocol.release([run_id], reason="handed to a worker with no free slot")
+        except psycopg.Error as exc:  # its lease expires; the rescue forgives a live owner
+            self._log.warning("could not give a hand-off back", error=brief(exc))
+        finally:
+            self._releasing.discard(run_id)
+
+    async def _release_unheard(self) -> None:
+        """Give back the runs leased to this worker that it never heard of: handed to it while
+        its listener was away. Fenced like every release; a hand-off heard meanwhile is left
+        to this release (_releasing), not started."""
+        leased = await self.protocol.leased_to_me()
+        unheard = leased - self._held - self._releasing
+        if not unheard:
+            return
+        self._releasing |= unheard
+        try:
+            released = await self.protocol.release(
+                list(unheard), reason="handed to the worker while its listener was away"
+            )
+        finally:
+            self._releasing -= unheard
+        self._log.warning("released runs handed over while not listening", runs=released)
 
     async def _dispatch_until_stopped(self) -> None:
         stage = self.stage
@@ -227,6 +307,11 @@ class Worker:
             alone = not self._in_flight
             operation = "claim"
             try:
+                if self._recover_unheard:
+                    operation = "release_unheard"
+                    self._recover_unheard = False
+                    await self._release_unheard()
+                    operation = "claim"
                 if timer_fired and not alone:
                     operation = "rescued_waiting"
                     self._emptying_for_rescued = await self.protocol.rescued_waiting()
@@ -236,33 +321,47 @@ class Worker:
                 want = self.protocol.claim_size(free)
                 rows = await self.protocol.claim(want, alone=alone)
             except _DB_ERRORS as exc:
+                self._recover_unheard = self._recover_unheard or operation == "release_unheard"
                 await self._database_trouble(operation, exc)
                 continue
             except psycopg.Error as exc:
+                self._recover_unheard = self._recover_unheard or operation == "release_unheard"
                 await self._statement_refused(operation, exc)
                 self._wake.set()  # and claim again
                 continue
             self._emptying_for_rescued = False
-            for run_id, run_input, outputs, attempt, _waited, rescued in rows:
-                run = Run(run_id, self.pipeline.name, stage.name, run_input, outputs, attempt)
-                self._in_flight[run_id] = asyncio.create_task(self._execute(run))
-                self._running_rescued = self._running_rescued or rescued
-            if rows:
-                metrics.observe_many(self._wakeup_latency, (row[4] for row in rows))
-                metrics.CLAIMED.labels(*self._labels).inc(len(rows))
-                metrics.IN_FLIGHT.labels(*self._labels).set(len(self._in_flight))
-                if by_timer:
-                    metrics.SWEEP_PICKUPS.labels(*self._labels).inc(len(rows))
+            self._start(rows, by_timer=by_timer)
             # A lone rescued run says nothing about the backlog: look again once it is done.
             self._backlog = len(rows) == want or self._running_rescued
             await self._set_waiting(not self._backlog)
 
+    def _start(self, rows: list[ClaimedRow], *, by_timer: bool) -> None:
+        """Run the handler of every run claimed or handed to this worker."""
+        for run_id, run_input, outputs, attempt, _waited, rescued in rows:
+            run = Run(run_id, self.pipeline.name, self.stage.name, run_input, outputs, attempt)
+            self._held.add(run_id)
+            self._in_flight[run_id] = asyncio.create_task(self._execute(run))
+            self._running_rescued = self._running_rescued or rescued
+        if rows:
+            metrics.observe_many(self._wakeup_latency, (row[4] for row in rows))
+            metrics.CLAIMED.labels(*self._labels).inc(len(rows))
+            metrics.IN_FLIGHT.labels(*self._labels).set(len(self._in_flight))
+            if by_timer:
+                metrics.SWEEP_PICKUPS.labels(*self._labels).inc(len(rows))
+
     async def _set_waiting(self, waiting: bool) -> None:
-        """Arm or disarm the wake-up trigger for this worker; only on a change."""
+        """Arm or disarm the wake-up trigger for this worker; only on a change. Never armed
+        while the listener is away: a run handed over then would go unheard."""
+        waiting = waiting and self.listener.connected.is_set()
         if waiting == self._waiting:
             return
         try:
-            await self.protocol.beat(channel=self.channel, waiting=waiting, ttl_seconds=self._ttl)
+            await self.protocol.beat(
+                channel=self.channel,
+                waiting=waiting,
+                ttl_seconds=self._ttl,
+                free_slots=self._free_slots,
+            )
         except _DB_ERRORS as exc:
             await self._database_trouble("beat", exc)
             return
@@ -272,6 +371,16 @@ class Worker:
         self._waiting = waiting
         if waiting:
             asyncio.get_running_loop().call_later(IDLE_GRACE_SECONDS, self._wake.set)
+
+    async def _not_waiting_while_deaf(self) -> None:
+        """A worker whose listener is away leaves the waiting list at once, so no run is handed
+        to it unheard; the sweep tightens meanwhile, and once the listener is back the worker
+        releases what it missed (_release_unheard), claims, and waits again."""
+        while True:
+            await self.listener.disconnected.wait()
+            while self._waiting and not self.listener.connected.is_set():
+                await self._set_waiting(False)
+            await self.listener.connected.wait()
 
     async def _sweep_timer(self) -> None:
         """Claim on a jittered timer even without a notification: the bound on anything missed.
@@ -302,6 +411,7 @@ class Worker:
         except asyncio.CancelledError:
             if run.id in self._taken_away:  # cancelled, rescued or released: no result
                 self._taken_away.discard(run.id)
+                self._held.discard(run.id)
                 stopping = self.stopping.is_set()
                 self._log.warning(
                     "run interrupted: worker stopping"
@@ -384,6 +494,10 @@ class Worker:
             except psycopg.Error as exc:  # bad data, not a lost connection: isolate the culprit
                 self._log.error("batch of results rejected; applying one by one", error=brief(exc))
                 applied = await self._apply_one_by_one(successes, failures)
+            # Applied or refused: no longer this worker's, except what waits to be tried again.
+            pending = {r.run_id for r in self._successes} | {r.run_id for r in self._failures}
+            self._held -= {r.run_id for r in successes} - pending
+            self._held -= {r.run_id for r in failures} - pending
             labels = self._labels
             metrics.COMPLETED.labels(*labels).inc(applied.completed)
             metrics.RETRIED.labels(*labels).inc(applied.retried)
@@ -436,6 +550,11 @@ class Worker:
     def _ttl(self) -> float:
         return self.settings.lease
 
+    @property
+    def _free_slots(self) -> int:
+        """How many more runs may be handed to this worker (the registry counts them down)."""
+        return 0 if self._running_rescued else max(0, self.stage.concurrency - len(self._in_flight))
+
     async def _heartbeat(self) -> None:
         """Keep the registry row fresh, extend the leases of in-flight runs well before they
         expire (a third of the lease), and interrupt handlers whose run was taken away. The
@@ -451,7 +570,12 @@ class Worker:
             await asyncio.sleep(self.settings.lease / 3)
 
     async def _beat(self) -> None:
-        await self.protocol.beat(channel=self.channel, waiting=self._waiting, ttl_seconds=self._ttl)
+        await self.protocol.beat(
+            channel=self.channel,
+            waiting=self._waiting,
+            ttl_seconds=self._ttl,
+            free_slots=self._free_slots,
+        )
 
     async def _extend(self) -> None:
         held_before = list(self._in_flight)

@@ -24,7 +24,7 @@ async def _health_check_after(url: str, *payloads: str) -> tuple[int, list[str]]
     woken = 0
     unread: list[str] = []
 
-    def on_wake() -> None:
+    def on_wake(payload: str | None) -> None:
         nonlocal woken
         woken += 1
 
@@ -72,20 +72,17 @@ async def _wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> Non
 
 
 async def _idle_listener_hears_wake_ups_and_survives_termination(url: str) -> None:
-    woken = 0
+    heard: list[str | None] = []
 
-    def on_wake() -> None:
-        nonlocal woken
-        woken += 1
-
-    listener = Listener(url, CHANNEL, on_wake, health_interval=3600, health_timeout=10)
+    listener = Listener(url, CHANNEL, heard.append, health_interval=3600, health_timeout=10)
     task = asyncio.create_task(listener.run())
     try:
         await asyncio.wait_for(listener.connected.wait(), 10)
-        assert woken == 1  # the sweep after connecting
+        assert heard == [None]  # connected: sweep, whatever was sent before is gone
         for payload in ("", "run-1", "ping:a-peer"):
             await asyncio.to_thread(_notify, url, payload)
-        await _wait_for(lambda: woken == 3)
+        await _wait_for(lambda: len(heard) == 3)
+        assert heard == [None, "", "run-1"]  # the payloads, and no peer's ping
         assert listener.last_notification_at > 0
 
         # The server ends the connection under the idle listener: read as a loss, reconnected.
@@ -94,9 +91,10 @@ async def _idle_listener_hears_wake_ups_and_survives_termination(url: str) -> No
         with psycopg.connect(url, autocommit=True) as admin:
             admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
         await _wait_for(lambda: listener.reconnects == 1)
-        await _wait_for(lambda: woken == 4)  # the sweep after reconnecting
+        await _wait_for(lambda: len(heard) == 4)
+        assert heard[3] is None  # reconnected: sweep again
         await asyncio.to_thread(_notify, url, "")
-        await _wait_for(lambda: woken == 5)
+        await _wait_for(lambda: len(heard) == 5)
         assert not task.done()
     finally:
         task.cancel()

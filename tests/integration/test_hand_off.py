@@ -1,0 +1,248 @@
+"""The wake-up hands a run to a waiting worker at commit (migration 007): the trigger on a real
+server, and real workers that take hand-offs, give back the ones they cannot take, and release
+the ones they never heard."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+import pytest
+
+from tests.helpers import ConveyorProcess, fetch_all, scalar, wait_until
+
+CHANNEL = "conveyor.agents.NEW"
+CHAIN = {"CONVEYOR_PIPELINE": "tests.pipelines:chain"}
+Start = Callable[..., ConveyorProcess]
+
+
+def _register(
+    conn: psycopg.Connection[Any], worker: str, *, working: str | None, free: int = 2
+) -> None:
+    conn.execute(
+        "INSERT INTO conveyor.workers (worker_id, pipeline, stage, consumes, channel, hostname,"
+        " pid, expires_at, waiting, working, lease_seconds, free_slots)"
+        " VALUES (%s, 'agents', 'analyze', 'NEW', %s, 'h', 1, now() + interval '1 min', true,"
+        " %s, 30, %s)",
+        (worker, CHANNEL, working, free),
+    )
+
+
+def _heard(listener: psycopg.Connection[Any]) -> list[str]:
+    return [n.payload for n in listener.notifies(timeout=0.5)]
+
+
+@pytest.fixture
+def listener(database_url: str) -> Any:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(f'LISTEN "{CHANNEL}"')
+        yield conn
+
+
+def test_a_run_is_leased_to_the_waiting_worker_at_commit_and_sent_to_it(
+    conn: psycopg.Connection[Any], listener: psycopg.Connection[Any]
+) -> None:
+    _register(conn, "w1", working="ANALYZING")
+    run_id = conn.execute(
+        'INSERT INTO conveyor.pipeline_runs (input) VALUES (\'{"q": "x"}\') RETURNING id'
+    ).fetchone()[0]  # type: ignore[index]
+
+    status, owner, attempt, lease_left = conn.execute(
+        "SELECT status, lease_owner, attempt, extract(epoch FROM lease_expires_at - now())"
+        " FROM conveyor.pipeline_runs WHERE id = %s",
+        (run_id,),
+    ).fetchone()  # type: ignore[misc]
+    assert (status, owner, attempt) == ("ANALYZING", "w1", 1)
+    assert 25 < lease_left <= 30
+    # Each hand-off takes one of the slots the worker said it had.
+    assert conn.execute("SELECT waiting, free_slots FROM conveyor.workers").fetchone() == (True, 1)
+
+    [payload] = _heard(listener)
+    assert payload.startswith("run:")
+    handed = json.loads(payload[len("run:") :])
+    assert handed["worker"] == "w1" and handed["id"] == str(run_id) and handed["free"] == 1
+    assert handed["attempt"] == 1 and handed["input"] == {"q": "x"} and handed["outputs"] == {}
+    assert 0 <= handed["waited"] < 5
+
+    # The last slot takes the worker off the waiting list (until it says otherwise).
+    conn.execute("INSERT INTO conveyor.pipeline_runs DEFAULT VALUES")
+    [payload] = _heard(listener)
+    assert json.loads(payload[len("run:") :])["free"] == 0
+    assert conn.execute("SELECT waiting, free_slots FROM conveyor.workers").fetchone() == (False, 0)
+
+    # Nobody waits now: the next run stays NEW, and nothing is sent.
+    conn.execute("INSERT INTO conveyor.pipeline_runs DEFAULT VALUES")
+    assert _heard(listener) == []
+    assert conn.execute(
+        "SELECT count(*) FROM conveyor.pipeline_runs WHERE status = 'NEW'"
+    ).fetchone() == (1,)
+
+
+@pytest.mark.parametrize(
+    ("case", "insert"),
+    [
+        ("an older worker", "INSERT INTO conveyor.pipeline_runs DEFAULT VALUES"),
+        (
+            "too big for a notification",
+            "INSERT INTO conveyor.pipeline_runs (input)"
+            " VALUES (jsonb_build_object('text', repeat('x', 7100)))",
+        ),
+        (
+            "not due yet",
+            "INSERT INTO conveyor.pipeline_runs (run_after) VALUES (now() + interval '1 hour')",
+        ),
+        ("a rescued run runs alone", "INSERT INTO conveyor.pipeline_runs (rescues) VALUES (1)"),
+    ],
+)
+def test_runs_that_cannot_be_handed_off_wake_the_worker_as_before(
+    conn: psycopg.Connection[Any], listener: psycopg.Connection[Any], case: str, insert: str
+) -> None:
+    _register(conn, "w1", working=None if case == "an older worker" else "ANALYZING")
+    conn.execute(insert)
+    assert _heard(listener) == [""], case
+    assert conn.execute("SELECT status, lease_owner FROM conveyor.pipeline_runs").fetchone() == (
+        "NEW",
+        None,
+    )
+    assert conn.execute("SELECT waiting FROM conveyor.workers").fetchone() == (True,)
+
+
+def test_above_read_committed_the_insert_only_wakes_and_never_fails(
+    database_url: str, listener: psycopg.Connection[Any]
+) -> None:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        _register(conn, "w1", working="ANALYZING")
+    with psycopg.connect(database_url) as conn:
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        # The registry row changes after this transaction's snapshot (a heartbeat): locking
+        # it here would fail the user's commit with a serialization error.
+        conn.execute("SELECT count(*) FROM conveyor.pipeline_runs")
+        with psycopg.connect(database_url, autocommit=True) as other:
+            other.execute("UPDATE conveyor.workers SET heartbeat_at = now()")
+        conn.execute("INSERT INTO conveyor.pipeline_runs DEFAULT VALUES")
+        conn.commit()
+    assert _heard(listener) == [""]
+    assert scalar(database_url, "SELECT status FROM conveyor.pipeline_runs") == "NEW"
+
+
+def test_a_submitter_without_rights_on_the_registry_can_still_hand_off(
+    database_url: str, listener: psycopg.Connection[Any]
+) -> None:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        _register(conn, "w1", working="ANALYZING")
+        conn.execute("DROP ROLE IF EXISTS conveyor_test_submitter")
+        conn.execute("CREATE ROLE conveyor_test_submitter")
+        conn.execute("GRANT USAGE ON SCHEMA conveyor TO conveyor_test_submitter")
+        conn.execute("GRANT SELECT ON conveyor.workers TO conveyor_test_submitter")
+        conn.execute("GRANT INSERT ON conveyor.pipeline_runs TO conveyor_test_submitter")
+        try:
+            with conn.transaction():
+                conn.execute("SET LOCAL ROLE conveyor_test_submitter")
+                conn.execute("INSERT INTO conveyor.pipeline_runs DEFAULT VALUES")
+        finally:
+            conn.execute("DROP OWNED BY conveyor_test_submitter")
+            conn.execute("DROP ROLE conveyor_test_submitter")
+    [payload] = _heard(listener)
+    assert payload.startswith("run:")
+    assert scalar(database_url, "SELECT status FROM conveyor.pipeline_runs") == "ANALYZING"
+
+
+def _waiting(url: str) -> int:
+    return int(scalar(url, "SELECT count(*) FROM conveyor.workers WHERE waiting"))
+
+
+def test_an_idle_worker_starts_a_run_from_the_hand_off(
+    database_url: str, start_conveyor: Start
+) -> None:
+    # A sweep once a minute: only a wake-up or a hand-off can move the run within the timeout.
+    # A long lease: no heartbeat refreshes the registry's count of free slots during the test.
+    start_conveyor(
+        "worker", "--stage", "one", CONVEYOR_SWEEP_INTERVAL="60", CONVEYOR_LEASE="300", **CHAIN
+    )
+    wait_until(lambda: _waiting(database_url) == 1, 30, "an idle worker")
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("LISTEN pipeline_events")
+        submitter = conn.info.backend_pid
+        run_id = conn.execute(
+            "INSERT INTO conveyor.pipeline_runs (pipeline, input) VALUES ('chain', '{\"n\": 1}')"
+            " RETURNING id"
+        ).fetchone()[0]  # type: ignore[index]
+        events = []
+        for notify in conn.notifies(timeout=10):
+            event = json.loads(notify.payload)
+            events.append((event["status"], notify.pid))
+            if event["status"] == "ONE_DONE":
+                break
+    # Leased to the worker by the submitter's own commit, not by a claim from the worker.
+    assert events[:2] == [("NEW", submitter), ("ONE_RUNNING", submitter)]
+    assert events[-1][0] == "ONE_DONE"
+    attempts = fetch_all(
+        database_url, "SELECT attempt FROM conveyor.run_events WHERE run_id = %s", (run_id,)
+    )
+    assert attempts == [(1,)]
+    # It never stopped waiting: the hand-off took one of its 20 slots, and it needed no claim
+    # nor registry update to take the run.
+    assert fetch_all(database_url, "SELECT waiting, free_slots FROM conveyor.workers") == [
+        (True, 19)
+    ]
+
+
+def test_runs_handed_to_a_worker_that_did_not_hear_are_released_on_reconnect_and_at_exit(
+    database_url: str, start_conveyor: Start
+) -> None:
+    worker = start_conveyor("worker", "--stage", "one", CONVEYOR_SWEEP_INTERVAL="60", **CHAIN)
+    wait_until(lambda: _waiting(database_url) == 1, 30, "an idle worker")
+    worker_id = scalar(database_url, "SELECT worker_id FROM conveyor.workers")
+
+    def strand() -> Any:
+        """A run leased to the worker whose notification it never got (triggers off: as if
+        it had been sent while the worker's listener was away)."""
+        with psycopg.connect(database_url, autocommit=True) as conn, conn.transaction():
+            conn.execute("SET LOCAL session_replication_role = replica")
+            return conn.execute(
+                "INSERT INTO conveyor.pipeline_runs"
+                " (pipeline, status, lease_owner, lease_expires_at, attempt)"
+                " VALUES ('chain', 'ONE_RUNNING', %s, now() + interval '1 hour', 1) RETURNING id",
+                (worker_id,),
+            ).fetchone()[0]  # type: ignore[index]
+
+    def released(run_id: Any) -> bool:
+        return bool(
+            scalar(
+                database_url,
+                "SELECT count(*) FROM conveyor.run_events WHERE run_id = %s"
+                " AND error = 'released: handed to the worker while its listener was away'",
+                (run_id,),
+            )
+        )
+
+    first = strand()
+    killed = scalar(
+        database_url,
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+        " WHERE application_name LIKE 'conveyor-listen:%%'",
+    )
+    assert killed == 1
+    wait_until(lambda: released(first), 20, "the stranded run released after the reconnect")
+    # Released, it is claimable again: woken or handed off, it finishes its stage once.
+    wait_until(
+        lambda: (
+            scalar(
+                database_url, "SELECT status FROM conveyor.pipeline_runs WHERE id = %s", (first,)
+            )
+            == "ONE_DONE"
+        ),
+        20,
+        "the released run to finish its stage",
+    )
+
+    second = strand()
+    assert worker.stop() == 0
+    assert released(second)
+    assert fetch_all(
+        database_url,
+        "SELECT status, lease_owner, attempt FROM conveyor.pipeline_runs WHERE id = %s",
+        (second,),
+    ) == [("NEW", None, 0)]
