@@ -11,7 +11,9 @@ import random
 import signal
 import time
 import uuid
+from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 from uuid import UUID
 
 import psycopg
@@ -88,12 +90,13 @@ class Worker:
         self._held: set[UUID] = set()
         self._releasing: set[UUID] = set()
         self._recover_unheard = False
-        self._giving_back: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Task[None]] = set()  # give-backs, the leaving beat
         self._backlog = False
         self._running_rescued = False  # a rescued run is in flight: it runs alone
         self._emptying_for_rescued = False  # one is waiting: finish what is in flight first
         self._completing = True
         self._waiting = False
+        self._free_reported = 0  # the free slots the registry last heard of (hand-offs count down)
         self._woken_by_timer = False
         self._labels = (pipeline.name, stage.name)
         # Observed once per run: bound to their labels once, not looked up per run.
@@ -192,7 +195,7 @@ class Worker:
             completer.cancel()
             await cancelled([completer])
             await self._flush_results(final=True)
-            await cancelled(list(self._giving_back))
+            await cancelled(list(self._background))
             # Off the registry first, so no hand-off can follow; then nothing leased to this
             # worker is left behind for the lease to expire (a hand-off it never heard).
             await self._forget()
@@ -211,6 +214,7 @@ class Worker:
             self.stopping.set()
             self._wake.set()
             self._slot_freed.set()
+            self._in_background(self._set_waiting(False))  # no more hand-offs: it is leaving
 
     # -- claiming ----------------------------------------------------------------------------
 
@@ -241,23 +245,31 @@ class Worker:
         except (ValueError, KeyError, TypeError) as exc:  # its lease expires, the rescue frees it
             self._log.error("malformed hand-off notification; skipped", error=brief(exc))
             return False
+        self._free_reported = int(handed["free"])  # the registry's count, after this one
         if no_slot_left:
             self._waiting = False  # the trigger took it off the waiting list
         run_id = row[0]
         if run_id in self._held or run_id in self._releasing:
             return no_slot_left
-        full = len(self._in_flight) >= self.stage.concurrency or self._running_rescued
-        if self.stopping.is_set() or full:
-            task = asyncio.create_task(self._give_back(run_id))
-            self._giving_back.add(task)
-            task.add_done_callback(self._giving_back.discard)
-            return no_slot_left
+        full = len(self._in_flight) >= self.stage.concurrency
+        if self.stopping.is_set() or full or self._running_rescued or self._emptying_for_rescued:
+            self._in_background(self._give_back(run_id))
+            return True  # it no longer waits: the dispatcher claims and waits again when it can
         self._start([row], by_timer=False)
         return no_slot_left
 
+    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run `work` beside the dispatcher; waited for (then cancelled) at exit."""
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     async def _give_back(self, run_id: UUID) -> None:
+        """Release a hand-off this worker cannot take, after leaving the waiting list: the
+        release makes the run claimable again, and must not hand it straight back."""
         self._releasing.add(run_id)
         try:
+            await self._set_waiting(False)
             await self.protocol.release([run_id], reason="handed to a worker with no free slot")
         except psycopg.Error as exc:  # its lease expires; the rescue forgives a live owner
             self._log.warning("could not give a hand-off back", error=brief(exc))
@@ -316,6 +328,7 @@ class Worker:
                     operation = "rescued_waiting"
                     self._emptying_for_rescued = await self.protocol.rescued_waiting()
                     if self._emptying_for_rescued:
+                        await self._set_waiting(False)  # and no hand-off keeps it from emptying
                         continue
                     operation = "claim"
                 want = self.protocol.claim_size(free)
@@ -350,17 +363,17 @@ class Worker:
                 metrics.SWEEP_PICKUPS.labels(*self._labels).inc(len(rows))
 
     async def _set_waiting(self, waiting: bool) -> None:
-        """Arm or disarm the wake-up trigger for this worker; only on a change. Never armed
-        while the listener is away: a run handed over then would go unheard."""
-        waiting = waiting and self.listener.connected.is_set()
-        if waiting == self._waiting:
+        """Arm or disarm the wake-up trigger for this worker; only on a change, or when a
+        waiting worker's free slots changed by more than its hand-offs counted (it claimed):
+        hand-offs beyond its room would only be given back. Never armed while the listener
+        is away: a run handed over then would go unheard."""
+        waiting = waiting and self.listener.connected.is_set() and not self.stopping.is_set()
+        free = self._free_slots
+        if waiting == self._waiting and (not waiting or free == self._free_reported):
             return
         try:
             await self.protocol.beat(
-                channel=self.channel,
-                waiting=waiting,
-                ttl_seconds=self._ttl,
-                free_slots=self._free_slots,
+                channel=self.channel, waiting=waiting, ttl_seconds=self._ttl, free_slots=free
             )
         except _DB_ERRORS as exc:
             await self._database_trouble("beat", exc)
@@ -368,8 +381,9 @@ class Worker:
         except psycopg.Error as exc:
             await self._statement_refused("beat", exc)
             return
-        self._waiting = waiting
-        if waiting:
+        armed = waiting and not self._waiting
+        self._waiting, self._free_reported = waiting, free
+        if armed:
             asyncio.get_running_loop().call_later(IDLE_GRACE_SECONDS, self._wake.set)
 
     async def _not_waiting_while_deaf(self) -> None:
@@ -570,12 +584,11 @@ class Worker:
             await asyncio.sleep(self.settings.lease / 3)
 
     async def _beat(self) -> None:
+        free = self._free_slots
         await self.protocol.beat(
-            channel=self.channel,
-            waiting=self._waiting,
-            ttl_seconds=self._ttl,
-            free_slots=self._free_slots,
+            channel=self.channel, waiting=self._waiting, ttl_seconds=self._ttl, free_slots=free
         )
+        self._free_reported = free
 
     async def _extend(self) -> None:
         held_before = list(self._in_flight)

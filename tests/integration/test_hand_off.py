@@ -246,3 +246,65 @@ def test_runs_handed_to_a_worker_that_did_not_hear_are_released_on_reconnect_and
         "SELECT status, lease_owner, attempt FROM conveyor.pipeline_runs WHERE id = %s",
         (second,),
     ) == [("NEW", None, 0)]
+
+
+def test_a_full_worker_gives_a_hand_off_back_and_runs_it_once_it_has_room(
+    database_url: str, start_conveyor: Start
+) -> None:
+    start_conveyor("worker", "--stage", "one", CONVEYOR_SWEEP_INTERVAL="60", **CHAIN)
+    wait_until(lambda: _waiting(database_url) == 1, 30, "an idle worker")
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        for n in range(20):  # stage one's concurrency
+            conn.execute(
+                "INSERT INTO conveyor.pipeline_runs (pipeline, input)"
+                " VALUES ('chain', jsonb_build_object('n', %s, 'sleep', 3))",
+                (n,),
+            )
+        wait_until(
+            lambda: (
+                scalar(
+                    database_url,
+                    "SELECT count(*) FROM conveyor.pipeline_runs WHERE status = 'ONE_RUNNING'",
+                )
+                == 20
+            ),
+            10,
+            "a full worker",
+        )
+        # A registry that still counts free slots (a stale count): the next run is handed to a
+        # worker that has no room for it.
+        conn.execute("UPDATE conveyor.workers SET waiting = true, free_slots = 5")
+        late = conn.execute(
+            "INSERT INTO conveyor.pipeline_runs (pipeline, input)"
+            " VALUES ('chain', '{\"n\": 99}') RETURNING id"
+        ).fetchone()[0]  # type: ignore[index]
+    wait_until(
+        lambda: scalar(
+            database_url,
+            "SELECT count(*) FROM conveyor.run_events WHERE run_id = %s"
+            " AND error = 'released: handed to a worker with no free slot'",
+            (late,),
+        ),
+        10,
+        "the hand-off given back",
+    )
+    # Never more in flight than the stage allows: the given-back run waits for a free slot.
+    assert (
+        scalar(
+            database_url, "SELECT count(*) FROM conveyor.pipeline_runs WHERE status = 'ONE_RUNNING'"
+        )
+        <= 20
+    )
+    wait_until(
+        lambda: (
+            scalar(database_url, "SELECT status FROM conveyor.pipeline_runs WHERE id = %s", (late,))
+            == "ONE_DONE"
+        ),
+        30,
+        "the given-back run to finish its stage",
+    )
+    assert fetch_all(
+        database_url,
+        "SELECT to_status FROM conveyor.run_events WHERE run_id = %s ORDER BY id",
+        (late,),
+    ) == [("NEW",), ("ONE_DONE",)]
