@@ -7,14 +7,18 @@
 -- worker (as its claim would: working status, lease, attempt + 1) and sends it the run in the
 -- notification, so its handler starts as soon as the notification arrives.
 --
--- A waiting worker says how many runs it can take (`free_slots`); each hand-off takes one, and
+-- An idle waiting worker says how many runs it can take (`free_slots`; a worker with runs in
+-- flight says none, and claims what comes as a batch); each hand-off takes one, and
 -- the last one takes the worker off the waiting list (it claims, and waits again, once it has
 -- room). The row is locked with SKIP LOCKED, so concurrent commits never queue behind each
--- other: one that finds it locked wakes the worker instead, as before. Runs that must run alone (rescued), runs not yet due, runs too big for a notification
--- (8000 bytes), transactions above READ COMMITTED (a locked registry row could make them fail to
--- serialize) and workers that do not take hand-offs (registered without a working status, older
--- versions during a rolling upgrade) are woken as before. A worker releases a hand-off it cannot
--- take, and runs leased to it that it never heard of (its listener was away) once it is back.
+-- other: one that finds it locked wakes the worker instead, as before. These are woken as
+-- before too: runs that must run alone (rescued), runs not yet due, runs too big for a
+-- notification (8000 bytes), every run after the first that a transaction makes claimable (a
+-- batch is claimed as a batch), transactions above READ COMMITTED (a locked registry row could
+-- make them fail to serialize), and workers that do not take hand-offs (registered without a
+-- working status: older versions during a rolling upgrade). A worker gives back a hand-off it
+-- cannot take, and releases the runs leased to it that it never heard of (its listener was
+-- away) once it is back.
 
 ALTER TABLE @schema@.workers
     ADD COLUMN working text,          -- the stage's working status; NULL: no hand-offs
@@ -81,10 +85,14 @@ BEGIN
     IF waiting_channel IS NULL THEN
         RETURN NULL;  -- nobody waits: under load, the commit pays nothing more
     END IF;
+    -- One hand-off per transaction: a batch that moves many runs wakes the next stage, whose
+    -- worker claims the rest as a batch (handing each one over would write every run twice).
     IF NEW.rescues = 0 AND NEW.run_after <= now()
-       AND current_setting('transaction_isolation') = 'read committed' THEN
+       AND current_setting('transaction_isolation') = 'read committed'
+       AND current_setting('conveyor.handed_off', true) IS DISTINCT FROM 'on' THEN
         IF @schema@.hand_off(NEW.id, NEW.pipeline, NEW.status,
                              greatest(NEW.run_after, NEW.updated_at)) THEN
+            PERFORM set_config('conveyor.handed_off', 'on', true);
             RETURN NULL;
         END IF;
     END IF;

@@ -79,10 +79,14 @@ BEGIN
     IF waiting_channel IS NULL THEN
         RETURN NULL;  -- nobody waits: under load, the commit pays nothing more
     END IF;
+    -- One hand-off per transaction: a batch that moves many runs wakes the next stage, whose
+    -- worker claims the rest as a batch (handing each one over would write every run twice).
     IF NEW.rescues = 0 AND NEW.run_after <= now()
-       AND current_setting('transaction_isolation') = 'read committed' THEN
+       AND current_setting('transaction_isolation') = 'read committed'
+       AND current_setting('conveyor.handed_off', true) IS DISTINCT FROM 'on' THEN
         IF "conveyor".hand_off(NEW.id, NEW.pipeline, NEW.status,
                              greatest(NEW.run_after, NEW.updated_at)) THEN
+            PERFORM set_config('conveyor.handed_off', 'on', true);
             RETURN NULL;
         END IF;
     END IF;

@@ -368,8 +368,8 @@ class Worker:
         hand-offs beyond its room would only be given back. Never armed while the listener
         is away: a run handed over then would go unheard."""
         waiting = waiting and self.listener.connected.is_set() and not self.stopping.is_set()
-        free = self._free_slots
-        if waiting == self._waiting and (not waiting or free == self._free_reported):
+        free = self._free_slots if waiting else 0
+        if waiting == self._waiting and free == self._free_reported:
             return
         try:
             await self.protocol.beat(
@@ -566,8 +566,12 @@ class Worker:
 
     @property
     def _free_slots(self) -> int:
-        """How many more runs may be handed to this worker (the registry counts them down)."""
-        return 0 if self._running_rescued else max(0, self.stage.concurrency - len(self._in_flight))
+        """How many runs may be handed to this worker (the registry counts them down): all its
+        slots while it has nothing in flight, none while it works. Hand-offs are for a worker
+        that is idle; one that works claims what comes as a batch, when it is woken."""
+        if self._in_flight or self._running_rescued:
+            return 0
+        return self.stage.concurrency
 
     async def _heartbeat(self) -> None:
         """Keep the registry row fresh, extend the leases of in-flight runs well before they
@@ -584,7 +588,7 @@ class Worker:
             await asyncio.sleep(self.settings.lease / 3)
 
     async def _beat(self) -> None:
-        free = self._free_slots
+        free = self._free_slots if self._waiting else 0
         await self.protocol.beat(
             channel=self.channel, waiting=self._waiting, ttl_seconds=self._ttl, free_slots=free
         )

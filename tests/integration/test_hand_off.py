@@ -308,3 +308,17 @@ def test_a_full_worker_gives_a_hand_off_back_and_runs_it_once_it_has_room(
         "SELECT to_status FROM conveyor.run_events WHERE run_id = %s ORDER BY id",
         (late,),
     ) == [("NEW",), ("ONE_DONE",)]
+
+
+def test_a_transaction_hands_off_one_run_and_wakes_the_worker_for_the_rest(
+    conn: psycopg.Connection[Any], listener: psycopg.Connection[Any]
+) -> None:
+    _register(conn, "w1", working="ANALYZING", free=100)
+    conn.execute(
+        "INSERT INTO conveyor.pipeline_runs (input) SELECT '{}' FROM generate_series(1, 50)"
+    )
+    heard = _heard(listener)
+    assert [payload[:4] for payload in heard] == ["run:", ""]  # the rest is claimed as a batch
+    assert conn.execute(
+        "SELECT status, count(*) FROM conveyor.pipeline_runs GROUP BY 1 ORDER BY 1"
+    ).fetchall() == [("ANALYZING", 1), ("NEW", 49)]
