@@ -119,13 +119,15 @@ def test_the_pipeline_runs_through_pgbouncer_in_transaction_mode(
     # each stage's transition applied exactly once per run
     events = fetch_all(
         database_url, "SELECT stage, count(*), count(DISTINCT run_id) FROM conveyor.run_events"
-        " WHERE to_status IN ('ANALYZED', 'CONTEXT_READY', 'DONE') GROUP BY stage ORDER BY stage",
+        " WHERE (stage, to_status) IN"
+        " (('analyze', 'ANALYZED'), ('assemble', 'CONTEXT_READY'), ('answer', 'DONE'))"
+        " GROUP BY stage ORDER BY stage",
     )  # fmt: skip
     assert events == [("analyze", RUNS, RUNS), ("answer", RUNS, RUNS), ("assemble", RUNS, RUNS)]
     # and nothing else happened to a run but hand-offs given back (a worker with no room)
     others = fetch_all(
         database_url,
-        "SELECT DISTINCT error FROM conveyor.run_events"
-        " WHERE to_status NOT IN ('ANALYZED', 'CONTEXT_READY', 'DONE')",
+        "SELECT DISTINCT error FROM conveyor.run_events WHERE (stage, to_status) NOT IN"
+        " (('analyze', 'ANALYZED'), ('assemble', 'CONTEXT_READY'), ('answer', 'DONE'))",
     )
     assert set(others) <= {("released: handed to a worker with no free slot",)}, others

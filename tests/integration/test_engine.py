@@ -98,9 +98,17 @@ def test_2000_runs_four_processes_per_stage_each_stage_once(
     per_stage = fetch_all(
         database_url,
         "SELECT stage, count(*), count(DISTINCT run_id) FROM conveyor.run_events"
-        " WHERE to_status IN ('ONE_DONE', 'TWO_DONE', 'DONE') GROUP BY stage ORDER BY stage",
+        " WHERE (stage, to_status) IN (('one', 'ONE_DONE'), ('two', 'TWO_DONE'), ('three', 'DONE'))"
+        " GROUP BY stage ORDER BY stage",
     )
     assert per_stage == [("one", 2000, 2000), ("three", 2000, 2000), ("two", 2000, 2000)]
+    # Besides those, only hand-offs given back by a worker that had no room (a release).
+    others = fetch_all(
+        database_url,
+        "SELECT DISTINCT error FROM conveyor.run_events WHERE (stage, to_status)"
+        " NOT IN (('one', 'ONE_DONE'), ('two', 'TWO_DONE'), ('three', 'DONE'))",
+    )
+    assert set(others) <= {("released: handed to a worker with no free slot",)}, others
     # Every output is the one its run's own earlier stage produced.
     mismatched = scalar(
         database_url,

@@ -58,7 +58,8 @@ def test_pool_backends_killed_mid_stream_every_run_moves_once_per_stage(
     moves = fetch_all(
         database_url,
         "SELECT to_status, count(*), count(DISTINCT run_id) FROM conveyor.run_events"
-        " WHERE to_status IN ('ONE_DONE', 'TWO_DONE', 'DONE') GROUP BY to_status ORDER BY 1",
+        " WHERE (stage, to_status) IN (('one', 'ONE_DONE'), ('two', 'TWO_DONE'), ('three', 'DONE'))"
+        " GROUP BY to_status ORDER BY 1",
     )
     assert moves == [("DONE", 600, 600), ("ONE_DONE", 600, 600), ("TWO_DONE", 600, 600)]
     assert "database error; will retry" in run.log()
