@@ -251,15 +251,17 @@ def test_runs_handed_to_a_worker_that_did_not_hear_are_released_on_reconnect_and
 def test_a_full_worker_gives_a_hand_off_back_and_runs_it_once_it_has_room(
     database_url: str, start_conveyor: Start
 ) -> None:
-    start_conveyor("worker", "--stage", "one", CONVEYOR_SWEEP_INTERVAL="60", **CHAIN)
-    wait_until(lambda: _waiting(database_url) == 1, 30, "an idle worker")
     with psycopg.connect(database_url, autocommit=True) as conn:
-        for n in range(20):  # stage one's concurrency
+        for n in range(20):  # stage one's concurrency, queued before the worker starts
             conn.execute(
                 "INSERT INTO conveyor.pipeline_runs (pipeline, input)"
                 " VALUES ('chain', jsonb_build_object('n', %s, 'sleep', 3))",
                 (n,),
             )
+        # A long lease: no heartbeat rewrites the registry row while the test plays with it.
+        start_conveyor(
+            "worker", "--stage", "one", CONVEYOR_SWEEP_INTERVAL="60", CONVEYOR_LEASE="300", **CHAIN
+        )
         wait_until(
             lambda: (
                 scalar(
@@ -268,7 +270,7 @@ def test_a_full_worker_gives_a_hand_off_back_and_runs_it_once_it_has_room(
                 )
                 == 20
             ),
-            10,
+            20,
             "a full worker",
         )
         # A registry that still counts free slots (a stale count): the next run is handed to a
