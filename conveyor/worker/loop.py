@@ -195,7 +195,7 @@ class Worker:
             completer.cancel()
             await cancelled([completer])
             await self._flush_results(final=True)
-            await cancelled(list(self._background))
+            await cancelled(list(self._background))  # a second each to finish, then cancelled
             # Off the registry first, so no hand-off can follow; then nothing leased to this
             # worker is left behind for the lease to expire (a hand-off it never heard).
             await self._forget()
@@ -233,7 +233,7 @@ class Worker:
             handed = json.loads(text)
             if handed["worker"] != self.worker_id:
                 return False
-            no_slot_left = int(handed["free"]) <= 0
+            free = int(handed["free"])  # the registry's count, after this one
             row: ClaimedRow = (
                 UUID(handed["id"]),
                 dict(handed["input"]),
@@ -245,7 +245,8 @@ class Worker:
         except (ValueError, KeyError, TypeError) as exc:  # its lease expires, the rescue frees it
             self._log.error("malformed hand-off notification; skipped", error=brief(exc))
             return False
-        self._free_reported = int(handed["free"])  # the registry's count, after this one
+        self._free_reported = free
+        no_slot_left = free <= 0
         if no_slot_left:
             self._waiting = False  # the trigger took it off the waiting list
         run_id = row[0]
