@@ -5,6 +5,7 @@ the ones they never heard."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -162,6 +163,7 @@ def test_an_idle_worker_starts_a_run_from_the_hand_off(
         "worker", "--stage", "one", CONVEYOR_SWEEP_INTERVAL="60", CONVEYOR_LEASE="300", **CHAIN
     )
     wait_until(lambda: _waiting(database_url) == 1, 30, "an idle worker")
+    time.sleep(0.2)  # past the claim a worker makes 50 ms after it starts waiting
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute("LISTEN pipeline_events")
         submitter = conn.info.backend_pid
