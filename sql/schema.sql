@@ -1,7 +1,6 @@
 CREATE SCHEMA conveyor;
 CREATE FUNCTION conveyor.hand_off(handed_id uuid, handed_pipeline text, handed_status text, ready_at timestamp with time zone) RETURNS boolean
     LANGUAGE plpgsql SECURITY DEFINER
-    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
     waiter record;
@@ -10,8 +9,12 @@ DECLARE
 BEGIN
     SELECT w.worker_id, w.channel, w.working, w.lease_seconds INTO waiter
       FROM "conveyor".workers w
-     WHERE w.waiting AND w.pipeline = handed_pipeline AND w.consumes = handed_status
-       AND w.expires_at > now() AND w.working IS NOT NULL AND w.free_slots > 0
+     WHERE w.waiting
+       AND w.pipeline OPERATOR(pg_catalog.=) handed_pipeline
+       AND w.consumes OPERATOR(pg_catalog.=) handed_status
+       AND w.expires_at OPERATOR(pg_catalog.>) pg_catalog.now()
+       AND w.working IS NOT NULL
+       AND w.free_slots OPERATOR(pg_catalog.>) 0
      LIMIT 1
        FOR UPDATE SKIP LOCKED;
     IF waiter.worker_id IS NULL THEN
@@ -20,24 +23,33 @@ BEGIN
     UPDATE "conveyor".pipeline_runs r
        SET status = waiter.working,
            lease_owner = waiter.worker_id,
-           lease_expires_at = now() + make_interval(secs => waiter.lease_seconds),
-           attempt = r.attempt + 1,
-           updated_at = now()
-     WHERE r.id = handed_id AND r.status = handed_status AND r.lease_owner IS NULL
-       AND r.finished_at IS NULL AND r.rescues = 0 AND r.run_after <= now()
-       AND octet_length(r.input::text) + octet_length(r.outputs::text) <= 7000
+           lease_expires_at = pg_catalog.now() OPERATOR(pg_catalog.+)
+                              pg_catalog.make_interval(secs => waiter.lease_seconds),
+           attempt = r.attempt OPERATOR(pg_catalog.+) 1,
+           updated_at = pg_catalog.now()
+     WHERE r.id OPERATOR(pg_catalog.=) handed_id
+       AND r.status OPERATOR(pg_catalog.=) handed_status
+       AND r.lease_owner IS NULL AND r.finished_at IS NULL
+       AND r.rescues OPERATOR(pg_catalog.=) 0
+       AND r.run_after OPERATOR(pg_catalog.<=) pg_catalog.now()
+       AND pg_catalog.octet_length(r.input::pg_catalog.text) OPERATOR(pg_catalog.+)
+           pg_catalog.octet_length(r.outputs::pg_catalog.text) OPERATOR(pg_catalog.<=) 7000
     RETURNING r.id, r.attempt, r.input, r.outputs INTO handed;
     IF handed.id IS NULL THEN
         RETURN false;
     END IF;
     UPDATE "conveyor".workers
-       SET free_slots = free_slots - 1, waiting = free_slots > 1
-     WHERE worker_id = waiter.worker_id
+       SET free_slots = free_slots OPERATOR(pg_catalog.-) 1,
+           waiting = free_slots OPERATOR(pg_catalog.>) 1
+     WHERE worker_id OPERATOR(pg_catalog.=) waiter.worker_id
     RETURNING free_slots INTO left_free;
-    PERFORM pg_notify(waiter.channel, 'run:' || json_build_object(
-        'worker', waiter.worker_id, 'free', left_free, 'id', handed.id, 'attempt', handed.attempt,
-        'waited', extract(epoch FROM clock_timestamp() - ready_at),
-        'input', handed.input, 'outputs', handed.outputs)::text);
+    PERFORM pg_catalog.pg_notify(waiter.channel, 'run:' OPERATOR(pg_catalog.||)
+        pg_catalog.json_build_object(
+            'worker', waiter.worker_id, 'free', left_free, 'id', handed.id,
+            'attempt', handed.attempt,
+            'waited', extract(epoch FROM pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-)
+                                         ready_at),
+            'input', handed.input, 'outputs', handed.outputs)::pg_catalog.text);
     RETURN true;
 END
 $$;
@@ -45,8 +57,8 @@ CREATE FUNCTION conveyor.notify_pipeline_change() RETURNS trigger
     LANGUAGE plpgsql
     AS $$
 BEGIN
-    PERFORM pg_notify('pipeline_events',
-        json_build_object('id', NEW.id, 'status', NEW.status, 'operation', TG_OP)::text);
+    PERFORM pg_catalog.pg_notify('pipeline_events', pg_catalog.json_build_object(
+        'id', NEW.id, 'status', NEW.status, 'operation', TG_OP)::pg_catalog.text);
     RETURN NULL;
 END
 $$;

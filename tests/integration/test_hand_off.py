@@ -150,6 +150,80 @@ def test_a_submitter_without_rights_on_the_registry_can_still_hand_off(
     assert scalar(database_url, "SELECT status FROM conveyor.pipeline_runs") == "ANALYZING"
 
 
+# What a hostile submitter could shadow in the functions that run with the owner's rights (the
+# hand-off, and the observer trigger its UPDATE fires): each decoy answers correctly, but
+# raises when called by anyone but the submitter itself.
+_DECOY_OPERATORS = [
+    ("=", "text", "text", "texteq"),
+    ("=", "uuid", "uuid", "uuid_eq"),
+    ("=", "integer", "integer", "int4eq"),
+    (">", "integer", "integer", "int4gt"),
+    (">", "timestamptz", "timestamptz", "timestamptz_gt"),
+    ("<=", "timestamptz", "timestamptz", "timestamptz_le"),
+    ("+", "integer", "integer", "int4pl"),
+    ("-", "integer", "integer", "int4mi"),
+    ("+", "timestamptz", "interval", "timestamptz_pl_interval"),
+    ("||", "text", "text", "textcat"),
+]
+_DECOY_FUNCTIONS = [
+    ("now()", "timestamptz", "pg_catalog.now()"),
+    ("clock_timestamp()", "timestamptz", "pg_catalog.clock_timestamp()"),
+    ("octet_length(text)", "integer", "pg_catalog.octet_length($1)"),
+    ("pg_notify(text, text)", "void", "pg_catalog.pg_notify($1, $2)"),
+]
+
+
+def test_a_submitter_cannot_make_the_hand_off_run_its_code_with_the_owners_rights(
+    database_url: str, listener: psycopg.Connection[Any]
+) -> None:
+    role = "conveyor_test_hostile"
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        _register(conn, "w1", working="ANALYZING")
+        conn.execute(f"DROP SCHEMA IF EXISTS hostile CASCADE; DROP ROLE IF EXISTS {role}")
+        conn.execute(f"CREATE ROLE {role}")
+        conn.execute(f"GRANT USAGE ON SCHEMA conveyor TO {role}")
+        conn.execute(f"GRANT SELECT ON conveyor.workers TO {role}")
+        conn.execute(f"GRANT INSERT ON conveyor.pipeline_runs TO {role}")
+        conn.execute(f"CREATE SCHEMA hostile AUTHORIZATION {role}")
+        try:
+            with conn.transaction():
+                conn.execute(f"SET LOCAL ROLE {role}")
+                conn.execute(
+                    "CREATE FUNCTION hostile.trap() RETURNS void LANGUAGE plpgsql AS $$"
+                    f" BEGIN IF current_user <> '{role}' THEN"
+                    "   RAISE EXCEPTION 'decoy called as %', current_user; END IF; END $$"
+                )
+                for name, (op, left, right, real) in enumerate(_DECOY_OPERATORS):
+                    conn.execute(
+                        f"CREATE FUNCTION hostile.op{name}(a {left}, b {right})"
+                        f" RETURNS {'boolean' if op in ('=', '>', '<=') else left}"
+                        f" LANGUAGE plpgsql AS $$ BEGIN PERFORM hostile.trap();"
+                        f" RETURN pg_catalog.{real}(a, b); END $$"
+                    )
+                    conn.execute(
+                        f"CREATE OPERATOR hostile.{op} (LEFTARG = {left}, RIGHTARG = {right},"
+                        f" FUNCTION = hostile.op{name})"
+                    )
+                for signature, returns, real in _DECOY_FUNCTIONS:
+                    conn.execute(
+                        f"CREATE FUNCTION hostile.{signature} RETURNS {returns}"
+                        f" LANGUAGE plpgsql AS $$ BEGIN PERFORM hostile.trap();"
+                        f" {'PERFORM' if returns == 'void' else 'RETURN'} {real};"
+                        f" {'RETURN;' if returns == 'void' else ''} END $$"
+                    )
+                conn.execute("SET LOCAL search_path = hostile, pg_catalog")
+                # The decoys work, and the submitter's own statements do use them.
+                assert conn.execute("SELECT 'a'::text = 'a'::text").fetchone() == (True,)
+                conn.execute("INSERT INTO conveyor.pipeline_runs DEFAULT VALUES")
+        finally:
+            conn.execute("DROP SCHEMA IF EXISTS hostile CASCADE")
+            conn.execute(f"DROP OWNED BY {role}")
+            conn.execute(f"DROP ROLE {role}")
+    [payload] = _heard(listener)
+    assert payload.startswith("run:")
+    assert scalar(database_url, "SELECT status FROM conveyor.pipeline_runs") == "ANALYZING"
+
+
 def _waiting(url: str) -> int:
     return int(scalar(url, "SELECT count(*) FROM conveyor.workers WHERE waiting"))
 
