@@ -29,6 +29,7 @@ from conveyor.settings import Settings
 from conveyor.worker.listener import Listener, wake_channel
 from conveyor.worker.liveness import LivenessSlot
 from conveyor.worker.runner import run_handler
+from conveyor.worker.tally import StageTally
 
 log = structlog.get_logger("conveyor.worker")
 
@@ -82,7 +83,6 @@ class Worker:
         self._in_flight: dict[UUID, asyncio.Task[None]] = {}
         self._successes: list[Success] = []
         self._failures: list[Failure] = []
-        self._durations: list[float] = []
         self._taken_away: set[UUID] = set()
         # Every run this worker knows it holds, from its claim or hand-off until its result is
         # applied or it is given back. A run leased to it that is not here was handed to it
@@ -99,9 +99,8 @@ class Worker:
         self._free_reported = 0  # the free slots the registry last heard of (hand-offs count down)
         self._woken_by_timer = False
         self._labels = (pipeline.name, stage.name)
-        # Observed once per run: bound to their labels once, not looked up per run.
-        self._wakeup_latency = metrics.WAKEUP_LATENCY.labels(*self._labels)
-        self._stage_duration = metrics.STAGE_DURATION.labels(*self._labels)
+        # Per-run metrics are counted here and written a moment later, off the run's path.
+        self._tally = StageTally(self._labels, lambda: len(self._in_flight))
         self._log = log.bind(pipeline=pipeline.name, stage=stage.name, worker=self.worker_id)
         # A "run finished" line per run is built only when INFO is logged at all.
         enabled_for = getattr(self._log, "is_enabled_for", None)
@@ -195,6 +194,7 @@ class Worker:
             completer.cancel()
             await cancelled([completer])
             await self._flush_results(final=True)
+            self._tally.write()
             await cancelled(list(self._background))  # a second each to finish, then cancelled
             # Off the registry first, so no hand-off can follow; then nothing leased to this
             # worker is left behind for the lease to expire (a hand-off it never heard).
@@ -357,11 +357,12 @@ class Worker:
             self._in_flight[run_id] = asyncio.create_task(self._execute(run))
             self._running_rescued = self._running_rescued or rescued
         if rows:
-            metrics.observe_many(self._wakeup_latency, (row[4] for row in rows))
-            metrics.CLAIMED.labels(*self._labels).inc(len(rows))
-            metrics.IN_FLIGHT.labels(*self._labels).set(len(self._in_flight))
+            tally = self._tally
+            tally.waits.extend(row[4] for row in rows)
+            tally.claimed += len(rows)
             if by_timer:
-                metrics.SWEEP_PICKUPS.labels(*self._labels).inc(len(rows))
+                tally.sweep_pickups += len(rows)
+            tally.soon()
 
     async def _set_waiting(self, waiting: bool) -> None:
         """Arm or disarm the wake-up trigger for this worker; only on a change, or when a
@@ -441,11 +442,11 @@ class Worker:
                     duration=round(time.perf_counter() - started, 6),
                 )
                 self._in_flight.pop(run.id, None)
-                metrics.IN_FLIGHT.labels(*self._labels).set(len(self._in_flight))
+                self._tally.soon()
                 self._slot_freed.set()
                 return
             raise
-        self._durations.append(outcome.duration)  # observed by the completer, a batch at once
+        self._tally.durations.append(outcome.duration)
         if isinstance(outcome, Success):
             self._successes.append(outcome)
             if self._log_runs:
@@ -480,8 +481,6 @@ class Worker:
         """Commit every finished attempt collected so far in one fenced batch. On a database
         error the results are kept and the batch is tried again: the fence makes it safe.
         The final flush at exit gives up after a few tries; the leases then expire."""
-        durations, self._durations = self._durations, []
-        metrics.observe_many(self._stage_duration, durations)
         tries = 0
         while self._successes or self._failures:
             successes, self._successes = self._successes, []
@@ -513,14 +512,14 @@ class Worker:
             pending = {r.run_id for r in self._successes} | {r.run_id for r in self._failures}
             self._held -= {r.run_id for r in successes} - pending
             self._held -= {r.run_id for r in failures} - pending
-            labels = self._labels
-            metrics.COMPLETED.labels(*labels).inc(applied.completed)
-            metrics.RETRIED.labels(*labels).inc(applied.retried)
-            metrics.FAILED.labels(*labels).inc(applied.failed)
+            tally = self._tally
+            tally.completed += applied.completed
+            tally.retried += applied.retried
+            tally.failed += applied.failed
+            tally.lease_losses += applied.refused
+            tally.soon()
             if applied.refused:
-                metrics.LEASE_LOSSES.labels(*labels).inc(applied.refused)
                 self._log.warning("stale results refused: lease lost", runs=applied.refused)
-            metrics.IN_FLIGHT.labels(*labels).set(len(self._in_flight))
 
     async def _apply_one_by_one(self, successes: list[Success], failures: list[Failure]) -> Applied:
         """A result PostgreSQL refuses fails its run with the reason, instead of blocking
