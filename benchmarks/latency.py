@@ -2,6 +2,7 @@
 
     python -m benchmarks.latency            (c)
     python -m benchmarks.latency --three    (d)
+    python -m benchmarks.latency --chain    (d)'s floor: the same chain without the workers
     python -m benchmarks.latency --idle     what a round trip to an idle backend costs here
 
 (c): one worker for a one-stage no-op pipeline, idle; runs are inserted one at a time
@@ -13,18 +14,30 @@ the insert and its flush to disk). Client and worker read the same clock.
 (d): the supervisor with one worker per stage of a three-stage no-op pipeline, idle; one run at a
 time, from sending the INSERT to the moment an outside client LISTENing on the observer channel
 `pipeline_events` hears that the run is DONE (the origin design's way to follow a run).
+
+(d)'s floor: the same chain and the same measurement, each worker replaced by a process that
+blocks on its LISTEN socket and, as soon as a hand-off arrives, completes the run with the
+worker's own statement (and so hands it on). What is left of (d) above it is the worker's.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import select
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
+import psycopg
+
+from benchmarks import pipelines
 from benchmarks.harness import BenchDatabase, Scale, running
 from conveyor import queries
+from conveyor.protocol import number_array, text_array, uuid_array
+from conveyor.worker.listener import wake_channel
 
 COMMAND = "python -m benchmarks.latency"
 _PAUSE = 0.01  # between runs: each run finds the workers idle, as a lone arrival would
@@ -80,27 +93,108 @@ def commit_to_start(db: BenchDatabase, scale: Scale) -> Latency:
 
 
 def end_to_end(db: BenchDatabase, scale: Scale) -> Latency:
-    with db.connect() as conn, db.connect() as listener:
+    with db.connect() as conn:
         db.reset(conn)
-        listener.execute("LISTEN pipeline_events")
         with running(db, ["run"], pipeline="three"):
             db.wait_idle_workers(conn, 3)
             time.sleep(0.2)
-            from_commit, from_submit = [], []
-            for _ in range(scale.latency_runs):
-                sent = time.time()
-                run_id = str(_insert(conn, "bench3"))
-                committed = time.time()
-                for notify in listener.notifies(timeout=30):
-                    event = json.loads(notify.payload)
-                    if event["id"] == run_id and event["status"] == "DONE":
-                        done = time.time()
-                        break
-                else:
-                    raise RuntimeError(f"run {run_id} did not finish within 30 s")
-                from_commit.append(done - committed)
-                from_submit.append(done - sent)
-                time.sleep(_PAUSE)
+            return _follow_runs(db, scale)
+
+
+def statement_chain(db: BenchDatabase, scale: Scale) -> Latency:
+    """(d) with every worker replaced by a blocking loop that runs the worker's statements."""
+    spawn = multiprocessing.get_context("spawn")  # a forked child would share our sockets
+    stages = [
+        spawn.Process(target=_complete_what_is_handed, args=(db.url, index), daemon=True)
+        for index in range(len(pipelines.three.stages))
+    ]
+    with db.connect() as conn:
+        db.reset(conn)
+        for stage in stages:
+            stage.start()
+        try:
+            db.wait_idle_workers(conn, len(stages))
+            return _follow_runs(db, scale)
+        finally:
+            for stage in stages:
+                stage.kill()
+                stage.join()
+
+
+def _complete_what_is_handed(url: str, index: int) -> None:
+    pipeline = pipelines.three
+    stage = pipeline.stages[index]
+    worker = f"chain-{stage.name}"
+    channel = wake_channel("conveyor", pipeline.name, stage.consumes)
+    complete = queries.load("conveyor")["complete_if_leased"]
+    terminal = pipeline.is_terminal(stage.produces)
+    # Named like conveyor's own connections: the harness's tests see none left behind.
+    named: dict[str, Any] = {
+        "autocommit": True,
+        "application_name": f"conveyor-bench-chain:{stage.name}",
+    }
+    with (
+        psycopg.connect(url, **named) as listener,
+        psycopg.connect(url, prepare_threshold=1, **named) as conn,
+    ):
+        listener.execute(f'LISTEN "{channel}"')
+        conn.execute(
+            "INSERT INTO conveyor.workers (worker_id, pipeline, stage, consumes, channel,"
+            " hostname, pid, expires_at, waiting, working, lease_seconds, free_slots)"
+            " VALUES (%s, %s, %s, %s, %s, 'bench', 0, now() + interval '1 day', true, %s, 30,"
+            " 1000000)",
+            (worker, pipeline.name, stage.name, stage.consumes, channel, stage.working),
+        )
+        pgconn = listener.pgconn
+        while True:
+            select.select([pgconn.socket], [], [])
+            pgconn.consume_input()
+            while (notify := pgconn.notifies()) is not None:
+                if not notify.extra.startswith(b"run:"):
+                    continue  # a plain wake-up: never sent here, its run would time out
+                handed = json.loads(notify.extra.decode()[len("run:") :])
+                conn.execute(
+                    complete,
+                    {
+                        "pipeline": pipeline.name,
+                        "stage": stage.name,
+                        "consumes": stage.consumes,
+                        "working": stage.working,
+                        "produces": stage.produces,
+                        "worker": worker,
+                        "terminal": terminal,
+                        "durable": terminal,
+                        "ids": uuid_array([uuid.UUID(handed["id"])]),
+                        "outputs": text_array(["{}"]),
+                        "attempts": number_array([handed["attempt"]]),
+                        "started": number_array([time.time()]),
+                        "durations": number_array([0.0]),
+                        "models": text_array([None]),
+                        "prompt_tokens": number_array([None]),
+                        "completion_tokens": number_array([None]),
+                    },
+                ).fetchall()
+
+
+def _follow_runs(db: BenchDatabase, scale: Scale) -> Latency:
+    """Insert runs one at a time into the idle three-stage chain and hear each one DONE."""
+    with db.connect() as conn, db.connect() as listener:
+        listener.execute("LISTEN pipeline_events")
+        from_commit, from_submit = [], []
+        for _ in range(scale.latency_runs):
+            sent = time.time()
+            run_id = str(_insert(conn, "bench3"))
+            committed = time.time()
+            for notify in listener.notifies(timeout=30):
+                event = json.loads(notify.payload)
+                if event["id"] == run_id and event["status"] == "DONE":
+                    done = time.time()
+                    break
+            else:
+                raise RuntimeError(f"run {run_id} did not finish within 30 s")
+            from_commit.append(done - committed)
+            from_submit.append(done - sent)
+            time.sleep(_PAUSE)
     return _summary(from_commit, from_submit)
 
 
@@ -142,6 +236,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--three", action="store_true", help="(d) end to end, three stages")
     parser.add_argument(
+        "--chain", action="store_true", help="(d) with blocking loops in place of the workers"
+    )
+    parser.add_argument(
         "--idle", action="store_true", help="the round trip to a backend that was idle"
     )
     parser.add_argument("--runs", type=int, default=Scale().latency_runs)
@@ -159,14 +256,18 @@ def main() -> None:
         if args.three:
             result = end_to_end(db, scale)
             what = "(d) submit -> DONE heard on pipeline_events, three stages"
+        elif args.chain:
+            result = statement_chain(db, scale)
+            what = "(d)'s floor: the same chain, workers replaced by blocking statement loops"
         else:
             result = commit_to_start(db, scale)
             what = "(c) commit -> handler start, idle worker"
+    flag = " --three" if args.three else " --chain" if args.chain else ""
     print(
         f"{what}: p50 {result.p50_ms:.2f} ms, p99 {result.p99_ms:.2f} ms"
         f" (from the commit's acknowledgement); from sending the INSERT: p50"
         f" {result.submit_p50_ms:.2f} ms, p99 {result.submit_p99_ms:.2f} ms"
-        f" ({result.runs} runs; {COMMAND}{' --three' if args.three else ''})"
+        f" ({result.runs} runs; {COMMAND}{flag})"
     )
 
 

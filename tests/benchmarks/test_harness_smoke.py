@@ -19,11 +19,13 @@ from conveyor import queries
 from tests.helpers import ROOT, PgServer
 
 
-def test_one_figure_in_tiny_mode_and_nothing_left_behind(pg_server: PgServer) -> None:
+def _tiny(pg_server: PgServer, module: str, *args: str) -> str:
+    """Run one benchmark command in tiny mode; what it printed. It must leave no database and
+    no process connected behind it."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CONVEYOR_")}
     env.update({"CONVEYOR_DATABASE_URL": pg_server.admin_url, "PYTHONPATH": str(ROOT)})
     done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.throughput", "--single", "--tiny"],
+        [sys.executable, "-m", module, *args, "--tiny"],
         env=env,
         cwd=ROOT,
         capture_output=True,
@@ -31,16 +33,21 @@ def test_one_figure_in_tiny_mode_and_nothing_left_behind(pg_server: PgServer) ->
         timeout=120,
     )
     assert done.returncode == 0, done.stderr
-    assert re.search(r"^\(a\) one worker process, batch 50: [\d,]+ runs/s", done.stdout, re.M)
     with psycopg.connect(pg_server.admin_url, autocommit=True) as conn:
         left = conn.execute(
             "SELECT datname FROM pg_database WHERE datname LIKE 'conveyor_bench_%'"
         ).fetchall()
-        workers = conn.execute(
+        connected = conn.execute(
             "SELECT pid FROM pg_stat_activity WHERE application_name LIKE 'conveyor%'"
         ).fetchall()
     assert left == []
-    assert workers == []
+    assert connected == []
+    return done.stdout
+
+
+def test_one_figure_in_tiny_mode_and_nothing_left_behind(pg_server: PgServer) -> None:
+    printed = _tiny(pg_server, "benchmarks.throughput", "--single")
+    assert re.search(r"^\(a\) one worker process, batch 50: [\d,]+ runs/s", printed, re.M)
 
 
 def test_the_ceiling_replays_the_protocol_statements_with_literals() -> None:
@@ -55,3 +62,10 @@ def test_the_ceiling_replays_the_protocol_statements_with_literals() -> None:
             assert re.search(pattern, script), (name, line)
     assert "LIMIT 50" in script
     assert "r.status = 'ONLY_RUNNING' AND r.lease_owner = 'ceiling-only-:client_id'" in script
+
+
+def test_the_latency_floor_runs_the_chain_on_the_workers_statements(pg_server: PgServer) -> None:
+    printed = _tiny(pg_server, "benchmarks.latency", "--chain")
+    # Every run went through the three stages by hand-offs (the loops take nothing else) and
+    # was heard DONE.
+    assert re.search(r"^\(d\)'s floor: .*: p50 [\d.]+ ms, p99 [\d.]+ ms", printed, re.M)
