@@ -67,6 +67,7 @@ class Listener:
         self.disconnected.set()
         self.reconnects = 0
         self.last_notification_at = 0.0
+        self._last_heard = time.monotonic()  # the silence that calls for a health check
         self._ping_payload = f"{_PING}:{uuid.uuid4().hex}"
         self._ping_answered = False
         self._conn: psycopg.AsyncConnection[Any] | None = None
@@ -161,7 +162,7 @@ class Listener:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(quiet_for):
                         await asyncio.shield(failed)  # only ever ends by raising
-                silent = time.time() - self.last_notification_at
+                silent = time.monotonic() - self._last_heard
                 if silent >= self.health_interval:
                     return
                 quiet_for = self.health_interval - silent
@@ -203,6 +204,7 @@ class Listener:
     def _heard(self, notify: psycopg.Notify) -> None:
         """Every notification, whether read by _read_arrived or by psycopg during the ping."""
         self.last_notification_at = time.time()
+        self._last_heard = time.monotonic()
         ping = notify.payload == _PING or notify.payload.startswith(f"{_PING}:")
         if self._metrics:
             self._metrics.heard(self.last_notification_at, ping=ping)

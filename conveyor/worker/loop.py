@@ -193,8 +193,10 @@ class Worker:
             self._results_ready.set()
             completer.cancel()
             await cancelled([completer])
-            await self._flush_results(final=True)
-            self._tally.write()
+            try:
+                await self._flush_results(final=True)
+            finally:
+                self._tally.write()
             await cancelled(list(self._background))  # a second each to finish, then cancelled
             # Off the registry first, so no hand-off can follow; then nothing leased to this
             # worker is left behind for the lease to expire (a hand-off it never heard).
@@ -447,6 +449,7 @@ class Worker:
                 return
             raise
         self._tally.durations.append(outcome.duration)
+        self._tally.soon()  # observed even while the database keeps the result waiting
         if isinstance(outcome, Success):
             self._successes.append(outcome)
             if self._log_runs:
