@@ -512,9 +512,8 @@ class Worker:
                 self._log.error("batch of results rejected; applying one by one", error=brief(exc))
                 applied = await self._apply_one_by_one(successes, failures)
             # Applied or refused: no longer this worker's, except what waits to be tried again.
-            pending = {r.run_id for r in self._successes} | {r.run_id for r in self._failures}
-            self._held -= {r.run_id for r in successes} - pending
-            self._held -= {r.run_id for r in failures} - pending
+            pending = _run_ids(self._successes, self._failures)
+            self._held -= _run_ids(successes, failures) - pending
             tally = self._tally
             tally.completed += applied.completed
             tally.retried += applied.retried
@@ -676,6 +675,10 @@ class Worker:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(retry_in):
                     await self.stopping.wait()
+
+
+def _run_ids(*results: list[Success] | list[Failure]) -> set[UUID]:
+    return {result.run_id for batch in results for result in batch}
 
 
 async def cancelled(tasks: list[asyncio.Task[None]]) -> None:
