@@ -87,7 +87,7 @@ def script(pipeline: Pipeline, stage: Stage, batch: int, lease_seconds: float = 
     values = {key: literal(value) for key, value in fence.items()}
     values["worker"] = f"'ceiling-{stage.name}-:client_id'"
     # The completion's arrays come from the claim, through pgbench variables set by \gset.
-    for array in ("ids", "outputs", "attempts", "started", "durations", "models"):
+    for array in ("ids", "outputs", "attempts", "started_us", "durations_us", "models"):
         values[array] = f"':{array}'"
     values["prompt_tokens"] = values["completion_tokens"] = "':tokens'"
 
@@ -103,9 +103,9 @@ def script(pipeline: Pipeline, stage: Stage, batch: int, lease_seconds: float = 
         "SELECT coalesce(array_agg(id), '{}')::text AS ids,\n"
         "       coalesce(array_agg('{}'::text), '{}')::text AS outputs,\n"
         "       coalesce(array_agg(attempt), '{}')::text AS attempts,\n"
-        "       coalesce(array_agg(extract(epoch FROM clock_timestamp())::float8), '{}')::text"
-        " AS started,\n"
-        "       coalesce(array_agg(0.0::float8), '{}')::text AS durations,\n"
+        "       coalesce(array_agg((extract(epoch FROM clock_timestamp()) * 1000000)::int8),"
+        " '{}')::text AS started_us,\n"
+        "       coalesce(array_agg(0::int8), '{}')::text AS durations_us,\n"
         "       coalesce(array_agg(NULL::text), '{}')::text AS models,\n"
         "       coalesce(array_agg(NULL::int), '{}')::text AS tokens\n"
         "  FROM claimed \\gset\n"

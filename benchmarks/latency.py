@@ -36,7 +36,7 @@ import psycopg
 from benchmarks import pipelines
 from benchmarks.harness import BenchDatabase, Scale, running
 from conveyor import queries
-from conveyor.protocol import number_array, text_array, uuid_array
+from conveyor.protocol import microseconds_array, number_array, text_array, uuid_array
 from conveyor.worker.listener import wake_channel
 
 COMMAND = "python -m benchmarks.latency"
@@ -167,8 +167,8 @@ def _complete_what_is_handed(url: str, index: int) -> None:
                         "ids": uuid_array([uuid.UUID(handed["id"])]),
                         "outputs": text_array(["{}"]),
                         "attempts": number_array([handed["attempt"]]),
-                        "started": number_array([time.time()]),
-                        "durations": number_array([0.0]),
+                        "started_us": microseconds_array([time.time()]),
+                        "durations_us": microseconds_array([0.0]),
                         "models": text_array([None]),
                         "prompt_tokens": number_array([None]),
                         "completion_tokens": number_array([None]),

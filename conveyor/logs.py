@@ -1,15 +1,18 @@
 """structlog configuration: JSON lines in production, console rendering on a terminal.
 
 Context comes from contextvars: a forked child binds its pid, a worker its pipeline, stage and
-worker id, and each run's task its run_id and attempt; every line logged under them, including
-those of standard-library loggers (psycopg, asyncio) and of handlers, carries them.
+worker id, and each run's task sets `current_run` (its run_id and attempt); every line logged
+under them, including those of standard-library loggers (psycopg, asyncio) and of handlers,
+carries them.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+from contextvars import ContextVar
 from typing import Any
+from uuid import UUID
 
 import structlog
 from structlog.tracebacks import ExceptionDictTransformer
@@ -24,11 +27,26 @@ _LEVELS = {
 }
 
 
+# The run the current task (or the handler's thread) works on: (id, attempt). One variable set
+# per run, where binding run_id and attempt through structlog cost ~3 us of every run (the id's
+# text included), logged or not; add_run_context makes the id's text only for a line written.
+current_run: ContextVar[tuple[UUID, int] | None] = ContextVar("conveyor_run", default=None)
+
+
+def add_run_context(_logger: Any, _method: str, event_dict: Any) -> Any:
+    run = current_run.get()
+    if run is not None:
+        event_dict.setdefault("run_id", str(run[0]))
+        event_dict.setdefault("attempt", run[1])
+    return event_dict
+
+
 def configure_logging(log_format: str = "auto", level: str = "info") -> None:
     """Configure once per process, at CLI entry: to stdout, never to files."""
     as_json = log_format == "json" or (log_format == "auto" and not sys.stdout.isatty())
     shared: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
+        add_run_context,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]

@@ -149,8 +149,8 @@ class StageProtocol:
                         "ids": uuid_array([s.run_id for s in successes]),
                         "outputs": text_array([s.output_json for s in successes]),
                         "attempts": number_array([s.attempt for s in successes]),
-                        "started": number_array([s.started_epoch for s in successes]),
-                        "durations": number_array([s.duration for s in successes]),
+                        "started_us": microseconds_array([s.started_epoch for s in successes]),
+                        "durations_us": microseconds_array([s.duration for s in successes]),
                         "models": text_array([s.model for s in successes]),
                         "prompt_tokens": number_array([s.prompt_tokens for s in successes]),
                         "completion_tokens": number_array([s.completion_tokens for s in successes]),
@@ -167,8 +167,8 @@ class StageProtocol:
                         "errors": text_array([f.error for f in failures]),
                         "attempts": number_array([f.attempt for f in failures]),
                         "retry_in": number_array([f.retry_in for f in failures]),
-                        "started": number_array([f.started_epoch for f in failures]),
-                        "durations": number_array([f.duration for f in failures]),
+                        "started_us": microseconds_array([f.started_epoch for f in failures]),
+                        "durations_us": microseconds_array([f.duration for f in failures]),
                     },
                 )
                 for _run_id, to_status in await cur.fetchall():
@@ -286,6 +286,12 @@ def number_array(values: list[int] | list[float] | list[int | None] | list[float
     if None not in values:  # the common case, without a Python-level loop
         return "{" + ",".join(map(repr, values)) + "}"
     return "{" + ",".join(["NULL" if v is None else repr(v) for v in values]) + "}"
+
+
+def microseconds_array(seconds: list[float]) -> str:
+    """Times in whole microseconds (truncated): writing a float's shortest repr costs ~1.2-1.6 us
+    on the 2-core machine, two per run; an integer's costs a quarter of that."""
+    return "{" + ",".join([str(int(value * 1_000_000)) for value in seconds]) + "}"
 
 
 def text_array(values: list[str] | list[str | None]) -> str:

@@ -68,12 +68,14 @@ SELECT EXISTS (
 -- after any crash (at-least-once execution, exactly-once transition). WAL is one sequence, so
 -- any flushed commit makes every move before it durable too. This saves a disk flush per stage
 -- on the way through the pipeline, and the wake-up of the next stage (sent at commit) with it.
+-- Start times (since the epoch) and durations come as whole microseconds
+-- (protocol.microseconds_array).
 WITH finished AS (
     SELECT *
       FROM unnest(%(ids)s::uuid[], %(outputs)s::text[], %(attempts)s::int[],
-                  %(started)s::float8[], %(durations)s::float8[], %(models)s::text[],
+                  %(started_us)s::int8[], %(durations_us)s::int8[], %(models)s::text[],
                   %(prompt_tokens)s::int[], %(completion_tokens)s::int[])
-           AS f(id, output, attempt, started_epoch, duration_seconds, model,
+           AS f(id, output, attempt, started_us, duration_us, model,
                 prompt_tokens, completion_tokens)
 ), moved AS (
     UPDATE @schema@.pipeline_runs r
@@ -90,15 +92,15 @@ WITH finished AS (
       FROM finished f
      WHERE r.id = f.id AND r.status = %(working)s AND r.lease_owner = %(worker)s
        AND (%(durable)s OR set_config('synchronous_commit', 'off', true) IS NOT NULL)
-    RETURNING r.id, r.pipeline, f.attempt, f.started_epoch, f.duration_seconds, f.model,
+    RETURNING r.id, r.pipeline, f.attempt, f.started_us, f.duration_us, f.model,
               f.prompt_tokens, f.completion_tokens
 )
 INSERT INTO @schema@.run_events
        (run_id, pipeline, stage, from_status, to_status, attempt, worker, started_at, duration,
         model, prompt_tokens, completion_tokens)
 SELECT id, pipeline, %(stage)s, %(consumes)s, %(produces)s, attempt, %(worker)s,
-       to_timestamp(started_epoch), make_interval(secs => duration_seconds),
-       model, prompt_tokens, completion_tokens
+       'epoch'::timestamptz + started_us * interval '1 microsecond',
+       duration_us * interval '1 microsecond', model, prompt_tokens, completion_tokens
   FROM moved
 RETURNING run_id;
 
@@ -109,8 +111,8 @@ RETURNING run_id;
 WITH failed AS (
     SELECT *
       FROM unnest(%(ids)s::uuid[], %(errors)s::text[], %(attempts)s::int[],
-                  %(retry_in)s::float8[], %(started)s::float8[], %(durations)s::float8[])
-           AS f(id, error, attempt, retry_in, started_epoch, duration_seconds)
+                  %(retry_in)s::float8[], %(started_us)s::int8[], %(durations_us)s::int8[])
+           AS f(id, error, attempt, retry_in, started_us, duration_us)
 ), moved AS (
     UPDATE @schema@.pipeline_runs r
        SET status = CASE WHEN f.retry_in IS NULL THEN 'FAILED' ELSE %(consumes)s END,
@@ -124,13 +126,14 @@ WITH failed AS (
       FROM failed f
      WHERE r.id = f.id AND r.status = %(working)s AND r.lease_owner = %(worker)s
        AND (%(durable)s OR set_config('synchronous_commit', 'off', true) IS NOT NULL)
-    RETURNING r.id, r.pipeline, r.status, f.attempt, f.error, f.started_epoch, f.duration_seconds
+    RETURNING r.id, r.pipeline, r.status, f.attempt, f.error, f.started_us, f.duration_us
 )
 INSERT INTO @schema@.run_events
        (run_id, pipeline, stage, from_status, to_status, attempt, worker, started_at, duration,
         error)
 SELECT id, pipeline, %(stage)s, %(working)s, status, attempt, %(worker)s,
-       to_timestamp(started_epoch), make_interval(secs => duration_seconds), error
+       'epoch'::timestamptz + started_us * interval '1 microsecond',
+       duration_us * interval '1 microsecond', error
   FROM moved
 RETURNING run_id, to_status;
 

@@ -19,6 +19,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_ji
 
 from conveyor import metrics
 from conveyor.db import CONNECT_TIMEOUT_SECONDS, KEEPALIVE_OPTIONS, brief
+from conveyor.worker.tally import WRITE_DELAY
 
 log = structlog.get_logger("conveyor.listener")
 
@@ -238,28 +239,48 @@ class Listener:
 
 
 class _ListenerMetrics:
-    """The listener's side of the metrics: is it connected, when did it last hear anything."""
+    """The listener's side of the metrics: is it connected, when did it last hear anything.
+    What it hears is counted, and written WRITE_DELAY later (tally.py says why): a wake-up's
+    path to its handler is no place for writes to memory-mapped files."""
 
     def __init__(self, labels: tuple[str, str]) -> None:
         self.connected_gauge = metrics.LISTENERS_CONNECTED.labels(*labels)
         self.last_heard = metrics.LAST_NOTIFICATION.labels(*labels)
         self.notifications = metrics.NOTIFICATIONS.labels(*labels)
         self.reconnects = metrics.LISTENER_RECONNECTS.labels(*labels)
+        self._heard_at: float | None = None
+        self._unwritten = 0
+        self._scheduled: asyncio.TimerHandle | None = None
 
     def connected(self) -> None:
+        self.write()  # what was heard before: the gauge never goes back in time
         self.connected_gauge.set(1)
         self.last_heard.set(time.time())  # connecting proves the path, like a ping
 
     def disconnected(self) -> None:
+        self.write()
         self.connected_gauge.set(0)
 
     def reconnected(self) -> None:
         self.reconnects.inc()
 
     def heard(self, when: float, *, ping: bool) -> None:
-        self.last_heard.set(when)
+        self._heard_at = when
         if not ping:
-            self.notifications.inc()
+            self._unwritten += 1
+        if self._scheduled is None:
+            self._scheduled = asyncio.get_running_loop().call_later(WRITE_DELAY, self.write)
+
+    def write(self) -> None:
+        if self._scheduled is not None:
+            self._scheduled.cancel()
+            self._scheduled = None
+        if self._heard_at is not None:
+            self.last_heard.set(self._heard_at)
+            self._heard_at = None
+        if self._unwritten:
+            self.notifications.inc(self._unwritten)
+            self._unwritten = 0
 
 
 async def _readable(fd: int, timeout: float | None) -> bool:

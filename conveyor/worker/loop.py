@@ -22,6 +22,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from conveyor import metrics
 from conveyor.db import CONNECT_TIMEOUT_SECONDS, KEEPALIVE_OPTIONS, brief, refusal
+from conveyor.logs import current_run
 from conveyor.maintenance import Maintenance
 from conveyor.pipeline import Pipeline, Run, Stage
 from conveyor.protocol import Applied, ClaimedRow, Failure, StageProtocol, Success
@@ -422,7 +423,7 @@ class Worker:
     async def _execute(self, run: Run) -> None:
         # This task's context (and the handler's thread, which copies it): every line logged
         # while handling the run carries its id and attempt.
-        structlog.contextvars.bind_contextvars(run_id=str(run.id), attempt=run.attempt)
+        current_run.set((run.id, run.attempt))
         started = time.perf_counter()
         try:
             outcome = await run_handler(self.stage, run)
