@@ -105,8 +105,9 @@ def main() -> None:
             (r.wake, r.observer, r.waiting_worker): r.rows_per_second
             for r in best_each(repeat, lambda: ingest.measure_all(db, scale))
         }
+        h_bulk = max(ingest.bulk(db, scale, observer=True) for _ in range(repeat))
     rows = _rows_of(
-        ceilings, a_on, a_off, a_info, b_on, b_off, e, e_empty, c, d, d_floor, f, h, scale
+        ceilings, a_on, a_off, a_info, b_on, b_off, e, e_empty, c, d, d_floor, f, h, h_bulk, scale
     )
     print(table(rows))
     print(
@@ -152,6 +153,7 @@ def _rows_of(
     d_floor: latency.Latency,
     f: idle.Idle,
     h: dict[tuple[bool, bool, bool], float],
+    h_bulk: float,
     scale: Scale,
 ) -> list[Row]:
     single_on, single_off = ceilings[50, 1, 1, True], ceilings[50, 1, 1, False]
@@ -271,6 +273,12 @@ def _rows_of(
         Row(
             "(h) ... a waiting worker that never claims",
             f"{rate(h[True, False, True], 'rows/s')} (every insert notifies)",
+            command=ingest.COMMAND,
+        ),
+        Row(
+            "bulk submit, COPY in one transaction (conveyor submit-many)",
+            f"{rate(h_bulk, 'runs/s')} ({2_000 if scale.tiny else ingest.BULK_RUNS:,} runs,"
+            f" observer on): {ratio(h_bulk, h[True, True, False])} of (h)'s one-run inserts",
             command=ingest.COMMAND,
         ),
     ]

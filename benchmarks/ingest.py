@@ -8,12 +8,16 @@ worker is busy and none is waiting, so the gated wake-up trigger checks and send
 Measured with the wake-up trigger on and off (the ratio is the figure), each with the
 `pipeline_events` observer on and off; and once more with a worker registered as waiting that
 never claims, the worst case of the gate: every insert then notifies.
+
+Beside it, bulk submission: one COPY of 100,000 runs in one transaction (runs.submit_many,
+`conveyor submit-many`), observer on and off, no worker waiting.
 """
 
 from __future__ import annotations
 
 import argparse
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,10 +31,12 @@ from benchmarks.harness import (
     settle,
 )
 from benchmarks.report import ratio
+from conveyor import runs
 from conveyor.worker.listener import wake_channel
 
 COMMAND = "python -m benchmarks.ingest"
 CLIENTS = 8
+BULK_RUNS = 100_000
 _INSERT = "INSERT INTO conveyor.pipeline_runs (pipeline) VALUES ('bench1');\n"
 
 
@@ -80,6 +86,21 @@ def measure_all(db: BenchDatabase, scale: Scale) -> list[Ingest]:
     ] + [measure(db, scale, wake=True, observer=False, waiting_worker=True)]
 
 
+def bulk(db: BenchDatabase, scale: Scale, *, observer: bool) -> float:
+    """Runs per second of one bulk submission: COPY of BULK_RUNS runs, one transaction."""
+    count = 2_000 if scale.tiny else BULK_RUNS
+    with db.connect() as conn:
+        db.reset(conn)
+        set_triggers(conn, (WAKE_TRIGGER,), enabled=True)
+        set_triggers(conn, OBSERVER_TRIGGERS, enabled=observer)
+        settle(conn)
+        started = time.perf_counter()
+        submitted = runs.submit_many(conn, ({"n": n} for n in range(count)), pipeline="bench1")
+        seconds = time.perf_counter() - started
+    assert submitted == count
+    return count / seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="a second per figure, for tests")
@@ -87,6 +108,7 @@ def main() -> None:
     scale = Scale.small() if args.tiny else Scale()
     with BenchDatabase.create() as db:
         results = measure_all(db, scale)
+        bulk_on, bulk_off = (bulk(db, scale, observer=observer) for observer in (True, False))
     for result in results:
         print(f"{result.label}: {result.rows_per_second:,.0f} rows/s")
     by = {(r.wake, r.observer, r.waiting_worker): r.rows_per_second for r in results}
@@ -94,6 +116,10 @@ def main() -> None:
         f"(h) wake-up trigger on/off: {ratio(by[True, False, False], by[False, False, False])}"
         f" with the observer off, {ratio(by[True, True, False], by[False, True, False])} with it on"
         f" ({CLIENTS} clients, one run per transaction; {COMMAND})"
+    )
+    print(
+        f"bulk submit, COPY of {2_000 if scale.tiny else BULK_RUNS:,} runs in one transaction:"
+        f" {bulk_on:,.0f} runs/s with the observer on, {bulk_off:,.0f} with it off ({COMMAND})"
     )
 
 

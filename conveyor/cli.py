@@ -6,9 +6,9 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any
 from uuid import UUID
 
 import click
@@ -216,6 +216,39 @@ def submit_command(
     _print_run(app, run, [], as_json)
     if run["status"] != app.pipeline.final_status:
         sys.exit(1)
+
+
+@cli.command("submit-many")
+@click.argument("source", type=click.File("r", encoding="utf-8"))
+@click.option("--priority", default=0, show_default=True, help="Higher runs sooner.")
+@pass_app
+@clear_errors
+def submit_many_command(app: App, source: IO[str], priority: int) -> None:
+    """Submit one run per line of SOURCE (a file, or - for standard input): each line is a
+    run's input, a JSON object. One transaction with COPY: all of them, or none and the reason,
+    naming the line."""
+    with app.connect() as conn:
+        count = runs.submit_many(
+            conn,
+            _json_lines(source),
+            pipeline=app.pipeline.name,
+            schema=app.settings.schema,
+            priority=priority,
+        )
+    click.echo(f"{count} runs submitted")
+
+
+def _json_lines(source: IO[str]) -> Iterator[Any]:
+    """Each line's JSON value; run N is line N, so a blank line is an error too."""
+    for number, line in enumerate(source, 1):
+        if not line.strip():
+            raise runs.SubmitError(f"run {number}: a blank line, not a JSON object")
+        try:
+            yield json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise runs.SubmitError(
+                f"run {number}: not JSON: {exc.msg} (column {exc.colno})"
+            ) from None
 
 
 def _wait_for(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
@@ -38,16 +39,8 @@ def submit(
     idempotency_key: str | None = None,
 ) -> Submitted:
     """Start a run: the same as `INSERT INTO conveyor.pipeline_runs (input) VALUES (...)`."""
-    if not isinstance(input, dict):
-        raise SubmitError("input must be a JSON object")
-    try:
-        size = len(json.dumps(input).encode())
-    except (TypeError, ValueError) as exc:
-        raise SubmitError(f"input is not JSON-serialisable: {exc}") from exc
-    if size > MAX_INPUT_BYTES:
-        raise SubmitError(f"input is {size} bytes; the limit is {MAX_INPUT_BYTES}")
-    if not -32768 <= priority <= 32767:
-        raise SubmitError("priority must be between -32768 and 32767")
+    _input_json(input)
+    _check_priority(priority)
     row = conn.execute(
         queries.load(schema)["submit_run"],
         {
@@ -60,6 +53,55 @@ def submit(
     ).fetchone()
     assert row is not None
     return Submitted(row[0], row[1])
+
+
+def submit_many(
+    conn: psycopg.Connection[Any],
+    inputs: Iterable[dict[str, Any]],
+    *,
+    pipeline: str = "agents",
+    schema: str = "conveyor",
+    priority: int = 0,
+) -> int:
+    """Start one run per input in one transaction, with COPY: all of them, or none and a
+    SubmitError naming the first bad one (`run N`, counted from 1). The inputs are streamed,
+    not held. Returns how many runs were started."""
+    _check_priority(priority)
+    count = 0
+    try:
+        with (
+            conn.transaction(),
+            conn.cursor().copy(queries.load(schema)["submit_copy"]) as copy,
+        ):
+            for count, run_input in enumerate(inputs, 1):
+                try:
+                    text = _input_json(run_input)
+                except SubmitError as exc:
+                    raise SubmitError(f"run {count}: {exc}") from None
+                copy.write_row((pipeline, text, priority))
+    except psycopg.errors.DataError as exc:  # refused by the server: its context names the row
+        where = exc.diag.context or ""
+        raise SubmitError(f"{exc.diag.message_primary or exc} ({where.strip()})") from None
+    return count
+
+
+def _input_json(input: Any) -> str:
+    """The run's input as JSON text, or SubmitError saying why it cannot be one."""
+    if not isinstance(input, dict):
+        raise SubmitError("input must be a JSON object")
+    try:
+        text = json.dumps(input, allow_nan=False)  # NaN and Infinity are not JSON: jsonb refuses
+    except (TypeError, ValueError) as exc:
+        raise SubmitError(f"input is not JSON-serialisable: {exc}") from exc
+    size = len(text.encode())
+    if size > MAX_INPUT_BYTES:
+        raise SubmitError(f"input is {size} bytes; the limit is {MAX_INPUT_BYTES}")
+    return text
+
+
+def _check_priority(priority: int) -> None:
+    if not -32768 <= priority <= 32767:
+        raise SubmitError("priority must be between -32768 and 32767")
 
 
 def status_counts(conn: psycopg.Connection[Any], schema: str) -> list[dict[str, Any]]:

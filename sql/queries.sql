@@ -309,6 +309,12 @@ SELECT id, false FROM @schema@.pipeline_runs
  WHERE pipeline = %(pipeline)s AND idempotency_key = %(idempotency_key)s
    AND NOT EXISTS (SELECT 1 FROM inserted);
 
+-- submit_copy --
+-- Many runs in one transaction (runs.submit_many): what a multi-row INSERT does, at bulk speed.
+-- Each row still fires the triggers, but at commit: one hand-off, and one wake-up per waiting
+-- stage, since PostgreSQL sends the identical notifications of a transaction once.
+COPY @schema@.pipeline_runs (pipeline, input, priority) FROM STDIN;
+
 -- status_counts --
 -- Counts and oldest due age per pipeline and unfinished status (served by the claim index),
 -- plus totals of the terminal statuses.

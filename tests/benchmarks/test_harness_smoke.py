@@ -69,3 +69,11 @@ def test_the_latency_floor_runs_the_chain_on_the_workers_statements(pg_server: P
     # Every run went through the three stages by hand-offs (the loops take nothing else) and
     # was heard DONE.
     assert re.search(r"^\(d\)'s floor: .*: p50 [\d.]+ ms, p99 [\d.]+ ms", printed, re.M)
+
+
+def test_ingest_and_bulk_submit_in_tiny_mode(pg_server: PgServer) -> None:
+    printed = _tiny(pg_server, "benchmarks.ingest")
+    assert re.search(r"^\(h\) wake-up trigger on/off: [\d.]+ with the observer off", printed, re.M)
+    assert re.search(
+        r"^bulk submit, COPY of 2,000 runs in one transaction: [\d,]+ runs/s", printed, re.M
+    )
