@@ -115,6 +115,21 @@ class ConveyorProcess:
             return self.wait(10)
 
 
+def conveyor_command(
+    database_url: str, *args: str, stdin: str | None = None, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """Run `conveyor ARGS` to its end against the test database: its exit code and output."""
+    return subprocess.run(
+        [sys.executable, "-m", "conveyor", *args],
+        env=conveyor_env(database_url, **env),
+        cwd=ROOT,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 def fetch_all(url: str, query: str, params: Any = None) -> list[tuple[Any, ...]]:
     with psycopg.connect(url, autocommit=True) as conn:
         return conn.execute(query, params).fetchall()

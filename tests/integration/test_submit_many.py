@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,7 +13,7 @@ import pytest
 
 from conveyor import runs
 from conveyor.worker.listener import wake_channel
-from tests.helpers import ROOT, ConveyorProcess, conveyor_env, scalar, wait_until
+from tests.helpers import ConveyorProcess, conveyor_command, scalar, wait_until
 
 CHAIN = {"CONVEYOR_PIPELINE": "tests.pipelines:chain"}
 Conn = psycopg.Connection[tuple[object, ...]]
@@ -97,15 +96,7 @@ def test_an_input_the_server_refuses_names_its_line_and_nothing_is_started(
 
 
 def _cli(database_url: str, *args: str, stdin: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "conveyor", *args],
-        env=conveyor_env(database_url, **CHAIN),
-        cwd=ROOT,
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return conveyor_command(database_url, *args, stdin=stdin, **CHAIN)
 
 
 def test_submit_many_command_reads_json_lines_from_a_file_or_stdin(

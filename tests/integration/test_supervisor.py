@@ -6,8 +6,6 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -18,7 +16,7 @@ import pytest
 
 from benchmarks.procstat import children as children_of
 from conveyor import SubmitError, submit
-from tests.helpers import ROOT, ConveyorProcess, conveyor_env, scalar, wait_until
+from tests.helpers import ConveyorProcess, conveyor_command, scalar, wait_until
 
 CHAIN = {"CONVEYOR_PIPELINE": "tests.pipelines:chain"}
 Start = Callable[..., ConveyorProcess]
@@ -49,17 +47,6 @@ def _sample(metrics_text: str, name: str, **labels: str) -> float:
         if all(f'{k}="{v}"' in line for k, v in labels.items()):
             total += float(line.rsplit(" ", 1)[1])
     return total
-
-
-def _conveyor(database_url: str, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "conveyor", *args],
-        env=conveyor_env(database_url, **env),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 def test_probes_and_metrics_from_every_worker_process(
@@ -176,7 +163,7 @@ def test_cancel_interrupts_a_run_in_flight_and_refuses_its_result(
         30,
         "the run in flight",
     )
-    result = _conveyor(database_url, "cancel", str(run_id), **CHAIN)
+    result = conveyor_command(database_url, "cancel", str(run_id), **CHAIN)
     assert result.returncode == 0, result.stderr
     wait_until(lambda: '"run taken away; interrupting"' in worker.log(), 10, "the interruption")
     assert scalar(database_url, "SELECT status FROM conveyor.pipeline_runs") == "CANCELLED"
@@ -185,7 +172,7 @@ def test_cancel_interrupts_a_run_in_flight_and_refuses_its_result(
     )
     assert events == ["CANCELLED"]
     # Cancelling a finished run is refused.
-    again = _conveyor(database_url, "cancel", str(run_id), **CHAIN)
+    again = conveyor_command(database_url, "cancel", str(run_id), **CHAIN)
     assert again.returncode == 1
 
 
@@ -203,7 +190,7 @@ def test_retry_failed_runs_from_their_stage_or_a_named_one(
         30,
         "the run FAILED",
     )
-    result = _conveyor(database_url, "retry", "--failed", **CHAIN)
+    result = conveyor_command(database_url, "retry", "--failed", **CHAIN)
     assert result.returncode == 0 and "retrying 1 failed runs" in result.stdout
     wait_until(
         lambda: (
@@ -223,7 +210,7 @@ def test_retry_failed_runs_from_their_stage_or_a_named_one(
             'UPDATE conveyor.pipeline_runs SET outputs = \'{"one": {"n": 1}}\' WHERE id = %s',
             (poison,),
         )
-    result = _conveyor(database_url, "retry", str(poison), "--stage", "two", **CHAIN)
+    result = conveyor_command(database_url, "retry", str(poison), "--stage", "two", **CHAIN)
     assert result.returncode == 0, result.stderr
     wait_until(
         lambda: scalar(database_url, "SELECT status FROM conveyor.pipeline_runs") == "DONE",
@@ -248,12 +235,12 @@ def test_prune_deletes_old_finished_runs_and_their_history(database_url: str) ->
             "INSERT INTO conveyor.run_events (run_id, pipeline, to_status)"
             " SELECT id, pipeline, status FROM conveyor.pipeline_runs"
         )
-    result = _conveyor(database_url, "prune", "--older-than", "7d", **CHAIN)
+    result = conveyor_command(database_url, "prune", "--older-than", "7d", **CHAIN)
     assert result.returncode == 0, result.stderr
     assert "pruned 2500 finished runs" in result.stdout
     assert scalar(database_url, "SELECT count(*) FROM conveyor.pipeline_runs") == 2
     assert scalar(database_url, "SELECT count(*) FROM conveyor.run_events") == 2
-    bad = _conveyor(database_url, "prune", "--older-than", "soon", **CHAIN)
+    bad = conveyor_command(database_url, "prune", "--older-than", "soon", **CHAIN)
     assert bad.returncode == 2 and "--older-than" in bad.stderr
 
 

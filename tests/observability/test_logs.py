@@ -18,7 +18,15 @@ import pytest
 from psycopg import conninfo, sql
 
 from conveyor import runs
-from tests.helpers import ROOT, ConveyorProcess, conveyor_env, fetch_all, scalar, wait_until
+from tests.helpers import (
+    ROOT,
+    ConveyorProcess,
+    conveyor_command,
+    conveyor_env,
+    fetch_all,
+    scalar,
+    wait_until,
+)
 
 LOGGED = {"CONVEYOR_PIPELINE": "tests.observability.pipelines:logged"}
 RUN_FIELDS = ("run_id", "pipeline", "stage", "attempt", "worker")
@@ -142,21 +150,10 @@ def secret_user(database_url: str) -> Iterator[str]:
         conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
 
 
-def _conveyor(url: str, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "conveyor", *args],
-        env=conveyor_env(url, **env),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
 def test_an_unreachable_database_url_is_reported_without_its_password() -> None:
     url = f"postgresql://conveyor:{SECRET}@127.0.0.1:1/nowhere"
     for args in (("run",), ("status",), ("worker", "--stage", "first")):
-        result = _conveyor(url, *args, **LOGGED)
+        result = conveyor_command(url, *args, **LOGGED)
         assert result.returncode == 2, result
         assert "127.0.0.1" in result.stderr  # it does say where it tried
         assert SECRET not in result.stdout + result.stderr
