@@ -137,8 +137,8 @@ def run_command(app: App) -> None:
     os.environ.setdefault("CONVEYOR_DATABASE_URL", url)
     supervisor_pid = os.getpid()
 
-    def start(name: str, liveness: LivenessSlot) -> None:
-        start_child(app.settings, app.pipeline, url, name, liveness, supervisor_pid)
+    def start(name: str, liveness: LivenessSlot, died_pid: int | None) -> None:
+        start_child(app.settings, app.pipeline, url, name, liveness, supervisor_pid, died_pid)
 
     supervisor = Supervisor(
         {**plan, MAINTENANCE: 1},

@@ -221,6 +221,16 @@ class StageProtocol:
                 },
             )
 
+    async def end_dead_process_leases(self, dead_pid: int) -> int:
+        """End the leases of this host's worker process `dead_pid` of this stage, which died;
+        how many there were."""
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                self.sql["end_dead_process_leases"],
+                {**self._fence, "hostname": socket.gethostname(), "dead_pid": dead_pid},
+            )
+            return len(await cur.fetchall())
+
     async def forget(self) -> None:
         async with self.pool.connection() as conn:
             await conn.execute(self.sql["forget_worker"], {"worker": self.worker_id})

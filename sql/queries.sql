@@ -239,6 +239,26 @@ ON CONFLICT (worker_id) DO UPDATE
        working = excluded.working, lease_seconds = excluded.lease_seconds,
        free_slots = excluded.free_slots;
 
+-- end_dead_process_leases --
+-- A worker process its supervisor saw die (SIGKILL, out of memory) left its leases behind.
+-- The process that replaces it ends them now, instead of a lease later: it takes the dead
+-- one's registry row away and makes its leases expire, and the rescue frees those runs at its
+-- next pass (a rescue counted against each: the run may be what killed it). The dead process
+-- is known by host and pid, which no live process shares with it this soon after its death
+-- (Linux hands out pids in order). Through pipeline_runs_claimable: the runs in flight at the
+-- stage, a bounded number.
+WITH dead AS (
+    DELETE FROM @schema@.workers
+     WHERE hostname = %(hostname)s AND pid = %(dead_pid)s
+       AND pipeline = %(pipeline)s AND stage = %(stage)s AND worker_id <> %(worker)s
+    RETURNING worker_id
+)
+UPDATE @schema@.pipeline_runs
+   SET lease_expires_at = now()
+ WHERE pipeline = %(pipeline)s AND status = %(working)s AND finished_at IS NULL
+   AND lease_owner IN (SELECT worker_id FROM dead)
+RETURNING id;
+
 -- forget_worker --
 DELETE FROM @schema@.workers WHERE worker_id = %(worker)s;
 

@@ -24,6 +24,7 @@ def start_child(
     name: str,
     liveness: LivenessSlot,
     supervisor_pid: int,
+    died_pid: int | None = None,
 ) -> None:
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(pid=os.getpid())
@@ -38,6 +39,7 @@ def start_child(
         listen_url=listen_url(settings, url),
         parent_pid=supervisor_pid,
         liveness=liveness,
+        replaces_pid=died_pid,
     )
 
 

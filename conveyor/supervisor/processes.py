@@ -35,6 +35,7 @@ class Slot:
     crashes: int = 0
     restart_at: float = 0.0
     restarts: int = 0
+    died_pid: int | None = None  # the child it replaces, handed to its successor
 
 
 # A child whose loop has not turned for this long is stuck: /healthz fails and the orchestrator
@@ -46,12 +47,14 @@ STUCK_AFTER_SECONDS = 30.0
 class Supervisor:
     """Keeps `plan[name]` children of each name alive.
 
-    `start_child(name, liveness)` runs in the forked child and never returns; the child reports
-    through its LivenessSlot. `metrics_port` None serves no HTTP (tests of the class itself).
+    `start_child(name, liveness, died_pid)` runs in the forked child and never returns; the
+    child reports through its LivenessSlot, and `died_pid` is the child it replaces, if one
+    died before it (its successor ends what it left behind). `metrics_port` None serves no
+    HTTP (tests of the class itself).
     """
 
     plan: dict[str, int]
-    start_child: Callable[[str, LivenessSlot], None]
+    start_child: Callable[[str, LivenessSlot, int | None], None]
     grace_seconds: float
     metrics_port: int | None = None
     max_consecutive_crashes: int = MAX_CONSECUTIVE_CRASHES
@@ -59,6 +62,7 @@ class Supervisor:
     pipeline: str = ""  # the metrics' pipeline label
     slots: list[Slot] = field(default_factory=list)
     stopping: bool = False
+    stop_signal: int | None = None
     exit_code: int = 0
 
     def run(self) -> int:
@@ -83,6 +87,8 @@ class Supervisor:
                     server.serve_once(0.1)
                 else:
                     time.sleep(0.1)
+            if self.stop_signal is not None:
+                log.info("supervisor stopping", signal=signal.Signals(self.stop_signal).name)
             self._shutdown()
         finally:
             if server is not None:
@@ -122,8 +128,10 @@ class Supervisor:
         return self.slots.index(slot)
 
     def _on_signal(self, signum: int, _frame: object) -> None:
-        if not self.stopping:
-            log.info("supervisor stopping", signal=signal.Signals(signum).name)
+        # Nothing else here, logging least of all: the signal may land while this process is
+        # inside a log call, whose lock is not reentrant (the supervisor would hang on it).
+        if self.stop_signal is None:
+            self.stop_signal = signum
         self.stopping = True
 
     def _spawn(self, slot: Slot) -> None:
@@ -135,7 +143,7 @@ class Supervisor:
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             code = 0
             try:
-                self.start_child(slot.stage, self.board.slot(position))
+                self.start_child(slot.stage, self.board.slot(position), slot.died_pid)
             except SystemExit as exc:
                 code = exc.code if isinstance(exc.code, int) else 1
             except BaseException:
@@ -166,7 +174,7 @@ class Supervisor:
             if os.WIFSIGNALED(status)
             else f"exit code {os.WEXITSTATUS(status)}"
         )
-        slot.pid = 0
+        slot.pid, slot.died_pid = 0, slot_pid
         mark_dead(slot_pid)
         if self.stopping:
             return

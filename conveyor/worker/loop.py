@@ -65,8 +65,10 @@ class Worker:
         parent_pid: int | None = None,
         liveness: LivenessSlot | None = None,
         maintain: bool = False,
+        replaces_pid: int | None = None,
     ) -> None:
         self.parent_pid = parent_pid
+        self.replaces_pid = replaces_pid
         self.liveness = liveness
         self.maintain = maintain
         self._next_sweep_at = 0.0
@@ -178,6 +180,8 @@ class Worker:
         ]
         if self.parent_pid is not None:
             helpers.append(asyncio.create_task(self._watch_parent(), name="parent"))
+        if self.replaces_pid is not None:
+            helpers.append(asyncio.create_task(self._end_dead_leases(self.replaces_pid)))
         if self.maintain:
             # The leader's session lock needs a session: the direct (LISTEN) URL, not a pooler.
             maintenance = Maintenance(self.settings, self.pipeline, self.listen_url, self.worker_id)
@@ -608,6 +612,25 @@ class Worker:
                 self._taken_away.add(run_id)
                 task.cancel()
 
+    async def _end_dead_leases(self, dead_pid: int) -> None:
+        """The process this one replaces died (killed, out of memory) and its runs are leased
+        to it: end those leases now, so the rescue frees the runs within a sweep instead of a
+        lease. Tried until the database answers; a refusal is logged, and the leases expire."""
+        while True:
+            try:
+                ended = await self.protocol.end_dead_process_leases(dead_pid)
+            except _DB_ERRORS as exc:
+                await self._database_trouble("end_dead_process_leases", exc)
+                continue
+            except psycopg.Error as exc:
+                await self._statement_refused("end_dead_process_leases", exc, back_off=False)
+                return
+            if ended:
+                self._log.warning(
+                    "ended the leases of a worker process that died", pid=dead_pid, runs=ended
+                )
+            return
+
     async def _watch_parent(self) -> None:
         """A worker whose supervisor died exits instead of running on orphaned."""
         while os.getppid() == self.parent_pid:
@@ -707,6 +730,7 @@ def run_worker(
     parent_pid: int | None = None,
     liveness: LivenessSlot | None = None,
     maintain: bool = False,
+    replaces_pid: int | None = None,
 ) -> None:
     worker = Worker(
         settings,
@@ -717,5 +741,6 @@ def run_worker(
         parent_pid=parent_pid,
         liveness=liveness,
         maintain=maintain,
+        replaces_pid=replaces_pid,
     )
     asyncio.run(worker.run())

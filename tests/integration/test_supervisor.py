@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -16,7 +17,7 @@ import pytest
 
 from benchmarks.procstat import children as children_of
 from conveyor import SubmitError, submit
-from tests.helpers import ConveyorProcess, conveyor_command, scalar, wait_until
+from tests.helpers import ConveyorProcess, conveyor_command, fetch_all, scalar, wait_until
 
 CHAIN = {"CONVEYOR_PIPELINE": "tests.pipelines:chain"}
 Start = Callable[..., ConveyorProcess]
@@ -268,3 +269,44 @@ def test_submission_idempotency_priority_delay_and_size_limit(
         scalar(database_url, "SELECT status FROM conveyor.pipeline_runs WHERE id = %s", (later.id,))
         == "NEW"
     )
+
+
+def test_a_killed_workers_runs_are_rescued_within_seconds_not_a_lease(
+    database_url: str, start_conveyor: Start
+) -> None:
+    """SIGKILL (what the out-of-memory killer sends) leaves the worker's leases behind: its
+    replacement ends them, and the rescue frees the runs well before the leases would expire."""
+    lease = 20.0  # extended every third: 13-20 s of it are left when the worker dies
+    supervisor = start_conveyor(
+        "run",
+        CONVEYOR_STAGES="one=1",
+        CONVEYOR_SWEEP_INTERVAL="1",
+        CONVEYOR_LEASE=str(lease),
+        CONVEYOR_DRAIN_TIMEOUT="1",  # the runs sleep a minute: no waiting for them at the end
+        **CHAIN,
+    )
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO conveyor.pipeline_runs (pipeline, input)"
+            " SELECT 'chain', jsonb_build_object('n', n, 'sleep', 60) FROM generate_series(1, 3) n"
+        )
+    held = "SELECT count(*) FROM conveyor.pipeline_runs WHERE status = 'ONE_RUNNING'"
+    wait_until(lambda: scalar(database_url, held) == 3, 30, "three runs in flight")
+    # A new maintenance leader rescues nothing for half a lease (the registry may be empty
+    # after a server crash): the leader of a running system has led for longer than that.
+    wait_until(lambda: '"leading maintenance"' in supervisor.log(), 30, "a maintenance leader")
+    time.sleep(lease / 2 + 1)
+    owner, pid = fetch_all(
+        database_url,
+        "SELECT w.worker_id, w.pid FROM conveyor.workers w"
+        " WHERE w.worker_id = (SELECT DISTINCT lease_owner FROM conveyor.pipeline_runs)",
+    )[0]
+    os.kill(pid, signal.SIGKILL)
+    rescued = "SELECT count(*) FROM conveyor.pipeline_runs WHERE rescues = 1"
+    wait_until(lambda: scalar(database_url, rescued) == 3, lease / 3, "the three runs rescued")
+    errors = {
+        row[0] for row in fetch_all(database_url, "SELECT last_error FROM conveyor.pipeline_runs")
+    }
+    assert errors == {f"lease expired: worker {owner} stopped beating"}
+    assert '"ended the leases of a worker process that died"' in supervisor.log()
+    assert f'"pid": {pid}, "runs": 3' in supervisor.log()
