@@ -287,11 +287,19 @@ class Worker:
     async def _release_unheard(self) -> None:
         """Give back the runs leased to this worker that it never heard of: handed to it while
         its listener was away. Fenced like every release; a hand-off heard meanwhile is left
-        to this release (_releasing), not started."""
+        to this release (_releasing), not started. So the worker leaves the waiting list first,
+        as a give-back does: a listener back within milliseconds never took it off, and the
+        release's own commit would hand a run straight back, to be left as heard meanwhile
+        (seen in a test run: the run then sat leased to the worker until it exited)."""
         leased = await self.protocol.leased_to_me()
         unheard = leased - self._held - self._releasing
         if not unheard:
             return
+        if self._waiting:
+            await self._set_waiting(False)
+            if self._waiting:  # the database did not take it: release on the next wake-up
+                self._recover_unheard = True
+                return
         self._releasing |= unheard
         try:
             released = await self.protocol.release(
@@ -627,7 +635,7 @@ class Worker:
                 return
             if ended:
                 self._log.warning(
-                    "ended the leases of a worker process that died", pid=dead_pid, runs=ended
+                    "ended the leases of a worker process that died", dead_pid=dead_pid, runs=ended
                 )
             return
 

@@ -309,4 +309,4 @@ def test_a_killed_workers_runs_are_rescued_within_seconds_not_a_lease(
     }
     assert errors == {f"lease expired: worker {owner} stopped beating"}
     assert '"ended the leases of a worker process that died"' in supervisor.log()
-    assert f'"pid": {pid}, "runs": 3' in supervisor.log()
+    assert f'"dead_pid": {pid}, "runs": 3' in supervisor.log()
