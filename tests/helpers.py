@@ -116,17 +116,22 @@ class ConveyorProcess:
 
 
 def conveyor_command(
-    database_url: str, *args: str, stdin: str | None = None, **env: str
+    database_url: str,
+    *args: str,
+    stdin: str | None = None,
+    cwd: Path = ROOT,
+    timeout: float = 60,
+    **env: str,
 ) -> subprocess.CompletedProcess[str]:
     """Run `conveyor ARGS` to its end against the test database: its exit code and output."""
     return subprocess.run(
         [sys.executable, "-m", "conveyor", *args],
         env=conveyor_env(database_url, **env),
-        cwd=ROOT,
+        cwd=cwd,
         input=stdin,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=timeout,
     )
 
 

@@ -5,25 +5,17 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, conveyor_env, fetch_all, scalar
+from tests.helpers import ROOT, conveyor_command, fetch_all, scalar
 
 
 def conveyor(
     url: str, *args: str, cwd: Path = ROOT, **env: str
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "conveyor", *args],
-        env=conveyor_env(url, **env),
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    return conveyor_command(url, *args, cwd=cwd, timeout=240, **env)
 
 
 def docs(tmp_path: Path) -> Path:
