@@ -6,6 +6,7 @@ DECLARE
     waiter record;
     handed record;
     left_free integer;
+    sent pg_catalog.text;
 BEGIN
     SELECT w.worker_id, w.channel, w.working, w.lease_seconds INTO waiter
       FROM "conveyor".workers w
@@ -43,7 +44,7 @@ BEGIN
            waiting = free_slots OPERATOR(pg_catalog.>) 1
      WHERE worker_id OPERATOR(pg_catalog.=) waiter.worker_id
     RETURNING free_slots INTO left_free;
-    PERFORM pg_catalog.pg_notify(waiter.channel, 'run:' OPERATOR(pg_catalog.||)
+    sent := pg_catalog.pg_notify(waiter.channel, 'run:' OPERATOR(pg_catalog.||)
         pg_catalog.json_build_object(
             'worker', waiter.worker_id, 'free', left_free, 'id', handed.id,
             'attempt', handed.attempt,
@@ -56,8 +57,10 @@ $$;
 CREATE FUNCTION conveyor.notify_pipeline_change() RETURNS trigger
     LANGUAGE plpgsql
     AS $$
+DECLARE
+    sent pg_catalog.text;
 BEGIN
-    PERFORM pg_catalog.pg_notify('pipeline_events', pg_catalog.json_build_object(
+    sent := pg_catalog.pg_notify('pipeline_events', pg_catalog.json_build_object(
         'id', NEW.id, 'status', NEW.status, 'operation', TG_OP)::pg_catalog.text);
     RETURN NULL;
 END
@@ -79,6 +82,7 @@ CREATE FUNCTION conveyor.wake_waiting_workers() RETURNS trigger
     AS $$
 DECLARE
     waiting_channel text;
+    sent text;
 BEGIN
     IF NEW.finished_at IS NOT NULL THEN
         RETURN NULL;
@@ -98,11 +102,11 @@ BEGIN
        AND current_setting('conveyor.handed_off', true) IS DISTINCT FROM 'on' THEN
         IF "conveyor".hand_off(NEW.id, NEW.pipeline, NEW.status,
                              greatest(NEW.run_after, NEW.updated_at)) THEN
-            PERFORM set_config('conveyor.handed_off', 'on', true);
+            sent := set_config('conveyor.handed_off', 'on', true);
             RETURN NULL;
         END IF;
     END IF;
-    PERFORM pg_notify(waiting_channel, '');
+    sent := pg_notify(waiting_channel, '');
     RETURN NULL;
 END
 $$;
