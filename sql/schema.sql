@@ -81,10 +81,13 @@ CREATE FUNCTION conveyor.wake_waiting_workers() RETURNS trigger
     LANGUAGE plpgsql
     AS $$
 DECLARE
+    -- which stage this run waits for, without ambiguity whatever the names contain
+    stage_key text := length(NEW.pipeline) || ':' || NEW.pipeline || NEW.status;
     waiting_channel text;
     sent text;
 BEGIN
-    IF NEW.finished_at IS NOT NULL THEN
+    IF NEW.finished_at IS NOT NULL
+       OR current_setting('conveyor.woken', true) IS NOT DISTINCT FROM stage_key THEN
         RETURN NULL;
     END IF;
     SELECT w.channel INTO waiting_channel
@@ -93,7 +96,9 @@ BEGIN
        AND w.expires_at > now()
      LIMIT 1;
     IF waiting_channel IS NULL THEN
-        RETURN NULL;  -- nobody waits: under load, the commit pays nothing more
+        -- nobody waits: under load, the commit pays nothing more for this stage
+        sent := set_config('conveyor.woken', stage_key, true);
+        RETURN NULL;
     END IF;
     -- One hand-off per transaction: a batch that moves many runs wakes the next stage, whose
     -- worker claims the rest as a batch (handing each one over would write every run twice).
@@ -103,10 +108,11 @@ BEGIN
         IF "conveyor".hand_off(NEW.id, NEW.pipeline, NEW.status,
                              greatest(NEW.run_after, NEW.updated_at)) THEN
             sent := set_config('conveyor.handed_off', 'on', true);
-            RETURN NULL;
+            RETURN NULL;  -- the next run of the batch, if any, wakes a worker for the rest
         END IF;
     END IF;
     sent := pg_notify(waiting_channel, '');
+    sent := set_config('conveyor.woken', stage_key, true);
     RETURN NULL;
 END
 $$;
