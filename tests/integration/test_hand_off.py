@@ -400,3 +400,35 @@ def test_a_transaction_hands_off_one_run_and_wakes_the_worker_for_the_rest(
     assert conn.execute(
         "SELECT status, count(*) FROM conveyor.pipeline_runs GROUP BY 1 ORDER BY 1"
     ).fetchall() == [("ANALYZING", 1), ("NEW", 49)]
+
+
+def test_one_transaction_wakes_each_stage_it_makes_runs_claimable_for(
+    conn: psycopg.Connection[Any], listener: psycopg.Connection[Any], database_url: str
+) -> None:
+    # Nobody waits: nothing is sent, and what the trigger remembered about that ends with the
+    # transaction (migration 010).
+    conn.execute("INSERT INTO conveyor.pipeline_runs DEFAULT VALUES")
+    assert _heard(listener) == []
+    _register(conn, "w1", working="ANALYZING", free=100)
+    conn.execute(
+        "INSERT INTO conveyor.workers (worker_id, pipeline, stage, consumes, channel, hostname,"
+        " pid, expires_at, waiting, working, lease_seconds, free_slots)"
+        " VALUES ('w2', 'agents', 'assemble', 'ANALYZED', 'conveyor.agents.ANALYZED', 'h', 2,"
+        " now() + interval '1 min', true, 'ASSEMBLING', 30, 100)"
+    )
+    with psycopg.connect(database_url, autocommit=True) as second:
+        second.execute('LISTEN "conveyor.agents.ANALYZED"')
+        # Runs of two stages, interleaved, and one of a stage nobody waits for.
+        conn.execute(
+            "INSERT INTO conveyor.pipeline_runs (status)"
+            " SELECT CASE WHEN g = 7 THEN 'ASSEMBLED' WHEN g % 2 = 1 THEN 'ANALYZED'"
+            " ELSE 'NEW' END FROM generate_series(1, 20) g"
+        )
+        to_assemble, to_analyze = _heard(second), _heard(listener)
+    # One hand-off per transaction (to the first run's stage), and each waiting stage woken
+    # once for the rest.
+    assert [payload[:4] for payload in to_assemble] == ["run:", ""]
+    assert to_analyze == [""]
+    assert conn.execute(
+        "SELECT status, count(*) FROM conveyor.pipeline_runs GROUP BY 1 ORDER BY 1"
+    ).fetchall() == [("ANALYZED", 8), ("ASSEMBLED", 1), ("ASSEMBLING", 1), ("NEW", 11)]
