@@ -432,3 +432,22 @@ def test_one_transaction_wakes_each_stage_it_makes_runs_claimable_for(
     assert conn.execute(
         "SELECT status, count(*) FROM conveyor.pipeline_runs GROUP BY 1 ORDER BY 1"
     ).fetchall() == [("ANALYZED", 8), ("ASSEMBLED", 1), ("ASSEMBLING", 1), ("NEW", 11)]
+
+
+def test_a_transaction_looks_for_a_waiting_worker_once_per_stage_not_per_run(
+    database_url: str,
+) -> None:
+    # Nobody waits (as under load): 200 runs of one stage and 100 of another, submitted in one
+    # transaction, read the registry once per stage (migration 010), not once per run.
+    with psycopg.connect(database_url) as conn:
+        conn.execute(
+            "INSERT INTO conveyor.pipeline_runs (status)"
+            " SELECT CASE WHEN g <= 200 THEN 'NEW' ELSE 'ANALYZED' END"
+            " FROM generate_series(1, 300) g"
+        )
+        conn.execute("SET CONSTRAINTS conveyor.wake_waiting_workers IMMEDIATE")  # fire it now
+        row = conn.execute(
+            "SELECT pg_stat_get_xact_numscans('conveyor.workers'::regclass)"
+        ).fetchone()
+        conn.commit()
+    assert row == (2,)
