@@ -1,12 +1,13 @@
--- 009: the trigger functions call pg_notify and set_config as expressions, not with PERFORM.
+-- 009: hand_off and the observer trigger call pg_notify as an expression, not with PERFORM.
 -- @schema@ is replaced by the quoted, validated schema name when the migration is applied.
 
 -- PL/pgSQL runs `PERFORM f(...)` as a query: the executor is started and shut down for every
 -- call. An expression assigned to a variable (or an IF condition) takes PL/pgSQL's fast path
 -- for simple expressions instead. The observer trigger runs once per status change, so twice
 -- per run and stage: measured with EXPLAIN ANALYZE on the 2-core machine, its time for a
--- 50-run UPDATE went from 0.49-0.50 ms to 0.27-0.28 ms, ~4 us less per run and transition. The
--- hand-off path (wake-up trigger, hand_off, observer) loses four executor start-ups per stage.
+-- 50-run UPDATE went from 0.49-0.50 ms to 0.27-0.28 ms, ~4 us less per run and transition.
+-- hand_off and the observer lose an executor start-up each per hand-off; the wake-up trigger,
+-- which calls them, is rewritten the same way in migration 010.
 -- pg_notify returns void; assigned to text it becomes '' and is not used. The variables are
 -- typed pg_catalog.text: `text` is not a keyword, and hand_off runs with its owner's rights
 -- under the caller's search_path (migration 008). Nothing else changes.
@@ -75,39 +76,6 @@ DECLARE
 BEGIN
     sent := pg_catalog.pg_notify('pipeline_events', pg_catalog.json_build_object(
         'id', NEW.id, 'status', NEW.status, 'operation', TG_OP)::pg_catalog.text);
-    RETURN NULL;
-END
-$$;
-
-CREATE OR REPLACE FUNCTION @schema@.wake_waiting_workers() RETURNS trigger
-LANGUAGE plpgsql AS $$
-DECLARE
-    waiting_channel text;
-    sent text;
-BEGIN
-    IF NEW.finished_at IS NOT NULL THEN
-        RETURN NULL;
-    END IF;
-    SELECT w.channel INTO waiting_channel
-      FROM @schema@.workers w
-     WHERE w.waiting AND w.pipeline = NEW.pipeline AND w.consumes = NEW.status
-       AND w.expires_at > now()
-     LIMIT 1;
-    IF waiting_channel IS NULL THEN
-        RETURN NULL;  -- nobody waits: under load, the commit pays nothing more
-    END IF;
-    -- One hand-off per transaction: a batch that moves many runs wakes the next stage, whose
-    -- worker claims the rest as a batch (handing each one over would write every run twice).
-    IF NEW.rescues = 0 AND NEW.run_after <= now()
-       AND current_setting('transaction_isolation') = 'read committed'
-       AND current_setting('conveyor.handed_off', true) IS DISTINCT FROM 'on' THEN
-        IF @schema@.hand_off(NEW.id, NEW.pipeline, NEW.status,
-                             greatest(NEW.run_after, NEW.updated_at)) THEN
-            sent := set_config('conveyor.handed_off', 'on', true);
-            RETURN NULL;
-        END IF;
-    END IF;
-    sent := pg_notify(waiting_channel, '');
     RETURN NULL;
 END
 $$;
