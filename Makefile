@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit bench schema clean
+.PHONY: demo test system-packages lint typecheck unit bench schema clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,11 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-test: lint typecheck
+# The suite drives Chromium, PgBouncer and Prometheus for real; no test skips for a missing tool.
+system-packages:
+	@scripts/system-packages.sh
+
+test: system-packages lint typecheck
 	$(BIN)/pytest -q --timeout=300
 
 bench: $(STAMP)

@@ -85,10 +85,6 @@ def start_console(database_url: str, tmp_path: Path) -> Iterator[StartConsole]:
         process.stop(timeout=30)
 
 
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
-
-
 @pytest.fixture
 def browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
     missing = [path for path in (CHROMIUM, CHROMEDRIVER) if not os.access(path, os.X_OK)]
@@ -97,9 +93,7 @@ def browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[object]
             f"headless Chromium is missing ({', '.join(missing)}): "
             "apt-get install -y chromium chromium-driver"
         )
-        if _in_ci():
-            pytest.fail(message)  # CI installs it: its absence is a failure, never a skip
-        pytest.skip(message)
+        pytest.fail(message)  # `make test` installs it: its absence is a failure, never a skip
     from selenium import webdriver
     from selenium.webdriver.chrome.options import Options
     from selenium.webdriver.chrome.service import Service

@@ -34,7 +34,9 @@ def free_port() -> int:
 def pooled_url(database_url: str) -> Iterator[str]:
     """A PgBouncer in transaction mode in front of the test database; its URL."""
     binary = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
-    assert Path(binary).exists(), "pgbouncer is missing: `apt-get install pgbouncer` (.ci/run)"
+    assert Path(binary).exists(), (
+        "pgbouncer is missing: `apt-get install pgbouncer` (make test installs it)"
+    )
     target = conninfo.conninfo_to_dict(database_url)
     host = str(target.get("host") or "127.0.0.1")
     # Not under pytest's tmp_path: PgBouncer may run as another user, who must reach its files.
