@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
 from conveyor.console.context import console_of
-from conveyor.console.filters import RunFilter
+from conveyor.console.filters import FilterError, RunFilter
 from conveyor.console.security import CSRF_FIELD, current_user, same_origin
 
 log = structlog.get_logger("conveyor.console")
@@ -36,7 +36,10 @@ NOTICES = {
 async def retry_one(request: Request) -> Response:
     form, actor = await _authorized_form(request)
     run_id: UUID = request.path_params["run_id"]
-    stage = (str(form.get("stage") or "")).strip() or None
+    stage_field = form.get("stage") or ""
+    if not isinstance(stage_field, str):
+        raise FilterError("stage must be a text field")
+    stage = stage_field.strip() or None
     console = console_of(request)
     if stage is not None:
         console.pipeline.stage(stage)  # an unknown stage is a 400, not a silent default
@@ -102,11 +105,17 @@ async def _authorized_form(request: Request) -> tuple[Any, str]:
 
 
 def _filter_fields(form: Any) -> dict[str, str]:
-    return {
-        name: str(form.get(name) or "") for name in ("pipeline", "stage", "status", "since", "key")
-    }
+    fields = {}
+    for name in ("pipeline", "stage", "status", "since", "key"):
+        value = form.get(name) or ""
+        if not isinstance(value, str):  # a file part of a multipart form
+            raise FilterError(f"{name} must be a text field")
+        fields[name] = value
+    return fields
 
 
 def _log(request: Request, action: str, actor: str, **fields: Any) -> None:
+    # The socket's peer, or what a proxy named in CONVEYOR_CONSOLE_TRUSTED_PROXIES says
+    # (uvicorn rewrites the client only then): never a header any client can set.
     client = request.client.host if request.client else None
     log.info("console action", action=action, actor=actor, client=client, **fields)

@@ -20,6 +20,7 @@ from starlette.staticfiles import StaticFiles
 from conveyor.console import actions
 from conveyor.console.context import HERE, JSON, Console, console_of, templates
 from conveyor.console.filters import SINCE_CHOICES, FilterError, RunFilter, encode_cursor
+from conveyor.console.formatting import short_id
 from conveyor.console.live import LiveHub
 from conveyor.console.overview import Overview, OverviewCache, finished_statuses
 from conveyor.console.runview import build_run_view
@@ -86,13 +87,19 @@ def create_app(
         exception_handlers={
             FilterError: bad_request,
             PipelineError: bad_request,
+            psycopg.DataError: refused_value,
             psycopg.OperationalError: database_unavailable,
             HTTPException: http_error,
         },
         lifespan=lifespan,
     )
     app.state.console = console
-    app.add_middleware(ConsoleSecurity, user=settings.user, password=settings.password)
+    app.add_middleware(
+        ConsoleSecurity,
+        user=settings.user,
+        password=settings.password,
+        hosts=settings.accepted_hosts,
+    )
     return app
 
 
@@ -222,7 +229,7 @@ async def _run(request: Request, template: str) -> Response:
         request,
         template,
         {
-            "title": f"Run {str(run_id)[:8]}",
+            "title": f"Run {short_id(run_id)}",
             "view": view,
             "notice": actions.NOTICES.get(notice or "", ""),
             "notice_count": "",
@@ -259,6 +266,16 @@ async def healthz(request: Request) -> Response:
 
 async def bad_request(request: Request, exc: Exception) -> Response:
     return _error(request, 400, str(exc))
+
+
+async def refused_value(request: Request, exc: Exception) -> Response:
+    """The server refused a value this request sent (class 22, data exception): the request's
+    fault. Anything else of the class (no SQLSTATE: a value psycopg could not load) is not."""
+    assert isinstance(exc, psycopg.DataError)
+    if not (exc.sqlstate or "").startswith("22"):
+        raise exc
+    primary = exc.diag.message_primary or "invalid value"
+    return _error(request, 400, f"the database refused a value of this request: {primary}")
 
 
 async def database_unavailable(request: Request, exc: Exception) -> Response:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
@@ -17,6 +18,7 @@ from starlette.responses import HTMLResponse, Response
 from starlette.templating import Jinja2Templates
 
 from conveyor.console import formatting
+from conveyor.console.decoding import DeepJSON, OutOfRange
 from conveyor.console.live import LiveHub
 from conveyor.console.overview import OverviewCache
 from conveyor.console.security import CSRF_FIELD, CsrfTokens, current_user
@@ -74,6 +76,14 @@ def templates() -> Jinja2Templates:
 
 
 def to_jsonable(value: Any) -> Any:
+    """JSON for the API. Stand-ins read as the database's text: 'infinity' for a timestamp,
+    the document's own text (a string) for JSON nested too deeply to decode."""
+    if isinstance(value, OutOfRange):
+        return value.shown
+    if isinstance(value, DeepJSON):
+        return value.text
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value).replace("inf", "Infinity").replace("nan", "NaN")
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return to_jsonable(dataclasses.asdict(value))
     if isinstance(value, dict):

@@ -12,6 +12,7 @@ from typing import Any
 from urllib.parse import urlencode
 from uuid import UUID
 
+from conveyor.console.decoding import OutOfRange, sql_timestamp, timestamp_text
 from conveyor.pipeline import Pipeline
 from conveyor.settings import parse_duration
 
@@ -40,6 +41,8 @@ class RunFilter:
     def from_query(cls, query: Mapping[str, str]) -> RunFilter:
         def value(name: str) -> str | None:
             raw = (query.get(name) or "").strip()
+            if "\x00" in raw:  # PostgreSQL text cannot hold it: no run could match
+                raise FilterError(f"{name} holds a NUL character")
             return raw or None
 
         pipeline, status = value("pipeline"), value("status")
@@ -92,14 +95,18 @@ class RunFilter:
             # The idempotency key is unique per pipeline: look it up through that index.
             run_pipeline = run_pipeline or pipeline.name
         if self.only_statuses is not None:
-            allowed = set(self.only_statuses)
-            statuses = [s for s in (statuses or self.only_statuses) if s in allowed]
+            # An empty intersection (a stage and a status it never holds) matches nothing.
+            statuses = (
+                list(self.only_statuses)
+                if statuses is None
+                else [s for s in statuses if s in self.only_statuses]
+            )
         return {
             "pipeline": run_pipeline,
             "statuses": statuses,
             "idempotency_key": self.key,
             "since": _since_timestamp(self.since) if self.since else None,
-            "before_at": self.before_at,
+            "before_at": sql_timestamp(self.before_at) if self.before_at else None,
             "before_id": self.before_id,
             "failed_stage": failed_stage,
         }
@@ -127,7 +134,8 @@ class RunFilter:
 
 
 def encode_cursor(created_at: datetime, run_id: UUID) -> str:
-    raw = f"{created_at.isoformat()}|{run_id}".encode()
+    at = created_at.shown if isinstance(created_at, OutOfRange) else created_at.isoformat()
+    raw = f"{at}|{run_id}".encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
@@ -137,19 +145,34 @@ def decode_cursor(text: str | None) -> tuple[datetime | None, UUID | None]:
     try:
         raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode()
         at, _, run_id = raw.partition("|")
-        created_at = datetime.fromisoformat(at)
-        if created_at.tzinfo is None:
-            raise ValueError("naive timestamp")
-        return created_at, UUID(run_id)
+        return _cursor_time(at), UUID(run_id)
     except ValueError:
         raise FilterError("cursor is not one this console issued") from None
 
 
+def _cursor_time(text: str) -> datetime:
+    try:
+        created_at = datetime.fromisoformat(text)
+    except ValueError:
+        beyond = timestamp_text(text)  # 'infinity', after 9999: as PostgreSQL wrote it
+        if beyond is None:
+            raise
+        return beyond
+    if created_at.tzinfo is None:
+        raise ValueError("naive timestamp")
+    return created_at
+
+
 def _since_timestamp(text: str) -> datetime:
     try:
-        return datetime.now(UTC) - timedelta(seconds=parse_duration(text))
+        seconds = parse_duration(text)
     except ValueError:
         pass
+    else:
+        try:
+            return datetime.now(UTC) - timedelta(seconds=seconds)
+        except OverflowError:
+            raise FilterError(f"since {text!r} reaches back before the year 1") from None
     try:
         at = datetime.fromisoformat(text)
     except ValueError:

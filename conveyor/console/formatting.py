@@ -3,15 +3,20 @@ Jinja escapes like everything else."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+from conveyor.console.decoding import OutOfRange
+
 
 def age(seconds: float | None) -> str:
     """3.2s, 4m 10s, 2h 05m, 3d 04h."""
-    if seconds is None:
+    if seconds is None or math.isnan(seconds):
         return "–"
+    if math.isinf(seconds):
+        return "∞" if seconds > 0 else "–"
     seconds = max(float(seconds), 0.0)
     if seconds < 60:
         return f"{seconds:.1f}s"
@@ -34,12 +39,23 @@ def duration(seconds: float | None) -> str:
 
 
 def timestamp(value: datetime | str | None) -> str:
-    """UTC, to the millisecond; the page says it is UTC."""
+    """UTC, to the millisecond; the page says it is UTC. A time Python cannot hold ('infinity',
+    after 9999) reads as PostgreSQL wrote it."""
     if value is None:
         return ""
+    if isinstance(value, OutOfRange):
+        return value.shown
     if isinstance(value, str):
-        value = datetime.fromisoformat(value)
-    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+        try:
+            at = datetime.fromisoformat(value)
+        except ValueError:
+            return value
+    else:
+        at = value
+    try:
+        return at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+    except (OverflowError, ValueError):  # within a day of the year 1 or 10000
+        return at.isoformat()
 
 
 def number(value: int | float | None, capped: bool = False) -> str:
@@ -54,7 +70,10 @@ def rate(per_minute: float) -> str:
 
 
 def short_id(value: Any) -> str:
-    return str(value)[:8]
+    """A run id's last 12 hex digits. Ids begin with their creation time (UUID v7): runs created
+    together share their first characters, never their random tail. Pages link the full id."""
+    text = str(value)
+    return "…" + text[-12:] if len(text) == 36 else text
 
 
 def last_line(text: str | None) -> str:

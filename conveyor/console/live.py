@@ -10,6 +10,10 @@ answers from the shared overview or one cheap query for one run or one page.
 A lost connection is re-established with backoff, like a worker's listener; on return every
 subscriber is told `all`, since changes made meanwhile were never heard ("reconnect, then
 re-read"). A silent connection proves itself by notifying itself on a private channel.
+
+Any login may notify on the channel: a payload the trigger would not send (oversized, not JSON,
+not an object of strings, no run id) is logged and skipped. The listening and publishing tasks
+are watched: one that dies anyway is logged and replaced.
 """
 
 from __future__ import annotations
@@ -21,8 +25,9 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
+from uuid import UUID
 
 import psycopg
 import structlog
@@ -39,6 +44,9 @@ DEBOUNCE_SECONDS = 0.5
 MAX_IDS_PER_MESSAGE = 200  # beyond this a message says "all": pages re-read what they show
 IDLE_REFRESH_SECONDS = 5.0  # ages and worker heartbeats move without notifications
 KEEPALIVE_SECONDS = 15.0
+MAX_PAYLOAD_CHARS = 1024  # the trigger's {id, status, operation} is about a hundred
+MALFORMED_LOG_SECONDS = 10.0  # one line per interval, with the count: a flood is not a log flood
+RESTART_DELAY_SECONDS = 1.0  # a task that dies at once is not restarted in a tight loop
 _CONNECTION_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError, TimeoutError, OSError)
 
 
@@ -70,23 +78,58 @@ class LiveHub:
         self._everything_changed = False
         self._wake = asyncio.Event()
         self._closing = False
-        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._listened = False  # a listener has been connected before: a new one says `all`
+        self.malformed = 0  # observer payloads skipped
+        self._malformed_logged = 0
+        self._malformed_logged_at = float("-inf")
+        self.restarts = 0  # tasks that died and were replaced
 
     # -- lifecycle -----------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._tasks = [
-            asyncio.create_task(self._listen_forever(), name="console-listen"),
-            asyncio.create_task(self._publish_forever(), name="console-publish"),
-        ]
+        self._spawn("console-listen", self._listen_forever)
+        self._spawn("console-publish", self._publish_forever)
 
     async def stop(self) -> None:
+        self._stopping = True
         self.end_streams()
-        for task in self._tasks:
+        tasks = list(self._tasks.values())
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+    def _spawn(self, name: str, run: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        task = asyncio.create_task(run(), name=name)
+        self._tasks[name] = task
+        task.add_done_callback(lambda done: self._task_ended(done, name, run))
+
+    def _task_ended(
+        self, task: asyncio.Task[None], name: str, run: Callable[[], Coroutine[Any, Any, None]]
+    ) -> None:
+        """Both tasks run forever: one that ends was not stopped, and is replaced."""
+        if self._stopping or task.cancelled():
+            return
+        self.restarts += 1
+        log.error(
+            "console live task died; replacing it",
+            task=name,
+            error=brief(task.exception()),
+            restarts=self.restarts,
+            exc_info=task.exception(),
+        )
+        if name == "console-listen":
+            self.connected.clear()
+            self.broadcast(Message("listener", {"listening": False}))
+
+        def respawn() -> None:
+            if not self._stopping:
+                self._spawn(name, run)
+
+        asyncio.get_running_loop().call_later(RESTART_DELAY_SECONDS, respawn)
 
     def end_streams(self) -> None:
         """Close every browser's stream (server shutdown): EventSource reconnects by itself."""
@@ -127,33 +170,46 @@ class LiveHub:
     # -- the observer channel ------------------------------------------------------------------
 
     def note_change(self, payload: str) -> None:
-        try:
-            run_id = str(json.loads(payload)["id"])
-        except (ValueError, KeyError, TypeError):
-            self._everything_changed = True
+        run_id = run_id_of(payload)
+        if run_id is None:
+            self._skip(payload)
+            return
+        if len(self._changed_ids) < MAX_IDS_PER_MESSAGE:
+            self._changed_ids.add(run_id)
         else:
-            if len(self._changed_ids) < MAX_IDS_PER_MESSAGE:
-                self._changed_ids.add(run_id)
-            else:
-                self._everything_changed = True
+            self._everything_changed = True
         self._wake.set()
 
+    def _skip(self, payload: str) -> None:
+        self.malformed += 1
+        now = time.monotonic()
+        if now - self._malformed_logged_at < MALFORMED_LOG_SECONDS:
+            return
+        log.warning(
+            "console skipped a malformed observer payload",
+            channel=OBSERVER_CHANNEL,
+            chars=len(payload),
+            start=payload[:80],
+            skipped=self.malformed - self._malformed_logged,  # since the last such line
+        )
+        self._malformed_logged, self._malformed_logged_at = self.malformed, now
+
     async def _listen_forever(self) -> None:
-        first = True
         while True:
             conn = await self._connect()
-            if not first:
+            if self._listened:
                 self.reconnects += 1
                 log.info("console listener reconnected", reconnects=self.reconnects)
                 self._everything_changed = True  # what changed while we were away is unknown
                 self._wake.set()
-            first = False
+            self._listened = True
             try:
                 await self._listen(conn)
             except _CONNECTION_ERRORS as exc:
                 self.connected.clear()
                 self.broadcast(Message("listener", {"listening": False}))
                 log.warning("console listener connection lost", error=brief(exc))
+            finally:
                 with contextlib.suppress(Exception):
                     await conn.close()
 
@@ -243,6 +299,24 @@ class LiveHub:
                 },
             )
         )
+
+
+def run_id_of(payload: str) -> str | None:
+    """The run id of an observer payload, or None for anything the trigger does not send."""
+    if len(payload) > MAX_PAYLOAD_CHARS:
+        return None
+    try:
+        data = json.loads(payload)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("id"), str):
+        return None
+    if not all(isinstance(data.get(key, ""), str) for key in ("status", "operation")):
+        return None
+    try:
+        return str(UUID(data["id"]))
+    except ValueError:
+        return None
 
 
 def _offer(queue: asyncio.Queue[Message | None], message: Message | None) -> None:

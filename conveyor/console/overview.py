@@ -8,6 +8,7 @@ row cap. See the README, "The console", for why finished totals are windowed, no
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ EVENTS_WINDOW_SECONDS = 300.0
 SAMPLE_ROWS = 10_000
 FAILED_CAP = 10_000
 LATEST_RUNS = 10
+EXACT_COUNT_CAP = 10_000  # the store counts up to one more than this when the estimate is small
 OVERVIEW_PARAMETERS: dict[str, Any] = {
     "finished_window": FINISHED_WINDOW_SECONDS,
     "events_window": EVENTS_WINDOW_SECONDS,
@@ -81,8 +83,11 @@ class Overview:
     events_span_seconds: float
     events_sample_full: bool
     latest: list[dict[str, Any]]
-    runs_estimate: int
+    runs_estimate: int  # the planner's; 0 before the first ANALYZE
     live_workers: int
+    runs_total: int = 0  # what the page says: counted when the estimate is small
+    runs_exact: bool = False
+    runs_capped: bool = False  # counted up to the cap and reached it: "10,000+"
 
 
 def build_overview(row: dict[str, Any], pipeline: Pipeline) -> Overview:
@@ -105,7 +110,7 @@ def build_overview(row: dict[str, Any], pipeline: Pipeline) -> Overview:
         stage, role = found
         if role == "waiting":
             stage.waiting, stage.due = item["runs"], item["due"]
-            stage.oldest_due_seconds = item["oldest_due_seconds"]
+            stage.oldest_due_seconds = seconds(item["oldest_due_seconds"])
         else:
             stage.in_flight, stage.orphaned = item["runs"], item["orphaned"]
 
@@ -119,7 +124,9 @@ def build_overview(row: dict[str, Any], pipeline: Pipeline) -> Overview:
         failed.failed_capped = capped
 
     events_full = row["events_sampled"] >= SAMPLE_ROWS
-    events_span = (row["events_span_seconds"] or 0.0) if events_full else EVENTS_WINDOW_SECONDS
+    events_span = (
+        (seconds(row["events_span_seconds"]) or 0.0) if events_full else EVENTS_WINDOW_SECONDS
+    )
     stages = {(pipeline.name, s.name): s for s in views[pipeline.name].stages}
     for item in row["events"]:
         moved = stages.get((item["pipeline"], item["stage"] or ""))
@@ -142,7 +149,7 @@ def build_overview(row: dict[str, Any], pipeline: Pipeline) -> Overview:
             pid=item["pid"],
             started_at=item["started_at"],
             heartbeat_at=item["heartbeat_at"],
-            beat_age_seconds=item["beat_age_seconds"],
+            beat_age_seconds=seconds(item["beat_age_seconds"]) or 0.0,
             waiting=item["waiting"],
         )
         home = stages.get((item["pipeline"], item["stage"]))
@@ -150,6 +157,8 @@ def build_overview(row: dict[str, Any], pipeline: Pipeline) -> Overview:
 
     finished_full = row["finished_sampled"] >= SAMPLE_ROWS
     generated: datetime = row["generated_at"]
+    estimate = int(row["runs_estimate"] or 0)
+    total, exact, capped = _runs_stored(estimate, row.get("runs_counted"))
     return Overview(
         generated_at=generated.isoformat(),
         pipelines=[
@@ -158,16 +167,38 @@ def build_overview(row: dict[str, Any], pipeline: Pipeline) -> Overview:
                 (v for name, v in views.items() if name != pipeline.name), key=lambda v: v.name
             ),
         ],
-        finished_span_seconds=(row["finished_span_seconds"] or 0.0)
+        finished_span_seconds=(seconds(row["finished_span_seconds"]) or 0.0)
         if finished_full
         else FINISHED_WINDOW_SECONDS,
         finished_sample_full=finished_full,
         events_span_seconds=events_span,
         events_sample_full=events_full,
         latest=row["latest"],
-        runs_estimate=int(row["runs_estimate"] or 0),
+        runs_estimate=estimate,
         live_workers=len(row["workers"]),
+        runs_total=total,
+        runs_exact=exact,
+        runs_capped=capped,
     )
+
+
+def _runs_stored(estimate: int, counted: int | None) -> tuple[int, bool, bool]:
+    """(runs, exact, capped) as the page says them: a count when there is one."""
+    if counted is None:
+        return estimate, False, False
+    if counted <= EXACT_COUNT_CAP:
+        return counted, True, False
+    return EXACT_COUNT_CAP, False, True
+
+
+def seconds(value: Any) -> float | None:
+    """An age from the statement, or None when there is none to show: an infinite timestamp
+    makes it infinite (in JSON, the string "Infinity")."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
 
 
 def _declared_view(pipeline: Pipeline) -> PipelineView:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from conveyor.console.decoding import MAX_JSON_DEPTH, DeepJSON
 from conveyor.pipeline import Pipeline
 
 TIMELINE_WIDTH = 1000.0  # SVG user units; the page scales the drawing to its width
@@ -62,17 +63,13 @@ def build_run_view(
     run: dict[str, Any], history: list[dict[str, Any]], pipeline: Pipeline, now: datetime
 ) -> RunView:
     declared = [s.name for s in pipeline.stages] if run["pipeline"] == pipeline.name else []
-    outputs = run["outputs"] or {}
-    ordered = [name for name in declared if name in outputs] + sorted(
-        name for name in outputs if name not in declared
-    )
     timeline, times, total = _timeline(run, history, now)
     failed_stage = next((h["stage"] for h in reversed(history) if h["stage"]), None)
     finished = run["finished_at"] is not None
     return RunView(
         run=run,
         history=history,
-        outputs=[(name, pretty(outputs[name])) for name in ordered],
+        outputs=_outputs(run["outputs"], declared),
         input_json=pretty(run["input"]),
         timeline=timeline,
         stage_times=times,
@@ -86,7 +83,21 @@ def build_run_view(
     )
 
 
+def _outputs(outputs: Any, declared: list[str]) -> list[tuple[str, str]]:
+    """Per stage in pipeline order; anything but an object (written by hand) shown whole."""
+    if not outputs:
+        return []
+    if not isinstance(outputs, dict):
+        return [("(all outputs)", pretty(outputs))]
+    ordered = [name for name in declared if name in outputs] + sorted(
+        name for name in outputs if name not in declared
+    )
+    return [(name, pretty(outputs[name])) for name in ordered]
+
+
 def pretty(value: Any) -> str:
+    if isinstance(value, DeepJSON):
+        return f"(nested more than {MAX_JSON_DEPTH} levels deep: shown as stored)\n{value.text}"
     return json.dumps(value, indent=2, ensure_ascii=False, sort_keys=False, default=str)
 
 
@@ -119,7 +130,7 @@ def _timeline(
                     running=_bar(_offset(started, created), duration, total),
                 )
             )
-            previous = max(previous, started + timedelta(seconds=duration))
+            previous = max(previous, _after(started, duration))
         else:
             at = event["created_at"]
             rows.append(
@@ -131,6 +142,14 @@ def _timeline(
             )
             previous = at
     return rows, list(times.values()), total
+
+
+def _after(at: datetime, seconds: float) -> datetime:
+    """`at` plus `seconds`, or `at` itself past the end of datetime ('infinity' rows)."""
+    try:
+        return at + timedelta(seconds=seconds)
+    except (OverflowError, ValueError):
+        return at
 
 
 def _bar(start: float, seconds: float, total: float) -> Bar:

@@ -56,6 +56,10 @@ def serve(
             access_log=False,
             lifespan="on",
             timeout_graceful_shutdown=SHUTDOWN_GRACE_SECONDS,
+            # X-Forwarded-For only from proxies named in the settings: uvicorn's default trusts
+            # any local client's header, which would let it write the action log's address.
+            proxy_headers=bool(settings.trusted_proxies),
+            forwarded_allow_ips=list(settings.trusted_proxies) or None,
         )
     )
     host, port = sock.getsockname()[:2]

@@ -18,13 +18,20 @@ from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
 from conveyor import queries, runs
+from conveyor.console import decoding
 from conveyor.console.filters import RunFilter
-from conveyor.console.overview import OVERVIEW_PARAMETERS, Overview, build_overview
+from conveyor.console.overview import (
+    EXACT_COUNT_CAP,
+    OVERVIEW_PARAMETERS,
+    Overview,
+    build_overview,
+)
 from conveyor.pipeline import Pipeline
 
 # A console query that runs away is cancelled rather than left holding a connection.
 STATEMENT_TIMEOUT = "10s"
 BULK_PAGE = 500
+_COUNT_RUNS = "SELECT count(*) AS runs FROM (SELECT 1 FROM @schema@.pipeline_runs LIMIT %(cap)s) r"
 
 
 class Store:
@@ -56,6 +63,7 @@ class Store:
 
     def _configure(self, conn: psycopg.Connection[Any]) -> None:
         conn.read_only = self.read_only
+        decoding.register(conn)  # 'infinity', deep JSON: shown, never a failed page
 
     @contextmanager
     def _transaction(self) -> Iterator[psycopg.Connection[Any]]:
@@ -73,8 +81,18 @@ class Store:
     def overview(self) -> Overview:
         with self._transaction() as conn, conn.cursor(row_factory=dict_row) as cur:
             row = cur.execute(self.sql["console_overview"], OVERVIEW_PARAMETERS).fetchone()
-        assert row is not None
+            assert row is not None
+            # Before the first ANALYZE the estimate is 0 whatever the table holds: a small
+            # estimate is replaced by a count that reads at most one row more than the cap.
+            if int(row["runs_estimate"] or 0) <= EXACT_COUNT_CAP:
+                row["runs_counted"] = self._count_runs(cur)
         return build_overview(row, self.pipeline)
+
+    def _count_runs(self, cur: psycopg.Cursor[dict[str, Any]]) -> int:
+        """Exact up to EXACT_COUNT_CAP; one more means "more than that"."""
+        statement = queries.for_schema(_COUNT_RUNS, self.schema)
+        counted = cur.execute(statement, {"cap": EXACT_COUNT_CAP + 1}).fetchone()
+        return int(counted["runs"]) if counted else 0
 
     def runs(self, run_filter: RunFilter, limit: int) -> list[dict[str, Any]]:
         with self._transaction() as conn, conn.cursor(row_factory=dict_row) as cur:
@@ -83,9 +101,10 @@ class Store:
             ).fetchall()
 
     def run(self, run_id: UUID) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
-        with self._transaction() as conn:
-            run = runs.get_run(conn, self.schema, run_id)
-            history = runs.run_history(conn, self.schema, run_id) if run else []
+        """`get_run` and `run_history`, read with this store's loaders (decoding.register)."""
+        with self._transaction() as conn, conn.cursor(row_factory=dict_row) as cur:
+            run = cur.execute(self.sql["get_run"], {"id": run_id}).fetchone()
+            history = cur.execute(self.sql["run_history"], {"id": run_id}).fetchall() if run else []
         return run, history
 
     def retry(self, run_id: UUID, actor: str, from_stage: str | None) -> bool:

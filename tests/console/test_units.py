@@ -3,23 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from uuid import uuid4
+from uuid import UUID, uuid4
 
 import pytest
 
+from conveyor.console.context import to_jsonable
+from conveyor.console.decoding import DeepJSON, OutOfRange, load_json
 from conveyor.console.filters import FilterError, RunFilter, decode_cursor, encode_cursor
-from conveyor.console.formatting import age, number
+from conveyor.console.formatting import age, duration, number, short_id, timestamp
+from conveyor.console.live import run_id_of
 from conveyor.console.overview import (
     EVENTS_WINDOW_SECONDS,
+    EXACT_COUNT_CAP,
     FAILED_CAP,
     Overview,
     OverviewCache,
     build_overview,
 )
 from conveyor.console.runview import build_run_view
-from conveyor.console.security import CsrfTokens
+from conveyor.console.security import CsrfTokens, host_of, host_refusal
 from conveyor.console.settings import DEFAULT_PORT, ConsoleSettings, is_loopback, parse_bind
 from conveyor.reference import pipeline as reference
 from conveyor.settings import ConfigError
@@ -247,3 +252,168 @@ def test_numbers_and_ages_read_well() -> None:
     assert number(12345) == "12,345" and number(10_000, capped=True) == "10,000+"
     assert age(3.25) == "3.2s" and age(250) == "4m 10s" and age(7500) == "2h 05m"
     assert age(None) == "–"
+
+
+def test_a_bulk_action_under_an_empty_filter_selects_no_status() -> None:
+    waiting = ("NEW", "ANALYZED", "CONTEXT_READY")
+    for query, only in (
+        ({"stage": "answer", "status": "NEW"}, ("FAILED",)),
+        ({"stage": "answer", "status": "NEW"}, waiting),
+        ({"stage": "analyze", "status": "DONE"}, waiting),
+        ({"status": "DONE"}, waiting),
+    ):
+        bulk = RunFilter.from_query(query).restricted_to(only)
+        assert bulk.parameters(reference)["statuses"] == [], query
+    unfiltered = RunFilter.from_query({}).restricted_to(waiting)
+    assert unfiltered.parameters(reference)["statuses"] == list(waiting)
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        {"since": "99999999999999w"},
+        {"since": "9" * 400},
+        {"key": "a\x00b"},
+        {"pipeline": "agents\x00"},
+        {"cursor": "\x00"},
+    ],
+)
+def test_filter_values_that_no_run_can_match_are_filter_errors(query: dict[str, str]) -> None:
+    with pytest.raises(FilterError):
+        RunFilter.from_query(query).parameters(reference)
+
+
+def test_a_cursor_at_infinity_round_trips_as_postgresqls_text() -> None:
+    run_id = uuid4()
+    for text in ("infinity", "-infinity", "12000-01-01 00:00:00+00", "0200-01-01 00:00:00+00 BC"):
+        at, back = decode_cursor(encode_cursor(OutOfRange.of(text), run_id))
+        assert isinstance(at, OutOfRange) and (at.shown, back) == (text, run_id)
+        before_at = RunFilter().after(at, run_id).parameters(reference)["before_at"]
+        assert before_at == text
+    for forged in ("99999-99-99 junk", "infinity; DROP TABLE"):
+        with pytest.raises(FilterError):
+            decode_cursor(base64.urlsafe_b64encode(f"{forged}|{run_id}".encode()).decode())
+
+
+def test_times_python_cannot_hold_read_as_postgresql_wrote_them() -> None:
+    endless = OutOfRange.of("infinity")
+    assert endless > NOW and OutOfRange.of("-infinity") < NOW
+    assert timestamp(endless) == "infinity" and to_jsonable(endless) == "infinity"
+    assert timestamp("infinity") == "infinity"  # as the overview's JSON carries it
+    assert timestamp("12000-01-01T00:00:00+00:00") == "12000-01-01T00:00:00+00:00"
+    assert timestamp(NOW) == "2025-01-01 12:00:00.000"
+    assert age(float("inf")) == "∞" and age(float("nan")) == "–" and duration(float("inf")) == "∞"
+    assert to_jsonable([float("inf"), float("-inf")]) == ["Infinity", "-Infinity"]
+
+
+def test_json_nested_too_deeply_is_kept_as_its_text() -> None:
+    deep = '{"deep": ' + "[" * 1500 + "]" * 1500 + "}"
+    loaded = load_json(deep.encode())
+    assert isinstance(loaded, DeepJSON) and loaded.text == deep
+    assert isinstance(load_json("[" * 150 + "]" * 150), DeepJSON)  # decodable, not showable
+    assert load_json('{"a": [[1], {"b": 2}]}') == {"a": [[1], {"b": 2}]}
+    assert load_json("[" * 50 + "]" * 50) is not None
+    assert to_jsonable({"input": loaded}) == {"input": deep}
+
+
+def test_run_view_shows_deep_or_shapeless_json_and_infinite_times() -> None:
+    deep = DeepJSON("[" * 1500 + "]" * 1500)
+    run = {
+        "id": uuid4(), "pipeline": "agents", "status": "FAILED",
+        "created_at": OutOfRange.of("-infinity"), "finished_at": OutOfRange.of("infinity"),
+        "input": deep, "outputs": [1, "not an object"],
+    }  # fmt: skip
+    history = [
+        {"stage": "analyze", "from_status": "NEW", "to_status": "FAILED", "attempt": 1,
+         "started_at": OutOfRange.of("infinity"), "duration_seconds": float("inf"),
+         "created_at": OutOfRange.of("infinity")},
+    ]  # fmt: skip
+    view = build_run_view(run, history, reference, NOW)
+    assert view.input_json.startswith("(nested more than 100 levels deep")
+    assert view.outputs[0][0] == "(all outputs)" and "not an object" in view.outputs[0][1]
+    assert len(view.timeline) == 1 and view.stage_times[0].attempts == 1
+    whole = build_run_view({**run, "outputs": deep}, [], reference, NOW)
+    assert whole.outputs[0][1].startswith("(nested more than")
+
+
+def test_an_overview_with_infinite_ages_and_a_young_table() -> None:
+    unfinished = [
+        {"pipeline": "agents", "status": "NEW", "runs": 1, "due": 1,
+         "oldest_due_seconds": "Infinity", "orphaned": 0},
+    ]  # fmt: skip
+    row = _overview_row(unfinished=unfinished, runs_estimate=0, runs_counted=7)
+    overview = build_overview(row, reference)
+    assert overview.pipelines[0].stages[0].oldest_due_seconds is None
+    assert (overview.runs_total, overview.runs_exact, overview.runs_capped) == (7, True, False)
+    full = build_overview(
+        _overview_row(runs_estimate=0, runs_counted=EXACT_COUNT_CAP + 1), reference
+    )
+    assert (full.runs_total, full.runs_exact, full.runs_capped) == (EXACT_COUNT_CAP, False, True)
+    large = build_overview(_overview_row(runs_estimate=2_000_000), reference)
+    assert (large.runs_total, large.runs_exact, large.runs_capped) == (2_000_000, False, False)
+
+
+def test_ids_shown_keep_the_random_tail() -> None:
+    # Two UUID v7 ids of the same millisecond: the same first 12 hex digits.
+    first = UUID("01a23ab8-1234-7abc-8def-0123456789ab")
+    second = UUID("01a23ab8-1234-7abc-9fed-ba9876543210")
+    assert short_id(first) == "…0123456789ab" and short_id(second) == "…ba9876543210"
+    assert short_id("not an id") == "not an id"
+
+
+@pytest.mark.parametrize(
+    ("payload", "run_id"),
+    [
+        ('{"id": "01a23ab8-1234-7abc-8def-0123456789ab", "status": "NEW", "operation": "INSERT"}',
+         "01a23ab8-1234-7abc-8def-0123456789ab"),
+        ("[" * 3000 + "]" * 3000, None),
+        ("[" * 400 + "]" * 400, None),
+        ("not json", None),
+        ("[1]", None),
+        ('"01a23ab8-1234-7abc-8def-0123456789ab"', None),
+        ('{"id": 5}', None),
+        ('{"id": "nope"}', None),
+        ('{"id": "01a23ab8-1234-7abc-8def-0123456789ab", "status": 5}', None),
+        ('{"id": "01a23ab8-1234-7abc-8def-0123456789ab", "x": "' + "y" * 2000 + '"}', None),
+    ],
+)  # fmt: skip
+def test_only_the_observer_triggers_payloads_name_a_run(payload: str, run_id: str | None) -> None:
+    assert run_id_of(payload) == run_id
+
+
+def test_allowed_hosts_and_trusted_proxies_settings() -> None:
+    default = ConsoleSettings.from_env({})
+    assert default.accepted_hosts == frozenset({"localhost", "127.0.0.1", "::1"})
+    assert default.trusted_proxies == ()
+    named = ConsoleSettings.from_env(
+        {"CONVEYOR_CONSOLE_ALLOWED_HOSTS": " Console.Example. ,[fd00::1], 10.0.0.5"},
+        bind="127.0.0.2:9000",
+    )
+    assert named.accepted_hosts == frozenset(
+        {"localhost", "127.0.0.1", "::1", "127.0.0.2", "console.example", "fd00::1", "10.0.0.5"}
+    )
+    credentials = {"CONVEYOR_CONSOLE_USER": "ops", "CONVEYOR_CONSOLE_PASSWORD": "pw"}
+    assert ConsoleSettings.from_env(credentials, bind="0.0.0.0:1").accepted_hosts is None
+    assert ConsoleSettings.from_env({"CONVEYOR_CONSOLE_ALLOWED_HOSTS": "*"}).accepted_hosts is None
+    proxies = {"CONVEYOR_CONSOLE_TRUSTED_PROXIES": "10.0.0.7, 10.1.0.0/16"}
+    assert ConsoleSettings.from_env(proxies).trusted_proxies == ("10.0.0.7", "10.1.0.0/16")
+    for variable, bad in (
+        ("CONVEYOR_CONSOLE_ALLOWED_HOSTS", "console.example:8474"),
+        ("CONVEYOR_CONSOLE_ALLOWED_HOSTS", "a b"),
+        ("CONVEYOR_CONSOLE_TRUSTED_PROXIES", "proxy.internal"),
+    ):
+        with pytest.raises(ConfigError, match=f"^{variable}="):
+            ConsoleSettings.from_env({variable: bad})
+
+
+def test_host_headers_are_read_as_names() -> None:
+    assert host_of(b"LocalHost:8474") == "localhost" and host_of(b"[::1]:80") == "::1"
+    assert host_of(b"console.example.") == "console.example"
+    for bad in (b"", b"::1", b"[::1", b"a:b", b"a b", b"x\x00y", b"[::1]x"):
+        assert host_of(bad) is None, bad
+    hosts = frozenset({"localhost", "127.0.0.1"})
+    assert host_refusal([(b"host", b"127.0.0.1:1")], hosts) is None
+    refusal = host_refusal([(b"host", b"attacker.example")], hosts)
+    assert refusal is not None and "CONVEYOR_CONSOLE_ALLOWED_HOSTS" in refusal
+    assert host_refusal([], hosts) is not None
+    assert host_refusal([(b"host", b"localhost"), (b"host", b"evil")], hosts) is not None
