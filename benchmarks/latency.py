@@ -26,8 +26,10 @@ worker's own statement (and so hands it on). What is left of (d) above it is the
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import multiprocessing
+import os
 import select
 import time
 import uuid
@@ -128,6 +130,7 @@ def _complete_what_is_handed(url: str, index: int) -> None:
     pipeline = pipelines.three
     stage = pipeline.stages[index]
     worker = f"chain-{stage.name}"
+    secret = os.urandom(32)
     channel = wake_channel("conveyor", pipeline.name, stage.consumes)
     complete = queries.load("conveyor")["complete_if_leased"]
     terminal = pipeline.is_terminal(stage.produces)
@@ -143,10 +146,10 @@ def _complete_what_is_handed(url: str, index: int) -> None:
         listener.execute(f'LISTEN "{channel}"')
         conn.execute(
             "INSERT INTO conveyor.workers (worker_id, pipeline, stage, consumes, channel,"
-            " hostname, pid, expires_at, waiting, working, lease_seconds, free_slots)"
+            " hostname, pid, expires_at, waiting, working, lease_seconds, free_slots, secret)"
             " VALUES (%s, %s, %s, %s, %s, 'bench', 0, now() + interval '1 day', true, %s, 30,"
-            " 1000000)",
-            (worker, pipeline.name, stage.name, stage.consumes, channel, stage.working),
+            " 100000, %s)",
+            (worker, pipeline.name, stage.name, stage.consumes, channel, stage.working, secret),
         )
         pgconn = listener.pgconn
         while True:
@@ -155,7 +158,11 @@ def _complete_what_is_handed(url: str, index: int) -> None:
             while (notify := pgconn.notifies()) is not None:
                 if not notify.extra.startswith(b"run:"):
                     continue  # a plain wake-up: never sent here, its run would time out
-                handed = json.loads(notify.extra.decode()[len("run:") :])
+                # run:<worker>:<signature>:<json>, checked as a worker checks it
+                _, _, signature, body = notify.extra.split(b":", 3)
+                inner = hashlib.sha256(secret + body).digest()
+                assert hashlib.sha256(secret + inner).hexdigest().encode() == signature
+                handed = json.loads(body)
                 conn.execute(
                     complete,
                     {

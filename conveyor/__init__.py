@@ -1,6 +1,14 @@
 """conveyor: multi-stage pipelines on PostgreSQL."""
 
-from conveyor.pipeline import Backoff, PermanentError, Pipeline, PipelineError, Run, Stage
+from conveyor.pipeline import (
+    Backoff,
+    PermanentError,
+    Pipeline,
+    PipelineError,
+    Run,
+    Stage,
+    Write,
+)
 from conveyor.runs import SubmitError, Submitted, submit
 
 __all__ = [
@@ -12,6 +20,7 @@ __all__ = [
     "Stage",
     "SubmitError",
     "Submitted",
+    "Write",
     "submit",
 ]
 __version__ = "0.1.0"

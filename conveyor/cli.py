@@ -9,20 +9,37 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import IO, Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import click
 import psycopg
 
 from conveyor import _embedded, migrate, runs
 from conveyor.agents.cli import memory_group
-from conveyor.cli_errors import fail, one_line_errors
+from conveyor.cli_errors import Callback, checked_text, fail, one_line_errors
 from conveyor.console.cli import console_command
 from conveyor.db import DatabaseUnavailable, connect, database_url, listen_url
 from conveyor.logs import configure_logging
 from conveyor.pipeline import Pipeline, PipelineError, load_pipeline
-from conveyor.settings import ConfigError, Settings
+from conveyor.settings import DAY, MAX_DURATION_SECONDS, WEEK, ConfigError, Settings
 from conveyor.worker.liveness import LivenessSlot
+
+
+def seconds_between(minimum: float, maximum: float) -> Callback:
+    """A click callback for a float option: inf, NaN and a typo's 1e308 would end in a traceback
+    (an interval or a sleep out of range) or in a wait that never ends."""
+
+    def check(ctx: click.Context, param: click.Parameter, value: float) -> float:
+        if not minimum <= value <= maximum:  # NaN fails it too
+            raise click.BadParameter(
+                f"expected a number of seconds from {minimum:.10g} to {maximum:.10g}, not {value:g}"
+            )
+        return value
+
+    return check
+
+
+PRIORITY = click.IntRange(-32768, 32767)  # smallint
 
 
 @dataclass
@@ -165,19 +182,45 @@ def worker_command(app: App, stage_name: str) -> None:
 
     stage = app.pipeline.stage(stage_name)
     _ensure_schema(app)
+    # No supervisor runs maintenance beside a lone worker: it competes for the lead itself
+    # (one leader per schema and pipeline), or a dead worker's runs would never be rescued.
     run_worker(
-        app.settings, app.pipeline, stage, app.url, listen_url=listen_url(app.settings, app.url)
+        app.settings,
+        app.pipeline,
+        stage,
+        app.url,
+        listen_url=listen_url(app.settings, app.url),
+        maintain=True,
     )
 
 
 @cli.command("submit")
-@click.argument("text")
-@click.option("--session", default=None, help="Session id: follow-up questions share memory.")
-@click.option("--priority", default=0, show_default=True, help="Higher runs sooner.")
-@click.option("--delay", default=0.0, show_default=True, help="Seconds before it may start.")
-@click.option("--key", "idempotency_key", default=None, help="Idempotency key.")
+@click.argument("text", callback=checked_text(blank=False))
+@click.option(
+    "--session",
+    default=None,
+    callback=checked_text(),
+    help="Session id: follow-up questions share memory.",
+)
+@click.option("--priority", type=PRIORITY, default=0, show_default=True, help="Higher runs sooner.")
+@click.option(
+    "--delay",
+    default=0.0,
+    callback=seconds_between(0, MAX_DURATION_SECONDS),
+    show_default=True,
+    help="Seconds before it may start.",
+)
+@click.option(
+    "--key", "idempotency_key", callback=checked_text(blank=False), help="Idempotency key."
+)
 @click.option("--wait", is_flag=True, help="Wait until the run finishes and print it.")
-@click.option("--timeout", default=300.0, show_default=True, help="Seconds --wait waits.")
+@click.option(
+    "--timeout",
+    default=300.0,
+    callback=seconds_between(0, WEEK),
+    show_default=True,
+    help="Seconds --wait waits.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @pass_app
 @clear_errors
@@ -219,8 +262,9 @@ def submit_command(
 
 
 @cli.command("submit-many")
-@click.argument("source", type=click.File("r", encoding="utf-8"))
-@click.option("--priority", default=0, show_default=True, help="Higher runs sooner.")
+# Bytes that are not UTF-8 become lone surrogates, found on their line instead of in a chunk.
+@click.argument("source", type=click.File("r", encoding="utf-8", errors="surrogateescape"))
+@click.option("--priority", type=PRIORITY, default=0, show_default=True, help="Higher runs sooner.")
 @pass_app
 @clear_errors
 def submit_many_command(app: App, source: IO[str], priority: int) -> None:
@@ -241,14 +285,22 @@ def submit_many_command(app: App, source: IO[str], priority: int) -> None:
 def _json_lines(source: IO[str]) -> Iterator[Any]:
     """Each line's JSON value; run N is line N, so a blank line is an error too."""
     for number, line in enumerate(source, 1):
-        if not line.strip():
-            raise runs.SubmitError(f"run {number}: a blank line, not a JSON object")
-        try:
-            yield json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise runs.SubmitError(
-                f"run {number}: not JSON: {exc.msg} (column {exc.colno})"
-            ) from None
+        yield _json_line(number, line)
+
+
+def _json_line(number: int, line: str) -> Any:
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        raise runs.SubmitError(f"run {number}: not UTF-8 text") from None
+    if not line.strip():
+        raise runs.SubmitError(f"run {number}: a blank line, not a JSON object")
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise runs.SubmitError(f"run {number}: not JSON: {exc.msg} (column {exc.colno})") from None
+    except RecursionError:
+        raise runs.SubmitError(f"run {number}: JSON nested too deeply to read") from None
 
 
 def _wait_for(
@@ -257,7 +309,8 @@ def _wait_for(
     deadline = time.monotonic() + timeout
     while True:
         run = runs.get_run(conn, app.settings.schema, run_id)
-        assert run is not None
+        if run is None:  # pruned or deleted while we waited
+            fail(f"run {run_id} no longer exists")
         if run["finished_at"] is not None or time.monotonic() > deadline:
             return run
         time.sleep(0.05)
@@ -266,7 +319,13 @@ def _wait_for(
 @cli.command("status")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("--watch", is_flag=True, help="Refresh every --interval seconds.")
-@click.option("--interval", default=2.0, show_default=True)
+@click.option(
+    "--interval",
+    default=2.0,
+    callback=seconds_between(0.1, DAY),
+    show_default=True,
+    help="Seconds between refreshes.",
+)
 @pass_app
 @clear_errors
 def status_command(app: App, as_json: bool, watch: bool, interval: float) -> None:
@@ -371,16 +430,23 @@ def prune_command(app: App, older_than: str) -> None:
     try:
         seconds = parse_duration(older_than)
     except ValueError:
+        seconds = float("inf")
+    if seconds > MAX_DURATION_SECONDS:
         raise click.BadParameter(
-            "expected a duration like 7d, 12h, 90m", param_hint="--older-than"
-        ) from None
+            "expected a duration like 7d, 12h, 90m, at most 36500d", param_hint="--older-than"
+        )
     with app.connect() as conn:
         total = runs.prune(conn, app.settings.schema, seconds)
     click.echo(f"pruned {total} finished runs older than {older_than}")
 
 
 @cli.command("demo")
-@click.option("--questions", default=0, help="How many questions (default: the bundled set).")
+@click.option(
+    "--questions",
+    type=click.IntRange(0, 1000),
+    default=0,
+    help="How many questions (default: the bundled set).",
+)
 @pass_app
 @clear_errors
 def demo_command(app: App, questions: int) -> None:
@@ -477,13 +543,17 @@ def _table(header: tuple[str, ...], rows: Sequence[tuple[Any, ...]]) -> str:
 
 def _print_run(app: App, run: dict[str, Any], history: list[dict[str, Any]], as_json: bool) -> None:
     if as_json:
-        click.echo(json.dumps({**run, "history": history}, default=str, indent=2))
+        click.echo(_run_json(run, history))
         return
     click.echo(f"run       {run['id']}  ({run['pipeline']})")
     click.echo(f"status    {run['status']}  attempt {run['attempt']}  rescues {run['rescues']}")
-    click.echo(f"input     {json.dumps(run['input'])}")
-    for stage, output in run["outputs"].items():
-        click.echo(f"{stage:<9} {json.dumps(output)}")
+    click.echo(f"input     {_json_text(run['input'])}")
+    outputs = run["outputs"]
+    if isinstance(outputs, runs.DeepJSON):
+        click.echo(f"outputs   {outputs.text}")
+    else:
+        for stage, output in outputs.items():
+            click.echo(f"{stage:<9} {_json_text(output)}")
     if run["last_error"]:
         click.echo(f"error     {run['last_error'].splitlines()[-1]}")
     if history:
@@ -503,6 +573,22 @@ def _print_run(app: App, run: dict[str, Any], history: list[dict[str, Any]], as_
         click.echo(
             _table(("AT", "STAGE", "TRANSITION", "ATTEMPT", "DURATION", "WORKER", "ERROR"), rows)
         )
+
+
+def _json_text(value: Any) -> str:
+    """JSON too deep for Python to write is printed as PostgreSQL wrote it."""
+    return value.text if isinstance(value, runs.DeepJSON) else json.dumps(value)
+
+
+def _run_json(run: dict[str, Any], history: list[dict[str, Any]]) -> str:
+    """The run as one JSON document; a DeepJSON value goes in as PostgreSQL's text (json.dumps
+    would recurse once per level), in place of a unique marker."""
+    deep = {key: value.text for key, value in run.items() if isinstance(value, runs.DeepJSON)}
+    markers = {key: f"conveyor-deep-json-{uuid4().hex}" for key in deep}
+    text = json.dumps({**run, **markers, "history": history}, default=str, indent=2)
+    for key, marker in markers.items():
+        text = text.replace(json.dumps(marker), deep[key], 1)
+    return text
 
 
 cli.add_command(console_command)

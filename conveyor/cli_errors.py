@@ -12,11 +12,40 @@ from typing import Any, NoReturn, TypeVar
 import click
 import psycopg
 
-from conveyor.db import DatabaseUnavailable, redact
+from conveyor.db import DatabaseUnavailable
 from conveyor.settings import ConfigError
+from conveyor.urls import redact
 
 F = TypeVar("F", bound=Callable[..., Any])
 EXIT_USAGE = 2
+
+
+Callback = Callable[[click.Context, click.Parameter, Any], Any]
+
+
+def checked_text(*, blank: bool = True, max_chars: int | None = None) -> Callback:
+    """A click callback for text arguments and options: UTF-8 (bytes that are not arrive as lone
+    surrogates, which PostgreSQL and JSON refuse later, with a traceback), not blank unless
+    `blank`, at most `max_chars` characters."""
+
+    def check(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        for text in value if isinstance(value, tuple) else (value,):
+            if text is not None:
+                _check_text(text, blank, max_chars)
+        return value
+
+    return check
+
+
+def _check_text(text: str, blank: bool, max_chars: int | None) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise click.BadParameter("expected UTF-8 text (it holds bytes that are not)") from None
+    if not blank and not text.strip():
+        raise click.BadParameter("expected text, not an empty string")
+    if max_chars is not None and len(text) > max_chars:
+        raise click.BadParameter(f"expected at most {max_chars} characters")
 
 
 def fail(message: str) -> NoReturn:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import psycopg
 from psycopg import sql
 
-from conveyor.settings import Settings
+from conveyor.settings import ConfigError, Settings
+from conveyor.urls import first_line, redact, redact_url, url_problem
 
 CONNECT_TIMEOUT_SECONDS = 5
 # TCP keepalives let the kernel notice a peer that vanished without a FIN (a half-open socket).
@@ -43,10 +43,13 @@ def listen_url(settings: Settings, url: str) -> str:
     return settings.listen_database_url or url
 
 
-def redact(text: str) -> str:
-    """Hide passwords in a URL or DSN, and anything that quotes one."""
-    text = re.sub(r"(://[^:/@\s]*:)[^@\s]*@", r"\1***@", text)
-    return re.sub(r"(password\s*=\s*)('[^']*'|\S+)", r"\1***", text, flags=re.IGNORECASE)
+def check_url(variable: str, url: str) -> str:
+    """A database URL or DSN as libpq will read it, or a ConfigError naming the variable, with
+    the value's password hidden."""
+    problem = url_problem(url)
+    if problem is not None:
+        raise ConfigError(variable, redact_url(url), problem)
+    return url
 
 
 def brief(exc: BaseException | None) -> str:
@@ -54,8 +57,7 @@ def brief(exc: BaseException | None) -> str:
     passwords hidden."""
     if exc is None:
         return ""
-    lines = [line for line in str(exc).splitlines() if line.strip()]
-    return redact(lines[-1].strip() if lines else type(exc).__name__)
+    return redact(first_line(exc))
 
 
 def refusal(exc: psycopg.Error) -> dict[str, Any]:
@@ -68,8 +70,14 @@ def connect(url: str, **kwargs: Any) -> psycopg.Connection[Any]:
         return psycopg.connect(url, connect_timeout=CONNECT_TIMEOUT_SECONDS, **kwargs)
     except psycopg.OperationalError as exc:
         raise DatabaseUnavailable(
-            f"cannot connect to the database at {redact(url)}: {redact(_first_line(exc))}"
+            f"cannot connect to the database at {redact_url(url)}: {redact(first_line(exc))}"
         ) from exc
+    except (psycopg.ProgrammingError, ValueError):  # a URL libpq cannot read
+        try:
+            check_url("database URL", url)
+        except ConfigError as bad:  # the reason, without the password libpq's message quotes
+            raise DatabaseUnavailable(str(bad)) from None
+        raise
 
 
 def schema_identifier(schema: str) -> str:
@@ -77,6 +85,16 @@ def schema_identifier(schema: str) -> str:
     return sql.Identifier(schema).as_string()
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[-1] if lines else type(exc).__name__
+# The errors after which a connection is no use, though a new one may be: the server went away,
+# or it answers but cannot take writes (a standby, or a primary demoted by a failover). A new
+# connection through a multi-host URL with target_session_attrs=read-write finds the primary.
+DATABASE_AWAY: tuple[type[psycopg.Error], ...] = (
+    psycopg.OperationalError,
+    psycopg.InterfaceError,
+    psycopg.errors.ReadOnlySqlTransaction,
+)
+
+
+def server_read_only(exc: BaseException) -> bool:
+    """The connection works but its server is read-only: only new connections can help."""
+    return isinstance(exc, psycopg.errors.ReadOnlySqlTransaction)

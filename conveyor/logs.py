@@ -17,7 +17,7 @@ from uuid import UUID
 import structlog
 from structlog.tracebacks import ExceptionDictTransformer
 
-from conveyor.db import redact
+from conveyor.urls import redact
 
 _LEVELS = {
     "debug": logging.DEBUG,
@@ -102,7 +102,7 @@ def redact_secrets(_logger: Any, _method: str, event_dict: Any) -> Any:
 def _redacted(value: Any) -> Any:
     if isinstance(value, str):
         # The cheap test first: most values hold neither a URL nor a DSN.
-        return redact(value) if "://" in value or "assword" in value else value
+        return redact(value) if "://" in value or "password" in value.lower() else value
     if isinstance(value, dict):
         return {key: _redacted(item) for key, item in value.items()}
     if isinstance(value, list):

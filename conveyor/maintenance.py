@@ -18,14 +18,15 @@ import structlog
 from psycopg import sql
 
 from conveyor import metrics, queries
-from conveyor.db import CONNECT_TIMEOUT_SECONDS, KEEPALIVE_OPTIONS, brief, refusal
+from conveyor.db import CONNECT_TIMEOUT_SECONDS, DATABASE_AWAY, KEEPALIVE_OPTIONS, brief, refusal
 from conveyor.leader_metrics import LeaderMetrics
 from conveyor.migrate import latest_version
 from conveyor.pipeline import Pipeline, Stage
 from conveyor.settings import Settings
 
 log = structlog.get_logger("conveyor.maintenance")
-_DB_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError)
+# A read-only server among them: the leader reconnects, and a multi-host URL finds the primary.
+_DB_ERRORS = DATABASE_AWAY
 SCHEMA_CHECK_SECONDS = 60.0
 
 

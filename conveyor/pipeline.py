@@ -8,10 +8,13 @@ import importlib
 import inspect
 import random
 import re
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, LiteralString, NamedTuple
 from uuid import UUID
+
+from psycopg import sql
+from psycopg.abc import Params
 
 from conveyor.settings import Settings
 
@@ -29,9 +32,39 @@ class PermanentError(Exception):
     once, with this error, instead of being retried."""
 
 
+# What psycopg's execute() takes: a literal string, or psycopg.sql to name a schema or table.
+Query = LiteralString | bytes | sql.SQL | sql.Composed
+
+
+class Write(NamedTuple):
+    """A statement handed to the engine with `Run.write`."""
+
+    query: Query
+    params: Params | None = None
+
+
 @dataclass(slots=True)
 class Run:
-    """What a handler receives: one run, as its stage sees it."""
+    """What a handler receives: one run, as its stage sees it.
+
+    A handler's database writes go through `write`: the engine executes them in the transaction
+    that stores the stage's output, and only when that output is stored. A result the database
+    refuses (the lease was lost to a rescue or a cancel, the attempt is stale) and a handler that
+    raises leave nothing behind; a run's writes commit once, together with its output::
+
+        async def reply(run: Run) -> dict[str, Any]:
+            text = await model.reply(run.input["question"])
+            run.write("INSERT INTO app.replies (run_id, text) VALUES (%s, %s)", (run.id, text))
+            return {"text": text}
+
+    A query is what psycopg executes: a literal string, or a psycopg.sql composition to name a
+    schema or table (sql.SQL("INSERT INTO {}.replies ...").format(sql.Identifier(schema))),
+    with `%s` or `%(name)s` placeholders for its params; one statement per call. The writes run
+    in order, after the run's transition. One that fails (PostgreSQL refuses it, or psycopg its
+    params) undoes the run's other writes and fails the run with "result could not be stored:
+    <error>" (terminal, like any result that cannot be stored); the other runs of the batch are
+    stored. Reads need none of this: a handler reads over its own connection.
+    """
 
     id: UUID
     pipeline: str
@@ -43,11 +76,39 @@ class Run:
     llm_model: str | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    # Made on the first write: most handlers never write, and a run is built per claim.
+    _writes: list[Write] | None = field(default=None, init=False, repr=False, compare=False)
 
     def record_llm_usage(self, model: str, prompt_tokens: int, completion_tokens: int) -> None:
         self.llm_model = model
         self.prompt_tokens = (self.prompt_tokens or 0) + prompt_tokens
         self.completion_tokens = (self.completion_tokens or 0) + completion_tokens
+
+    def write(self, query: Query, params: Params | None = None) -> None:
+        """Execute `query` with `params` in the transaction that stores this attempt's output,
+        if it is stored. The params are copied (shallowly) now."""
+        if not isinstance(query, str | bytes | sql.SQL | sql.Composed):
+            raise TypeError(
+                "Run.write: the query must be a str, bytes or psycopg.sql object, "
+                f"not {type(query).__name__}"
+            )
+        # Checked here, in the handler: a bad statement fails its run, never the worker.
+        if isinstance(params, Mapping):
+            params = dict(params)
+        elif isinstance(params, Sequence) and not isinstance(params, str | bytes):
+            params = tuple(params)
+        elif params is not None:
+            raise TypeError(
+                f"Run.write: params must be a sequence or a mapping, not {type(params).__name__}"
+            )
+        if self._writes is None:
+            self._writes = []
+        self._writes.append(Write(query, params))
+
+    @property
+    def writes(self) -> tuple[Write, ...]:
+        """The statements handed over so far, in order."""
+        return tuple(self._writes) if self._writes else ()
 
 
 Handler = Callable[[Run], Any] | Callable[[Run], Awaitable[Any]]

@@ -7,18 +7,19 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
+import psycopg
 from psycopg import AsyncConnection
 from psycopg.types.json import set_json_loads
 from psycopg_pool import AsyncConnectionPool
 
 from conveyor import queries
-from conveyor.pipeline import Pipeline, Stage
+from conveyor.pipeline import Pipeline, Stage, Write
 
 # id, input, outputs, attempt, seconds it waited to be claimed, whether it was rescued
 ClaimedRow = tuple[UUID, dict[str, Any], dict[str, Any], int, float, bool]
@@ -34,6 +35,8 @@ class Success:
     model: str | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    # Handed over with Run.write: executed with this output, and only if it is stored.
+    writes: tuple[Write, ...] = ()
 
 
 @dataclass(slots=True)
@@ -52,7 +55,7 @@ class Applied:
     completed: int
     retried: int
     failed: int
-    refused: int  # lease lost: the result was discarded
+    refused: int  # lease lost or attempt stale: the result was discarded
 
 
 class StageProtocol:
@@ -128,16 +131,20 @@ class StageProtocol:
             return bool(row and row[0])
 
     async def apply(self, successes: list[Success], failures: list[Failure]) -> Applied:
-        """Commit a batch of finished attempts in one transaction, fenced by the lease."""
+        """Commit a batch of finished attempts in one transaction, fenced by the lease and the
+        attempt, with the writes their handlers handed over (Run.write) for exactly the runs
+        whose output is stored. A write PostgreSQL refuses rolls the whole batch back (raised:
+        the worker then applies the results one by one to find it)."""
         completed = retried = failed = 0
+        writing = any([s.writes for s in successes])
         # A lone statement is a transaction already: BEGIN and COMMIT would be two more round
-        # trips per batch. Successes and failures together are committed together.
+        # trips per batch. Successes and failures together, or with writes, commit together.
         both = bool(successes and failures)
         # One commit for both statements: it waits for its flush when any run ends here.
         durable = (bool(successes) and self._terminal) or any(f.retry_in is None for f in failures)
         async with (
             self._completing.connection() as conn,
-            conn.transaction() if both else nullcontext(),
+            conn.transaction() if both or writing else nullcontext(),
         ):
             if successes:
                 cur = await conn.execute(
@@ -157,6 +164,11 @@ class StageProtocol:
                     },
                 )
                 completed = cur.rowcount  # one run_events row per applied run
+                if writing:
+                    stored = {row[0] for row in await cur.fetchall()}
+                    await execute_writes(
+                        conn, (w for s in successes if s.run_id in stored for w in s.writes)
+                    )
             if failures:
                 cur = await conn.execute(
                     self.sql["fail_if_leased"],
@@ -203,8 +215,16 @@ class StageProtocol:
             return {row[0] for row in await cur.fetchall()}
 
     async def beat(
-        self, *, channel: str, waiting: bool, ttl_seconds: float, free_slots: int
+        self,
+        *,
+        channel: str,
+        waiting: bool,
+        ttl_seconds: float,
+        free_slots: int,
+        secret: bytes | None = None,
     ) -> None:
+        """Register or refresh this worker; `secret` (written with the row only) is the key
+        its hand-offs are signed with."""
         async with self.pool.connection() as conn:
             await conn.execute(
                 self.sql["beat_worker"],
@@ -218,6 +238,7 @@ class StageProtocol:
                     # what a hand-off gives this worker (migration 007)
                     "lease_seconds": self.lease_seconds,
                     "free_slots": free_slots,
+                    "secret": secret,
                 },
             )
 
@@ -240,6 +261,25 @@ class StageProtocol:
         for held in (self._claiming, self._completing):
             if isinstance(held, _Held):
                 await held.release()
+
+
+async def execute_writes(conn: AsyncConnection[Any], writes: Iterable[Write]) -> None:
+    """Execute handed-over writes in order, in the caller's transaction. Pipelined: one round
+    trip for the lot, while the runs' rows stay locked. The first error is raised."""
+    try:
+        async with conn.pipeline():
+            for query, params in writes:
+                await conn.execute(query, params)
+    except psycopg.Error as exc:
+        primary = exc.diag.message_primary
+        if primary is None:  # not from the server (a client-side check, a lost connection)
+            raise
+        # Raised with the same class, so the worker tells a refusal from a lost connection as
+        # before. The run keeps the error's last line, where PostgreSQL puts its detail (which
+        # may quote the row): that line should say what failed.
+        raise type(exc)(f"a write handed over with Run.write failed: {primary}") from exc
+    except Exception as exc:  # psycopg refused the params before sending (their shape, a dumper)
+        raise psycopg.ProgrammingError(f"a write handed over with Run.write failed: {exc}") from exc
 
 
 class _Held:
@@ -271,17 +311,32 @@ _json_decode = _decoder.decode
 _scan_once: Callable[[str, int], tuple[Any, int]] = _decoder.scan_once  # type: ignore[attr-defined]
 
 
+@dataclass(frozen=True, slots=True)
+class Undecodable:
+    """A claimed value Python cannot decode (jsonb nested deeper than its recursion limit):
+    the worker fails the run with `reason` instead of running its handler."""
+
+    reason: str
+
+
 def _utf8_json(data: str | bytes) -> Any:
     """JSON from the server, which sends it as UTF-8: json.loads would first work out the
     encoding of the bytes, for every value. jsonb's text has no surrounding whitespace, so the
     value is read by the decoder's C scanner directly (decode() would first match whitespace on
-    both sides with a regular expression); anything else goes through decode(), which judges it."""
-    text = data if isinstance(data, str) else str(data, "utf-8")
+    both sides with a regular expression); anything else goes through decode(), which judges it.
+    A value that cannot be decoded comes back as Undecodable: an exception here would fail the
+    whole claim, and the same run would fail every claim after it."""
     try:
-        value, end = _scan_once(text, 0)
-    except StopIteration:
-        return _json_decode(text)
-    return value if end == len(text) else _json_decode(text)
+        text = data if isinstance(data, str) else str(data, "utf-8")
+        try:
+            value, end = _scan_once(text, 0)
+        except StopIteration:
+            return _json_decode(text)
+        return value if end == len(text) else _json_decode(text)
+    except RecursionError:
+        return Undecodable("JSON nested too deeply to decode")
+    except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return Undecodable(f"JSON could not be decoded: {exc}")
 
 
 # The batched statements take their columns as arrays (unnest). Their literals are written here

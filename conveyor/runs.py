@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 from uuid import UUID
 
 import psycopg
 from psycopg.rows import dict_row
-from psycopg.types.json import Jsonb
+from psycopg.types.datetime import TimestamptzLoader
+from psycopg.types.json import Jsonb, set_json_loads
 
 from conveyor import queries
 from conveyor.pipeline import Pipeline
+from conveyor.settings import MAX_DURATION_SECONDS
 
 MAX_INPUT_BYTES = 1_000_000
+# Deeper JSON read back is kept as PostgreSQL's text: Python's json recurses once per level, and
+# jsonb holds whatever an SQL insert put there, thousands of levels deep.
+MAX_JSON_DEPTH = 100
 
 
 class SubmitError(ValueError):
@@ -39,18 +46,22 @@ def submit(
     idempotency_key: str | None = None,
 ) -> Submitted:
     """Start a run: the same as `INSERT INTO conveyor.pipeline_runs (input) VALUES (...)`."""
-    _input_json(input)
+    text = _input_json(input)
     _check_priority(priority)
-    row = conn.execute(
-        queries.load(schema)["submit_run"],
-        {
-            "pipeline": pipeline,
-            "input": Jsonb(input),
-            "priority": priority,
-            "delay_seconds": max(delay_seconds, 0.0),
-            "idempotency_key": idempotency_key,
-        },
-    ).fetchone()
+    _check_delay(delay_seconds)
+    try:
+        row = conn.execute(
+            queries.load(schema)["submit_run"],
+            {
+                "pipeline": pipeline,
+                "input": Jsonb(input, dumps=lambda _: text),
+                "priority": priority,
+                "delay_seconds": max(delay_seconds, 0.0),
+                "idempotency_key": idempotency_key,
+            },
+        ).fetchone()
+    except psycopg.errors.DataError as exc:  # refused by the server (a NUL in the input)
+        raise SubmitError(_refusal(exc)) from None
     assert row is not None
     return Submitted(row[0], row[1])
 
@@ -80,9 +91,15 @@ def submit_many(
                     raise SubmitError(f"run {count}: {exc}") from None
                 copy.write_row((pipeline, text, priority))
     except psycopg.errors.DataError as exc:  # refused by the server: its context names the row
-        where = exc.diag.context or ""
-        raise SubmitError(f"{exc.diag.message_primary or exc} ({where.strip()})") from None
+        raise SubmitError(_refusal(exc)) from None
     return count
+
+
+def _refusal(exc: psycopg.errors.DataError) -> str:
+    """The server's reason in one line, with its context (for COPY, the line and column)."""
+    where = " ".join((exc.diag.context or "").split())
+    reason = exc.diag.message_primary or str(exc).strip()
+    return f"{reason} ({where})" if where else reason
 
 
 def _input_json(input: Any) -> str:
@@ -90,10 +107,17 @@ def _input_json(input: Any) -> str:
     if not isinstance(input, dict):
         raise SubmitError("input must be a JSON object")
     try:
-        text = json.dumps(input, allow_nan=False)  # NaN and Infinity are not JSON: jsonb refuses
+        # NaN and Infinity are not JSON: jsonb refuses them. Unescaped, the text shows a lone
+        # surrogate (from bytes that were not UTF-8), which jsonb refuses as well.
+        text = json.dumps(input, allow_nan=False, ensure_ascii=False)
+    except RecursionError:
+        raise SubmitError("input is nested too deeply to write as JSON") from None
     except (TypeError, ValueError) as exc:
-        raise SubmitError(f"input is not JSON-serialisable: {exc}") from exc
-    size = len(text.encode())
+        raise SubmitError(f"input is not JSON-serialisable: {exc}") from None
+    try:
+        size = len(text.encode())
+    except UnicodeEncodeError:
+        raise SubmitError("input holds text that is not valid Unicode (a lone surrogate)") from None
     if size > MAX_INPUT_BYTES:
         raise SubmitError(f"input is {size} bytes; the limit is {MAX_INPUT_BYTES}")
     return text
@@ -102,6 +126,12 @@ def _input_json(input: Any) -> str:
 def _check_priority(priority: int) -> None:
     if not -32768 <= priority <= 32767:
         raise SubmitError("priority must be between -32768 and 32767")
+
+
+def _check_delay(seconds: float) -> None:
+    """A negative delay is no delay; beyond a century (or NaN) the interval is a mistake."""
+    if not math.isfinite(seconds) or seconds > MAX_DURATION_SECONDS:
+        raise SubmitError(f"delay must be a number of seconds up to {MAX_DURATION_SECONDS:.0f}")
 
 
 def status_counts(conn: psycopg.Connection[Any], schema: str) -> list[dict[str, Any]]:
@@ -114,9 +144,53 @@ def live_workers(conn: psycopg.Connection[Any], schema: str) -> list[dict[str, A
         return cur.execute(queries.load(schema)["live_workers"]).fetchall()
 
 
+@dataclass(frozen=True)
+class DeepJSON:
+    """A jsonb value nested deeper than MAX_JSON_DEPTH: PostgreSQL's text of it (valid JSON)."""
+
+    text: str
+
+
 def get_run(conn: psycopg.Connection[Any], schema: str, run_id: UUID) -> dict[str, Any] | None:
+    """The run's row. Whatever SQL stored in it reads back: JSON too deep for Python comes as
+    DeepJSON, a timestamp beyond Python's datetime ('infinity') as PostgreSQL's text."""
     with conn.cursor(row_factory=dict_row) as cur:
+        set_json_loads(_load_json, cur)
+        cur.adapters.register_loader("timestamptz", _TolerantTimestamptz)
         return cur.execute(queries.load(schema)["get_run"], {"id": run_id}).fetchone()
+
+
+def _load_json(data: str | bytes) -> Any:
+    text = data if isinstance(data, str) else bytes(data).decode()
+    if text.count("[") + text.count("{") <= MAX_JSON_DEPTH:  # cheap, and true of most values
+        return json.loads(text)
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        return DeepJSON(text)
+    return DeepJSON(text) if _deeper_than(value, MAX_JSON_DEPTH) else value
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Without recursion: the walk must not fail on what it guards against."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if not isinstance(item, dict | list):
+            continue
+        if depth > limit:
+            return True
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((child, depth + 1) for child in children)
+    return False
+
+
+class _TolerantTimestamptz(TimestamptzLoader):
+    def load(self, data: Any) -> datetime | str:  # type: ignore[override]
+        try:
+            return super().load(data)
+        except psycopg.DataError:
+            return bytes(data).decode("ascii", "replace")
 
 
 def run_history(conn: psycopg.Connection[Any], schema: str, run_id: UUID) -> list[dict[str, Any]]:

@@ -2,14 +2,29 @@
 
 from __future__ import annotations
 
+import ipaddress
+import math
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from conveyor.urls import redact_url, url_problem
+
 DEFAULT_PIPELINE = "conveyor.reference:pipeline"
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+# Upper bounds: a value past them is a typo, and would overflow a timer or an interval later.
+DAY = 86400.0
+WEEK = 7 * DAY
+# PostgreSQL's CHECK on a worker's registry row: no lease (or registry entry) beyond a week.
+MAX_LEASE_SECONDS = WEEK
+MAX_DURATION_SECONDS = 36500 * DAY  # retention, prune, a submit's delay: a century
+MAX_CONCURRENCY = 10_000  # sync handlers get a thread each
+MAX_ATTEMPTS = 1000
+MAX_PROCESSES = 1000  # per stage, on one machine
+MAX_RESCUES = 1000
 
 
 class ConfigError(Exception):
@@ -51,6 +66,7 @@ class Settings:
     # Finished runs older than this many seconds are pruned by the leader; None keeps them.
     retention: float | None = None
     metrics_port: int = 9464
+    metrics_host: str = "0.0.0.0"  # every interface: kubelet and Prometheus reach the pod's IP
     log_format: str = "auto"
     log_level: str = "info"
     stage_overrides: Mapping[str, StageOverrides] = field(default_factory=dict)
@@ -59,28 +75,30 @@ class Settings:
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
         reader = _SettingsReader(env)
-        lease = reader.number("CONVEYOR_LEASE", 30.0, minimum=1.0)
+        lease = reader.number("CONVEYOR_LEASE", 30.0, minimum=1.0, maximum=MAX_LEASE_SECONDS)
         return cls(
-            database_url=env.get("CONVEYOR_DATABASE_URL") or env.get("DATABASE_URL") or None,
-            listen_database_url=env.get("CONVEYOR_LISTEN_DATABASE_URL") or None,
+            database_url=reader.database_url("CONVEYOR_DATABASE_URL")
+            or reader.database_url("DATABASE_URL"),
+            listen_database_url=reader.database_url("CONVEYOR_LISTEN_DATABASE_URL"),
             schema=reader.schema("CONVEYOR_SCHEMA", "conveyor"),
             data_dir=_default_data_dir(env),
             pipeline=reader.import_path("CONVEYOR_PIPELINE", DEFAULT_PIPELINE),
             stages=reader.stages("CONVEYOR_STAGES"),
-            sweep_interval=reader.number("CONVEYOR_SWEEP_INTERVAL", 5.0, minimum=0.05),
+            sweep_interval=reader.number("CONVEYOR_SWEEP_INTERVAL", 5.0, minimum=0.05, maximum=DAY),
             lease=lease,
-            max_rescues=reader.integer("CONVEYOR_MAX_RESCUES", 3, minimum=0),
-            drain_timeout=reader.number("CONVEYOR_DRAIN_TIMEOUT", 20.0, minimum=0.0),
+            max_rescues=reader.integer("CONVEYOR_MAX_RESCUES", 3, minimum=0, maximum=MAX_RESCUES),
+            drain_timeout=reader.number("CONVEYOR_DRAIN_TIMEOUT", 20.0, minimum=0.0, maximum=DAY),
             listener_check_interval=reader.number(
-                "CONVEYOR_LISTENER_CHECK_INTERVAL", 15.0, minimum=0.1
+                "CONVEYOR_LISTENER_CHECK_INTERVAL", 15.0, minimum=0.1, maximum=DAY
             ),
             listener_check_timeout=reader.number(
-                "CONVEYOR_LISTENER_CHECK_TIMEOUT", 5.0, minimum=0.1
+                "CONVEYOR_LISTENER_CHECK_TIMEOUT", 5.0, minimum=0.1, maximum=DAY
             ),
             retention=reader.duration("CONVEYOR_RETENTION"),
             prepared_statements=reader.choice("CONVEYOR_PREPARED_STATEMENTS", "on", ("on", "off"))
             == "on",
             metrics_port=reader.integer("CONVEYOR_METRICS_PORT", 9464, minimum=0, maximum=65535),
+            metrics_host=reader.ip_address("CONVEYOR_METRICS_HOST", "0.0.0.0"),
             log_format=reader.choice("CONVEYOR_LOG_FORMAT", "auto", ("auto", "json", "console")),
             log_level=reader.choice(
                 "CONVEYOR_LOG_LEVEL", "info", ("debug", "info", "warning", "error")
@@ -105,16 +123,24 @@ _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
 def parse_duration(text: str) -> float:
-    """'90s', '30m', '12h', '7d', '2w' or plain seconds -> seconds."""
+    """'90s', '30m', '12h', '7d', '2w' or plain seconds -> seconds (finite, > 0)."""
     match = _DURATION.match(text.strip().lower())
     if not match or float(match.group(1)) <= 0:
         raise ValueError(f"not a duration: {text!r}")
-    return float(match.group(1)) * _UNIT_SECONDS[match.group(2) or "s"]
+    seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2) or "s"]
+    if not math.isfinite(seconds):  # hundreds of digits read as infinity
+        raise ValueError(f"not a duration: {text!r}")
+    return seconds
 
 
 _STAGE_VARIABLE = re.compile(
     r"^CONVEYOR_([A-Z][A-Z0-9_]*)_(CONCURRENCY|BATCH|TIMEOUT|MAX_ATTEMPTS)$"
 )
+_STAGE_MAXIMUM = {
+    "CONCURRENCY": MAX_CONCURRENCY,
+    "BATCH": MAX_CONCURRENCY,  # a claim takes no more than the free slots anyway
+    "MAX_ATTEMPTS": MAX_ATTEMPTS,
+}
 # Global settings whose names also fit the per-stage pattern: never a stage's override.
 
 
@@ -129,9 +155,15 @@ class EnvReader:
     def raw(self, name: str) -> str | None:
         self.read.add(name)
         value = self.env.get(name)
-        return None if value is None or value.strip() == "" else value.strip()
+        if value is None or value.strip() == "":
+            return None
+        if not _is_utf8(value):  # bytes that are not UTF-8 arrive as lone surrogates
+            raise ConfigError(name, _shown(name, value), "expected UTF-8 text")
+        return value.strip()
 
-    def number(self, name: str, default: float, *, minimum: float) -> float:
+    def number(
+        self, name: str, default: float, *, minimum: float, maximum: float | None = None
+    ) -> float:
         raw = self.raw(name)
         if raw is None:
             return default
@@ -139,8 +171,10 @@ class EnvReader:
             value = float(raw)
         except ValueError:
             value = float("nan")
-        if not minimum <= value < float("inf"):  # NaN fails it too
-            raise ConfigError(name, raw, f"expected a number of seconds >= {minimum:g}")
+        top = float("inf") if maximum is None else maximum
+        if not minimum <= value < float("inf") or value > top:  # NaN fails it too
+            bound = f" and <= {maximum:g}" if maximum is not None else ""
+            raise ConfigError(name, raw, f"expected a number of seconds >= {minimum:g}{bound}")
         return value
 
     def integer(self, name: str, default: int, *, minimum: int, maximum: int | None = None) -> int:
@@ -157,17 +191,44 @@ class EnvReader:
         return value
 
 
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _shown(name: str, value: str) -> str:
+    """A value as an error may show it: a key or password never, a URL's password hidden."""
+    if name.endswith(("_KEY", "PASSWORD")):
+        return "***"
+    return redact_url(value.encode("utf-8", "backslashreplace").decode())
+
+
 class _SettingsReader(EnvReader):
     def duration(self, name: str) -> float | None:
         raw = self.raw(name)
         if raw is None or raw.lower() in ("off", "none", "0"):
             return None
         try:
-            return parse_duration(raw)
+            seconds = parse_duration(raw)
         except ValueError:
+            seconds = math.inf
+        if seconds > MAX_DURATION_SECONDS:
             raise ConfigError(
-                name, raw, "expected a duration like 90s, 30m, 12h, 7d (or off)"
-            ) from None
+                name, raw, "expected a duration like 90s, 30m, 12h, 7d (or off), at most 36500d"
+            )
+        return seconds
+
+    def database_url(self, name: str) -> str | None:
+        raw = self.raw(name)
+        if raw is None:
+            return None
+        problem = url_problem(raw)
+        if problem is not None:
+            raise ConfigError(name, redact_url(raw), problem)
+        return raw
 
     def choice(self, name: str, default: str, accepted: tuple[str, ...]) -> str:
         raw = self.raw(name)
@@ -184,6 +245,17 @@ class _SettingsReader(EnvReader):
         if not _SCHEMA_NAME.match(raw):
             raise ConfigError(name, raw, "expected a lower-case SQL identifier ([a-z_][a-z0-9_]*)")
         return raw
+
+    def ip_address(self, name: str, default: str) -> str:
+        raw = self.raw(name)
+        if raw is None:
+            return default
+        try:
+            return str(ipaddress.ip_address(raw))
+        except ValueError:
+            raise ConfigError(
+                name, raw, "expected an IP address to listen on, e.g. 0.0.0.0, 127.0.0.1 or ::"
+            ) from None
 
     def import_path(self, name: str, default: str) -> str:
         raw = self.raw(name)
@@ -210,9 +282,11 @@ class _SettingsReader(EnvReader):
                 processes = int(count) if sep else 1
             except ValueError:
                 processes = -1
-            if processes < 0:
+            if not 0 <= processes <= MAX_PROCESSES:
                 raise ConfigError(
-                    name, raw, f"expected an integer >= 0 processes for stage {stage!r}"
+                    name,
+                    raw,
+                    f"expected an integer from 0 to {MAX_PROCESSES} processes for stage {stage!r}",
                 )
             stages[stage] = processes
         return stages
@@ -224,9 +298,11 @@ class _SettingsReader(EnvReader):
             if not match or variable in self.read:
                 continue
             stage, kind = match.group(1).lower(), match.group(2)
+            if self.raw(variable) is None:
+                continue
             if kind == "TIMEOUT":
-                if self.raw(variable) is not None:
-                    found.setdefault(stage, {})["timeout"] = self.number(variable, 0, minimum=0.001)
-            elif self.raw(variable) is not None:
-                found.setdefault(stage, {})[kind.lower()] = self.integer(variable, 0, minimum=1)
+                value: float | int = self.number(variable, 0, minimum=0.001, maximum=WEEK)
+            else:
+                value = self.integer(variable, 0, minimum=1, maximum=_STAGE_MAXIMUM[kind])
+            found.setdefault(stage, {})[kind.lower()] = value
         return {stage: StageOverrides(**values) for stage, values in found.items()}  # type: ignore[arg-type]

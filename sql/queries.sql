@@ -60,7 +60,10 @@ SELECT EXISTS (
 
 -- complete_if_leased --
 -- Apply a batch of successful attempts, fenced: a run whose lease was lost (rescued, cancelled)
--- is not touched, and its id is missing from the result. One run_events row per applied run.
+-- or that has moved on to a later attempt (rescued and claimed again, by this worker too) is
+-- not touched, and its id is missing from the result. One run_events row per applied run; the
+-- handlers' writes of exactly the runs returned commit in the same transaction
+-- (StageProtocol.apply).
 -- Only a batch that ends runs (`durable`: DONE, FAILED) waits for its WAL flush. A move to the
 -- next stage commits without waiting (synchronous_commit off for this transaction): a server
 -- crash can lose the last such moves (~0.6 s of them), which leaves those runs leased in their
@@ -91,6 +94,7 @@ WITH finished AS (
            finished_at = CASE WHEN %(terminal)s THEN now() END
       FROM finished f
      WHERE r.id = f.id AND r.status = %(working)s AND r.lease_owner = %(worker)s
+       AND r.attempt = f.attempt
        AND (%(durable)s OR set_config('synchronous_commit', 'off', true) IS NOT NULL)
     RETURNING r.id, r.pipeline, f.attempt, f.started_us, f.duration_us, f.model,
               f.prompt_tokens, f.completion_tokens
@@ -105,9 +109,10 @@ SELECT id, pipeline, %(stage)s, %(consumes)s, %(produces)s, attempt, %(worker)s,
 RETURNING run_id;
 
 -- fail_if_leased --
--- Apply a batch of failed attempts, fenced like completion: back to the input status after
--- `retry_in` seconds, or FAILED (terminal, error kept) when retry_in is NULL. Retries alone
--- commit without waiting for their flush, as moves between stages do (complete_if_leased).
+-- Apply a batch of failed attempts, fenced like completion (lease and attempt): back to the
+-- input status after `retry_in` seconds, or FAILED (terminal, error kept) when retry_in is
+-- NULL. Retries alone commit without waiting for their flush, as moves between stages do
+-- (complete_if_leased).
 WITH failed AS (
     SELECT *
       FROM unnest(%(ids)s::uuid[], %(errors)s::text[], %(attempts)s::int[],
@@ -125,6 +130,7 @@ WITH failed AS (
            finished_at = CASE WHEN f.retry_in IS NULL THEN now() END
       FROM failed f
      WHERE r.id = f.id AND r.status = %(working)s AND r.lease_owner = %(worker)s
+       AND r.attempt = f.attempt
        AND (%(durable)s OR set_config('synchronous_commit', 'off', true) IS NOT NULL)
     RETURNING r.id, r.pipeline, r.status, f.attempt, f.error, f.started_us, f.duration_us
 )
@@ -227,13 +233,14 @@ RETURNING run_id, to_status, attempt, worker;
 -- beat_worker --
 -- Register or refresh this worker in the registry; `waiting` arms the wake-up trigger, which
 -- hands a run that becomes claimable to a waiting worker with its working status and lease, up
--- to `free_slots` runs (migration 007).
+-- to `free_slots` runs, signed with `secret` (hand_off in sql/schema.sql). The secret is
+-- written once, with the row.
 INSERT INTO @schema@.workers
        (worker_id, pipeline, stage, consumes, channel, hostname, pid, expires_at, waiting,
-        working, lease_seconds, free_slots)
+        working, lease_seconds, free_slots, secret)
 VALUES (%(worker)s, %(pipeline)s, %(stage)s, %(consumes)s, %(channel)s, %(hostname)s, %(pid)s,
         now() + make_interval(secs => %(ttl_seconds)s), %(waiting)s, %(working)s,
-        %(lease_seconds)s, %(free_slots)s)
+        %(lease_seconds)s, %(free_slots)s, %(secret)s)
 ON CONFLICT (worker_id) DO UPDATE
    SET heartbeat_at = now(), expires_at = excluded.expires_at, waiting = excluded.waiting,
        working = excluded.working, lease_seconds = excluded.lease_seconds,
@@ -410,17 +417,8 @@ SELECT id, from_status
 -- prune_finished --
 -- Delete up to 1000 finished runs older than the retention, with their history. Called in a
 -- loop by the leader (or `conveyor prune`) so no single statement holds many locks for long.
-WITH doomed AS (
-    SELECT id FROM @schema@.pipeline_runs
-     WHERE finished_at < now() - make_interval(secs => %(older_than_seconds)s)
-       AND (%(pipeline)s::text IS NULL OR pipeline = %(pipeline)s)
-     LIMIT 1000
-       FOR UPDATE SKIP LOCKED
-), events AS (
-    DELETE FROM @schema@.run_events e USING doomed d WHERE e.run_id = d.id
-)
-DELETE FROM @schema@.pipeline_runs r USING doomed d WHERE r.id = d.id
-RETURNING r.id;
+-- Through a function with its owner's rights: the worker role cannot delete history itself.
+SELECT id FROM @schema@.prune_finished(%(older_than_seconds)s, %(pipeline)s::text) AS pruned(id);
 
 -- The operators' console (`conveyor console`). Read-only statements; its actions go through
 -- cancel_run and retry_run above, exactly as the CLI's do.

@@ -6,15 +6,20 @@ DECLARE
     waiter record;
     handed record;
     left_free integer;
+    body pg_catalog.text;
     sent pg_catalog.text;
 BEGIN
-    SELECT w.worker_id, w.channel, w.working, w.lease_seconds INTO waiter
+    IF pg_catalog.pg_trigger_depth() OPERATOR(pg_catalog.<) 1 THEN
+        RAISE EXCEPTION 'hand_off() runs only from the wake-up trigger';
+    END IF;
+    SELECT w.worker_id, w.channel, w.working, w.lease_seconds, w.secret INTO waiter
       FROM "conveyor".workers w
      WHERE w.waiting
        AND w.pipeline OPERATOR(pg_catalog.=) handed_pipeline
        AND w.consumes OPERATOR(pg_catalog.=) handed_status
        AND w.expires_at OPERATOR(pg_catalog.>) pg_catalog.now()
        AND w.working IS NOT NULL
+       AND w.secret IS NOT NULL
        AND w.free_slots OPERATOR(pg_catalog.>) 0
      LIMIT 1
        FOR UPDATE SKIP LOCKED;
@@ -35,7 +40,7 @@ BEGIN
        AND r.run_after OPERATOR(pg_catalog.<=) pg_catalog.now()
        AND pg_catalog.octet_length(r.input::pg_catalog.text) OPERATOR(pg_catalog.+)
            pg_catalog.octet_length(r.outputs::pg_catalog.text) OPERATOR(pg_catalog.<=) 7000
-    RETURNING r.id, r.attempt, r.input, r.outputs INTO handed;
+    RETURNING r.id, r.attempt, r.input, r.outputs, r.lease_expires_at INTO handed;
     IF handed.id IS NULL THEN
         RETURN false;
     END IF;
@@ -44,13 +49,19 @@ BEGIN
            waiting = free_slots OPERATOR(pg_catalog.>) 1
      WHERE worker_id OPERATOR(pg_catalog.=) waiter.worker_id
     RETURNING free_slots INTO left_free;
-    sent := pg_catalog.pg_notify(waiter.channel, 'run:' OPERATOR(pg_catalog.||)
-        pg_catalog.json_build_object(
-            'worker', waiter.worker_id, 'free', left_free, 'id', handed.id,
-            'attempt', handed.attempt,
-            'waited', extract(epoch FROM pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-)
-                                         ready_at),
-            'input', handed.input, 'outputs', handed.outputs)::pg_catalog.text);
+    body := pg_catalog.json_build_object(
+        'free', left_free, 'id', handed.id, 'attempt', handed.attempt,
+        'waited', extract(epoch FROM pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-)
+                                     ready_at),
+        'expires', extract(epoch FROM handed.lease_expires_at),
+        'input', handed.input, 'outputs', handed.outputs)::pg_catalog.text;
+    sent := pg_catalog.pg_notify(waiter.channel,
+        'run:' OPERATOR(pg_catalog.||) waiter.worker_id OPERATOR(pg_catalog.||) ':'
+        OPERATOR(pg_catalog.||) pg_catalog.encode(pg_catalog.sha256(
+            waiter.secret OPERATOR(pg_catalog.||) pg_catalog.sha256(
+                waiter.secret OPERATOR(pg_catalog.||) pg_catalog.convert_to(body, 'UTF8'))),
+            'hex')
+        OPERATOR(pg_catalog.||) ':' OPERATOR(pg_catalog.||) body);
     RETURN true;
 END
 $$;
@@ -65,6 +76,24 @@ BEGIN
     RETURN NULL;
 END
 $$;
+CREATE FUNCTION conveyor.prune_finished(older_than_seconds double precision, only_pipeline text) RETURNS SETOF uuid
+    LANGUAGE sql SECURITY DEFINER
+    AS $$
+    WITH doomed AS (
+        SELECT r.id FROM "conveyor".pipeline_runs r
+         WHERE r.finished_at OPERATOR(pg_catalog.<) (pg_catalog.now() OPERATOR(pg_catalog.-)
+               pg_catalog.make_interval(secs => greatest(older_than_seconds, 0)))
+           AND (only_pipeline IS NULL OR r.pipeline OPERATOR(pg_catalog.=) only_pipeline)
+         LIMIT 1000
+           FOR UPDATE SKIP LOCKED
+    ), events AS (
+        DELETE FROM "conveyor".run_events e USING doomed d
+         WHERE e.run_id OPERATOR(pg_catalog.=) d.id
+    )
+    DELETE FROM "conveyor".pipeline_runs r USING doomed d
+     WHERE r.id OPERATOR(pg_catalog.=) d.id
+    RETURNING r.id
+$$;
 CREATE FUNCTION conveyor.uuid_v7() RETURNS uuid
     LANGUAGE sql PARALLEL SAFE
     AS $$
@@ -78,41 +107,43 @@ CREATE FUNCTION conveyor.uuid_v7() RETURNS uuid
         'hex')::uuid
 $$;
 CREATE FUNCTION conveyor.wake_waiting_workers() RETURNS trigger
-    LANGUAGE plpgsql
+    LANGUAGE plpgsql SECURITY DEFINER
     AS $$
 DECLARE
     -- which stage this run waits for, without ambiguity whatever the names contain
-    stage_key text := length(NEW.pipeline) || ':' || NEW.pipeline || NEW.status;
-    waiting_channel text;
-    sent text;
+    stage_key pg_catalog.text := pg_catalog.length(NEW.pipeline) OPERATOR(pg_catalog.||) ':'
+                                 OPERATOR(pg_catalog.||) NEW.pipeline
+                                 OPERATOR(pg_catalog.||) NEW.status;
+    waiting_channel pg_catalog.text;
+    sent pg_catalog.text;
 BEGIN
     IF NEW.finished_at IS NOT NULL
-       OR current_setting('conveyor.woken', true) IS NOT DISTINCT FROM stage_key THEN
+       OR COALESCE(pg_catalog.current_setting('conveyor.woken', true)
+                   OPERATOR(pg_catalog.=) stage_key, false) THEN
         RETURN NULL;
     END IF;
     SELECT w.channel INTO waiting_channel
       FROM "conveyor".workers w
-     WHERE w.waiting AND w.pipeline = NEW.pipeline AND w.consumes = NEW.status
-       AND w.expires_at > now()
+     WHERE w.waiting AND w.pipeline OPERATOR(pg_catalog.=) NEW.pipeline
+       AND w.consumes OPERATOR(pg_catalog.=) NEW.status
+       AND w.expires_at OPERATOR(pg_catalog.>) pg_catalog.now()
      LIMIT 1;
     IF waiting_channel IS NULL THEN
-        -- nobody waits: under load, the commit pays nothing more for this stage
-        sent := set_config('conveyor.woken', stage_key, true);
+        sent := pg_catalog.set_config('conveyor.woken', stage_key, true);
         RETURN NULL;
     END IF;
-    -- One hand-off per transaction: a batch that moves many runs wakes the next stage, whose
-    -- worker claims the rest as a batch (handing each one over would write every run twice).
-    IF NEW.rescues = 0 AND NEW.run_after <= now()
-       AND current_setting('transaction_isolation') = 'read committed'
-       AND current_setting('conveyor.handed_off', true) IS DISTINCT FROM 'on' THEN
+    IF NEW.rescues OPERATOR(pg_catalog.=) 0 AND NEW.run_after OPERATOR(pg_catalog.<=) pg_catalog.now()
+       AND pg_catalog.current_setting('transaction_isolation') OPERATOR(pg_catalog.=) 'read committed'
+       AND COALESCE(pg_catalog.current_setting('conveyor.handed_off', true)
+                    OPERATOR(pg_catalog.<>) 'on', true) THEN
         IF "conveyor".hand_off(NEW.id, NEW.pipeline, NEW.status,
                              greatest(NEW.run_after, NEW.updated_at)) THEN
-            sent := set_config('conveyor.handed_off', 'on', true);
-            RETURN NULL;  -- the next run of the batch, if any, wakes a worker for the rest
+            sent := pg_catalog.set_config('conveyor.handed_off', 'on', true);
+            RETURN NULL;
         END IF;
     END IF;
-    sent := pg_notify(waiting_channel, '');
-    sent := set_config('conveyor.woken', stage_key, true);
+    sent := pg_catalog.pg_notify(waiting_channel, '');
+    sent := pg_catalog.set_config('conveyor.woken', stage_key, true);
     RETURN NULL;
 END
 $$;
@@ -198,8 +229,16 @@ CREATE UNLOGGED TABLE conveyor.workers (
     waiting boolean DEFAULT false NOT NULL,
     working text,
     lease_seconds double precision,
-    free_slots integer
+    free_slots integer,
+    secret bytea,
+    CONSTRAINT workers_channel_length CHECK (((octet_length(channel) >= 1) AND (octet_length(channel) <= 63))),
+    CONSTRAINT workers_expiry_bounds CHECK ((expires_at <= (heartbeat_at + '7 days'::interval))),
+    CONSTRAINT workers_free_slots_bounds CHECK (((free_slots >= 0) AND (free_slots <= 100000))),
+    CONSTRAINT workers_id_length CHECK (((octet_length(worker_id) >= 1) AND (octet_length(worker_id) <= 100))),
+    CONSTRAINT workers_lease_bounds CHECK (((lease_seconds >= (1)::double precision) AND (lease_seconds <= (604800)::double precision))),
+    CONSTRAINT workers_secret_length CHECK (((octet_length(secret) >= 16) AND (octet_length(secret) <= 64)))
 );
+COMMENT ON COLUMN conveyor.workers.secret IS 'The key hand_off signs this worker''s hand-offs with; never readable by conveyor_reader.';
 ALTER TABLE ONLY conveyor.memory
     ADD CONSTRAINT memory_pkey PRIMARY KEY (id);
 ALTER TABLE ONLY conveyor.pipeline_runs

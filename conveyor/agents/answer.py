@@ -1,5 +1,6 @@
 """The answer stage: the answer from the assembled context, with citations, and the exchange
-written back to the session's memory so that a follow-up question can use it.
+written back to the session's memory so that a follow-up question can use it (in the
+transaction that stores the answer, through Run.write).
 
 Through the LLM when a model is configured for the stage (told to answer only from the numbered
 passages and cite them as [n]); otherwise an extractive answer: the context's sentences that best
@@ -14,16 +15,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import structlog
-
 from conveyor import Run
 from conveyor.agents import db, memory
 from conveyor.agents.assemble import source_line
 from conveyor.agents.config import AgentConfig
 from conveyor.agents.llm import Embedder, Router
 from conveyor.agents.text import paragraphs, plain, stems
-
-log = structlog.get_logger("conveyor.agents.answer")
 
 MAX_WINDOW = 3  # consecutive sentences of one paragraph quoted together
 MAX_ANSWER_WORDS = 130
@@ -245,21 +242,25 @@ class Answerer:
         answer: str,
         output: dict[str, Any],
     ) -> bool:
+        """Hand the exchange to the engine (Run.write): it is written to the session's memory
+        in the transaction that stores this answer, so an answer that is not stored (its lease
+        lost, its attempt stale) leaves no exchange behind."""
         session_id = analysis.get("session_id") or run.input.get("session_id")
         if not session_id:
             return False
         answer_text = plain(answer)
-        embedding = None
-        pool, schema = await db.pool()
+        embedding, vector_schema = None, None
         if self.embedder is not None:
+            pool, schema = await db.pool()
             async with pool.connection() as conn:
-                can_store = await memory.vector_type_schema(conn, schema) is not None
-            if can_store:  # embedded with no connection held
+                vector_schema = await memory.vector_type_schema(conn, schema)
+            if vector_schema is not None:  # embedded with no connection held
                 exchange = f"Q: {question}\nA: {answer_text}"
                 (embedding,) = await self.embedder.embed([exchange], run=run)
-        async with pool.connection() as conn:
-            written = await memory.remember_exchange(
-                conn,
+        else:
+            schema = db.schema()
+        run.write(
+            *memory.exchange_write(
                 schema,
                 session_id=str(session_id),
                 run_id=str(run.id),
@@ -268,7 +269,7 @@ class Answerer:
                 sources=[s["source"] for s in output["sources"]],
                 embedding=embedding,
                 embedding_model=self.embedder.model if self.embedder else None,
+                vector_schema=vector_schema,
             )
-        if not written:
-            log.info("exchange already in memory (stage ran again)", run_id=str(run.id))
+        )
         return True

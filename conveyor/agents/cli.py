@@ -15,10 +15,10 @@ import psycopg
 from conveyor import migrate
 from conveyor.agents import config_from_env, memory
 from conveyor.agents.config import AgentConfig
-from conveyor.agents.documents import MemoryInputError, read_documents
+from conveyor.agents.documents import Document, MemoryInputError, read_documents
 from conveyor.agents.ingest import ingest
 from conveyor.agents.llm import Embedder, Labels, LLMUnavailable
-from conveyor.cli_errors import one_line_errors
+from conveyor.cli_errors import checked_text, one_line_errors
 from conveyor.db import DatabaseUnavailable, connect, database_url
 from conveyor.settings import Settings
 
@@ -49,7 +49,12 @@ def memory_group() -> None:
 
 @memory_group.command("add")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=str))
-@click.option("--namespace", default=None, help="Namespace (default CONVEYOR_MEMORY_NAMESPACE).")
+@click.option(
+    "--namespace",
+    callback=checked_text(blank=False, max_chars=200),
+    default=None,
+    help="Namespace (default CONVEYOR_MEMORY_NAMESPACE).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 @_clear_errors
@@ -63,6 +68,7 @@ def add_command(
     replaces its old chunks."""
     config = config_from_env()
     documents = read_documents(paths)
+    _check_names(documents)
     settings, url = _target(ctx)
     loaded, notes = asyncio.run(
         ingest(url, settings.schema, documents, config, namespace=namespace)
@@ -86,11 +92,22 @@ def add_command(
     click.echo(f"{len(loaded)} documents in namespace {target!r}")
 
 
+def _check_names(documents: list[Document]) -> None:
+    """A file name that is not UTF-8 (a lone surrogate in Python) cannot be stored as a source."""
+    for document in documents:
+        try:
+            document.source.encode("utf-8")
+        except UnicodeEncodeError:
+            name = document.source.encode("utf-8", "backslashreplace").decode()
+            raise MemoryInputError(f"{name}: the file name is not UTF-8; rename it") from None
+
+
 @memory_group.command("search")
-@click.argument("query")
+@click.argument("query", callback=checked_text())
 @click.option(
     "--namespace",
     "namespaces",
+    callback=checked_text(blank=False, max_chars=200),
     multiple=True,
     help="Namespace to search; repeat for several (default CONVEYOR_MEMORY_NAMESPACE).",
 )

@@ -13,7 +13,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from conveyor.settings import ConfigError, EnvReader
+import httpx
+
+from conveyor.settings import DAY, ConfigError, EnvReader
 
 # A stage's model is CONVEYOR_<STAGE>_MODEL; this word instead keeps that stage offline.
 BUILTIN = "builtin"
@@ -21,6 +23,10 @@ _STAGE_MODEL = re.compile(r"^CONVEYOR_([A-Z][A-Z0-9_]*?)_(FALLBACK_)?MODEL$")
 # Variables that look like CONVEYOR_<STAGE>_MODEL but are not per stage.
 _NOT_STAGES = frozenset({"LLM", "EMBEDDINGS"})
 _HIDDEN = "***"
+_BASE_URL = (
+    "expected an http:// or https:// base URL of an OpenAI-compatible API, "
+    "e.g. http://localhost:11434/v1"
+)
 
 
 @dataclass(frozen=True)
@@ -30,6 +36,11 @@ class Route:
     name: str  # "primary" or "fallback": what logs, errors and metrics call it
     base_url: str
     api_key: str | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        # httpx would send user:password@ as Basic auth in place of the key, and put it in errors.
+        if _has_userinfo(self.base_url):
+            raise ValueError(f"{self.name} route: a base URL holds no user:password@")
 
     def endpoint(self, path: str) -> str:
         return f"{self.base_url}/{path.lstrip('/')}"
@@ -83,9 +94,13 @@ class AgentConfig:
             llm=llm,
             embeddings=reader.embeddings(llm.primary),
             documents_namespace=reader.namespace("CONVEYOR_MEMORY_NAMESPACE", "default"),
-            context_tokens=reader.integer("CONVEYOR_CONTEXT_TOKENS", 1000, minimum=50),
-            max_question_chars=reader.integer("CONVEYOR_MAX_QUESTION_CHARS", 2000, minimum=1),
-            history_turns=reader.integer("CONVEYOR_HISTORY_TURNS", 3, minimum=0),
+            context_tokens=reader.integer(
+                "CONVEYOR_CONTEXT_TOKENS", 1000, minimum=50, maximum=1_000_000
+            ),
+            max_question_chars=reader.integer(
+                "CONVEYOR_MAX_QUESTION_CHARS", 2000, minimum=1, maximum=1_000_000
+            ),
+            history_turns=reader.integer("CONVEYOR_HISTORY_TURNS", 3, minimum=0, maximum=1000),
         )
 
     def describe(self) -> str:
@@ -103,24 +118,35 @@ class _Reader(EnvReader):
         raw = self.raw(name)
         if raw is None:
             return None
-        parts = urlsplit(raw)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        shown = _without_userinfo(raw)
+        if _has_userinfo(raw):
+            key = name.replace("BASE_URL", "API_KEY")
             raise ConfigError(
-                name,
-                _without_userinfo(raw),
-                "expected an http:// or https:// base URL of an OpenAI-compatible API, "
-                "e.g. http://localhost:11434/v1",
+                name, shown, f"expected a base URL without user:password@ (the key goes in {key})"
             )
+        try:
+            parts = urlsplit(raw)
+            _ = parts.port  # raises ValueError for a port out of range or not a number
+            httpx.URL(raw)  # what the client will make of it
+        except (ValueError, httpx.InvalidURL):
+            raise ConfigError(name, shown, _BASE_URL) from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(name, shown, _BASE_URL)
         if parts.query or parts.fragment:
-            raise ConfigError(name, _without_userinfo(raw), "expected a base URL without ?query")
+            raise ConfigError(name, shown, "expected a base URL without ?query")
         return raw.rstrip("/")
 
     def key(self, name: str, base_variable: str, base_url: str | None) -> str | None:
         key = self.raw(name)
         if key is not None and base_url is None:
             raise ConfigError(name, _HIDDEN, f"a key needs {base_variable} as well")
-        if key is not None and any(ch.isspace() or ord(ch) < 32 for ch in key):
-            raise ConfigError(name, _HIDDEN, "expected a key without spaces or control characters")
+        # A header value: printable ASCII, or httpx fails every request.
+        if key is not None and not all("!" <= ch <= "~" for ch in key):
+            raise ConfigError(
+                name,
+                _HIDDEN,
+                "expected a key of printable ASCII without spaces or control characters",
+            )
         return key
 
     def namespace(self, name: str, default: str) -> str:
@@ -206,11 +232,15 @@ class _Reader(EnvReader):
             fallback=fallback,
             models=resolved,
             fallback_models=resolved_fallback,
-            timeout_seconds=self.number("CONVEYOR_LLM_TIMEOUT_SECONDS", 60.0, minimum=0.01),
-            max_retries=self.integer("CONVEYOR_LLM_MAX_RETRIES", 2, minimum=0),
-            backoff_seconds=self.number("CONVEYOR_LLM_BACKOFF_SECONDS", 0.5, minimum=0.0),
+            timeout_seconds=self.number(
+                "CONVEYOR_LLM_TIMEOUT_SECONDS", 60.0, minimum=0.01, maximum=DAY
+            ),
+            max_retries=self.integer("CONVEYOR_LLM_MAX_RETRIES", 2, minimum=0, maximum=100),
+            backoff_seconds=self.number(
+                "CONVEYOR_LLM_BACKOFF_SECONDS", 0.5, minimum=0.0, maximum=3600
+            ),
             max_retry_after_seconds=self.number(
-                "CONVEYOR_LLM_MAX_RETRY_AFTER_SECONDS", 30.0, minimum=0.0
+                "CONVEYOR_LLM_MAX_RETRY_AFTER_SECONDS", 30.0, minimum=0.0, maximum=DAY
             ),
         )
 
@@ -239,5 +269,11 @@ class _Reader(EnvReader):
 
 
 def _without_userinfo(url: str) -> str:
-    """A URL as it may appear in a message: credentials in it are hidden."""
-    return re.sub(r"(://)[^/@\s]*@", r"\1***@", url)
+    """A URL as it may appear in a message: everything up to its last "@" is hidden (an
+    unencoded "@", "/" or space in a password would otherwise end the mask early)."""
+    return re.sub(r"(://).*@", r"\1***@", url, flags=re.DOTALL)
+
+
+def _has_userinfo(url: str) -> bool:
+    _, sep, rest = url.partition("://")
+    return bool(sep) and "@" in re.split(r"[/?#]", rest, maxsplit=1)[0]

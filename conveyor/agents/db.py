@@ -66,6 +66,11 @@ async def pool() -> tuple[AsyncConnectionPool[Any], str]:
     return new_pool, settings.schema
 
 
+def schema() -> str:
+    """The schema the agents' tables live in, with no connection made."""
+    return Settings.from_env().schema
+
+
 async def close() -> None:
     """Close this process's pool (tests, and the CLI before its loop ends)."""
     global _current

@@ -27,7 +27,7 @@ import structlog
 from conveyor import Run
 from conveyor import metrics as conveyor_metrics
 from conveyor.agents.config import EmbeddingsConfig, LLMConfig, Route
-from conveyor.db import redact
+from conveyor.urls import redact
 
 log = structlog.get_logger("conveyor.agents.llm")
 
@@ -162,6 +162,10 @@ class _Caller:
         except httpx.HTTPError as exc:
             outcome = "connection_error"
             error = f"{type(exc).__name__}: {self.scrub(str(exc)) or 'connection failed'}"
+        except Exception as exc:  # an invalid URL, a port out of range: it can never be sent
+            outcome, wait = "client_error", None
+            cause = _innermost(exc)
+            error = f"request not sent: {type(cause).__name__}: {self.scrub(str(cause))}"
         else:
             status = response.status_code
             if status == 200:
@@ -325,6 +329,13 @@ def retry_after_seconds(value: str | None) -> float | None:
     except (TypeError, ValueError, IndexError):
         return None
     return max(0.0, float(when.timestamp()) - time.time())
+
+
+def _innermost(exc: Exception) -> Exception:
+    """The first leaf of an exception group (anyio's connect raises one): the actual cause."""
+    while isinstance(exc, ExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
 
 
 def _backoff(base: float, attempt: int) -> float:

@@ -17,6 +17,7 @@ from psycopg.types.json import Jsonb
 
 from conveyor.agents.documents import Document
 from conveyor.agents.text import keywords
+from conveyor.pipeline import Write
 
 VECTOR_UNAVAILABLE = "the pgvector extension is not installed in this database"
 
@@ -161,8 +162,7 @@ async def _loaded_elsewhere(
     return str(row[0]) if row else None
 
 
-async def remember_exchange(
-    conn: psycopg.AsyncConnection[Any],
+def exchange_write(
     schema: str,
     *,
     session_id: str,
@@ -172,9 +172,12 @@ async def remember_exchange(
     sources: list[str],
     embedding: list[float] | None = None,
     embedding_model: str | None = None,
-) -> bool:
-    """Write one question and its answer to the session's memory, once per run: the answer stage
-    may run twice after a crash, and the second write does nothing. True when written now."""
+    vector_schema: str | None = None,
+) -> Write:
+    """The statement that writes one question and its answer to the session's memory, for the
+    answer stage to hand to the engine (Run.write): it commits with the stage's output, and only
+    then. Once per run: the same run's exchange written again does nothing. The embedding is
+    stored where pgvector's `vector` type is (`vector_schema`, see vector_type_schema)."""
     metadata: dict[str, Any] = {
         "source": session_namespace(session_id),
         "session_id": session_id,
@@ -182,31 +185,22 @@ async def remember_exchange(
         "question": question,
         "cited": sources,
     }
-    content = f"Q: {question}\nA: {answer}"
-    vector_schema = await vector_type_schema(conn, schema) if embedding is not None else None
+    namespace, content = session_namespace(session_id), f"Q: {question}\nA: {answer}"
+    once = (
+        " ON CONFLICT ((metadata->>'run_id')) WHERE kind = 'message' AND metadata ? 'run_id'"
+        " DO NOTHING"
+    )
     if embedding is not None and vector_schema and embedding_model:
         metadata["embedding_model"] = embedding_model
         query = sql.SQL(
             "INSERT INTO {} (namespace, kind, content, metadata, embedding)"
-            " VALUES (%s, 'message', %s, %s, %s::text::{}.vector)"
-            " ON CONFLICT ((metadata->>'run_id')) WHERE kind = 'message' AND metadata ? 'run_id'"
-            " DO NOTHING RETURNING id"
+            " VALUES (%s, 'message', %s, %s, %s::text::{}.vector)" + once
         ).format(_table(schema), sql.Identifier(vector_schema))
-        params: tuple[Any, ...] = (
-            session_namespace(session_id),
-            content,
-            Jsonb(metadata),
-            _vector_text(embedding),
-        )
-    else:
-        query = sql.SQL(
-            "INSERT INTO {} (namespace, kind, content, metadata) VALUES (%s, 'message', %s, %s)"
-            " ON CONFLICT ((metadata->>'run_id')) WHERE kind = 'message' AND metadata ? 'run_id'"
-            " DO NOTHING RETURNING id"
-        ).format(_table(schema))
-        params = (session_namespace(session_id), content, Jsonb(metadata))
-    row = await (await conn.execute(query, params)).fetchone()
-    return row is not None
+        return Write(query, (namespace, content, Jsonb(metadata), _vector_text(embedding)))
+    query = sql.SQL(
+        "INSERT INTO {} (namespace, kind, content, metadata) VALUES (%s, 'message', %s, %s)" + once
+    ).format(_table(schema))
+    return Write(query, (namespace, content, Jsonb(metadata)))
 
 
 # -- reading -------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import time
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from conveyor import metrics
+from conveyor.settings import ConfigError, Settings
 from conveyor.supervisor.http import ProbeServer
 from conveyor.supervisor.multiproc import mark_dead
 from conveyor.worker.liveness import LivenessBoard, LivenessSlot
@@ -50,13 +52,14 @@ class Supervisor:
     `start_child(name, liveness, died_pid)` runs in the forked child and never returns; the
     child reports through its LivenessSlot, and `died_pid` is the child it replaces, if one
     died before it (its successor ends what it left behind). `metrics_port` None serves no
-    HTTP (tests of the class itself).
+    HTTP (tests of the class itself); `metrics_host` None reads CONVEYOR_METRICS_HOST.
     """
 
     plan: dict[str, int]
     start_child: Callable[[str, LivenessSlot, int | None], None]
     grace_seconds: float
     metrics_port: int | None = None
+    metrics_host: str | None = None
     max_consecutive_crashes: int = MAX_CONSECUTIVE_CRASHES
     max_restart_delay: float = MAX_RESTART_DELAY_SECONDS
     pipeline: str = ""  # the metrics' pipeline label
@@ -64,18 +67,18 @@ class Supervisor:
     stopping: bool = False
     stop_signal: int | None = None
     exit_code: int = 0
+    _server: ProbeServer | None = field(default=None, init=False, repr=False)
 
     def run(self) -> int:
         self.slots = [Slot(name, i) for name, n in self.plan.items() for i in range(n)]
         self.board = LivenessBoard(len(self.slots))
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
-        server = None
         metrics.publish_build_info()
         for name in self.plan:  # restarts read as zero, not as missing, until one happens
             metrics.WORKER_RESTARTS.labels(self.pipeline, name)
         if self.metrics_port is not None:
-            server = ProbeServer(self.metrics_port, health=self.health, ready=self.readiness)
+            self._server = self._open_probe_server(self.metrics_port)
         log.info("supervisor started", plan=self.plan, pid=os.getpid())
         for slot in self.slots:
             self._spawn(slot)
@@ -83,17 +86,39 @@ class Supervisor:
             while not self.stopping:
                 self._reap()
                 self._restart_due()
-                if server is not None:
-                    server.serve_once(0.1)
-                else:
-                    time.sleep(0.1)
+                self._pause(0.1)
             if self.stop_signal is not None:
                 log.info("supervisor stopping", signal=signal.Signals(self.stop_signal).name)
             self._shutdown()
         finally:
-            if server is not None:
-                server.close()
+            if self._server is not None:
+                self._server.close()
+                self._server = None
         return self.exit_code
+
+    def _open_probe_server(self, port: int) -> ProbeServer:
+        """Bound before any child is forked: a bad address or a taken port is a setting's
+        error (exit code 2), not a traceback."""
+        host = self.metrics_host
+        if host is None:
+            host = Settings.from_env().metrics_host
+        try:
+            return ProbeServer(port, host=host, health=self.health, ready=self.readiness)
+        except OSError as exc:
+            taken = exc.errno in (errno.EADDRINUSE, errno.EACCES)
+            variable, value = (
+                ("CONVEYOR_METRICS_PORT", str(port)) if taken else ("CONVEYOR_METRICS_HOST", host)
+            )
+            raise ConfigError(
+                variable, value, f"cannot listen on {host} port {port}: {exc.strerror or exc}"
+            ) from None
+
+    def _pause(self, seconds: float) -> None:
+        """Wait between checks of the children; the probe server's turn never blocks longer."""
+        if self._server is None:
+            time.sleep(seconds)
+        else:
+            self._server.serve_once(seconds)
 
     def alive(self) -> dict[str, int]:
         counts = dict.fromkeys(self.plan, 0)
@@ -141,6 +166,8 @@ class Supervisor:
         if pid == 0:  # the child
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
+            if self._server is not None:  # the port stays the supervisor's alone
+                self._server.close_inherited()
             code = 0
             try:
                 self.start_child(slot.stage, self.board.slot(position), slot.died_pid)
@@ -209,7 +236,7 @@ class Supervisor:
         deadline = time.monotonic() + self.grace_seconds
         while any(s.pid for s in self.slots) and time.monotonic() < deadline:
             self._reap()
-            time.sleep(0.05)
+            self._pause(0.05)  # probes answer "stopping" meanwhile
         for slot in self.slots:
             if slot.pid:
                 log.warning("worker did not stop in time; killing", stage=slot.stage, pid=slot.pid)

@@ -18,7 +18,7 @@ from psycopg import sql
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
 
 from conveyor import metrics
-from conveyor.db import CONNECT_TIMEOUT_SECONDS, KEEPALIVE_OPTIONS, brief
+from conveyor.db import CONNECT_TIMEOUT_SECONDS, DATABASE_AWAY, KEEPALIVE_OPTIONS, brief
 from conveyor.worker.tally import WRITE_DELAY
 
 log = structlog.get_logger("conveyor.listener")
@@ -26,6 +26,9 @@ log = structlog.get_logger("conveyor.listener")
 # Every listener on a channel hears every health ping sent on it, its own and its peers': a ping
 # carries its sender's token, so each listener knows its own and takes none for a wake-up.
 _PING = "ping"
+# Notifications the listener's owner could not handle are logged at most this often: any login
+# may send them, as many as it likes.
+_BAD_NOTIFICATION_LOG_SECONDS = 10.0
 
 
 def wake_channel(schema: str, pipeline: str, status: str) -> str:
@@ -73,6 +76,8 @@ class Listener:
         self._ping_answered = False
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._metrics = _ListenerMetrics(metric_labels) if metric_labels else None
+        self.bad_notifications = 0
+        self._next_bad_log = 0.0
 
     async def run(self) -> None:
         first = True
@@ -94,6 +99,13 @@ class Listener:
                     self._metrics.disconnected()
                 log.warning("listener connection lost", channel=self.channel, error=brief(exc))
                 await conn.close()
+
+    def reconnect(self) -> None:
+        """Drop the connection now (its server went read-only, say): the listener connects
+        again, through the URL's hosts, as after any loss."""
+        if self._conn is not None and self.connected.is_set():
+            log.warning("listener reconnecting: its server is read-only", channel=self.channel)
+            _shut_down(self._conn)
 
     async def close(self) -> None:
         self.connected.clear()
@@ -198,7 +210,9 @@ class Listener:
         while (arrived := pgconn.notifies()) is not None:
             self._heard(
                 psycopg.Notify(
-                    arrived.relname.decode(encoding), arrived.extra.decode(encoding), arrived.be_pid
+                    arrived.relname.decode(encoding, "replace"),
+                    arrived.extra.decode(encoding, "replace"),
+                    arrived.be_pid,
                 )
             )
 
@@ -210,9 +224,29 @@ class Listener:
         if self._metrics:
             self._metrics.heard(self.last_notification_at, ping=ping)
         if not ping:
-            self.on_wake(notify.payload)
+            self._deliver(notify.payload)
         elif notify.payload == self._ping_payload:
             self._ping_answered = True
+
+    def _deliver(self, payload: str) -> None:
+        """Hand a payload to the owner. Whatever it carries (any login may NOTIFY on any
+        channel), a payload the owner cannot handle is logged and skipped: it never ends the
+        listener."""
+        try:
+            self.on_wake(payload)
+        except Exception as exc:
+            self.bad_notifications += 1
+            now = time.monotonic()
+            if now >= self._next_bad_log:
+                self._next_bad_log = now + _BAD_NOTIFICATION_LOG_SECONDS
+                log.error(
+                    "notification could not be handled; skipped",
+                    channel=self.channel,
+                    error=brief(exc),
+                    error_type=type(exc).__name__,
+                    payload_bytes=len(payload.encode(errors="replace")),
+                    skipped=self.bad_notifications,
+                )
 
     def _give_up_on(self, conn: psycopg.AsyncConnection[Any]) -> None:
         log.warning(
@@ -220,13 +254,7 @@ class Listener:
             channel=self.channel,
             timeout=self.health_timeout,
         )
-        # On a duplicate of the descriptor: shutdown() acts on the connection itself, and
-        # closing the duplicate leaves psycopg's own descriptor for psycopg to close.
-        with (
-            contextlib.suppress(OSError, psycopg.Error),
-            socket.socket(fileno=os.dup(conn.pgconn.socket)) as sock,
-        ):
-            sock.shutdown(socket.SHUT_RDWR)
+        _shut_down(conn)
 
     def _log_retry(self, state: Any) -> None:
         exc = state.outcome.exception() if state.outcome else None
@@ -283,6 +311,17 @@ class _ListenerMetrics:
             self._unwritten = 0
 
 
+def _shut_down(conn: psycopg.AsyncConnection[Any]) -> None:
+    """Fail the connection under whatever waits on it. On a duplicate of the descriptor:
+    shutdown() acts on the connection itself, and closing the duplicate leaves psycopg's own
+    descriptor for psycopg to close."""
+    with (
+        contextlib.suppress(OSError, psycopg.Error),
+        socket.socket(fileno=os.dup(conn.pgconn.socket)) as sock,
+    ):
+        sock.shutdown(socket.SHUT_RDWR)
+
+
 async def _readable(fd: int, timeout: float | None) -> bool:
     """Whether the socket has something to read within `timeout` seconds (None: no limit)."""
     loop = asyncio.get_running_loop()
@@ -303,4 +342,5 @@ async def _readable(fd: int, timeout: float | None) -> bool:
         loop.remove_reader(fd)
 
 
-_CONNECTION_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError, TimeoutError, OSError)
+# A read-only server (a standby, a demoted primary) answers but never hears a primary's commits.
+_CONNECTION_ERRORS: tuple[type[Exception], ...] = (*DATABASE_AWAY, TimeoutError, OSError)

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import json
 import logging
 import os
 import random
+import secrets
 import signal
 import time
 import uuid
@@ -21,11 +24,18 @@ import structlog
 from psycopg_pool import AsyncConnectionPool
 
 from conveyor import metrics
-from conveyor.db import CONNECT_TIMEOUT_SECONDS, KEEPALIVE_OPTIONS, brief, refusal
+from conveyor.db import (
+    CONNECT_TIMEOUT_SECONDS,
+    DATABASE_AWAY,
+    KEEPALIVE_OPTIONS,
+    brief,
+    refusal,
+    server_read_only,
+)
 from conveyor.logs import current_run
 from conveyor.maintenance import Maintenance
 from conveyor.pipeline import Pipeline, Run, Stage
-from conveyor.protocol import Applied, ClaimedRow, Failure, StageProtocol, Success
+from conveyor.protocol import Applied, ClaimedRow, Failure, StageProtocol, Success, Undecodable
 from conveyor.settings import Settings
 from conveyor.worker.listener import Listener, wake_channel
 from conveyor.worker.liveness import LivenessSlot
@@ -42,9 +52,12 @@ _LIVENESS_TICK = 1.0
 POOL_WAIT_SECONDS = 5.0
 # At exit, how long the completer may take to commit its last batch before it is cancelled.
 COMPLETER_STOP_SECONDS = 5.0
-_DB_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError, psycopg.errors.DeadlockDetected)
-# A wake-up notification that carries a run leased to a waiting worker at commit (migration 007).
+_DB_ERRORS: tuple[type[Exception], ...] = (*DATABASE_AWAY, psycopg.errors.DeadlockDetected)
+# A wake-up notification that carries a run leased to a waiting worker at commit:
+# `run:<worker>:<signature>:<json>`, signed by hand_off() with the worker's registry secret.
 _HAND_OFF = "run:"
+# Refused hand-off notifications (forged, stale, replayed) are logged at most this often.
+_REFUSAL_LOG_SECONDS = 10.0
 
 
 def new_worker_id(stage: str) -> str:
@@ -79,6 +92,16 @@ class Worker:
         self.listen_url = listen_url or url
         self.worker_id = worker_id or new_worker_id(stage.name)
         self.channel = wake_channel(settings.schema, pipeline.name, stage.consumes)
+        # Known to this process and, through its registry row, to the database alone: what
+        # tells a hand-off from a notification any login could send.
+        self._secret = secrets.token_bytes(32)
+        self._hand_off_prefix = f"{_HAND_OFF}{self.worker_id}:"
+        # (run, attempt) of every hand-off taken, until its lease would have expired: a
+        # replayed notification is not run twice.
+        self._handed: dict[tuple[UUID, int], float] = {}
+        self._refused_hand_offs = 0
+        self._next_refusal_log = 0.0
+        self.failed = False  # a side task died: the process exits non-zero, to be restarted
         self.stopping = asyncio.Event()
         self._wake = asyncio.Event()
         self._slot_freed = asyncio.Event()
@@ -187,6 +210,8 @@ class Worker:
             maintenance = Maintenance(self.settings, self.pipeline, self.listen_url, self.worker_id)
             helpers.append(asyncio.create_task(maintenance.run(), name="maintenance"))
         completer = asyncio.create_task(self._complete_forever(), name="completer")
+        for task in [*helpers, completer]:
+            task.add_done_callback(self._side_task_ended)
         try:
             await self._dispatch_until_stopped()
             await self._drain()
@@ -213,6 +238,22 @@ class Worker:
             await self.pool.close()
             self._log.info("worker stopped")
 
+    def _side_task_ended(self, task: asyncio.Task[None]) -> None:
+        """A side task that dies leaves the worker half alive (deaf, or never beating): it
+        stops instead, drains what it holds and exits non-zero, and its supervisor starts a
+        new one. Readiness drops at once."""
+        if task.cancelled() or task.exception() is None:
+            return
+        self._log.error(
+            "worker task died; stopping the worker",
+            task=task.get_name(),
+            error=brief(task.exception()),
+        )
+        self.failed = True
+        if self.liveness is not None:
+            self.liveness.set_listening(False)
+        self.stop()
+
     def stop(self) -> None:
         if not self.stopping.is_set():
             self._log.info(
@@ -228,30 +269,51 @@ class Worker:
     def _on_notification(self, payload: str | None) -> None:
         if payload is None:  # (re)connected: what was handed to it meanwhile went unheard
             self._recover_unheard = True
-        elif payload.startswith(_HAND_OFF) and not self._take_hand_off(payload[len(_HAND_OFF) :]):
-            return  # a hand-off to this worker with slots left, or a peer's: nothing to claim
+        elif payload.startswith(_HAND_OFF):
+            if not payload.startswith(self._hand_off_prefix):
+                return  # a peer's hand-off
+            if not self._take_hand_off(payload[len(self._hand_off_prefix) :]):
+                return  # taken with slots left, or refused: nothing to claim
         self._wake.set()
 
-    def _take_hand_off(self, text: str) -> bool:
+    def _signature(self, body: str) -> bytes:
+        """hand_off()'s signature of a payload: sha256(secret || sha256(secret || body))."""
+        inner = hashlib.sha256(self._secret + body.encode()).digest()
+        return hashlib.sha256(self._secret + inner).hexdigest().encode()
+
+    def _take_hand_off(self, signed: str) -> bool:
         """Start a run the wake-up trigger leased to this worker at commit, from the
-        notification. One it cannot take is given back. Whether the dispatcher should look
-        again: the registry handed it its last free slot, so it no longer waits."""
+        notification, once its signature proves the database sent it. One it cannot take is
+        given back. Whether the dispatcher should look again: the registry handed it its last
+        free slot, so it no longer waits."""
+        signature, _, body = signed.partition(":")
+        if not hmac.compare_digest(signature.encode(errors="replace"), self._signature(body)):
+            self._refuse_hand_off("signature does not match")
+            return False
         try:
-            handed = json.loads(text)
-            if handed["worker"] != self.worker_id:
-                return False
+            handed = json.loads(body)
             free = int(handed["free"])  # the registry's count, after this one
+            expires = float(handed["expires"])
             row: ClaimedRow = (
                 UUID(handed["id"]),
-                dict(handed["input"]),
-                dict(handed["outputs"]),
+                handed["input"],
+                handed["outputs"],
                 int(handed["attempt"]),
                 float(handed["waited"]),
                 False,
             )
-        except (ValueError, KeyError, TypeError) as exc:  # its lease expires, the rescue frees it
-            self._log.error("malformed hand-off notification; skipped", error=brief(exc))
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
+            # The database leased it to this worker, but its text cannot be read here (an
+            # input nested too deeply): released unheard, then claimed, and failed there.
+            self._log.error("undecodable hand-off; releasing it", error=brief(exc))
+            self._recover_unheard = True
+            return True
+        key = (row[0], row[3])
+        now = time.time()
+        if expires <= now or key in self._handed:
+            self._refuse_hand_off("stale or replayed")
             return False
+        self._remember_hand_off(key, expires, now)
         self._free_reported = free
         no_slot_left = free <= 0
         if no_slot_left:
@@ -265,6 +327,23 @@ class Worker:
             return True  # it no longer waits: the dispatcher claims and waits again when it can
         self._start([row], by_timer=False)
         return no_slot_left
+
+    def _remember_hand_off(self, key: tuple[UUID, int], expires: float, now: float) -> None:
+        if len(self._handed) >= 1024:  # forget the ones whose lease is over
+            self._handed = {k: at for k, at in self._handed.items() if at > now}
+        self._handed[key] = expires
+
+    def _refuse_hand_off(self, reason: str) -> None:
+        """A hand-off notification that proves nothing: anyone may NOTIFY. Counted, and logged
+        at most every few seconds, so a flood of them cannot flood the log."""
+        self._refused_hand_offs += 1
+        metrics.WORKER_ERRORS.labels(*self._labels, "hand_off_refused").inc()
+        now = time.monotonic()
+        if now >= self._next_refusal_log:
+            self._next_refusal_log = now + _REFUSAL_LOG_SECONDS
+            self._log.warning(
+                "hand-off notification refused", reason=reason, refused=self._refused_hand_offs
+            )
 
     def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
         """Run `work` beside the dispatcher; waited for (then cancelled) at exit."""
@@ -365,10 +444,17 @@ class Worker:
             await self._set_waiting(not self._backlog)
 
     def _start(self, rows: list[ClaimedRow], *, by_timer: bool) -> None:
-        """Run the handler of every run claimed or handed to this worker."""
+        """Run the handler of every run claimed or handed to this worker; fail at once, with
+        the reason, a run whose stored values cannot be read here."""
         for run_id, run_input, outputs, attempt, _waited, rescued in rows:
-            run = Run(run_id, self.pipeline.name, self.stage.name, run_input, outputs, attempt)
             self._held.add(run_id)
+            unreadable = _unreadable(run_input, outputs)
+            if unreadable is not None:
+                self._log.error("run cannot be read; failed", run_id=str(run_id), error=unreadable)
+                self._failures.append(Failure(run_id, attempt, unreadable, None, time.time(), 0.0))
+                self._results_ready.set()
+                continue
+            run = Run(run_id, self.pipeline.name, self.stage.name, run_input, outputs, attempt)
             self._in_flight[run_id] = asyncio.create_task(self._execute(run))
             self._running_rescued = self._running_rescued or rescued
         if rows:
@@ -390,7 +476,11 @@ class Worker:
             return
         try:
             await self.protocol.beat(
-                channel=self.channel, waiting=waiting, ttl_seconds=self._ttl, free_slots=free
+                channel=self.channel,
+                waiting=waiting,
+                ttl_seconds=self._ttl,
+                free_slots=free,
+                secret=self._secret,
             )
         except _DB_ERRORS as exc:
             await self._database_trouble("beat", exc)
@@ -605,7 +695,11 @@ class Worker:
     async def _beat(self) -> None:
         free = self._free_slots if self._waiting else 0
         await self.protocol.beat(
-            channel=self.channel, waiting=self._waiting, ttl_seconds=self._ttl, free_slots=free
+            channel=self.channel,
+            waiting=self._waiting,
+            ttl_seconds=self._ttl,
+            free_slots=free,
+            secret=self._secret,
         )
         self._free_reported = free
 
@@ -686,6 +780,11 @@ class Worker:
 
     async def _database_trouble(self, what: str, exc: BaseException) -> None:
         self._log.warning("database error; will retry", during=what, error=brief(exc))
+        if server_read_only(exc):
+            # A standby, or a primary demoted by a failover: every connection to it is useless.
+            # New ones (a multi-host URL with target_session_attrs=read-write) find the primary.
+            self.listener.reconnect()
+            await self.pool.drain()
         await asyncio.sleep(random.uniform(0.05, 0.5))
 
     async def _statement_refused(
@@ -707,6 +806,16 @@ class Worker:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(retry_in):
                     await self.stopping.wait()
+
+
+def _unreadable(run_input: object, outputs: object) -> str | None:
+    """Why a claimed run's input or outputs cannot be given to a handler, if they cannot."""
+    for name, value in (("input", run_input), ("outputs", outputs)):
+        if isinstance(value, Undecodable):
+            return f"run {name} cannot be read: {value.reason}"
+        if not isinstance(value, dict):
+            return f"run {name} is not a JSON object"
+    return None
 
 
 def _run_ids(*results: list[Success] | list[Failure]) -> set[UUID]:
@@ -752,3 +861,5 @@ def run_worker(
         replaces_pid=replaces_pid,
     )
     asyncio.run(worker.run())
+    if worker.failed:
+        raise SystemExit(1)

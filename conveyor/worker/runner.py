@@ -9,9 +9,9 @@ import time
 import traceback
 from typing import Any
 
-from conveyor.db import redact
 from conveyor.pipeline import PermanentError, Run, Stage
 from conveyor.protocol import Failure, Success
+from conveyor.urls import redact
 from conveyor.worker.deadlines import for_running_loop
 
 _MAX_ERROR_CHARS = 4000
@@ -20,6 +20,11 @@ _MAX_ERROR_CHARS = 4000
 _to_json = json.JSONEncoder(allow_nan=False).encode
 # An unescaped \u0000 in JSON text: jsonb refuses it, and one such output must not sink a batch.
 _NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+
+
+class OutputError(Exception):
+    """A handler's output that cannot be stored as the stage's JSON object. No retry can change
+    it, so the run fails at once, with this one line as its error."""
 
 
 async def run_handler(stage: Stage, run: Run) -> Success | Failure:
@@ -34,14 +39,15 @@ async def run_handler(stage: Stage, run: Run) -> Success | Failure:
             output: Any = await stage.handler(run)  # type: ignore[misc]
         else:
             output = await asyncio.to_thread(stage.handler, run)
-        payload = _to_json(output)
-        if "\\u0000" in payload and _NUL_ESCAPE.search(payload):
-            raise ValueError("output contains a NUL character (\\u0000): jsonb cannot store it")
+        payload = output_json(stage.name, output)
     except asyncio.CancelledError:
         if not deadlines.timed_out(task):
             raise  # taken away or shutting down: the worker handles it
         error = f"TimeoutError: stage {stage.name!r} timed out after {stage.timeout:g}s"
         return _failure(stage, run, error, started, time.perf_counter() - t0)
+    except OutputError as exc:  # the handler ran fine: its traceback would say nothing
+        error = f"OutputError: {exc}"
+        return _failure(stage, run, error, started, time.perf_counter() - t0, permanent=True)
     except Exception as exc:  # a handler's error never kills the worker
         permanent = isinstance(exc, PermanentError)
         return _failure(stage, run, describe(exc), started, time.perf_counter() - t0, permanent)
@@ -56,7 +62,36 @@ async def run_handler(stage: Stage, run: Run) -> Success | Failure:
         run.llm_model,
         run.prompt_tokens,
         run.completion_tokens,
+        run.writes,  # executed with the output, if it is stored (StageProtocol.apply)
     )
+
+
+def output_json(stage: str, output: Any) -> str:
+    """A stage's output as JSON text: a JSON object (a dict with str keys) that jsonb can store,
+    or OutputError saying in one line why it is not."""
+    where = f"stage {stage!r} returned"
+    if not isinstance(output, dict):
+        raise OutputError(f"{where} {_kind(output)}, not a JSON object (a dict with str keys)")
+    for key in output:
+        if not isinstance(key, str):  # json would write 1 as "1", and fail on a tuple
+            raise OutputError(
+                f"{where} a dict with a key of type {type(key).__name__}; JSON keys are str"
+            )
+    try:
+        payload = _to_json(output)
+    except RecursionError:
+        raise OutputError(f"{where} an object nested too deeply to write as JSON") from None
+    except (TypeError, ValueError) as exc:  # not serialisable; NaN or infinity; a cycle
+        raise OutputError(f"{where} an object that is not JSON: {exc}") from None
+    if "\\u0000" in payload and _NUL_ESCAPE.search(payload):
+        raise OutputError(
+            f"{where} an object holding a NUL character (\\u0000): jsonb cannot store it"
+        )
+    return payload
+
+
+def _kind(value: Any) -> str:
+    return "None" if value is None else f"a value of type {type(value).__name__}"
 
 
 def describe(exc: BaseException) -> str:

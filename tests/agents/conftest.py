@@ -9,6 +9,7 @@ import pytest
 
 from conveyor import Pipeline, Run
 from conveyor.agents import db
+from conveyor.protocol import execute_writes
 from tests.integration.conftest import start_conveyor
 from tests.llm_server import FakeLLM
 
@@ -65,7 +66,17 @@ async def run_stages(
     for stage in pipeline.stages:
         run = Run(run_id, pipeline.name, stage.name, run_input, dict(outputs), 1)
         outputs[stage.name] = await stage.handler(run)  # type: ignore[misc]
+        await _store_writes(run)
         runs.append(run)
         if stage.name == until:
             break
     return outputs, runs
+
+
+async def _store_writes(run: Run) -> None:
+    """What the engine does with a stored output: the handler's writes (Run.write), committed
+    together."""
+    if run.writes:
+        pool, _schema = await db.pool()
+        async with pool.connection() as conn, conn.transaction():
+            await execute_writes(conn, run.writes)

@@ -4,7 +4,9 @@ the ones they never heard."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -15,6 +17,8 @@ import pytest
 from tests.helpers import ConveyorProcess, fetch_all, scalar, wait_until
 
 CHANNEL = "conveyor.agents.NEW"
+SECRET = bytes(range(32))
+_SIGNED = re.compile(r"run:(?P<worker>.*?):(?P<signature>[0-9a-f]{64}):(?P<body>\{.*)", re.S)
 CHAIN = {"CONVEYOR_PIPELINE": "tests.pipelines:chain"}
 Start = Callable[..., ConveyorProcess]
 
@@ -24,11 +28,21 @@ def _register(
 ) -> None:
     conn.execute(
         "INSERT INTO conveyor.workers (worker_id, pipeline, stage, consumes, channel, hostname,"
-        " pid, expires_at, waiting, working, lease_seconds, free_slots)"
+        " pid, expires_at, waiting, working, lease_seconds, free_slots, secret)"
         " VALUES (%s, 'agents', 'analyze', 'NEW', %s, 'h', 1, now() + interval '1 min', true,"
-        " %s, 30, %s)",
-        (worker, CHANNEL, working, free),
+        " %s, 30, %s, %s)",
+        (worker, CHANNEL, working, free, SECRET),
     )
+
+
+def _handed(payload: str) -> dict[str, Any]:
+    """A hand-off's content, once its signature checks out with the worker's secret."""
+    match = _SIGNED.fullmatch(payload)
+    assert match, payload
+    body = match["body"]
+    inner = hashlib.sha256(SECRET + body.encode()).digest()
+    assert match["signature"] == hashlib.sha256(SECRET + inner).hexdigest()
+    return {"worker": match["worker"], **json.loads(body)}
 
 
 def _heard(listener: psycopg.Connection[Any]) -> list[str]:
@@ -62,7 +76,7 @@ def test_a_run_is_leased_to_the_waiting_worker_at_commit_and_sent_to_it(
 
     [payload] = _heard(listener)
     assert payload.startswith("run:")
-    handed = json.loads(payload[len("run:") :])
+    handed = _handed(payload)
     assert handed["worker"] == "w1" and handed["id"] == str(run_id) and handed["free"] == 1
     assert handed["attempt"] == 1 and handed["input"] == {"q": "x"} and handed["outputs"] == {}
     assert 0 <= handed["waited"] < 5
@@ -70,7 +84,7 @@ def test_a_run_is_leased_to_the_waiting_worker_at_commit_and_sent_to_it(
     # The last slot takes the worker off the waiting list (until it says otherwise).
     conn.execute("INSERT INTO conveyor.pipeline_runs DEFAULT VALUES")
     [payload] = _heard(listener)
-    assert json.loads(payload[len("run:") :])["free"] == 0
+    assert _handed(payload)["free"] == 0
     assert conn.execute("SELECT waiting, free_slots FROM conveyor.workers").fetchone() == (False, 0)
 
     # Nobody waits now: the next run stays NEW, and nothing is sent.
@@ -164,12 +178,21 @@ _DECOY_OPERATORS = [
     ("-", "integer", "integer", "int4mi"),
     ("+", "timestamptz", "interval", "timestamptz_pl_interval"),
     ("||", "text", "text", "textcat"),
+    ("<>", "text", "text", "textne"),
+    ("||", "bytea", "bytea", "byteacat"),
 ]
 _DECOY_FUNCTIONS = [
     ("now()", "timestamptz", "pg_catalog.now()"),
     ("clock_timestamp()", "timestamptz", "pg_catalog.clock_timestamp()"),
     ("octet_length(text)", "integer", "pg_catalog.octet_length($1)"),
     ("pg_notify(text, text)", "void", "pg_catalog.pg_notify($1, $2)"),
+    ("length(text)", "integer", "pg_catalog.length($1)"),
+    ("current_setting(text, boolean)", "text", "pg_catalog.current_setting($1, $2)"),
+    ("set_config(text, text, boolean)", "text", "pg_catalog.set_config($1, $2, $3)"),
+    ("sha256(bytea)", "bytea", "pg_catalog.sha256($1)"),
+    ("convert_to(text, name)", "bytea", "pg_catalog.convert_to($1, $2)"),
+    ("encode(bytea, text)", "text", "pg_catalog.encode($1, $2)"),
+    ("pg_trigger_depth()", "integer", "pg_catalog.pg_trigger_depth()"),
 ]
 
 
@@ -196,7 +219,7 @@ def test_a_submitter_cannot_make_the_hand_off_run_its_code_with_the_owners_right
                 for name, (op, left, right, real) in enumerate(_DECOY_OPERATORS):
                     conn.execute(
                         f"CREATE FUNCTION hostile.op{name}(a {left}, b {right})"
-                        f" RETURNS {'boolean' if op in ('=', '>', '<=') else left}"
+                        f" RETURNS {'boolean' if op in ('=', '>', '<=', '<>') else left}"
                         f" LANGUAGE plpgsql AS $$ BEGIN PERFORM hostile.trap();"
                         f" RETURN pg_catalog.{real}(a, b); END $$"
                     )
@@ -412,9 +435,10 @@ def test_one_transaction_wakes_each_stage_it_makes_runs_claimable_for(
     _register(conn, "w1", working="ANALYZING", free=100)
     conn.execute(
         "INSERT INTO conveyor.workers (worker_id, pipeline, stage, consumes, channel, hostname,"
-        " pid, expires_at, waiting, working, lease_seconds, free_slots)"
+        " pid, expires_at, waiting, working, lease_seconds, free_slots, secret)"
         " VALUES ('w2', 'agents', 'assemble', 'ANALYZED', 'conveyor.agents.ANALYZED', 'h', 2,"
-        " now() + interval '1 min', true, 'ASSEMBLING', 30, 100)"
+        " now() + interval '1 min', true, 'ASSEMBLING', 30, 100, %s)",
+        (SECRET,),
     )
     with psycopg.connect(database_url, autocommit=True) as second:
         second.execute('LISTEN "conveyor.agents.ANALYZED"')

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from conveyor import queries
-from conveyor.db import redact
+from conveyor.urls import redact
 
 
 def test_every_protocol_statement_is_named_and_schema_qualified() -> None:

@@ -64,7 +64,7 @@ def test_a_handler_that_swallows_the_cancellation_leaves_its_task_usable() -> No
         try:
             await asyncio.sleep(5)
         except asyncio.CancelledError:
-            return "swallowed"
+            return {"r": "swallowed"}
         return "slept"
 
     async def scenario() -> tuple[Success | Failure, int]:
@@ -75,5 +75,5 @@ def test_a_handler_that_swallows_the_cancellation_leaves_its_task_usable() -> No
         return outcome, task.cancelling()
 
     outcome, cancelling = asyncio.run(scenario())
-    assert isinstance(outcome, Success) and outcome.output_json == '"swallowed"'
+    assert isinstance(outcome, Success) and outcome.output_json == '{"r": "swallowed"}'
     assert cancelling == 0
