@@ -32,7 +32,7 @@ from benchmarks.harness import (
 )
 from benchmarks.report import ratio
 from conveyor import runs
-from conveyor.worker.listener import wake_channel
+from conveyor.listening import wake_channel
 
 COMMAND = "python -m benchmarks.ingest"
 CLIENTS = 8

@@ -20,6 +20,22 @@ KEEPALIVE_OPTIONS: dict[str, Any] = {
 }
 
 
+def session_options(application_name: str) -> dict[str, Any]:
+    """What every conveyor session is opened with: autocommit, its name (what pg_stat_activity
+    shows, cut to PostgreSQL's 63 bytes), a bounded connect and keepalives."""
+    return {
+        "autocommit": True,
+        "application_name": application_name[:63],
+        "connect_timeout": CONNECT_TIMEOUT_SECONDS,
+        **KEEPALIVE_OPTIONS,
+    }
+
+
+async def connect_async(url: str, application_name: str) -> psycopg.AsyncConnection[Any]:
+    """One autocommit session of its own (a LISTEN, the leader's lock), opened as all are."""
+    return await psycopg.AsyncConnection.connect(url, **session_options(application_name))
+
+
 class DatabaseUnavailable(Exception):
     """The database cannot be reached; the message never carries a password."""
 

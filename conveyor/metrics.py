@@ -22,6 +22,10 @@ from collections.abc import Iterable
 
 from prometheus_client import Counter, Gauge, Histogram
 
+# Counts taken on a run's path are written this long after the first of a batch
+# (conveyor/worker/tally.py says why), off that path.
+WRITE_DELAY = 0.002
+
 _STAGE = ("pipeline", "stage")
 _STATUS = ("pipeline", "stage", "status")
 _FAST_BUCKETS = (

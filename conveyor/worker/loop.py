@@ -32,12 +32,12 @@ from conveyor.db import (
     refusal,
     server_read_only,
 )
+from conveyor.listening import Listener, wake_channel
 from conveyor.logs import current_run
 from conveyor.maintenance import Maintenance
 from conveyor.pipeline import Pipeline, Run, Stage
 from conveyor.protocol import Applied, ClaimedRow, Failure, StageProtocol, Success, Undecodable
 from conveyor.settings import Settings
-from conveyor.worker.listener import Listener, wake_channel
 from conveyor.worker.liveness import LivenessSlot
 from conveyor.worker.runner import run_handler
 from conveyor.worker.tally import StageTally

@@ -16,8 +16,7 @@ import asyncio
 from collections.abc import Callable
 
 from conveyor import metrics
-
-WRITE_DELAY = 0.002
+from conveyor.metrics import WRITE_DELAY
 
 
 class StageTally:

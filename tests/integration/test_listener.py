@@ -8,7 +8,7 @@ from collections.abc import Callable
 import psycopg
 import pytest
 
-from conveyor.worker.listener import Listener
+from conveyor.listening import Listener
 
 CHANNEL = "conveyor.test.NEW"
 

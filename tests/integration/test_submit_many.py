@@ -12,7 +12,7 @@ import psycopg
 import pytest
 
 from conveyor import runs
-from conveyor.worker.listener import wake_channel
+from conveyor.listening import wake_channel
 from tests.helpers import ConveyorProcess, conveyor_command, scalar, wait_until
 
 CHAIN = {"CONVEYOR_PIPELINE": "tests.pipelines:chain"}

@@ -1,4 +1,5 @@
-"""The worker's LISTEN connection: wakes the dispatcher, checks its own health, reconnects."""
+"""One LISTEN connection that wakes its owner, checks its own health and reconnects: the
+workers' wake-ups and the console's live updates."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_ji
 
 from conveyor import metrics
 from conveyor.db import CONNECT_TIMEOUT_SECONDS, DATABASE_AWAY, KEEPALIVE_OPTIONS, brief
-from conveyor.worker.tally import WRITE_DELAY
+from conveyor.metrics import WRITE_DELAY
 
 log = structlog.get_logger("conveyor.listener")
 
