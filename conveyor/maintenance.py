@@ -18,21 +18,30 @@ import structlog
 from psycopg import sql
 
 from conveyor import metrics, queries
-from conveyor.db import CONNECT_TIMEOUT_SECONDS, DATABASE_AWAY, KEEPALIVE_OPTIONS, brief, refusal
+from conveyor.db import DATABASE_AWAY, brief, connect_async, refusal
 from conveyor.leader_metrics import LeaderMetrics
 from conveyor.migrate import latest_version
 from conveyor.pipeline import Pipeline, Stage
 from conveyor.settings import Settings
 
 log = structlog.get_logger("conveyor.maintenance")
-# A read-only server among them: the leader reconnects, and a multi-host URL finds the primary.
-_DB_ERRORS = DATABASE_AWAY
 SCHEMA_CHECK_SECONDS = 60.0
 
 
 class Maintenance:
-    def __init__(self, settings: Settings, pipeline: Pipeline, url: str, identity: str) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        pipeline: Pipeline,
+        url: str,
+        identity: str,
+        *,
+        publish_metrics: bool = True,
+    ) -> None:
+        """`publish_metrics`: whether the leader publishes the pipeline's gauges (queue depth,
+        live workers...); a lone `conveyor worker` serves no /metrics, so it does not."""
         self.settings = settings
+        self.publish_metrics = publish_metrics
         self.pipeline = pipeline
         self.url = url
         self.identity = identity
@@ -54,12 +63,8 @@ class Maintenance:
         failures = 0  # in a row: only the first of a streak is logged
         while True:
             try:
-                async with await psycopg.AsyncConnection.connect(
-                    self.url,
-                    autocommit=True,
-                    application_name=f"conveyor-leader:{self.identity}"[:63],
-                    connect_timeout=CONNECT_TIMEOUT_SECONDS,
-                    **KEEPALIVE_OPTIONS,
+                async with await connect_async(
+                    self.url, f"conveyor-leader:{self.identity}"
                 ) as conn:
                     schema_checked_at = 0.0
                     while True:
@@ -70,12 +75,14 @@ class Maintenance:
                             self.connected = True
                             failures = 0
                             await self._lead_or_wait(conn)
-                        except _DB_ERRORS:
+                        except DATABASE_AWAY:
                             raise
                         except psycopg.Error as exc:
                             self._statement_refused(exc)
                         await asyncio.sleep(self.interval * random.uniform(0.8, 1.2))
-            except _DB_ERRORS as exc:
+            # The database away (a read-only server among them): the leader reconnects, and a
+            # multi-host URL finds the primary.
+            except DATABASE_AWAY as exc:
                 if self.is_leader:
                     log.warning("leadership lost with the connection", error=brief(exc))
                     self.published.resign()
@@ -136,13 +143,14 @@ class Maintenance:
         if self.settings.retention is not None:
             await self._step("prune_finished", self.prune(conn, self.settings.retention))
         await self._step("forget_dead_workers", conn.execute(self.sql["forget_dead_workers"]))
-        await self._step("leader_metrics", self.published.publish(conn))
+        if self.publish_metrics:
+            await self._step("leader_metrics", self.published.publish(conn))
 
     async def _step(self, statement: str, step: Awaitable[object]) -> None:
         self._statement = statement
         try:
             await step
-        except _DB_ERRORS:
+        except DATABASE_AWAY:
             raise
         except psycopg.Error as exc:
             self._statement_refused(exc)

@@ -59,9 +59,7 @@ async def run_handler(stage: Stage, run: Run) -> Success | Failure:
         payload,
         started,
         time.perf_counter() - t0,
-        run.llm_model,
-        run.prompt_tokens,
-        run.completion_tokens,
+        run.usage,  # kept on the run's event (Run.record_usage)
         run.writes,  # executed with the output, if it is stored (StageProtocol.apply)
     )
 

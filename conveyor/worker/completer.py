@@ -1,0 +1,149 @@
+"""The completer: commits the finished attempts of one worker in fenced batches, beside its runs.
+
+Run tasks append their Success or Failure to `successes` / `failures` and set `ready`; the
+completer takes everything collected so far and applies it in one statement (complete_if_leased
+and its siblings), so under load one commit covers many runs. The fence makes a retry safe: on a
+database error the batch is kept and tried again; a batch PostgreSQL refuses is applied one
+result at a time, so one bad result fails its own run instead of blocking every other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from uuid import UUID
+
+import psycopg
+from structlog.typing import FilteringBoundLogger
+
+from conveyor.db import brief
+from conveyor.protocol import Applied, Failure, StageProtocol, Success
+from conveyor.worker.database_errors import DB_ERRORS, DatabaseErrors
+from conveyor.worker.tally import StageTally
+
+# At exit, how long the completer may take to commit its last batch before it is cancelled.
+COMPLETER_STOP_SECONDS = 5.0
+# The final flush at exit gives up after this many database errors; the leases then expire.
+_FINAL_TRIES = 10
+
+
+class Completer:
+    def __init__(
+        self,
+        protocol: StageProtocol,
+        *,
+        tally: StageTally,
+        held: set[UUID],
+        errors: DatabaseErrors,
+        log: FilteringBoundLogger,
+    ) -> None:
+        self._protocol = protocol
+        self._tally = tally
+        # The worker's runs held until their result is applied or refused (shared, not owned).
+        self._held = held
+        self._errors = errors
+        self._log = log
+        # Filled by the run tasks, emptied by flush(); the same list objects for the worker's
+        # life, so the run tasks may keep them.
+        self.successes: list[Success] = []
+        self.failures: list[Failure] = []
+        self.ready = asyncio.Event()
+        self._running = True
+
+    async def complete_forever(self) -> None:
+        while self._running:
+            await self.ready.wait()
+            self.ready.clear()
+            await self.flush()
+
+    async def finish(self, task: asyncio.Task[None]) -> None:
+        """Let the completer commit what it holds and return. Cancelled mid-batch, its
+        statement would be rolled back, and the finished runs rescued and run again."""
+        self._running = False
+        self.ready.set()
+        await asyncio.wait({task}, timeout=COMPLETER_STOP_SECONDS)
+
+    async def flush(self, *, final: bool = False) -> None:
+        """Commit every finished attempt collected so far in one fenced batch. On a database
+        error the results are kept and the batch is tried again: the fence makes it safe.
+        The final flush at exit gives up after a few tries; the leases then expire."""
+        tries = 0
+        while self.successes or self.failures:
+            successes = self.successes[:]
+            self.successes.clear()
+            failures = self.failures[:]
+            self.failures.clear()
+            try:
+                applied = await self._protocol.apply(successes, failures)
+            except asyncio.CancelledError:
+                # Cancelled at exit while the database does not answer: keep the batch for the
+                # final flush (the fence refuses it if this attempt committed after all).
+                self.successes[:0] = successes
+                self.failures[:0] = failures
+                raise
+            except DB_ERRORS as exc:
+                self.successes[:0] = successes
+                self.failures[:0] = failures
+                tries += 1
+                if final and tries >= _FINAL_TRIES:
+                    self._log.error(
+                        "could not report results before exiting; leases will expire",
+                        runs=len(self.successes) + len(self.failures),
+                    )
+                    return
+                await self._errors.away("complete", exc)
+                continue
+            except psycopg.Error as exc:  # bad data, not a lost connection: isolate the culprit
+                self._log.error("batch of results rejected; applying one by one", error=brief(exc))
+                applied = await self._apply_one_by_one(successes, failures)
+            # Applied or refused: no longer this worker's, except what waits to be tried again.
+            pending = _run_ids(self.successes, self.failures)
+            self._held -= _run_ids(successes, failures) - pending
+            tally = self._tally
+            tally.completed += applied.completed
+            tally.retried += applied.retried
+            tally.failed += applied.failed
+            tally.lease_losses += applied.refused
+            tally.soon()
+            if applied.refused:
+                self._log.warning("stale results refused: lease lost", runs=applied.refused)
+
+    async def _apply_one_by_one(self, successes: list[Success], failures: list[Failure]) -> Applied:
+        """A result PostgreSQL refuses fails its run with the reason, instead of blocking
+        every other result behind it forever."""
+        totals = [0, 0, 0, 0]
+        results: list[Success | Failure] = [*successes, *failures]
+        for result in results:
+            try:
+                if isinstance(result, Success):
+                    one = await self._protocol.apply([result], [])
+                else:
+                    one = await self._protocol.apply([], [result])
+            except DB_ERRORS:  # the connection went: keep it for the next flush
+                if isinstance(result, Success):
+                    self.successes.append(result)
+                else:
+                    self.failures.append(result)
+                continue
+            except psycopg.Error as exc:
+                self._log.error(
+                    "result refused by the database", run_id=str(result.run_id), error=brief(exc)
+                )
+                failure = Failure(
+                    result.run_id,
+                    result.attempt,
+                    f"result could not be stored: {brief(exc)}",
+                    None,
+                    result.started_epoch,
+                    result.duration,
+                )
+                try:
+                    one = await self._protocol.apply([], [failure])
+                except psycopg.Error:
+                    continue  # its lease expires; the rescue bounds it once its attempts are spent
+            for i, value in enumerate((one.completed, one.retried, one.failed, one.refused)):
+                totals[i] += value
+        return Applied(*totals)
+
+
+def _run_ids(*results: list[Success] | list[Failure]) -> set[UUID]:
+    return {result.run_id for batch in results for result in batch}

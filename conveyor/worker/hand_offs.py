@@ -1,0 +1,259 @@
+"""Hand-offs: runs leased to a waiting worker by the wake-up trigger, and the worker's place on
+the registry's waiting list that brings them.
+
+A worker with nothing to do arms its registry row (`waiting`, `free_slots`). A transaction that
+makes a run claimable then leases it to that worker at commit and notifies it with the run
+itself: `run:<worker>:<signature>:<json>`. Anyone may NOTIFY, so the signature,
+sha256(secret || sha256(secret || body)) with a secret only this process and its registry row
+know, says the database sent it; `expires` and the memory of (run, attempt) pairs taken refuse a
+stale or replayed one. A hand-off the worker cannot take is given back.
+
+A run handed over while the listener is away goes unheard. So a worker whose listener is away
+leaves the waiting list, and once the listener is back it releases what is leased to it but not
+held: `unheard` asks the dispatcher to do so before its next claim.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import hashlib
+import hmac
+import json
+import secrets
+import time
+from collections.abc import Coroutine
+from typing import Any
+from uuid import UUID
+
+import psycopg
+from structlog.typing import FilteringBoundLogger
+
+from conveyor import metrics
+from conveyor.db import brief
+from conveyor.listening import Listener
+from conveyor.protocol import ClaimedRow, StageProtocol
+from conveyor.worker.database_errors import DB_ERRORS, DatabaseErrors
+
+# What every hand-off notification starts with; the worker's id follows.
+HAND_OFF = "run:"
+# A worker that has just gone idle claims once more after this grace: a transaction whose wake-up
+# trigger ran (and found nobody waiting) just before it said it was waiting commits within it.
+IDLE_GRACE_SECONDS = 0.05
+# Refused hand-off notifications (forged, stale, replayed) are logged at most this often.
+REFUSAL_LOG_SECONDS = 10.0
+# Past this many remembered hand-offs, those whose lease is over are forgotten.
+_REMEMBERED = 1024
+
+
+def signature(secret: bytes, body: str) -> bytes:
+    """hand_off()'s signature of a payload: sha256(secret || sha256(secret || body)), in hex."""
+    inner = hashlib.sha256(secret + body.encode()).digest()
+    return hashlib.sha256(secret + inner).hexdigest().encode()
+
+
+class Verdict(enum.Enum):
+    """What became of a hand-off that is not a run to start."""
+
+    REFUSED = "refused"  # forged, stale or replayed: nothing to do
+    UNDECODABLE = "undecodable"  # leased to this worker, unreadable here: released as unheard
+
+
+class HandOffs:
+    def __init__(
+        self,
+        worker_id: str,
+        protocol: StageProtocol,
+        *,
+        listener: Listener,
+        errors: DatabaseErrors,
+        held: set[UUID],
+        channel: str,
+        ttl_seconds: float,
+        stopping: asyncio.Event,
+        wake: asyncio.Event,
+        labels: tuple[str, str],
+        log: FilteringBoundLogger,
+    ) -> None:
+        self._protocol = protocol
+        self._listener = listener
+        self._errors = errors
+        self._held = held  # the worker's runs, from claim or hand-off to result (shared)
+        self._channel = channel
+        self._ttl = ttl_seconds
+        self._stopping = stopping
+        self._wake = wake
+        self._labels = labels
+        self._log = log
+        # Known to this process and, through its registry row, to the database alone: what
+        # tells a hand-off from a notification any login could send.
+        self.secret = secrets.token_bytes(32)
+        self.prefix = f"{HAND_OFF}{worker_id}:"
+        self.armed = False  # the registry row says this worker waits: runs may be handed to it
+        self.free_reported = 0  # the free slots the registry last heard of (hand-offs count down)
+        self.unheard = False  # runs may have been handed over unheard: release them
+        self.releasing: set[UUID] = set()  # being given back: neither started nor released again
+        self.background: set[asyncio.Task[None]] = set()  # give-backs, the leaving beat
+        # (run, attempt) of every hand-off taken, until its lease would have expired: a
+        # replayed notification is not run twice.
+        self._handed: dict[tuple[UUID, int], float] = {}
+        self._refused = 0
+        self._next_refusal_log = 0.0
+
+    # -- reading a hand-off ------------------------------------------------------------------
+
+    def read(self, signed: str) -> ClaimedRow | Verdict:
+        """The run in a hand-off to this worker (the text after its prefix), once its signature
+        proves the database sent it and it is neither stale nor replayed. Notes the registry's
+        count of free slots it carries: at zero the trigger took this worker off the list."""
+        sig, _, body = signed.partition(":")
+        if not hmac.compare_digest(sig.encode(errors="replace"), signature(self.secret, body)):
+            self._refuse("signature does not match")
+            return Verdict.REFUSED
+        try:
+            handed = json.loads(body)
+            free = int(handed["free"])  # the registry's count, after this one
+            expires = float(handed["expires"])
+            row: ClaimedRow = (
+                UUID(handed["id"]),
+                handed["input"],
+                handed["outputs"],
+                int(handed["attempt"]),
+                float(handed["waited"]),
+                False,
+            )
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
+            # The database leased it to this worker, but its text cannot be read here (an
+            # input nested too deeply): released unheard, then claimed, and failed there.
+            self._log.error("undecodable hand-off; releasing it", error=brief(exc))
+            self.unheard = True
+            return Verdict.UNDECODABLE
+        key = (row[0], row[3])
+        now = time.time()
+        if expires <= now or key in self._handed:
+            self._refuse("stale or replayed")
+            return Verdict.REFUSED
+        if len(self._handed) >= _REMEMBERED:  # forget the ones whose lease is over
+            self._handed = {k: at for k, at in self._handed.items() if at > now}
+        self._handed[key] = expires
+        self.free_reported = free
+        if free <= 0:
+            self.armed = False  # the trigger took it off the waiting list
+        return row
+
+    def _refuse(self, reason: str) -> None:
+        """A hand-off notification that proves nothing: anyone may NOTIFY. Counted, and logged
+        at most every few seconds, so a flood of them cannot flood the log."""
+        self._refused += 1
+        metrics.WORKER_ERRORS.labels(*self._labels, "hand_off_refused").inc()
+        now = time.monotonic()
+        if now >= self._next_refusal_log:
+            self._next_refusal_log = now + REFUSAL_LOG_SECONDS
+            self._log.warning("hand-off notification refused", reason=reason, refused=self._refused)
+
+    # -- giving runs back --------------------------------------------------------------------
+
+    def give_back_soon(self, run_id: UUID) -> None:
+        self._in_background(self._give_back(run_id))
+
+    def leave_soon(self) -> None:
+        """Leave the waiting list, beside whatever runs: no more hand-offs, the worker stops."""
+        self._in_background(self.set_waiting(False))
+
+    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run `work` beside the dispatcher; waited for (then cancelled) at exit."""
+        task = asyncio.create_task(work)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
+    async def _give_back(self, run_id: UUID) -> None:
+        """Release a hand-off this worker cannot take, after leaving the waiting list: the
+        release makes the run claimable again, and must not hand it straight back."""
+        self.releasing.add(run_id)
+        try:
+            await self.set_waiting(False)
+            await self._protocol.release([run_id], reason="handed to a worker with no free slot")
+        except psycopg.Error as exc:  # its lease expires; the rescue forgives a live owner
+            self._log.warning("could not give a hand-off back", error=brief(exc))
+        finally:
+            self.releasing.discard(run_id)
+
+    async def release_unheard(self) -> None:
+        """Give back the runs leased to this worker that it never heard of: handed to it while
+        its listener was away. Fenced like every release; a hand-off heard meanwhile is left
+        to this release (`releasing`), not started. So the worker leaves the waiting list
+        first, as a give-back does: a listener back within milliseconds never took it off, and
+        the release's own commit would hand a run straight back, to be left as heard meanwhile
+        (the run would then sit leased to the worker until it exited)."""
+        leased = await self._protocol.leased_to_me()
+        unheard = leased - self._held - self.releasing
+        if not unheard:
+            return
+        if self.armed:
+            await self.set_waiting(False)
+            if self.armed:  # the database did not take it: release on the next wake-up
+                self.unheard = True
+                return
+        self.releasing |= unheard
+        try:
+            released = await self._protocol.release(
+                list(unheard), reason="handed to the worker while its listener was away"
+            )
+        finally:
+            self.releasing -= unheard
+        self._log.warning("released runs handed over while not listening", runs=released)
+
+    # -- the waiting list --------------------------------------------------------------------
+
+    async def set_waiting(self, waiting: bool, free_slots: int = 0) -> None:
+        """Arm or disarm the wake-up trigger for this worker, with `free_slots` runs it may be
+        handed; only on a change, or when a waiting worker's free slots changed by more than
+        its hand-offs counted (it claimed): hand-offs beyond its room would only be given
+        back. Never armed while the listener is away: a run handed over then would go
+        unheard. Once armed, the dispatcher is woken after IDLE_GRACE_SECONDS."""
+        waiting = waiting and self._listener.connected.is_set() and not self._stopping.is_set()
+        free = free_slots if waiting else 0
+        if waiting == self.armed and free == self.free_reported:
+            return
+        try:
+            await self._protocol.beat(
+                channel=self._channel,
+                waiting=waiting,
+                ttl_seconds=self._ttl,
+                free_slots=free,
+                secret=self.secret,
+            )
+        except DB_ERRORS as exc:
+            await self._errors.away("beat", exc)
+            return
+        except psycopg.Error as exc:
+            await self._errors.refused("beat", exc)
+            return
+        newly_armed = waiting and not self.armed
+        self.armed, self.free_reported = waiting, free
+        if newly_armed:
+            asyncio.get_running_loop().call_later(IDLE_GRACE_SECONDS, self._wake.set)
+
+    async def beat(self, free_slots: int) -> None:
+        """The heartbeat's registry beat: keeps the row fresh, as armed as it was. Raises on
+        a database error, for the heartbeat to log."""
+        free = free_slots if self.armed else 0
+        await self._protocol.beat(
+            channel=self._channel,
+            waiting=self.armed,
+            ttl_seconds=self._ttl,
+            free_slots=free,
+            secret=self.secret,
+        )
+        self.free_reported = free
+
+    async def not_waiting_while_deaf(self) -> None:
+        """A worker whose listener is away leaves the waiting list at once, so no run is handed
+        to it unheard; the sweep tightens meanwhile, and once the listener is back the worker
+        releases what it missed (release_unheard), claims, and waits again."""
+        listener = self._listener
+        while True:
+            await listener.disconnected.wait()
+            while self.armed and not listener.connected.is_set():
+                await self.set_waiting(False)
+            await listener.connected.wait()

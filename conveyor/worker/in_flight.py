@@ -1,0 +1,153 @@
+"""The runs a worker holds, and the tasks that run their handlers.
+
+A run is started here from a claim or a hand-off, runs as a task of its own, and its result goes
+to the completer. A run whose lease was lost, or that is still running when the drain ends, is
+taken away: its task is cancelled, and it leaves no result.
+
+The path from a claim to a result is the worker's hot path: per run, one task, one append to
+the completer's list, counts in the tally, and a log line only when INFO is logged at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from uuid import UUID
+
+from structlog.typing import FilteringBoundLogger
+
+from conveyor.logs import current_run
+from conveyor.pipeline import Pipeline, Run, Stage
+from conveyor.protocol import ClaimedRow, Failure, Success, Undecodable
+from conveyor.worker.completer import Completer
+from conveyor.worker.runner import run_handler
+from conveyor.worker.tally import StageTally
+
+
+class InFlight:
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        stage: Stage,
+        *,
+        held: set[UUID],
+        completer: Completer,
+        tally: StageTally,
+        slot_freed: asyncio.Event,
+        stopping: asyncio.Event,
+        log: FilteringBoundLogger,
+        log_runs: bool,
+    ) -> None:
+        self._pipeline_name = pipeline.name
+        self._stage = stage
+        # The handler task of every run started and not yet finished.
+        self.tasks: dict[UUID, asyncio.Task[None]] = {}
+        # Runs whose task is cancelled because they are no longer this worker's: no result.
+        self.taken_away: set[UUID] = set()
+        self.held = held  # the worker's runs, from claim or hand-off to result (shared)
+        self._successes = completer.successes
+        self._failures = completer.failures
+        self._results_ready = completer.ready
+        self._tally = tally
+        self._slot_freed = slot_freed
+        self._stopping = stopping
+        self._log = log
+        self._log_runs = log_runs  # a "run finished" line per run only when INFO is logged
+
+    def start(self, rows: list[ClaimedRow], *, by_timer: bool) -> bool:
+        """Run the handler of every run claimed or handed to this worker; fail at once, with
+        the reason, a run whose stored values cannot be read here. Whether a rescued run was
+        started (it then runs alone)."""
+        rescued_started = False
+        for run_id, run_input, outputs, attempt, _waited, rescued in rows:
+            self.held.add(run_id)
+            unreadable = _unreadable(run_input, outputs)
+            if unreadable is not None:
+                self._log.error("run cannot be read; failed", run_id=str(run_id), error=unreadable)
+                self._failures.append(Failure(run_id, attempt, unreadable, None, time.time(), 0.0))
+                self._results_ready.set()
+                continue
+            run = Run(run_id, self._pipeline_name, self._stage.name, run_input, outputs, attempt)
+            self.tasks[run_id] = asyncio.create_task(self._execute(run))
+            rescued_started = rescued_started or rescued
+        if rows:
+            tally = self._tally
+            tally.waits.extend(row[4] for row in rows)
+            tally.claimed += len(rows)
+            if by_timer:
+                tally.sweep_pickups += len(rows)
+            tally.soon()
+        return rescued_started
+
+    def take_away(self, run_id: UUID) -> None:
+        """Interrupt a run that is no longer this worker's; its task logs it, with the run's
+        context, and leaves no result."""
+        task = self.tasks.get(run_id)
+        if task is not None:
+            self.taken_away.add(run_id)
+            task.cancel()
+
+    async def _execute(self, run: Run) -> None:
+        # This task's context (and the handler's thread, which copies it): every line logged
+        # while handling the run carries its id and attempt.
+        current_run.set((run.id, run.attempt))
+        started = time.perf_counter()
+        try:
+            outcome = await run_handler(self._stage, run)
+        except asyncio.CancelledError:
+            if run.id in self.taken_away:  # cancelled, rescued or released: no result
+                self.taken_away.discard(run.id)
+                self.held.discard(run.id)
+                stopping = self._stopping.is_set()
+                self._log.warning(
+                    "run interrupted: worker stopping"
+                    if stopping
+                    else "run taken away; interrupting"
+                )
+                self._log.info(
+                    "run finished",
+                    run_id=str(run.id),
+                    attempt=run.attempt,
+                    outcome="released" if stopping else "taken away",
+                    duration=round(time.perf_counter() - started, 6),
+                )
+                self.tasks.pop(run.id, None)
+                self._tally.soon()
+                self._slot_freed.set()
+                return
+            raise
+        self._tally.durations.append(outcome.duration)
+        self._tally.soon()  # observed even while the database keeps the result waiting
+        if isinstance(outcome, Success):
+            self._successes.append(outcome)
+            if self._log_runs:
+                self._log.info(
+                    "run finished",
+                    run_id=str(run.id),
+                    attempt=run.attempt,
+                    outcome="completed",
+                    duration=round(outcome.duration, 6),
+                )
+        else:
+            self._failures.append(outcome)
+            self._log.warning(
+                "run finished",
+                run_id=str(run.id),
+                attempt=run.attempt,
+                outcome="retrying" if outcome.retry_in is not None else "failed",
+                duration=round(outcome.duration, 6),
+                error=outcome.error.splitlines()[-1],
+            )
+        self.tasks.pop(run.id, None)
+        self._slot_freed.set()
+        self._results_ready.set()
+
+
+def _unreadable(run_input: object, outputs: object) -> str | None:
+    """Why a claimed run's input or outputs cannot be given to a handler, if they cannot."""
+    for name, value in (("input", run_input), ("outputs", outputs)):
+        if isinstance(value, Undecodable):
+            return f"run {name} cannot be read: {value.reason}"
+        if not isinstance(value, dict):
+            return f"run {name} is not a JSON object"
+    return None

@@ -1,0 +1,227 @@
+"""The dispatcher's modes: the transition table, and the dispatcher driven through its modes
+against a scripted protocol (no database): a backlog, a rescued run that runs alone, hand-offs
+given back while it cannot take them, and a stop."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable
+from typing import Any, cast
+
+import pytest
+
+from conveyor import metrics
+from conveyor.pipeline import Pipeline, Run, Stage
+from conveyor.protocol import ClaimedRow
+from conveyor.worker.completer import Completer
+from conveyor.worker.dispatch import TRANSITIONS, Dispatcher, Event, Mode, next_mode
+from conveyor.worker.in_flight import InFlight
+from conveyor.worker.tally import StageTally
+
+W, B, E, R, S = Mode.WAITING, Mode.BACKLOG, Mode.EMPTYING, Mode.RESCUED, Mode.STOPPING
+
+
+def test_the_transition_table() -> None:
+    expected = {
+        (W, Event.CLAIMED_FULL): B,
+        (W, Event.CLAIMED_SHORT): W,
+        (W, Event.CLAIMED_RESCUED): R,
+        (W, Event.RESCUED_DUE): E,
+        (B, Event.CLAIMED_FULL): B,
+        (B, Event.CLAIMED_SHORT): W,
+        (B, Event.CLAIMED_RESCUED): R,
+        (B, Event.RESCUED_DUE): E,
+        (E, Event.CLAIMED_FULL): B,
+        (E, Event.CLAIMED_SHORT): W,
+        (E, Event.CLAIMED_RESCUED): R,
+        (R, Event.RESCUED_DONE): B,
+    }
+    for mode in Mode:
+        expected[mode, Event.STOP] = S
+    for event in Event:
+        expected[S, event] = S
+    assert expected == TRANSITIONS
+
+
+def test_an_event_a_mode_cannot_meet_is_a_bug() -> None:
+    with pytest.raises(KeyError):
+        next_mode(R, Event.CLAIMED_FULL)  # a rescued run in flight: nothing is claimed
+    with pytest.raises(KeyError):
+        next_mode(E, Event.RESCUED_DUE)  # asked only with runs in flight; emptying claims alone
+
+
+class _Protocol:
+    """Scripted claims and rescue questions; records what was asked."""
+
+    def __init__(self) -> None:
+        self.claims: list[list[ClaimedRow]] = []
+        self.asked: list[tuple[int, bool]] = []
+        self.rescued_due = False
+
+    def claim_size(self, free: int) -> int:
+        return min(free, 4)
+
+    async def claim(self, batch: int, *, alone: bool = False) -> list[ClaimedRow]:
+        self.asked.append((batch, alone))
+        return self.claims.pop(0) if self.claims else []
+
+    async def rescued_waiting(self) -> bool:
+        return self.rescued_due
+
+
+class _HandOffs:
+    def __init__(self, row: ClaimedRow | None = None) -> None:
+        self.unheard = False
+        self.releasing: set[uuid.UUID] = set()
+        self.free_reported = 4
+        self.waiting: list[tuple[bool, int]] = []
+        self.given_back: list[uuid.UUID] = []
+        self.row = row
+
+    async def set_waiting(self, waiting: bool, free_slots: int = 0) -> None:
+        self.waiting.append((waiting, free_slots))
+
+    def read(self, signed: str) -> ClaimedRow | None:
+        return self.row
+
+    def give_back_soon(self, run_id: uuid.UUID) -> None:
+        self.given_back.append(run_id)
+
+
+class _Log:
+    def __getattr__(self, level: str) -> Any:
+        return lambda *args, **fields: None
+
+
+def _rows(count: int, *, rescued: bool = False) -> list[ClaimedRow]:
+    return [(uuid.uuid4(), {}, {}, 1, 0.0, rescued) for _ in range(count)]
+
+
+async def _until(predicate: Callable[[], bool]) -> None:
+    async with asyncio.timeout(5):
+        while not predicate():
+            await asyncio.sleep(0.001)
+
+
+def _dispatcher(protocol: _Protocol, hand_offs: _HandOffs) -> tuple[Dispatcher, dict[Any, Any]]:
+    gates: dict[uuid.UUID, asyncio.Event] = {}
+
+    async def handler(run: Run) -> dict[str, Any]:
+        await gates.setdefault(run.id, asyncio.Event()).wait()
+        return {}
+
+    stage = Stage("s", handler, consumes="NEW", produces="DONE", concurrency=4, batch=4)
+    labels = (f"modes-{uuid.uuid4().hex[:8]}", "s")
+    metrics.prepare_stage(*labels)
+    log = cast(Any, _Log())
+    tally = StageTally(labels, lambda: 0)
+    held: set[uuid.UUID] = set()
+    completer = Completer(cast(Any, None), tally=tally, held=held, errors=cast(Any, None), log=log)
+    stopping, slot_freed = asyncio.Event(), asyncio.Event()
+    in_flight = InFlight(
+        Pipeline("p", [stage]),
+        stage,
+        held=held,
+        completer=completer,
+        tally=tally,
+        slot_freed=slot_freed,
+        stopping=stopping,
+        log=log,
+        log_runs=False,
+    )
+    dispatcher = Dispatcher(
+        stage,
+        cast(Any, protocol),
+        in_flight=in_flight,
+        hand_offs=cast(Any, hand_offs),
+        errors=cast(Any, None),
+        wake=asyncio.Event(),
+        slot_freed=slot_freed,
+        log=log,
+    )
+    return dispatcher, gates
+
+
+def _finish(gates: dict[uuid.UUID, asyncio.Event], rows: list[ClaimedRow]) -> None:
+    for row in rows:
+        gates.setdefault(row[0], asyncio.Event()).set()
+
+
+def test_a_full_claim_is_a_backlog_and_a_short_one_waits_armed() -> None:
+    async def scenario() -> None:
+        protocol, hand_offs = _Protocol(), _HandOffs()
+        dispatcher, gates = _dispatcher(protocol, hand_offs)
+        first, second = _rows(4), _rows(1)
+        protocol.claims = [first, second]
+        task = asyncio.create_task(dispatcher.dispatch_until_stopped())
+        await asyncio.sleep(0.01)
+        assert (dispatcher.mode, protocol.asked) == (W, [])  # waits for a wake-up
+        dispatcher.sweep()
+        await _until(lambda: dispatcher.mode is B)
+        assert hand_offs.waiting == [(False, 0)]
+        _finish(gates, first[:1])  # one free slot: below half a batch, no claim yet
+        await asyncio.sleep(0.01)
+        assert protocol.asked == [(4, True)]
+        _finish(gates, first[1:2])  # two free: claimed without a wake-up
+        await _until(lambda: dispatcher.mode is W)
+        assert protocol.asked == [(4, True), (2, False)]
+        assert hand_offs.waiting[-1] == (True, 0)  # armed, with runs in flight: no free slot
+        dispatcher.stop()
+        await task
+        assert dispatcher.mode is S
+        _finish(gates, first + second)
+
+    asyncio.run(scenario())
+
+
+def test_a_rescued_run_due_empties_the_worker_then_runs_alone() -> None:
+    async def scenario() -> None:
+        protocol, hand_offs = _Protocol(), _HandOffs()
+        dispatcher, gates = _dispatcher(protocol, hand_offs)
+        busy, rescued = _rows(2), _rows(1, rescued=True)
+        protocol.claims = [busy, rescued, []]
+        task = asyncio.create_task(dispatcher.dispatch_until_stopped())
+        dispatcher.sweep()
+        await _until(lambda: len(protocol.asked) == 1 and dispatcher.mode is W)
+        protocol.rescued_due = True
+        dispatcher.sweep()  # a timer wake-up with runs in flight asks, and empties
+        await _until(lambda: dispatcher.mode is E)
+        assert hand_offs.waiting[-1] == (False, 0)
+        hand_offs.row = _rows(1)[0]
+        assert dispatcher.take_hand_off("signed") is True  # given back: it cannot take it
+        assert hand_offs.given_back == [hand_offs.row[0]]
+        _finish(gates, busy)  # empty: claims at once, alone, and gets the rescued run
+        await _until(lambda: dispatcher.mode is R)
+        assert protocol.asked[-1] == (4, True)
+        assert dispatcher.free_slots == 0
+        protocol.rescued_due = False
+        _finish(gates, rescued)  # done: it looks again at once, as under a backlog
+        await _until(lambda: dispatcher.mode is W and len(protocol.asked) == 3)
+        assert hand_offs.waiting[-1] == (True, 4)
+        dispatcher.stop()
+        await task
+
+    asyncio.run(scenario())
+
+
+def test_a_hand_off_is_started_while_waiting_and_wakes_only_on_the_last_slot() -> None:
+    async def scenario() -> None:
+        protocol, hand_offs = _Protocol(), _HandOffs()
+        dispatcher, gates = _dispatcher(protocol, hand_offs)
+        row = _rows(1)[0]
+        hand_offs.row, hand_offs.free_reported = row, 3
+        assert dispatcher.take_hand_off("signed") is False
+        assert list(dispatcher._in_flight.tasks) == [row[0]]
+        hand_offs.row, hand_offs.free_reported = _rows(1)[0], 0
+        assert dispatcher.take_hand_off("signed") is True
+        assert dispatcher.free_slots == 0
+        dispatcher.stop()
+        hand_offs.row = _rows(1)[0]
+        assert dispatcher.take_hand_off("signed") is True  # stopping: given back
+        assert hand_offs.given_back == [hand_offs.row[0]]
+        _finish(gates, [row])
+        for task in list(dispatcher._in_flight.tasks.values()):
+            task.cancel()
+
+    asyncio.run(scenario())
