@@ -24,8 +24,9 @@ from conveyor.metrics import WRITE_DELAY
 
 log = structlog.get_logger("conveyor.listener")
 
-# Every listener on a channel hears every health ping sent on it, its own and its peers': a ping
-# carries its sender's token, so each listener knows its own and takes none for a wake-up.
+# A listener proves its connection with a ping on a channel of its own, so that neither its peers
+# nor an observer of the channel it serves (pipeline_events) ever hear it. Payloads that read as
+# a ping on the served channel (sent by an older version) are not taken for a wake-up either.
 _PING = "ping"
 # Notifications the listener's owner could not handle are logged at most this often: any login
 # may send them, as many as it likes.
@@ -74,6 +75,7 @@ class Listener:
         self.last_notification_at = 0.0
         self._last_heard = time.monotonic()  # the silence that calls for a health check
         self._ping_payload = f"{_PING}:{uuid.uuid4().hex}"
+        self._ping_channel = f"conveyor.{self._ping_payload}"
         self._ping_answered = False
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._metrics = _ListenerMetrics(metric_labels) if metric_labels else None
@@ -135,7 +137,11 @@ class Listener:
                 # _heard; everything else is read by _read_arrived.
                 conn.add_notify_handler(self._heard)
                 try:
-                    await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
+                    await conn.execute(
+                        sql.SQL("LISTEN {}; LISTEN {}").format(
+                            sql.Identifier(self.channel), sql.Identifier(self._ping_channel)
+                        )
+                    )
                 except BaseException:
                     await conn.close()
                     raise
@@ -195,7 +201,7 @@ class Listener:
             # A wake-up that arrives before the ping is delivered like any other (psycopg
             # hands what it reads during the statement to _heard), not taken for the ping:
             # the run it announces would otherwise wait for the sweep.
-            await conn.execute("SELECT pg_notify(%s, %s)", (self.channel, self._ping_payload))
+            await conn.execute("SELECT pg_notify(%s, %s)", (self._ping_channel, self._ping_payload))
             while not self._ping_answered:
                 await _readable(conn.fileno(), None)
                 self._read_arrived(conn)
@@ -221,7 +227,7 @@ class Listener:
         """Every notification, whether read by _read_arrived or by psycopg during the ping."""
         self.last_notification_at = time.time()
         self._last_heard = time.monotonic()
-        ping = notify.payload == _PING or notify.payload.startswith(f"{_PING}:")
+        ping = notify.channel == self._ping_channel or notify.payload.startswith(_PING)
         if self._metrics:
             self._metrics.heard(self.last_notification_at, ping=ping)
         if not ping:

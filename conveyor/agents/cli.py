@@ -1,7 +1,7 @@
 """`conveyor memory add|search`: load documents into the agents' memory and look into it.
 
-Registered on the main command group (`cli.add_command(memory_group)`); it reads the settings
-and database from the group's context object when there is one, else from the environment.
+Added to the `conveyor` group by conveyor/cli.py; it reads the settings and database from the
+group's context object when there is one, else from the environment.
 """
 
 from __future__ import annotations
@@ -10,16 +10,14 @@ import asyncio
 import json
 
 import click
-import psycopg
 
-from conveyor import migrate
 from conveyor.agents import config_from_env, memory
 from conveyor.agents.config import AgentConfig
 from conveyor.agents.documents import Document, MemoryInputError, read_documents
 from conveyor.agents.ingest import ingest
 from conveyor.agents.llm import Embedder, Labels, LLMUnavailable
-from conveyor.cli_errors import checked_text, one_line_errors
-from conveyor.db import DatabaseUnavailable, connect, database_url
+from conveyor.commands.context import App, checked_text, ensure_schema, one_line_errors
+from conveyor.db import connect_async
 from conveyor.settings import Settings
 
 # A known problem is one line on stderr and exit code 2, never a traceback.
@@ -29,17 +27,10 @@ _clear_errors = one_line_errors(MemoryInputError, LLMUnavailable)
 def _target(ctx: click.Context) -> tuple[Settings, str]:
     """The settings and database URL: the CLI group's, or read here when used on its own."""
     app = ctx.find_root().obj
-    settings: Settings = getattr(app, "settings", None) or Settings.from_env()
-    url: str = app.url if app is not None and hasattr(app, "url") else database_url(settings)
-    with connect(url, autocommit=True) as conn:
-        if not migrate.is_current(conn, settings.schema):
-            if settings.database_url is not None:
-                raise DatabaseUnavailable(
-                    f"schema {settings.schema!r} is not migrated to the latest version: "
-                    "run `conveyor migrate` first"
-                )
-            migrate.migrate(conn, settings.schema)  # the embedded database migrates itself
-    return settings, url
+    if not isinstance(app, App):
+        app = App(Settings.from_env())
+    ensure_schema(app)
+    return app.settings, app.url
 
 
 @click.group("memory")
@@ -160,7 +151,7 @@ async def _search(
 ) -> tuple[list[memory.Hit], str | None]:
     from conveyor.agents.assemble import fuse
 
-    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+    async with await connect_async(url, "conveyor-memory-search") as conn:
         text_hits = await memory.search_text(conn, schema, query, namespaces, limit=limit)
         if config.embeddings is None:
             return text_hits, None

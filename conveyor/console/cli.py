@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import click
 
+from conveyor.commands.context import App, clear_errors, ensure_schema, pass_app
 from conveyor.console.settings import DEFAULT_PORT, ConsoleSettings
 from conveyor.db import listen_url
-
-if TYPE_CHECKING:
-    from conveyor.cli import App
 
 
 @click.command("console")
@@ -30,19 +26,12 @@ if TYPE_CHECKING:
     help="Allow a non-loopback bind without CONVEYOR_CONSOLE_USER/PASSWORD "
     "(only behind a proxy that authenticates).",
 )
-@click.pass_obj
+@pass_app
+@clear_errors
 def console_command(app: App, bind: str | None, allow_actions: bool, no_auth: bool) -> None:
     """The operators' web page: every stage and run, live; retry and cancel when allowed."""
-    from conveyor.cli import clear_errors  # here: conveyor.cli imports this module
-
-    clear_errors(_serve)(app, bind, allow_actions, no_auth)
-
-
-def _serve(app: App, bind: str | None, allow_actions: bool, no_auth: bool) -> None:
-    from conveyor.cli import _ensure_schema
-
     settings = ConsoleSettings.from_env(bind=bind, allow_actions=allow_actions, no_auth=no_auth)
-    _ensure_schema(app)
+    ensure_schema(app)
     from conveyor.console import server
 
     sock = server.listen(settings)

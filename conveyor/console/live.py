@@ -7,13 +7,15 @@ refreshed (at most once per its interval, with a trailing refresh so the last ch
 announced with one `overview` message. Browsers fetch what they show from the console, which
 answers from the shared overview or one cheap query for one run or one page.
 
-A lost connection is re-established with backoff, like a worker's listener; on return every
-subscriber is told `all`, since changes made meanwhile were never heard ("reconnect, then
-re-read"). A silent connection proves itself by notifying itself on a private channel.
+The connection is a worker's kind (conveyor/listening.py): it reconnects with backoff, and a
+silent one proves itself by notifying itself (a `ping:<token>` payload on the channel, which
+every conveyor listener skips). On return every subscriber is told `all`, since changes made
+meanwhile were never heard ("reconnect, then re-read").
 
 Any login may notify on the channel: a payload the trigger would not send (oversized, not JSON,
-not an object of strings, no run id) is logged and skipped. The listening and publishing tasks
-are watched: one that dies anyway is logged and replaced.
+not an object of strings, no run id) is logged and skipped, and so, by the listener, is one
+whose handling fails. The listening and publishing tasks are watched: one that dies anyway is
+logged and replaced.
 """
 
 from __future__ import annotations
@@ -22,20 +24,17 @@ import asyncio
 import contextlib
 import json
 import os
-import secrets
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 from uuid import UUID
 
-import psycopg
 import structlog
-from psycopg import sql
-from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
 
 from conveyor.console.overview import OverviewCache
-from conveyor.db import CONNECT_TIMEOUT_SECONDS, KEEPALIVE_OPTIONS, brief
+from conveyor.db import brief
+from conveyor.listening import Listener
 
 log = structlog.get_logger("conveyor.console")
 
@@ -47,7 +46,6 @@ KEEPALIVE_SECONDS = 15.0
 MAX_PAYLOAD_CHARS = 1024  # the trigger's {id, status, operation} is about a hundred
 MALFORMED_LOG_SECONDS = 10.0  # one line per interval, with the count: a flood is not a log flood
 RESTART_DELAY_SECONDS = 1.0  # a task that dies at once is not restarted in a tight loop
-_CONNECTION_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError, TimeoutError, OSError)
 
 
 class Message:
@@ -70,7 +68,6 @@ class LiveHub:
         self.overview = overview
         self.health_interval = health_interval
         self.health_timeout = health_timeout
-        self.ping_channel = f"conveyor_console_{os.getpid()}_{secrets.token_hex(4)}"
         self.connected = asyncio.Event()
         self.reconnects = 0
         self._subscribers: set[asyncio.Queue[Message | None]] = set()
@@ -195,69 +192,51 @@ class LiveHub:
         self._malformed_logged, self._malformed_logged_at = self.malformed, now
 
     async def _listen_forever(self) -> None:
-        while True:
-            conn = await self._connect()
-            if self._listened:
-                self.reconnects += 1
-                log.info("console listener reconnected", reconnects=self.reconnects)
-                self._everything_changed = True  # what changed while we were away is unknown
-                self._wake.set()
-            self._listened = True
-            try:
-                await self._listen(conn)
-            except _CONNECTION_ERRORS as exc:
-                self.connected.clear()
-                self.broadcast(Message("listener", {"listening": False}))
-                log.warning("console listener connection lost", error=brief(exc))
-            finally:
-                with contextlib.suppress(Exception):
-                    await conn.close()
+        """One listener on the observer channel. It reconnects by itself: this task ends only
+        by a bug, and is then replaced, with a new connection."""
+        listener = Listener(
+            self.url,
+            OBSERVER_CHANNEL,
+            self._woken,
+            health_interval=self.health_interval,
+            health_timeout=self.health_timeout,
+            application_name=f"conveyor-console-listen:{socket.gethostname()}-{os.getpid()}"[:63],
+        )
+        losses = asyncio.create_task(self._announce_losses(listener), name="console-losses")
+        try:
+            await listener.run()
+        finally:
+            losses.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await losses
+            await listener.close()
 
-    async def _connect(self) -> psycopg.AsyncConnection[Any]:
-        async for attempt in AsyncRetrying(
-            retry=retry_if_exception_type(_CONNECTION_ERRORS),
-            wait=wait_exponential_jitter(multiplier=0.05, max=5.0, jitter=0.2),
-            before_sleep=_log_retry,
-        ):
-            with attempt:
-                conn = await psycopg.AsyncConnection.connect(
-                    self.url,
-                    autocommit=True,
-                    application_name=(
-                        f"conveyor-console-listen:{socket.gethostname()}-{os.getpid()}"[:63]
-                    ),
-                    connect_timeout=CONNECT_TIMEOUT_SECONDS,
-                    **KEEPALIVE_OPTIONS,
-                )
-                try:
-                    for channel in (OBSERVER_CHANNEL, self.ping_channel):
-                        await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
-                except BaseException:
-                    await conn.close()
-                    raise
+    def _woken(self, payload: str | None) -> None:
+        """The listener's callback: a payload, or None after every (re)connect."""
+        if payload is None:
+            self.note_listening()
+        else:
+            self.note_change(payload)
+
+    def note_listening(self) -> None:
+        """The listener is connected (again): after a reconnect, pages re-read everything."""
+        if self._listened:
+            self.reconnects += 1
+            log.info("console listener reconnected", reconnects=self.reconnects)
+            self._everything_changed = True  # what changed while we were away is unknown
+            self._wake.set()
+        self._listened = True
         self.connected.set()
         self.broadcast(Message("listener", {"listening": True}))
-        return conn
 
-    async def _listen(self, conn: psycopg.AsyncConnection[Any]) -> None:
+    async def _announce_losses(self, listener: Listener) -> None:
+        """Tell the pages when the connection is lost (the listener logs it and reconnects)."""
         while True:
-            heard = False
-            async for notify in conn.notifies(timeout=self.health_interval):
-                heard = True
-                if notify.channel == OBSERVER_CHANNEL:
-                    self.note_change(notify.payload)
-            if not heard:
-                await self._check_health(conn)
-
-    async def _check_health(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        """A half-open socket hears nothing forever: ask the server to echo, or reconnect."""
-        async with asyncio.timeout(self.health_timeout):
-            await conn.execute("SELECT pg_notify(%s, 'ping')", (self.ping_channel,))
-            async for notify in conn.notifies():
-                if notify.channel == OBSERVER_CHANNEL:
-                    self.note_change(notify.payload)
-                else:
-                    return
+            await listener.connected.wait()
+            await listener.disconnected.wait()
+            if not listener.connected.is_set():
+                self.connected.clear()
+                self.broadcast(Message("listener", {"listening": False}))
 
     # -- debounced publishing --------------------------------------------------------------------
 
@@ -324,12 +303,3 @@ def _offer(queue: asyncio.Queue[Message | None], message: Message | None) -> Non
     message makes it re-read anyway."""
     with contextlib.suppress(asyncio.QueueFull):
         queue.put_nowait(message)
-
-
-def _log_retry(state: Any) -> None:
-    exc = state.outcome.exception() if state.outcome else None
-    log.warning(
-        "console listener cannot connect; retrying",
-        error=brief(exc),
-        retry_in=round(state.next_action.sleep, 3) if state.next_action else None,
-    )

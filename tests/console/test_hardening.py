@@ -332,22 +332,30 @@ def test_a_live_task_that_dies_is_replaced(
 
     async def scenario() -> None:
         hub = LiveHub(database_url, OverviewCache(load, 2.0))
-        heard = hub.note_change
-        failures = ["a bug in handling one notification"]
+        heard, listening = hub.note_change, hub.note_listening
+        note_bugs = ["a bug in handling one notification"]
+        reconnect_bugs = ["a bug in taking a reconnect"]
+        connects: list[None] = []
 
         def note_change(payload: str) -> None:
-            if failures:
-                raise RuntimeError(failures.pop())
+            if note_bugs:
+                raise RuntimeError(note_bugs.pop())
             heard(payload)
 
+        def note_listening() -> None:
+            connects.append(None)
+            if len(connects) == 2:  # the first reconnect
+                raise RuntimeError(reconnect_bugs.pop())
+            listening()
+
         monkeypatch.setattr(hub, "note_change", note_change)
+        monkeypatch.setattr(hub, "note_listening", note_listening)
         hub.start()
         stream = hub.stream()
         try:
             await asyncio.wait_for(hub.connected.wait(), 30)
             await anext(stream)  # retry:
             await anext(stream)  # hello
-            await notify(str(uuid.uuid4()))  # kills the listening task
 
             async def next_runs(match: Any) -> None:
                 while True:
@@ -355,8 +363,23 @@ def test_a_live_task_that_dies_is_replaced(
                     if encoded.startswith("event: runs") and match(encoded):
                         return
 
-            await asyncio.wait_for(next_runs(lambda e: '"all":true' in e), 30)  # replaced
-            assert hub.restarts == 1
+            # A notification the hub fails to handle is skipped: the listener lives on.
+            await notify(str(uuid.uuid4()))
+            after = str(uuid.uuid4())
+            await notify(after)
+            await asyncio.wait_for(next_runs(lambda e: after in e), 30)
+            assert hub.restarts == 0
+
+            # A bug on reconnecting ends the listening task: it is replaced, and pages re-read.
+            await asyncio.to_thread(
+                fetch_all,
+                database_url,
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = current_database()"
+                " AND application_name LIKE 'conveyor-console-listen:%'",
+            )
+            await asyncio.wait_for(next_runs(lambda e: '"all":true' in e), 30)
+            assert hub.restarts == 1 and not reconnect_bugs
             after = str(uuid.uuid4())
             await notify(after)
             await asyncio.wait_for(next_runs(lambda e: after in e), 30)

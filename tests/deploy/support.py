@@ -15,7 +15,8 @@ import click
 import yaml
 
 from conveyor import queries
-from conveyor.cli import App, cli
+from conveyor.cli import cli
+from conveyor.commands.context import App
 from conveyor.console.settings import ConsoleSettings
 from conveyor.pipeline import Pipeline, Stage, load_pipeline
 from conveyor.settings import Settings

@@ -107,3 +107,22 @@ def test_an_idle_listener_delivers_wake_ups_and_reconnects_when_its_backend_ends
     database_url: str,
 ) -> None:
     asyncio.run(_idle_listener_hears_wake_ups_and_survives_termination(database_url))
+
+
+@pytest.mark.timeout(60)
+def test_an_observer_of_the_channel_never_hears_a_health_ping(database_url: str) -> None:
+    """pipeline_events carries one JSON object per changed run: the console's pings stay off it."""
+
+    async def check_health_while_observed() -> list[str]:
+        with psycopg.connect(database_url, autocommit=True) as observer:
+            observer.execute(f'LISTEN "{CHANNEL}"')
+            listener = Listener(database_url, CHANNEL, lambda _: None, health_interval=3600)
+            conn = await listener._connect()
+            try:
+                await listener._check_health(conn)
+                await listener._check_health(conn)
+            finally:
+                await listener.close()
+            return [n.payload for n in observer.notifies(timeout=0.5)]
+
+    assert asyncio.run(check_health_while_observed()) == []
