@@ -1,5 +1,20 @@
-"""conveyor: multi-stage pipelines on PostgreSQL."""
+"""conveyor: multi-stage pipelines on PostgreSQL.
 
+The public API, all a pipeline needs (nothing else in the package is promised to stay):
+
+- Pipeline, Stage, Backoff: declare a pipeline (named by import path in CONVEYOR_PIPELINE);
+  `Pipeline(text_input=...)` says what `conveyor submit TEXT` inserts (TextInput).
+- Run: what a handler receives; `Run.write` hands a statement over to commit with the output,
+  `Run.record_usage` says what an outside call used (a Usage, kept on the run's event).
+- PermanentError: raised by a handler, fails the run at once, without retries.
+- PipelineError: a declaration that cannot run.
+- submit, Submitted, SubmitError: start a run from Python (the same as the plain SQL insert).
+- Database: where the workers' database is, for a handler's own reads.
+- ConfigError, EnvReader: read a pipeline's own CONVEYOR_* variables as the engine reads its
+  settings (a bad value names its variable and stops `conveyor run` with exit code 2).
+"""
+
+from conveyor.environment import Database
 from conveyor.pipeline import (
     Backoff,
     PermanentError,
@@ -7,12 +22,18 @@ from conveyor.pipeline import (
     PipelineError,
     Run,
     Stage,
+    TextInput,
+    Usage,
     Write,
 )
 from conveyor.runs import SubmitError, Submitted, submit
+from conveyor.settings import ConfigError, EnvReader
 
 __all__ = [
     "Backoff",
+    "ConfigError",
+    "Database",
+    "EnvReader",
     "PermanentError",
     "Pipeline",
     "PipelineError",
@@ -20,6 +41,8 @@ __all__ = [
     "Stage",
     "SubmitError",
     "Submitted",
+    "TextInput",
+    "Usage",
     "Write",
     "submit",
 ]

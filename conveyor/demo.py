@@ -4,7 +4,6 @@ time each stage took. Works with no model configured: the agents' offline defaul
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import subprocess
@@ -18,7 +17,7 @@ from uuid import UUID
 import click
 from psycopg import sql
 
-from conveyor import runs
+from conveyor import reference, runs
 from conveyor.db import connect
 from conveyor.pipeline import Pipeline
 from conveyor.settings import Settings
@@ -70,11 +69,7 @@ def run_demo(settings: Settings, pipeline: Pipeline, url: str, count: int) -> in
 
 
 def _load_corpus(settings: Settings, url: str) -> None:
-    from conveyor.agents import config_from_env
-    from conveyor.agents.ingest import bundled_corpus, ingest
-
-    documents = bundled_corpus()
-    loaded, notes = asyncio.run(ingest(url, settings.schema, documents, config_from_env()))
+    loaded, notes = reference.load_bundled_corpus(url, settings.schema)
     added = sum(1 for item in loaded if item.status != "unchanged")
     chunks = sum(item.chunks for item in loaded)
     click.echo(
@@ -91,10 +86,7 @@ def _submit(
     with connect(url, autocommit=True) as conn:
         return [
             runs.submit(
-                conn,
-                {"question": q, **({"session_id": s} if s else {})},
-                pipeline=pipeline.name,
-                schema=schema,
+                conn, pipeline.text_input(q, session=s), pipeline=pipeline.name, schema=schema
             ).id
             for q, s in questions
         ]

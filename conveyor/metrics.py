@@ -1,4 +1,5 @@
-"""Metric definitions. Labels are bounded (pipeline, stage, status), never a run id or a pid.
+"""The engine's metric definitions. Labels are bounded (pipeline, stage, status), never a run id or
+a pid. A pipeline's handlers define their own beside them (the agents: conveyor/agents/metrics.py).
 
 With PROMETHEUS_MULTIPROC_DIR set before Python starts, every process writes its own files and
 the supervisor serves them all from one /metrics. Counters and histograms add up across
@@ -199,27 +200,6 @@ def prepare_stage(pipeline: str, stage: str) -> None:
     WAKEUP_LATENCY.labels(pipeline, stage)
     IN_FLIGHT.labels(pipeline, stage)
     LISTENERS_CONNECTED.labels(pipeline, stage)
-
-
-# The agents' LLM router. `model` is a configured model name (bounded by configuration); outcome is
-# ok, rate_limited, server_error, client_error, timeout, connection_error or bad_response.
-_LLM = ("pipeline", "stage", "model")
-LLM_REQUESTS = Counter(
-    "conveyor_llm_requests_total",
-    "HTTP requests to a model (chat completions and embeddings), by outcome.",
-    (*_LLM, "outcome"),
-)
-LLM_TOKENS = Counter(
-    "conveyor_llm_tokens_total",
-    "Tokens reported by the model's usage, by kind (prompt or completion).",
-    (*_LLM, "kind"),
-)
-LLM_LATENCY = Histogram(
-    "conveyor_llm_latency_seconds",
-    "Time of one HTTP request to a model, whatever its outcome.",
-    _LLM,
-    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120),
-)
 
 
 def observe_many(histogram: Histogram, amounts: Iterable[float]) -> None:

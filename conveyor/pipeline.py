@@ -10,7 +10,7 @@ import random
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, LiteralString, NamedTuple
+from typing import Any, LiteralString, NamedTuple, Protocol
 from uuid import UUID
 
 from psycopg import sql
@@ -32,6 +32,9 @@ class PermanentError(Exception):
     once, with this error, instead of being retried."""
 
 
+# run_events keeps usage in int columns: a larger count would refuse the whole batch's completion.
+_MAX_UNITS = 2**31 - 1
+
 # What psycopg's execute() takes: a literal string, or psycopg.sql to name a schema or table.
 Query = LiteralString | bytes | sql.SQL | sql.Composed
 
@@ -41,6 +44,19 @@ class Write(NamedTuple):
 
     query: Query
     params: Params | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """What one attempt used of an outside service, as a handler recorded it with
+    `Run.record_usage`: `service` is what was called (a model, an API and its tier),
+    `input_units` and `output_units` what it counted (tokens, characters, pages) sent and received.
+    It is kept on the attempt's `run_events` row, in the columns `model`, `prompt_tokens` and
+    `completion_tokens` (their names are the table's contract)."""
+
+    service: str
+    input_units: int = 0
+    output_units: int = 0
 
 
 @dataclass(slots=True)
@@ -53,9 +69,15 @@ class Run:
     raises leave nothing behind; a run's writes commit once, together with its output::
 
         async def reply(run: Run) -> dict[str, Any]:
-            text = await model.reply(run.input["question"])
+            text = await model.reply(run.input["text"])
             run.write("INSERT INTO app.replies (run_id, text) VALUES (%s, %s)", (run.id, text))
             return {"text": text}
+
+    A handler that pays for an outside call says what it used with `record_usage`; the engine
+    keeps it on the attempt's event (`conveyor show`, the `run_events` table)::
+
+        reply = await client.translate(run.input["text"])
+        run.record_usage("deepl-pro", input_units=reply.billed_characters)
 
     A query is what psycopg executes: a literal string, or a psycopg.sql composition to name a
     schema or table (sql.SQL("INSERT INTO {}.replies ...").format(sql.Identifier(schema))),
@@ -72,17 +94,34 @@ class Run:
     input: dict[str, Any]
     outputs: dict[str, Any]
     attempt: int
-    # Set by handlers that call a model, recorded on the run's event and in the metrics.
-    llm_model: str | None = None
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    # Made on the first write: most handlers never write, and a run is built per claim.
+    # Set on the first record_usage / write: most handlers do neither, and a run is built per claim.
+    _usage: Usage | None = field(default=None, init=False, repr=False, compare=False)
     _writes: list[Write] | None = field(default=None, init=False, repr=False, compare=False)
 
-    def record_llm_usage(self, model: str, prompt_tokens: int, completion_tokens: int) -> None:
-        self.llm_model = model
-        self.prompt_tokens = (self.prompt_tokens or 0) + prompt_tokens
-        self.completion_tokens = (self.completion_tokens or 0) + completion_tokens
+    def record_usage(self, service: str, input_units: int = 0, output_units: int = 0) -> None:
+        """Record that this attempt used `service` (what was called: a model, an API), counting
+        `input_units` sent and `output_units` received (tokens, characters, requests: the
+        service's own unit). Calls add up: the units are summed, the last service named is kept.
+        Stored with the attempt's output, on its event; an attempt that fails keeps none."""
+        if not isinstance(service, str) or not service or "\x00" in service:
+            raise ValueError("Run.record_usage: service must be a non-empty str without NUL")
+        for units in (input_units, output_units):
+            if not isinstance(units, int) or not 0 <= units <= _MAX_UNITS:
+                raise ValueError(
+                    f"Run.record_usage: units must be integers from 0 to {_MAX_UNITS}, "
+                    f"not {units!r}"
+                )
+        if self._usage is not None:
+            input_units += self._usage.input_units
+            output_units += self._usage.output_units
+            if max(input_units, output_units) > _MAX_UNITS:
+                raise ValueError(f"Run.record_usage: units add up to more than {_MAX_UNITS}")
+        self._usage = Usage(service, input_units, output_units)
+
+    @property
+    def usage(self) -> Usage | None:
+        """What record_usage recorded so far; None when nothing was."""
+        return self._usage
 
     def write(self, query: Query, params: Params | None = None) -> None:
         """Execute `query` with `params` in the transaction that stores this attempt's output,
@@ -112,6 +151,18 @@ class Run:
 
 
 Handler = Callable[[Run], Any] | Callable[[Run], Awaitable[Any]]
+
+
+class TextInput(Protocol):
+    """Turns a line of text (and an optional session) into a run's input: what `conveyor submit
+    TEXT [--session S]` inserts. A pipeline declares its own with `Pipeline(text_input=...)`."""
+
+    def __call__(self, text: str, session: str | None = None) -> dict[str, Any]: ...
+
+
+def plain_text_input(text: str, session: str | None = None) -> dict[str, Any]:
+    """The default TextInput: `{"text": TEXT}`, with `"session_id"` when a session is given."""
+    return {"text": text} if session is None else {"text": text, "session_id": session}
 
 
 @dataclass(frozen=True)
@@ -154,8 +205,12 @@ class Stage:
 
 @dataclass(frozen=True)
 class Pipeline:
+    """A named, ordered chain of stages. `text_input` builds a run's input from a line of text
+    (`conveyor submit TEXT`); the default is `{"text": TEXT}` (plain_text_input)."""
+
     name: str
     stages: Sequence[Stage]
+    text_input: TextInput = plain_text_input
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stages", tuple(self.stages))
@@ -191,7 +246,7 @@ class Pipeline:
             if "concurrency" in changes and "batch" not in changes:
                 changes["batch"] = min(changes["concurrency"], 50)
             stages.append(dataclasses.replace(stage, **changes))
-        return Pipeline(self.name, stages)
+        return dataclasses.replace(self, stages=stages)
 
 
 def validate(pipeline: Pipeline) -> None:
@@ -231,6 +286,8 @@ def validate(pipeline: Pipeline) -> None:
             raise PipelineError(f"{where}: concurrency, batch and max_attempts must be >= 1")
         if stage.timeout <= 0:
             raise PipelineError(f"{where}: timeout must be > 0")
+    if not callable(pipeline.text_input):
+        raise PipelineError(f"pipeline {pipeline.name!r}: text_input is not callable")
     for status in consumed:
         if status in statuses:
             raise PipelineError(

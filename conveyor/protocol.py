@@ -19,7 +19,7 @@ from psycopg.types.json import set_json_loads
 from psycopg_pool import AsyncConnectionPool
 
 from conveyor import queries
-from conveyor.pipeline import Pipeline, Stage, Write
+from conveyor.pipeline import Pipeline, Stage, Usage, Write
 
 # id, input, outputs, attempt, seconds it waited to be claimed, whether it was rescued
 ClaimedRow = tuple[UUID, dict[str, Any], dict[str, Any], int, float, bool]
@@ -32,9 +32,8 @@ class Success:
     output_json: str
     started_epoch: float
     duration: float
-    model: str | None = None
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
+    # What the handler recorded with Run.record_usage, kept on the run's event.
+    usage: Usage | None = None
     # Handed over with Run.write: executed with this output, and only if it is stored.
     writes: tuple[Write, ...] = ()
 
@@ -158,9 +157,7 @@ class StageProtocol:
                         "attempts": number_array([s.attempt for s in successes]),
                         "started_us": microseconds_array([s.started_epoch for s in successes]),
                         "durations_us": microseconds_array([s.duration for s in successes]),
-                        "models": text_array([s.model for s in successes]),
-                        "prompt_tokens": number_array([s.prompt_tokens for s in successes]),
-                        "completion_tokens": number_array([s.completion_tokens for s in successes]),
+                        **usage_arrays([s.usage for s in successes]),
                     },
                 )
                 completed = cur.rowcount  # one run_events row per applied run
@@ -341,6 +338,23 @@ def _utf8_json(data: str | bytes) -> Any:
 
 # The batched statements take their columns as arrays (unnest). Their literals are written here
 # in one pass: adapting a list element by element costs several times more per run.
+
+
+# unnest() pads shorter arrays with NULLs: a batch in which no handler recorded usage sends
+# empty arrays, and its events get NULL usage, as they would from arrays of NULLs.
+_NO_USAGE = {"models": "{}", "prompt_tokens": "{}", "completion_tokens": "{}"}
+
+
+def usage_arrays(usages: list[Usage | None]) -> dict[str, str]:
+    """complete_if_leased's usage arrays, one element per run (NULL where none), named after the
+    run_events columns they fill."""
+    if not any(usages):
+        return _NO_USAGE
+    return {
+        "models": text_array([u.service if u else None for u in usages]),
+        "prompt_tokens": number_array([u.input_units if u else None for u in usages]),
+        "completion_tokens": number_array([u.output_units if u else None for u in usages]),
+    }
 
 
 def uuid_array(values: list[UUID]) -> str:

@@ -17,6 +17,7 @@ from psycopg.types.json import Jsonb, set_json_loads
 
 from conveyor import queries
 from conveyor.pipeline import Pipeline
+from conveyor.reference import NAME as REFERENCE_PIPELINE
 from conveyor.settings import MAX_DURATION_SECONDS
 
 MAX_INPUT_BYTES = 1_000_000
@@ -39,13 +40,15 @@ def submit(
     conn: psycopg.Connection[Any],
     input: dict[str, Any],
     *,
-    pipeline: str = "agents",
+    pipeline: str = REFERENCE_PIPELINE,
     schema: str = "conveyor",
     priority: int = 0,
     delay_seconds: float = 0.0,
     idempotency_key: str | None = None,
 ) -> Submitted:
-    """Start a run: the same as `INSERT INTO conveyor.pipeline_runs (input) VALUES (...)`."""
+    """Start a run of `pipeline` (its name: `Pipeline.name`): the same as `INSERT INTO
+    conveyor.pipeline_runs (pipeline, input) VALUES (...)`. With no pipeline named it starts
+    what such an insert without one starts: the schema's default, the reference pipeline."""
     text = _input_json(input)
     _check_priority(priority)
     _check_delay(delay_seconds)
@@ -70,7 +73,7 @@ def submit_many(
     conn: psycopg.Connection[Any],
     inputs: Iterable[dict[str, Any]],
     *,
-    pipeline: str = "agents",
+    pipeline: str = REFERENCE_PIPELINE,
     schema: str = "conveyor",
     priority: int = 0,
 ) -> int:

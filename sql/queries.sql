@@ -72,7 +72,9 @@ SELECT EXISTS (
 -- any flushed commit makes every move before it durable too. This saves a disk flush per stage
 -- on the way through the pipeline, and the wake-up of the next stage (sent at commit) with it.
 -- Start times (since the epoch) and durations come as whole microseconds
--- (protocol.microseconds_array).
+-- (protocol.microseconds_array). What handlers recorded with Run.record_usage fills the event's
+-- model, prompt_tokens and completion_tokens; those arrays may be empty (no handler of the batch
+-- recorded any), and unnest pads them with NULLs.
 WITH finished AS (
     SELECT *
       FROM unnest(%(ids)s::uuid[], %(outputs)s::text[], %(attempts)s::int[],

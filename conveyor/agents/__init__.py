@@ -7,6 +7,8 @@ OpenAI-compatible LLM and embeddings endpoint.
 
 from __future__ import annotations
 
+from typing import Any
+
 from conveyor import Pipeline, Stage
 from conveyor.agents.analyze import Analyzer
 from conveyor.agents.answer import Answerer
@@ -18,7 +20,13 @@ from conveyor.agents.llm import Embedder, Router
 MODEL_STAGES = ("analyze", "answer")
 
 
-def build_pipeline(config: AgentConfig, name: str = "agents") -> Pipeline:
+def question_input(text: str, session: str | None = None) -> dict[str, Any]:
+    """A run's input from a line of text (`conveyor submit TEXT [--session S]`): the question,
+    and the session whose memory follow-up questions share."""
+    return {"question": text} if not session else {"question": text, "session_id": session}
+
+
+def build_pipeline(config: AgentConfig, name: str) -> Pipeline:
     """NEW -> ANALYZED -> CONTEXT_READY -> DONE, with the agents as handlers. These statuses are
     the product's contract: outside services insert at NEW and watch for DONE."""
     router = Router(config.llm) if config.llm.models else None
@@ -48,6 +56,7 @@ def build_pipeline(config: AgentConfig, name: str = "agents") -> Pipeline:
                 produces="DONE",
             ),
         ],
+        text_input=question_input,
     )
 
 
@@ -55,4 +64,4 @@ def config_from_env() -> AgentConfig:
     return AgentConfig.from_env(model_stages=MODEL_STAGES)
 
 
-__all__ = ["MODEL_STAGES", "AgentConfig", "build_pipeline", "config_from_env"]
+__all__ = ["MODEL_STAGES", "AgentConfig", "build_pipeline", "config_from_env", "question_input"]

@@ -181,13 +181,14 @@ class Analyzer:
         if self.router is None or model is None:
             return {**output, **builtin, "analyzer": "builtin"}
         parsed, reasons = await self._ask_model(run, question.text, history)
+        answered_by = run.usage.service if run.usage else None  # the model that answered
         if parsed is not None:
             return {
                 **output,
                 **parsed,
                 "follow_up": builtin["follow_up"],
                 "analyzer": "llm",
-                "model": run.llm_model,
+                "model": answered_by,
             }
         log.warning(
             "analyzer model gave no valid JSON; using the built-in analyzer",
@@ -195,7 +196,7 @@ class Analyzer:
             model=model,
             reasons=reasons,
         )
-        fallback = {"from": "llm", "model": run.llm_model or model, "tries": len(reasons)}
+        fallback = {"from": "llm", "model": answered_by or model, "tries": len(reasons)}
         return {
             **output,
             **builtin,

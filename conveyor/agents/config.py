@@ -15,10 +15,11 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from conveyor.settings import DAY, ConfigError, EnvReader
+from conveyor import ConfigError, EnvReader
 
 # A stage's model is CONVEYOR_<STAGE>_MODEL; this word instead keeps that stage offline.
 BUILTIN = "builtin"
+DAY = 86400.0  # the upper bound of a timeout: a larger value is a typo
 _STAGE_MODEL = re.compile(r"^CONVEYOR_([A-Z][A-Z0-9_]*?)_(FALLBACK_)?MODEL$")
 # Variables that look like CONVEYOR_<STAGE>_MODEL but are not per stage.
 _NOT_STAGES = frozenset({"LLM", "EMBEDDINGS"})

@@ -15,8 +15,7 @@ from typing import Any
 
 from psycopg_pool import AsyncConnectionPool
 
-from conveyor.db import CONNECT_TIMEOUT_SECONDS, KEEPALIVE_OPTIONS, database_url
-from conveyor.settings import Settings
+from conveyor import Database
 
 POOL_SIZE = 4
 
@@ -43,32 +42,24 @@ async def pool() -> tuple[AsyncConnectionPool[Any], str]:
     )
     if _current is not None and _current.key == key:
         return _current.pool, _current.schema
-    settings = Settings.from_env()
-    url = database_url(settings)
+    database = Database.from_env()
     new_pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
-        url,
+        database.url(),
         min_size=1,
         max_size=POOL_SIZE,
         open=False,
-        kwargs={
-            "autocommit": True,
-            "application_name": f"conveyor-agents:{os.getpid()}",
-            # Behind PgBouncer in transaction mode, server-side prepared statements break.
-            "prepare_threshold": 5 if settings.prepared_statements else None,
-            "connect_timeout": CONNECT_TIMEOUT_SECONDS,
-            **KEEPALIVE_OPTIONS,
-        },
+        kwargs=database.connect_options(f"conveyor-agents:{os.getpid()}"),
     )
     await new_pool.open(wait=False)
-    stale, _current = _current, _Current(key, new_pool, settings.schema)
+    stale, _current = _current, _Current(key, new_pool, database.schema)
     if stale is not None and stale.key[:2] == key[:2]:
         await stale.pool.close()  # same process and loop: the old pool can be closed cleanly
-    return new_pool, settings.schema
+    return new_pool, database.schema
 
 
 def schema() -> str:
     """The schema the agents' tables live in, with no connection made."""
-    return Settings.from_env().schema
+    return Database.from_env().schema
 
 
 async def close() -> None:

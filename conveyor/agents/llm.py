@@ -6,7 +6,8 @@ dropped connection is retried on its route with backoff (honouring Retry-After);
 gives up, or answers with another 4xx, the fallback route is tried. When every route fails the
 call raises LLMUnavailable, which fails the stage's attempt, so the engine retries the run later:
 a run is never lost to a model outage. Tokens, latency and outcomes go to the metrics, and the
-model and token counts to the run's event. The API key appears in no log line and no error.
+model and token counts to the run's event (Run.record_usage). The API key appears in no log line
+and no error.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import email.utils
 import json
 import os
 import random
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,14 +27,18 @@ import httpx
 import structlog
 
 from conveyor import Run
-from conveyor import metrics as conveyor_metrics
 from conveyor.agents.config import EmbeddingsConfig, LLMConfig, Route
-from conveyor.urls import redact
+from conveyor.agents.metrics import LLM_LATENCY, LLM_REQUESTS, LLM_TOKENS
 
 log = structlog.get_logger("conveyor.agents.llm")
 
 MAX_BACKOFF_SECONDS = 10.0
 _ERROR_BODY_CHARS = 200
+# Usage as a model reports it, bounded: the run's event keeps it in int columns.
+_MAX_TOKENS = 2**31 - 1
+# A URL's password runs from "://user:" to the LAST "@" of its word (an unencoded "@" in it must
+# not end the mask early): an error quoting a URL with a password shows it masked.
+_URL_PASSWORD = re.compile(r"(://[^:/@\s]*:)\S*@")
 
 
 class LLMUnavailable(Exception):
@@ -108,7 +114,7 @@ class _Caller:
     def scrub(self, text: str) -> str:
         for key in self._keys:
             text = text.replace(key, "***")
-        return redact(text)
+        return _URL_PASSWORD.sub(r"\1***@", text)
 
     async def post(
         self, route: Route, path: str, body: dict[str, Any], labels: Labels
@@ -191,8 +197,8 @@ class _Caller:
                     wait = retry_after_seconds(response.headers.get("Retry-After")) or 0.0
         finally:
             elapsed = time.perf_counter() - started
-        conveyor_metrics.LLM_LATENCY.labels(labels.pipeline, labels.stage, model).observe(elapsed)
-        conveyor_metrics.LLM_REQUESTS.labels(labels.pipeline, labels.stage, model, outcome).inc()
+        LLM_LATENCY.labels(labels.pipeline, labels.stage, model).observe(elapsed)
+        LLM_REQUESTS.labels(labels.pipeline, labels.stage, model, outcome).inc()
         return outcome, wait, reply, error
 
     def _excerpt(self, response: httpx.Response) -> str:
@@ -260,7 +266,7 @@ class Router:
         )
         text = _message_text(reply)
         prompt_tokens, completion_tokens = _usage(reply)
-        run.record_llm_usage(model, prompt_tokens, completion_tokens)
+        run.record_usage(model, prompt_tokens, completion_tokens)
         _count_tokens(labels, model, prompt_tokens, completion_tokens)
         if text is None:
             # A 200 without a message: the stage sees it as a model failure, like a 5xx.
@@ -308,7 +314,7 @@ class Embedder:
             )
         prompt_tokens, _ = _usage(reply)
         if run is not None:
-            run.record_llm_usage(model, prompt_tokens, 0)
+            run.record_usage(model, prompt_tokens)
         _count_tokens(labels, model, prompt_tokens, 0)
         return vectors
 
@@ -361,12 +367,12 @@ def _usage(reply: dict[str, Any]) -> tuple[int, int]:
 
     def count(name: str) -> int:
         value = usage.get(name)
-        return value if isinstance(value, int) and value >= 0 else 0
+        return min(value, _MAX_TOKENS) if isinstance(value, int) and value >= 0 else 0
 
     return count("prompt_tokens"), count("completion_tokens")
 
 
 def _count_tokens(labels: Labels, model: str, prompt: int, completion: int) -> None:
-    tokens = conveyor_metrics.LLM_TOKENS
+    tokens = LLM_TOKENS
     tokens.labels(labels.pipeline, labels.stage, model, "prompt").inc(prompt)
     tokens.labels(labels.pipeline, labels.stage, model, "completion").inc(completion)

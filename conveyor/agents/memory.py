@@ -15,9 +15,9 @@ from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
+from conveyor import Write
 from conveyor.agents.documents import Document
 from conveyor.agents.text import keywords
-from conveyor.pipeline import Write
 
 VECTOR_UNAVAILABLE = "the pgvector extension is not installed in this database"
 

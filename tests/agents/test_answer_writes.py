@@ -18,11 +18,12 @@ from conveyor.agents import build_pipeline
 from conveyor.agents.config import AgentConfig
 from conveyor.agents.ingest import bundled_corpus, ingest
 from conveyor.protocol import StageProtocol, Success
+from conveyor.reference import NAME
 from conveyor.worker.runner import run_handler
 from tests.agents.conftest import run_async, run_stages
 from tests.helpers import fetch_all
 
-PIPELINE = build_pipeline(AgentConfig())
+PIPELINE = build_pipeline(AgentConfig(), NAME)
 ANSWER = PIPELINE.stage("answer")
 QUESTIONS = {
     "cancelled": "What happens to a run when its worker is killed?",

@@ -8,7 +8,7 @@ import uuid
 import pytest
 from prometheus_client import REGISTRY
 
-from conveyor import Run
+from conveyor import Run, Usage
 from conveyor.agents.analyze import Analyzer
 from conveyor.agents.config import AgentConfig, LLMConfig, Route
 from conveyor.agents.llm import LLMUnavailable, Router
@@ -65,7 +65,7 @@ def test_a_completion_calls_the_stage_model_and_records_tokens(fake_llm: FakeLLM
     assert request.headers["authorization"] == f"Bearer {KEY}"
     assert request.body["model"] == "primary-model"
     assert request.body["messages"] == MESSAGES
-    assert (run.llm_model, run.prompt_tokens, run.completion_tokens) == ("primary-model", 11, 7)
+    assert run.usage == Usage("primary-model", input_units=11, output_units=7)
     ok = {"model": "primary-model", "outcome": "ok"}
     assert sample("conveyor_llm_requests_total", run, **ok) == 1
     prompt = {"model": "primary-model", "kind": "prompt"}
@@ -100,7 +100,7 @@ def test_500s_on_the_primary_fall_over_to_the_fallback(
     assert (completion.route, completion.model) == ("fallback", "fallback-model")
     assert len(fake_llm.requests) == 2  # the first try and one retry
     assert fallback_llm.requests[0].headers["authorization"] == "Bearer sk-fallback-77"
-    assert run.llm_model == "fallback-model"
+    assert run.usage is not None and run.usage.service == "fallback-model"
     errors = {"model": "primary-model", "outcome": "server_error"}
     assert sample("conveyor_llm_requests_total", run, **errors) == 2
     assert sample("conveyor_llm_requests_total", run, model="fallback-model", outcome="ok") == 1
@@ -133,7 +133,7 @@ def test_a_timeout_is_retried_then_raised_as_a_retryable_failure(fake_llm: FakeL
     assert len(fake_llm.requests) == 2
     timeouts = {"model": "primary-model", "outcome": "timeout"}
     assert sample("conveyor_llm_requests_total", run, **timeouts) == 2
-    assert run.llm_model is None  # nothing answered: no usage recorded
+    assert run.usage is None  # nothing answered: no usage recorded
 
 
 def test_a_malformed_body_is_retried(fake_llm: FakeLLM) -> None:
@@ -196,4 +196,7 @@ def test_a_malformed_analysis_is_asked_again_then_falls_back_to_the_builtin(
     _, second = fake_llm.requests
     assert "not valid: not JSON" in second.body["messages"][-1]["content"]
     assert second.body["messages"][-2]["role"] == "assistant"
-    assert (run.prompt_tokens, run.completion_tokens) == (22, 14)  # both calls are counted
+    assert run.usage is not None and (run.usage.input_units, run.usage.output_units) == (
+        22,
+        14,
+    )  # both calls are counted

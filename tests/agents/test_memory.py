@@ -10,11 +10,12 @@ import psycopg
 import pytest
 from psycopg import conninfo, sql
 
-from conveyor import migrate
+from conveyor import Usage, migrate
 from conveyor.agents import build_pipeline, documents, memory
 from conveyor.agents.config import AgentConfig, EmbeddingsConfig, Route
 from conveyor.agents.documents import Document
 from conveyor.agents.ingest import bundled_corpus, ingest
+from conveyor.reference import NAME
 from tests.agents.conftest import run_async, run_stages
 from tests.helpers import PgServer, fetch_all, scalar
 from tests.llm_server import EMBEDDING_DIMENSIONS, FakeLLM, embed
@@ -148,14 +149,14 @@ def test_with_embeddings_vector_search_is_fused_with_full_text(
             )
 
     assert run_async(nearest)[0].source == "docs/claims.md"
-    pipeline = build_pipeline(config)
+    pipeline = build_pipeline(config, NAME)
     outputs, runs = run_async(
         lambda: run_stages(pipeline, {"question": "Which worker claims runs?"}, until="assemble")
     )
     assembled = outputs["assemble"]
     assert assembled["retrieval"] == "full-text + vector (RRF)"
     assert assembled["context"][0]["source"] == "docs/claims.md"
-    assert runs[1].llm_model == "embed-16" and runs[1].prompt_tokens == 5
+    assert runs[1].usage == Usage("embed-16", input_units=5)
     # one call per document loaded, one for the question
     assert [r.path for r in fake_llm.requests] == ["/v1/embeddings"] * 3
 
@@ -166,9 +167,11 @@ def test_with_embeddings_the_exchange_is_stored_with_its_vector(
     config = embeddings_config(fake_llm)
     run_async(lambda: ingest(agents_db, "conveyor", [LEASES, CLAIMS], config))
     question = {"question": "Which worker claims runs?", "session_id": "v"}
-    outputs, runs = run_async(lambda: run_stages(build_pipeline(config), question))
+    outputs, runs = run_async(lambda: run_stages(build_pipeline(config, NAME), question))
     assert outputs["answer"]["remembered"] is True
-    assert runs[2].llm_model == "embed-16"  # the answer stage embedded the exchange
+    assert (
+        runs[2].usage is not None and runs[2].usage.service == "embed-16"
+    )  # the answer stage embedded the exchange
     stored = fetch_all(
         agents_db,
         "SELECT vector_dims(embedding), metadata->>'embedding_model' FROM conveyor.memory"
@@ -223,7 +226,9 @@ def test_without_pgvector_the_migration_applies_and_full_text_still_works(
     monkeypatch.setenv("CONVEYOR_DATABASE_URL", url)
     outputs, _ = run_async(
         lambda: run_stages(
-            build_pipeline(config), {"question": "Which worker claims runs?"}, until="assemble"
+            build_pipeline(config, NAME),
+            {"question": "Which worker claims runs?"},
+            until="assemble",
         )
     )
     assert outputs["assemble"]["retrieval"].startswith("full-text (vector search off: the pgvector")

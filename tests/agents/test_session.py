@@ -13,6 +13,7 @@ from conveyor.agents import build_pipeline
 from conveyor.agents.analyze import InvalidQuestion
 from conveyor.agents.config import AgentConfig
 from conveyor.agents.ingest import bundled_corpus, ingest
+from conveyor.reference import NAME
 from tests.agents.conftest import run_async, run_stages
 from tests.helpers import fetch_all, scalar
 
@@ -26,7 +27,7 @@ def corpus_db(agents_db: str) -> str:
 
 
 def test_an_offline_answer_quotes_the_corpus_and_cites_it(corpus_db: str) -> None:
-    pipeline = build_pipeline(OFFLINE)
+    pipeline = build_pipeline(OFFLINE, NAME)
     question = {"question": "How does a worker claim runs without two workers taking the same one?"}
     outputs, runs = run_async(lambda: run_stages(pipeline, question))
     analysis, assembled, answered = outputs["analyze"], outputs["assemble"], outputs["answer"]
@@ -40,12 +41,12 @@ def test_an_offline_answer_quotes_the_corpus_and_cites_it(corpus_db: str) -> Non
     assert answered["sources"][0]["source"] == "corpus/claims.md"
     assert answered["sources"][0]["heading"] == "Claiming runs > How a worker claims runs"
     assert answered["remembered"] is False  # no session: nothing to remember for
-    assert all(run.llm_model is None for run in runs)
+    assert all(run.usage is None for run in runs)
     assert scalar(corpus_db, "SELECT count(*) FROM conveyor.memory WHERE kind = 'message'") == 0
 
 
 def test_the_context_budget_is_kept(corpus_db: str) -> None:
-    pipeline = build_pipeline(AgentConfig(context_tokens=200))
+    pipeline = build_pipeline(AgentConfig(context_tokens=200), NAME)
     question = {"question": "What happens to a run when its worker is killed?"}
     outputs, _ = run_async(lambda: run_stages(pipeline, question, until="assemble"))
     context = outputs["assemble"]["context"]
@@ -54,7 +55,7 @@ def test_the_context_budget_is_kept(corpus_db: str) -> None:
 
 
 def test_a_follow_up_in_the_same_session_uses_the_earlier_exchange(corpus_db: str) -> None:
-    pipeline = build_pipeline(OFFLINE)
+    pipeline = build_pipeline(OFFLINE, NAME)
     first_id = uuid.uuid4()
     first = {"question": "What happens to a run when its worker is killed?", "session_id": "s-1"}
     outputs, _ = run_async(lambda: run_stages(pipeline, first, run_id=first_id))
@@ -90,7 +91,7 @@ def test_a_follow_up_in_the_same_session_uses_the_earlier_exchange(corpus_db: st
 
 
 def test_the_exchange_is_written_once_when_the_answer_stage_runs_twice(corpus_db: str) -> None:
-    pipeline = build_pipeline(OFFLINE)
+    pipeline = build_pipeline(OFFLINE, NAME)
     run_id = uuid.uuid4()
     question = {"question": "What does the sweep do?", "session_id": "again"}
     first, _ = run_async(lambda: run_stages(pipeline, question, run_id=run_id))
@@ -102,7 +103,7 @@ def test_the_exchange_is_written_once_when_the_answer_stage_runs_twice(corpus_db
 
 def test_nothing_in_memory_is_said_plainly(agents_db: str) -> None:
     outputs, _ = run_async(
-        lambda: run_stages(build_pipeline(OFFLINE), {"question": "How do leases work?"})
+        lambda: run_stages(build_pipeline(OFFLINE, NAME), {"question": "How do leases work?"})
     )
     assert outputs["assemble"]["context"] == []
     assert (
@@ -113,7 +114,7 @@ def test_nothing_in_memory_is_said_plainly(agents_db: str) -> None:
 
 
 def test_bad_questions_fail_before_anything_is_written(agents_db: str) -> None:
-    pipeline = build_pipeline(AgentConfig(max_question_chars=50))
+    pipeline = build_pipeline(AgentConfig(max_question_chars=50), NAME)
     for bad in ({"question": ""}, {"question": "why? " * 20, "session_id": "s"}):
         with pytest.raises(InvalidQuestion):
             run_async(lambda bad=bad: run_stages(pipeline, bad))
@@ -126,7 +127,7 @@ def test_the_configured_schema_is_used(agents_db: str, monkeypatch: pytest.Monke
     monkeypatch.setenv("CONVEYOR_SCHEMA", "agents_b")
     run_async(lambda: ingest(agents_db, "agents_b", bundled_corpus(), OFFLINE))
     question = {"question": "What does the sweep do?", "session_id": "b"}
-    outputs, _ = run_async(lambda: run_stages(build_pipeline(OFFLINE), question))
+    outputs, _ = run_async(lambda: run_stages(build_pipeline(OFFLINE, NAME), question))
     assert outputs["answer"]["sources"][0]["source"] == "corpus/notifications.md"
     assert scalar(agents_db, "SELECT count(*) FROM agents_b.memory WHERE kind = 'message'") == 1
     assert scalar(agents_db, "SELECT count(*) FROM conveyor.memory") == 0

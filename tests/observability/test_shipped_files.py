@@ -12,6 +12,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.metrics import MetricWrapperBase
 
 from conveyor import metrics
+from conveyor.agents import metrics as agent_metrics
 from tests.observability.prom import DASHBOARD, DEPLOY
 
 PROMETHEUS = DEPLOY / "prometheus"
@@ -114,7 +115,12 @@ def test_dashboard_covers_what_operators_watch() -> None:
 
 
 def _defined() -> list[MetricWrapperBase]:
-    return [m for m in vars(metrics).values() if isinstance(m, MetricWrapperBase)]
+    return [
+        m
+        for module in (metrics, agent_metrics)
+        for m in vars(module).values()
+        if isinstance(m, MetricWrapperBase)
+    ]
 
 
 def test_metric_definitions_follow_prometheus_conventions() -> None:
