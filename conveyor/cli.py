@@ -1,7 +1,7 @@
 """The `conveyor` command: the group that reads the settings, with every command group added.
 
 The top of the CLI: the commands live in conveyor/commands/ (by topic), conveyor/console/cli.py
-and conveyor/agents/cli.py, all on conveyor/commands/context.py; only `python -m conveyor` and
+and conveyor/commands/memory.py, all on conveyor/commands/context.py; only `python -m conveyor` and
 the `conveyor` console script import this module.
 """
 
@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import click
 
-from conveyor.agents.cli import memory_group
 from conveyor.commands import operations, runs
 from conveyor.commands.context import App, fail
+from conveyor.commands.memory import memory_group
 from conveyor.console.cli import console_command
 from conveyor.logs import configure_logging
 from conveyor.settings import ConfigError, Settings

@@ -2,7 +2,7 @@
 problem is one line on stderr and exit code 2, never a traceback) and option checks.
 
 Imported by the commands of conveyor/commands/, conveyor/console/cli.py and
-conveyor/agents/cli.py; conveyor/cli.py, which assembles them, imports them all.
+conveyor/commands/memory.py; conveyor/cli.py, which assembles them, imports them all.
 """
 
 from __future__ import annotations
