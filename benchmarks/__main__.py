@@ -239,7 +239,8 @@ def _rows_of(
         ),
         Row(
             "(f) idle worker (sweep every 5 s)",
-            f"CPU {f.cpu_percent:.2f}%, {f.queries_per_minute:.0f} queries/min,"
+            f"CPU {f.cpu_percent:.2f}%, {f.queries_per_minute:.0f} queries/min"
+            f" ({f.maintenance_per_minute:.0f} of them the maintenance it leads),"
             f" {f.claims_per_sweep:.2f} claims per sweep interval",
             "< 0.5% CPU, <= 1 claim per sweep interval",
             command=idle.COMMAND,

@@ -9,7 +9,10 @@ the window:
 - Queries: every statement its backends send, from the server's own log. The bench database
   is set to `log_statement = all` before the worker connects, and the log lines are kept only
   for the pids of the worker's backends (application_name conveyor:<id> and
-  conveyor-listen:<id>), then sorted by what they are (claim, rescue, beat, ...). When the
+  conveyor-listen:<id>), then sorted by what they are (claim, rescue, beat, ...). A lone
+  worker also competes for the pipeline's maintenance lead and, alone, leads it (rescues of
+  expired leases, the registry's dead rows) on its conveyor-leader:<id> connection: those
+  statements are counted apart, as what the maintenance costs. When the
   server log cannot be read (a remote server), the figure falls back to the committed
   transactions of the bench database in pg_stat_database (each statement the worker sends
   idle is one autocommit transaction; autovacuum may add a few).
@@ -35,13 +38,17 @@ COMMAND = "python -m benchmarks.idle"
 SWEEP_INTERVAL = 5.0  # the default CONVEYOR_SWEEP_INTERVAL
 _LOG_LINE = re.compile(r"^\S+ \S+ \S+ \[(\d+)\] LOG:  (?:statement|execute [^:]*): (.*)$")
 _KINDS = (
-    ("claim", "WITH picked AS"),
+    ("claim", "WITH candidates AS"),
     ("rescue", "WITH expired AS"),
     ("beat", 'INSERT INTO "conveyor".workers'),
     ("lease extension", 'UPDATE "conveyor".pipeline_runs'),
     ("listener ping", "SELECT pg_notify"),
     ("listen", "LISTEN"),
+    ("leader lock", "SELECT pg_try_advisory_lock"),
+    ("schema check", "SELECT coalesce(max(version)"),
+    ("forget dead workers", 'DELETE FROM "conveyor".workers WHERE expires_at'),
 )
+_MAINTENANCE = "conveyor-leader:"  # the application_name of the maintenance connection
 
 
 @dataclass
@@ -51,10 +58,15 @@ class Idle:
     backend_cpu_percent: float | None
     queries_per_minute: float
     source: str  # where the query count comes from
-    by_kind: dict[str, int] = field(default_factory=dict)
+    by_kind: dict[str, int] = field(default_factory=dict)  # the worker's own statements
+    maintenance_by_kind: dict[str, int] = field(default_factory=dict)  # the lead's
     rss_idle_mb: float = 0.0
     rss_loaded_mb: float = 0.0
     load_runs: int = 0
+
+    @property
+    def maintenance_per_minute(self) -> float:
+        return sum(self.maintenance_by_kind.values()) / self.seconds * 60
 
     @property
     def claims_per_sweep(self) -> float:
@@ -77,13 +89,14 @@ def _server_log(conn: Any) -> Path | None:
     return None
 
 
-def _backend_pids(conn: Any, db: BenchDatabase) -> list[int]:
+def _backend_pids(conn: Any, db: BenchDatabase) -> dict[int, str]:
+    """The worker's backends: pid -> application_name."""
     rows = conn.execute(
-        "SELECT pid FROM pg_stat_activity"
+        "SELECT pid, application_name FROM pg_stat_activity"
         " WHERE datname = %s AND application_name LIKE 'conveyor%%'",
         (db.name,),
     ).fetchall()
-    return [row[0] for row in rows]
+    return {row[0]: row[1] for row in rows}
 
 
 def _transactions(conn: Any, db: BenchDatabase) -> int:
@@ -127,15 +140,18 @@ def measure(db: BenchDatabase, scale: Scale, *, load_runs: int = 20_000) -> Idle
                 xacts = _transactions(conn, db) - xacts_start - 1  # the first read's own
                 rss_idle = rss_megabytes(worker.pid)
                 by_kind: Counter[str] = Counter()
+                maintenance_by_kind: Counter[str] = Counter()
                 if log:
                     with log.open("rb") as handle:
                         handle.seek(log_start)
                         chunk = handle.read().decode(errors="replace")
-                    wanted = {str(pid) for pid in pids}
+                    names = {str(pid): name for pid, name in pids.items()}
                     for line in chunk.splitlines():
                         match = _LOG_LINE.match(line)
-                        if match and match.group(1) in wanted:
-                            by_kind[_classify(match.group(2).strip())] += 1
+                        if match and match.group(1) in names:
+                            maintains = names[match.group(1)].startswith(_MAINTENANCE)
+                            counted = maintenance_by_kind if maintains else by_kind
+                            counted[_classify(match.group(2).strip())] += 1
                 conn.execute(sql.SQL("ALTER DATABASE {} RESET log_statement").format(name))
                 # A load through the same worker: an insert wakes it like any submit would.
                 conn.execute(
@@ -154,7 +170,7 @@ def measure(db: BenchDatabase, scale: Scale, *, load_runs: int = 20_000) -> Idle
                 rss_loaded = rss_megabytes(worker.pid)
         finally:
             conn.execute(sql.SQL("ALTER DATABASE {} RESET log_statement").format(name))
-    queries = sum(by_kind.values()) if log else xacts
+    queries = sum(by_kind.values()) + sum(maintenance_by_kind.values()) if log else xacts
     return Idle(
         seconds=seconds,
         cpu_percent=cpu / seconds * 100,
@@ -162,14 +178,24 @@ def measure(db: BenchDatabase, scale: Scale, *, load_runs: int = 20_000) -> Idle
         queries_per_minute=queries / seconds * 60,
         source="server log, worker backends" if log else "pg_stat_database transactions",
         by_kind=dict(by_kind),
+        maintenance_by_kind=dict(maintenance_by_kind),
         rss_idle_mb=rss_idle,
         rss_loaded_mb=rss_loaded,
         load_runs=load_runs,
     )
 
 
+def _kinds(counted: dict[str, int]) -> str:
+    return ", ".join(f"{kind} {count}" for kind, count in sorted(counted.items()))
+
+
 def describe(result: Idle) -> str:
-    kinds = ", ".join(f"{kind} {count}" for kind, count in sorted(result.by_kind.items()))
+    kinds = _kinds(result.by_kind)
+    if result.maintenance_by_kind:
+        kinds += (
+            f"; of them the maintenance it leads, {result.maintenance_per_minute:.1f}/min:"
+            f" {_kinds(result.maintenance_by_kind)}"
+        )
     backend = (
         f"; its PostgreSQL backends {result.backend_cpu_percent:.2f}%"
         if result.backend_cpu_percent is not None

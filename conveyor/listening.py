@@ -72,8 +72,8 @@ class Listener:
         self.disconnected = asyncio.Event()  # the opposite, for those who wait for a loss
         self.disconnected.set()
         self.reconnects = 0
-        self.last_notification_at = 0.0
         self._last_heard = time.monotonic()  # the silence that calls for a health check
+        self._heard_anything = False
         self._ping_payload = f"{_PING}:{uuid.uuid4().hex}"
         self._ping_channel = f"conveyor.{self._ping_payload}"
         self._ping_answered = False
@@ -215,25 +215,35 @@ class Listener:
         pgconn.consume_input()
         encoding = conn.info.encoding
         while (arrived := pgconn.notifies()) is not None:
-            self._heard(
-                psycopg.Notify(
-                    arrived.relname.decode(encoding, "replace"),
-                    arrived.extra.decode(encoding, "replace"),
-                    arrived.be_pid,
-                )
+            self._arrived(
+                arrived.relname.decode(encoding, "replace"),
+                arrived.extra.decode(encoding, "replace"),
             )
 
     def _heard(self, notify: psycopg.Notify) -> None:
-        """Every notification, whether read by _read_arrived or by psycopg during the ping."""
-        self.last_notification_at = time.time()
-        self._last_heard = time.monotonic()
-        ping = notify.channel == self._ping_channel or notify.payload.startswith(_PING)
-        if self._metrics:
-            self._metrics.heard(self.last_notification_at, ping=ping)
+        """A notification psycopg read during the health check's statement."""
+        self._arrived(notify.channel, notify.payload)
+
+    def _arrived(self, channel: str, payload: str) -> None:
+        """Every notification. A wake-up goes to the owner before anything is noted: it may be
+        a run on its way to its handler, on a CPU just woken, where every step shows."""
+        self._last_heard = heard = time.monotonic()
+        self._heard_anything = True
+        ping = channel == self._ping_channel or payload.startswith(_PING)
         if not ping:
-            self._deliver(notify.payload)
-        elif notify.payload == self._ping_payload:
+            self._deliver(payload)
+        elif payload == self._ping_payload:
             self._ping_answered = True
+        if self._metrics:
+            self._metrics.heard(heard, ping=ping)
+
+    @property
+    def last_notification_at(self) -> float:
+        """When the listener last heard anything (a wake-up or a ping), as a Unix time; 0.0
+        before the first."""
+        if not self._heard_anything:
+            return 0.0
+        return _wall_time(self._last_heard)
 
     def _deliver(self, payload: str) -> None:
         """Hand a payload to the owner. Whatever it carries (any login may NOTIFY on any
@@ -300,6 +310,8 @@ class _ListenerMetrics:
         self.reconnects.inc()
 
     def heard(self, when: float, *, ping: bool) -> None:
+        """`when`: time.monotonic() when it was heard (a wall clock read is one step more on
+        a run's path)."""
         self._heard_at = when
         if not ping:
             self._unwritten += 1
@@ -311,11 +323,16 @@ class _ListenerMetrics:
             self._scheduled.cancel()
             self._scheduled = None
         if self._heard_at is not None:
-            self.last_heard.set(self._heard_at)
+            self.last_heard.set(_wall_time(self._heard_at))
             self._heard_at = None
         if self._unwritten:
             self.notifications.inc(self._unwritten)
             self._unwritten = 0
+
+
+def _wall_time(monotonic: float) -> float:
+    """The Unix time of a moment read from time.monotonic()."""
+    return time.time() - (time.monotonic() - monotonic)
 
 
 def _shut_down(conn: psycopg.AsyncConnection[Any]) -> None:

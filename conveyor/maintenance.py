@@ -26,6 +26,9 @@ from conveyor.settings import Settings
 
 log = structlog.get_logger("conveyor.maintenance")
 SCHEMA_CHECK_SECONDS = 60.0
+# Registry rows are forgotten an hour after their process stopped beating: looking every few
+# minutes is prompt enough, where every tick would be a statement every few seconds for nothing.
+FORGET_DEAD_WORKERS_SECONDS = 300.0
 
 
 class Maintenance:
@@ -51,6 +54,7 @@ class Maintenance:
         self.schema_current = False
         self._statement = ""  # the one under way, for the log line when PostgreSQL refuses it
         self._leading_since = 0.0
+        self._forget_dead_workers_at = 0.0  # monotonic; the first tick looks at once
         self.lock_name = f"conveyor.leader.{settings.schema}.{pipeline.name}"
         self.published = LeaderMetrics(pipeline, self.sql)
 
@@ -142,7 +146,9 @@ class Maintenance:
                 await self._step("rescue_expired", self._rescue(conn, stage))
         if self.settings.retention is not None:
             await self._step("prune_finished", self.prune(conn, self.settings.retention))
-        await self._step("forget_dead_workers", conn.execute(self.sql["forget_dead_workers"]))
+        if time.monotonic() >= self._forget_dead_workers_at:
+            self._forget_dead_workers_at = time.monotonic() + FORGET_DEAD_WORKERS_SECONDS
+            await self._step("forget_dead_workers", conn.execute(self.sql["forget_dead_workers"]))
         if self.publish_metrics:
             await self._step("leader_metrics", self.published.publish(conn))
 

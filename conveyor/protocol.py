@@ -118,7 +118,7 @@ class StageProtocol:
         params = {**self._fence, "lease_seconds": self.lease_seconds, "alone": alone}
         async with self._claiming.connection() as conn:
             cur = conn.cursor()
-            set_json_loads(_utf8_json, cur)  # input and outputs of every claimed run
+            set_json_loads(json_from_server, cur)  # input and outputs of every claimed run
             await cur.execute(statement, params)
             rows: list[Any] = await cur.fetchall()
             return rows
@@ -316,7 +316,7 @@ class Undecodable:
     reason: str
 
 
-def _utf8_json(data: str | bytes) -> Any:
+def json_from_server(data: str | bytes) -> Any:
     """JSON from the server, which sends it as UTF-8: json.loads would first work out the
     encoding of the bytes, for every value. jsonb's text has no surrounding whitespace, so the
     value is read by the decoder's C scanner directly (decode() would first match whitespace on

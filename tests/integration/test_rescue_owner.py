@@ -4,9 +4,14 @@ in a server crash (no rescue is counted against the run)."""
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import psycopg
 
-from conveyor import queries
+from conveyor import maintenance, queries
+from conveyor.settings import Settings
+from tests.pipelines import chain
 
 PARAMS = {
     "pipeline": "chain",
@@ -82,3 +87,33 @@ def test_a_live_owner_costs_the_run_no_rescue_a_dead_one_does(
         None,
         "lease expired: worker alive is alive but no longer held the run",
     )
+
+
+def test_the_leader_forgets_long_dead_workers_every_few_minutes_not_every_tick(
+    database_url: str, conn: psycopg.Connection[tuple[object, ...]]
+) -> None:
+    """Registry rows an hour past their expiry go at the leader's first tick, and then at
+    most every FORGET_DEAD_WORKERS_SECONDS: rows that old need no look every few seconds."""
+    leader = maintenance.Maintenance(Settings(), chain, database_url, "test")
+
+    def registry() -> list[object]:
+        return [r[0] for r in conn.execute("SELECT worker_id FROM conveyor.workers ORDER BY 1")]
+
+    async def tick() -> None:
+        async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as c:
+            await leader.tick(c)
+
+    _register(conn, "long gone", beat_ago=7300)
+    _register(conn, "alive", beat_ago=5)
+    asyncio.run(tick())
+    assert registry() == ["alive"]
+
+    _register(conn, "gone since", beat_ago=7300)
+    asyncio.run(tick())
+    assert registry() == ["alive", "gone since"]  # not due yet
+    due_at = leader._forget_dead_workers_at
+    assert 0 < due_at - time.monotonic() <= maintenance.FORGET_DEAD_WORKERS_SECONDS
+
+    leader._forget_dead_workers_at = time.monotonic()  # the few minutes have passed
+    asyncio.run(tick())
+    assert registry() == ["alive"]

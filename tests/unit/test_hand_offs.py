@@ -61,7 +61,7 @@ def _body(run_id: uuid.UUID, *, attempt: int = 1, free: int = 3, expires_in: flo
 
 
 def _signed(secret: bytes, body: str) -> str:
-    return f"{signature(secret, body).decode()}:{body}"
+    return f"{signature(secret, body)}:{body}"
 
 
 def _refusals() -> float:
@@ -72,7 +72,7 @@ def _refusals() -> float:
 def test_the_signature_is_sha256_of_the_secret_and_the_sha256_of_secret_and_body() -> None:
     secret, body = b"k" * 32, '{"id": 1}'
     inner = hashlib.sha256(secret + body.encode()).digest()
-    assert signature(secret, body) == hashlib.sha256(secret + inner).hexdigest().encode()
+    assert signature(secret, body) == hashlib.sha256(secret + inner).hexdigest()
 
 
 def test_a_signed_fresh_hand_off_is_taken_and_notes_the_free_slots() -> None:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conveyor.protocol import Undecodable, _utf8_json
+from conveyor.protocol import Undecodable, json_from_server
 
 TEXTS = [
     "{}",
@@ -21,21 +21,21 @@ TEXTS = [
 
 @pytest.mark.parametrize("text", TEXTS)
 def test_reads_as_json_loads(text: str) -> None:
-    assert _utf8_json(text.encode()) == json.loads(text)
-    assert _utf8_json(text) == json.loads(text)
+    assert json_from_server(text.encode()) == json.loads(text)
+    assert json_from_server(text) == json.loads(text)
 
 
 @pytest.mark.parametrize("text", ['{"a": 1} extra', "", "{", "NaN-"])
 def test_bad_text_is_refused_as_undecodable(text: str) -> None:
     """Never an exception: it would fail the whole claim, and every claim after it."""
-    value = _utf8_json(text.encode())
+    value = json_from_server(text.encode())
     assert isinstance(value, Undecodable) and value.reason.startswith("JSON could not be decoded")
 
 
 def test_json_nested_deeper_than_python_recurses_is_undecodable() -> None:
-    value = _utf8_json(("[" * 5000 + "]" * 5000).encode())
+    value = json_from_server(("[" * 5000 + "]" * 5000).encode())
     assert value == Undecodable("JSON nested too deeply to decode")
 
 
 def test_text_that_is_not_utf8_is_undecodable() -> None:
-    assert isinstance(_utf8_json(b"\xff"), Undecodable)
+    assert isinstance(json_from_server(b"\xff"), Undecodable)
