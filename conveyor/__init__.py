@@ -7,6 +7,8 @@ The public API, all a pipeline needs (nothing else in the package is promised to
 - Run: what a handler receives; `Run.write` hands a statement over to commit with the output,
   `Run.record_usage` says what an outside call used (a Usage, kept on the run's event).
 - PermanentError: raised by a handler, fails the run at once, without retries.
+- Limit, Throttled, Reservation: flow control shared by every worker (Stage(limits=...),
+  Run.acquire, Run.close_limit); Throttled sends a run back to wait, its attempt not counted.
 - PipelineError: a declaration that cannot run.
 - submit, Submitted, SubmitError: start a run from Python (the same as the plain SQL insert).
 - Database: where the workers' database is, for a handler's own reads.
@@ -15,6 +17,7 @@ The public API, all a pipeline needs (nothing else in the package is promised to
 """
 
 from conveyor.environment import Database
+from conveyor.limits import Limit, Reservation, Throttled
 from conveyor.pipeline import (
     Backoff,
     PermanentError,
@@ -34,14 +37,17 @@ __all__ = [
     "ConfigError",
     "Database",
     "EnvReader",
+    "Limit",
     "PermanentError",
     "Pipeline",
     "PipelineError",
+    "Reservation",
     "Run",
     "Stage",
     "SubmitError",
     "Submitted",
     "TextInput",
+    "Throttled",
     "Usage",
     "Write",
     "submit",

@@ -74,6 +74,12 @@ WAKEUP_LATENCY = Histogram(
     _STAGE,
     buckets=_FAST_BUCKETS,
 )
+THROTTLED = Counter(
+    "conveyor_throttled_total",
+    "Times flow control held runs back: a claim the limits allowed nothing (what='claim'), or a "
+    "run sent back in line to wait for its key (what='run': closed, or its bucket spent).",
+    [*_STAGE, "key", "what"],
+)
 IN_FLIGHT = Gauge(
     "conveyor_runs_in_flight", "Runs being handled right now.", _STAGE, multiprocess_mode="livesum"
 )

@@ -8,6 +8,7 @@ import importlib
 import inspect
 import random
 import re
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, LiteralString, NamedTuple, Protocol
@@ -16,6 +17,7 @@ from uuid import UUID
 from psycopg import sql
 from psycopg.abc import Params
 
+from conveyor.limits import MAX_IN_FLIGHT, FlowHandle, Limit, Reservation, Throttled
 from conveyor.settings import Settings
 
 TERMINAL_STATUSES = frozenset({"DONE", "FAILED", "CANCELLED"})
@@ -97,6 +99,32 @@ class Run:
     # Set on the first record_usage / write: most handlers do neither, and a run is built per claim.
     _usage: Usage | None = field(default=None, init=False, repr=False, compare=False)
     _writes: list[Write] | None = field(default=None, init=False, repr=False, compare=False)
+    # Flow control, set by the worker that runs it (conveyor/flow_control.py).
+    _flow: FlowHandle | None = field(default=None, init=False, repr=False, compare=False)
+
+    async def acquire(
+        self, key: str, *, tokens: int = 0, requests: int | None = None
+    ) -> Reservation:
+        """Take `tokens` tokens and `requests` requests from the limit `key` before a call whose
+        cost is known only here (by default one request, or none when the stage declares the
+        key: its claim took it). Waits a moment for a bucket to fill; longer, it raises
+        Throttled and the run waits in line, its attempt not counted. Settle the reservation
+        with what the call used. Outside a worker there is nothing to wait for."""
+        if self._flow is None:
+            return Reservation(key, tokens)
+        return await self._flow.acquire(key, tokens=tokens, requests=requests)
+
+    async def close_limit(
+        self, key: str, *, retry_after: float | None = None, reason: str = ""
+    ) -> Throttled:
+        """Close `key` for every worker of every pod: for `retry_after` seconds (a provider's
+        Retry-After), or with None for the shared backoff (1 s, doubling to 60 s while closures
+        follow one another). Returns the Throttled to raise: the run waits until the key opens,
+        its attempt not counted."""
+        if self._flow is None:
+            until = None if retry_after is None else time.time() + retry_after
+            return Throttled(key, until, reason)
+        return await self._flow.close(key, retry_after=retry_after, reason=reason)
 
     def record_usage(self, service: str, input_units: int = 0, output_units: int = 0) -> None:
         """Record that this attempt used `service` (what was called: a model, an API), counting
@@ -189,8 +217,13 @@ class Stage:
     timeout: float = 300.0
     max_attempts: int = 3
     backoff: Backoff = field(default_factory=Backoff)
+    # Flow control (conveyor/limits.py): the keys its runs go under, and a cap on the runs of
+    # this stage leased at once in the whole deployment (None: no cap).
+    limits: Sequence[Limit] = ()
+    max_in_flight: int | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "limits", tuple(self.limits))
         if not self.working:
             object.__setattr__(self, "working", f"{self.name.upper()}_RUNNING")
         if not self.batch:
@@ -284,8 +317,19 @@ def validate(pipeline: Pipeline) -> None:
             raise PipelineError(f"{where}: handler is not callable")
         if stage.concurrency < 1 or stage.batch < 1 or stage.max_attempts < 1:
             raise PipelineError(f"{where}: concurrency, batch and max_attempts must be >= 1")
-        if stage.timeout <= 0:
+        if not stage.timeout > 0:  # NaN too
             raise PipelineError(f"{where}: timeout must be > 0")
+        if stage.max_in_flight is not None and not (
+            isinstance(stage.max_in_flight, int) and 0 <= stage.max_in_flight <= MAX_IN_FLIGHT
+        ):
+            raise PipelineError(
+                f"{where}: max_in_flight must be an integer from 0 to {MAX_IN_FLIGHT}"
+            )
+        keys = [limit.key for limit in stage.limits if isinstance(limit, Limit)]
+        if len(keys) != len(stage.limits):
+            raise PipelineError(f"{where}: limits must be conveyor.Limit objects")
+        if len(set(keys)) != len(keys):
+            raise PipelineError(f"{where}: a limit key is declared twice")
     if not callable(pipeline.text_input):
         raise PipelineError(f"pipeline {pipeline.name!r}: text_input is not callable")
     for status in consumed:

@@ -5,9 +5,8 @@ Every call is one short transaction. Nothing here holds a transaction open while
 
 from __future__ import annotations
 
-import json
 import socket
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +18,9 @@ from psycopg.types.json import set_json_loads
 from psycopg_pool import AsyncConnectionPool
 
 from conveyor import queries
+from conveyor.flow_control import FlowControl, Room
 from conveyor.pipeline import Pipeline, Stage, Usage, Write
+from conveyor.server_json import json_from_server
 
 # id, input, outputs, attempt, seconds it waited to be claimed, whether it was rescued
 ClaimedRow = tuple[UUID, dict[str, Any], dict[str, Any], int, float, bool]
@@ -47,6 +48,8 @@ class Failure:
     retry_in: float | None
     started_epoch: float
     duration: float
+    # False for a run sent back to wait for a limit (Throttled): its attempt is not counted.
+    counted: bool = True
 
 
 @dataclass(frozen=True)
@@ -70,8 +73,13 @@ class StageProtocol:
         worker_id: str,
         lease_seconds: float,
         hold_connections: bool = False,
+        flow: FlowControl | None = None,
     ) -> None:
         self.pool = pool
+        # Flow control: claims ask the stage's limits first (conveyor/flow_control.py), and
+        # `throttled` says what held the last claim back, if anything did.
+        self.flow = flow
+        self.throttled: Room | None = None
         # With hold_connections, claims and completions each keep one pool connection between
         # calls (the pool needs two more than its other users): no checkout per statement, and
         # always the same backend, which answers faster than one idle for longer.
@@ -110,18 +118,42 @@ class StageProtocol:
     async def claim(self, batch: int, *, alone: bool = False) -> list[ClaimedRow]:
         """Lease up to `batch` runs (see claim_size). A worker with nothing in flight says
         `alone`: it may then get a rescued run, and gets it alone."""
+        if self.flow is not None:
+            return await self._claim_under_limits(self.flow, batch, alone)
+        async with self._claiming.connection() as conn:
+            return await self._claim_on(conn, batch, alone)
+
+    async def _claim_on(
+        self, conn: AsyncConnection[Any], batch: int, alone: bool
+    ) -> list[ClaimedRow]:
         statement = self._claims.get(batch)
         if statement is None:  # the size written in: one cached plan per size (queries.sql)
             statement = self._claims[batch] = self.sql["claim_batch"].replace(
                 "%(batch)s", str(int(batch))
             )
         params = {**self._fence, "lease_seconds": self.lease_seconds, "alone": alone}
-        async with self._claiming.connection() as conn:
-            cur = conn.cursor()
-            set_json_loads(json_from_server, cur)  # input and outputs of every claimed run
-            await cur.execute(statement, params)
-            rows: list[Any] = await cur.fetchall()
-            return rows
+        cur = conn.cursor()
+        set_json_loads(json_from_server, cur)  # input and outputs of every claimed run
+        await cur.execute(statement, params)
+        rows: list[Any] = await cur.fetchall()
+        return rows
+
+    async def _claim_under_limits(
+        self, flow: FlowControl, batch: int, alone: bool
+    ) -> list[ClaimedRow]:
+        """The claim in one transaction with the limits' room: the keys' rows stay locked from
+        the count to the commit, so claims under a key follow one another."""
+        rows: list[ClaimedRow] = []
+        async with self._claiming.connection() as conn, conn.transaction():
+            if not flow.declared:
+                await flow.declare_on(conn)
+            room = await flow.room(conn, batch)
+            self.throttled = room if room.runs < 1 else None
+            if room.runs >= 1:
+                rows = await self._claim_on(conn, self.claim_size(room.runs), alone)
+                await flow.took(conn, len(rows))
+        flow.declared = True
+        return rows
 
     async def rescued_waiting(self) -> bool:
         async with self._claiming.connection() as conn:
@@ -178,6 +210,11 @@ class StageProtocol:
                         "retry_in": number_array([f.retry_in for f in failures]),
                         "started_us": microseconds_array([f.started_epoch for f in failures]),
                         "durations_us": microseconds_array([f.duration for f in failures]),
+                        "uncounted": (
+                            bool_array([not f.counted for f in failures])
+                            if not all([f.counted for f in failures])
+                            else "{}"
+                        ),
                     },
                 )
                 for _run_id, to_status in await cur.fetchall():
@@ -186,6 +223,8 @@ class StageProtocol:
                     else:
                         retried += 1
         refused = len(successes) + len(failures) - completed - retried - failed
+        if self.flow is not None and refused < len(successes) + len(failures):
+            await self.flow.places_freed()  # wake whoever waits for a place under a cap
         return Applied(completed, retried, failed, refused)
 
     async def release(self, run_ids: list[UUID], *, reason: str = "worker shutting down") -> int:
@@ -302,40 +341,6 @@ class _Held:
             await self._pool.putconn(conn)
 
 
-_decoder = json.JSONDecoder()
-_json_decode = _decoder.decode
-# set by JSONDecoder.__init__ (the C scanner when there is one); typeshed does not declare it
-_scan_once: Callable[[str, int], tuple[Any, int]] = _decoder.scan_once  # type: ignore[attr-defined]
-
-
-@dataclass(frozen=True, slots=True)
-class Undecodable:
-    """A claimed value Python cannot decode (jsonb nested deeper than its recursion limit):
-    the worker fails the run with `reason` instead of running its handler."""
-
-    reason: str
-
-
-def json_from_server(data: str | bytes) -> Any:
-    """JSON from the server, which sends it as UTF-8: json.loads would first work out the
-    encoding of the bytes, for every value. jsonb's text has no surrounding whitespace, so the
-    value is read by the decoder's C scanner directly (decode() would first match whitespace on
-    both sides with a regular expression); anything else goes through decode(), which judges it.
-    A value that cannot be decoded comes back as Undecodable: an exception here would fail the
-    whole claim, and the same run would fail every claim after it."""
-    try:
-        text = data if isinstance(data, str) else str(data, "utf-8")
-        try:
-            value, end = _scan_once(text, 0)
-        except StopIteration:
-            return _json_decode(text)
-        return value if end == len(text) else _json_decode(text)
-    except RecursionError:
-        return Undecodable("JSON nested too deeply to decode")
-    except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        return Undecodable(f"JSON could not be decoded: {exc}")
-
-
 # The batched statements take their columns as arrays (unnest). Their literals are written here
 # in one pass: adapting a list element by element costs several times more per run.
 
@@ -371,6 +376,10 @@ def microseconds_array(seconds: list[float]) -> str:
     """Times in whole microseconds (truncated): writing a float's shortest repr costs ~1.2-1.6 us
     on the 2-core machine, two per run; an integer's costs a quarter of that."""
     return "{" + ",".join([str(int(value * 1_000_000)) for value in seconds]) + "}"
+
+
+def bool_array(values: list[bool]) -> str:
+    return "{" + ",".join(["t" if value else "f" for value in values]) + "}"
 
 
 def text_array(values: list[str] | list[str | None]) -> str:

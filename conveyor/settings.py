@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from conveyor.limits import MAX_IN_FLIGHT, MAX_REQUESTS_PER_MINUTE, MAX_TOKENS_PER_MINUTE
 from conveyor.urls import redact_url, url_problem
 
 DEFAULT_PIPELINE = "conveyor.reference:pipeline"
@@ -43,6 +44,7 @@ class StageOverrides:
     batch: int | None = None
     timeout: float | None = None
     max_attempts: int | None = None
+    max_in_flight: int | None = None
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,8 @@ class Settings:
     log_format: str = "auto"
     log_level: str = "info"
     stage_overrides: Mapping[str, StageOverrides] = field(default_factory=dict)
+    # CONVEYOR_LIMIT_<NAME>_*: NAME (limits.env_name of a key) -> field -> value, None for off.
+    limit_overrides: Mapping[str, Mapping[str, float | None]] = field(default_factory=dict)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -103,6 +107,7 @@ class Settings:
             log_level=reader.choice(
                 "CONVEYOR_LOG_LEVEL", "info", ("debug", "info", "warning", "error")
             ),
+            limit_overrides=reader.limit_overrides(),
             # Last: it skips the names read above (CONVEYOR_DRAIN_TIMEOUT is not stage "drain").
             stage_overrides=reader.stage_overrides(),
         )
@@ -134,12 +139,20 @@ def parse_duration(text: str) -> float:
 
 
 _STAGE_VARIABLE = re.compile(
-    r"^CONVEYOR_([A-Z][A-Z0-9_]*)_(CONCURRENCY|BATCH|TIMEOUT|MAX_ATTEMPTS)$"
+    r"^CONVEYOR_([A-Z][A-Z0-9_]*)_(CONCURRENCY|BATCH|TIMEOUT|MAX_ATTEMPTS|MAX_IN_FLIGHT)$"
 )
+_STAGE_MINIMUM = {"MAX_IN_FLIGHT": 0}  # 0 starts nothing: the stage is paused
 _STAGE_MAXIMUM = {
     "CONCURRENCY": MAX_CONCURRENCY,
     "BATCH": MAX_CONCURRENCY,  # a claim takes no more than the free slots anyway
     "MAX_ATTEMPTS": MAX_ATTEMPTS,
+    "MAX_IN_FLIGHT": MAX_IN_FLIGHT,
+}
+_LIMIT_VARIABLE = re.compile(r"^CONVEYOR_LIMIT_([A-Z0-9][A-Z0-9_]*?)_(MAX_IN_FLIGHT|RPM|TPM)$")
+_LIMIT_FIELDS = {  # variable suffix -> (Limit field, maximum)
+    "MAX_IN_FLIGHT": ("max_in_flight", float(MAX_IN_FLIGHT)),
+    "RPM": ("requests_per_minute", MAX_REQUESTS_PER_MINUTE),
+    "TPM": ("tokens_per_minute", MAX_TOKENS_PER_MINUTE),
 }
 # Global settings whose names also fit the per-stage pattern: never a stage's override.
 
@@ -291,6 +304,33 @@ class _SettingsReader(EnvReader):
             stages[stage] = processes
         return stages
 
+    def limit_overrides(self) -> dict[str, dict[str, float | None]]:
+        found: dict[str, dict[str, float | None]] = {}
+        for variable in self.env:
+            match = _LIMIT_VARIABLE.match(variable)
+            raw = self.raw(variable) if match else None
+            if match is None or raw is None:
+                continue
+            name, (field_name, top) = match.group(1), _LIMIT_FIELDS[match.group(2)]
+            if raw.lower() in ("off", "none"):
+                found.setdefault(name, {})[field_name] = None
+                continue
+            try:
+                value = float(raw)
+            except ValueError:
+                value = math.nan
+            if field_name == "max_in_flight":
+                fits, accepted = (
+                    0 <= value <= top and value.is_integer(),
+                    f"an integer from 0 to {top:.0f}",
+                )
+            else:
+                fits, accepted = 0 < value <= top, f"a number > 0 and <= {top:g}"
+            if not fits:  # NaN fails it too
+                raise ConfigError(variable, raw, f"expected {accepted}, or off")
+            found.setdefault(name, {})[field_name] = value
+        return found
+
     def stage_overrides(self) -> dict[str, StageOverrides]:
         found: dict[str, dict[str, float | int]] = {}
         for variable in self.env:
@@ -303,6 +343,8 @@ class _SettingsReader(EnvReader):
             if kind == "TIMEOUT":
                 value: float | int = self.number(variable, 0, minimum=0.001, maximum=WEEK)
             else:
-                value = self.integer(variable, 0, minimum=1, maximum=_STAGE_MAXIMUM[kind])
+                value = self.integer(
+                    variable, 0, minimum=_STAGE_MINIMUM.get(kind, 1), maximum=_STAGE_MAXIMUM[kind]
+                )
             found.setdefault(stage, {})[kind.lower()] = value
         return {stage: StageOverrides(**values) for stage, values in found.items()}  # type: ignore[arg-type]

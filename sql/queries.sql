@@ -49,6 +49,56 @@ RETURNING r.id, r.input, r.outputs, r.attempt,
           extract(epoch FROM clock_timestamp() - picked.ready_at)::float8 AS waited_seconds,
           picked.rescued;
 
+-- declare_limit --
+-- A limit as a stage (or the environment) declares it, written when a worker starts; the state
+-- of its buckets and closures is kept.
+INSERT INTO @schema@.limits AS l
+       (key, max_in_flight, requests_per_minute, tokens_per_minute, updated_at)
+VALUES (%(key)s, %(max_in_flight)s, %(requests_per_minute)s, %(tokens_per_minute)s, now())
+ON CONFLICT (key) DO UPDATE
+   SET max_in_flight = excluded.max_in_flight,
+       requests_per_minute = excluded.requests_per_minute,
+       tokens_per_minute = excluded.tokens_per_minute,
+       updated_at = now()
+ WHERE (l.max_in_flight, l.requests_per_minute, l.tokens_per_minute)
+       IS DISTINCT FROM (excluded.max_in_flight, excluded.requests_per_minute,
+                         excluded.tokens_per_minute);
+
+-- declare_limit_stage --
+INSERT INTO @schema@.limit_stages (key, pipeline, stage, working, channel)
+VALUES (%(key)s, %(pipeline)s, %(stage)s, %(working)s, %(channel)s)
+ON CONFLICT (key, pipeline, stage) DO UPDATE
+   SET working = excluded.working, channel = excluded.channel;
+
+-- limit_room --
+-- In the claim's transaction, before claim_batch: how many runs the stage's keys allow now
+-- (sql/012_flow_control.sql), their rows locked until the claim commits.
+SELECT room, extract(epoch FROM throttled_until)::float8, throttled_by
+  FROM @schema@.limit_room(%(keys)s::text[], %(wanted)s);
+
+-- limit_take --
+-- After the claim, in its transaction: one request per run claimed.
+SELECT @schema@.limit_take(%(keys)s::text[], %(requests)s, 0);
+
+-- limit_acquire --
+SELECT extract(epoch FROM @schema@.limit_acquire(%(key)s, %(requests)s, %(tokens)s))::float8;
+
+-- limit_settle --
+SELECT @schema@.limit_settle(%(key)s, %(tokens)s);
+
+-- limit_close --
+SELECT extract(epoch FROM @schema@.limit_close(
+           %(key)s, to_timestamp(%(until)s::float8), %(reason)s))::float8;
+
+-- limit_places_freed --
+-- Runs under capped keys have finished: wake the workers of every stage that shares the keys
+-- (a plain wake-up on each stage's channel; they claim, and the cap decides).
+SELECT pg_notify(channel, '')
+  FROM (SELECT DISTINCT s.channel
+          FROM @schema@.limit_stages s
+          JOIN @schema@.limits l ON l.key = s.key
+         WHERE s.key = ANY(%(keys)s::text[]) AND l.max_in_flight IS NOT NULL) channels;
+
 -- rescued_waiting --
 -- Whether a rescued run of the stage is due: a busy worker then stops claiming until it is empty
 -- and can take that run alone (claim_batch with `alone`). Asked once per sweep by busy workers.
@@ -114,15 +164,18 @@ RETURNING run_id;
 -- Apply a batch of failed attempts, fenced like completion (lease and attempt): back to the
 -- input status after `retry_in` seconds, or FAILED (terminal, error kept) when retry_in is
 -- NULL. Retries alone commit without waiting for their flush, as moves between stages do
--- (complete_if_leased).
+-- (complete_if_leased). An `uncounted` one waited for a limit (Throttled): its attempt is
+-- given back. The array may be empty (none was), and unnest pads it with NULLs.
 WITH failed AS (
     SELECT *
       FROM unnest(%(ids)s::uuid[], %(errors)s::text[], %(attempts)s::int[],
-                  %(retry_in)s::float8[], %(started_us)s::int8[], %(durations_us)s::int8[])
-           AS f(id, error, attempt, retry_in, started_us, duration_us)
+                  %(retry_in)s::float8[], %(started_us)s::int8[], %(durations_us)s::int8[],
+                  %(uncounted)s::bool[])
+           AS f(id, error, attempt, retry_in, started_us, duration_us, uncounted)
 ), moved AS (
     UPDATE @schema@.pipeline_runs r
        SET status = CASE WHEN f.retry_in IS NULL THEN 'FAILED' ELSE %(consumes)s END,
+           attempt = CASE WHEN f.uncounted THEN greatest(r.attempt - 1, 0) ELSE r.attempt END,
            run_after = CASE WHEN f.retry_in IS NULL THEN r.run_after
                             ELSE now() + make_interval(secs => f.retry_in) END,
            lease_owner = NULL,

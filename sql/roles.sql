@@ -34,6 +34,14 @@ GRANT INSERT, UPDATE, DELETE ON @schema@.memory TO conveyor_worker;
 GRANT USAGE ON ALL SEQUENCES IN SCHEMA @schema@ TO conveyor_worker;
 GRANT EXECUTE ON FUNCTION @schema@.prune_finished(float8, text) TO conveyor_worker;
 
+-- Flow control: workers declare limits, take from them and close them; readers only see them.
+GRANT INSERT, UPDATE ON @schema@.limits, @schema@.limit_stages TO conveyor_worker;
+GRANT EXECUTE ON FUNCTION @schema@.limit_room(text[], integer),
+                          @schema@.limit_take(text[], integer, float8),
+                          @schema@.limit_acquire(text, integer, float8),
+                          @schema@.limit_settle(text, float8),
+                          @schema@.limit_close(text, timestamptz, text) TO conveyor_worker;
+
 -- The registry's hand-off secrets are for the database alone: no role reads that column, and a
 -- worker writes it only with its own row. Everything else in the registry stays readable.
 REVOKE SELECT, UPDATE ON @schema@.workers FROM conveyor_worker, conveyor_reader;

@@ -1,4 +1,16 @@
 CREATE SCHEMA conveyor;
+CREATE FUNCTION conveyor.bucket_free(tat timestamp with time zone, per_minute double precision, at timestamp with time zone) RETURNS double precision
+    LANGUAGE sql IMMUTABLE
+    AS $$
+    SELECT greatest(per_minute / 60.0, 1.0)
+           - extract(epoch FROM greatest(tat, at) - at)::float8 * per_minute / 60.0
+$$;
+CREATE FUNCTION conveyor.bucket_ready_at(tat timestamp with time zone, per_minute double precision, units double precision) RETURNS timestamp with time zone
+    LANGUAGE sql IMMUTABLE
+    AS $$
+    SELECT tat - make_interval(secs => (greatest(per_minute / 60.0, 1.0) - units)
+                                       * 60.0 / per_minute)
+$$;
 CREATE FUNCTION conveyor.hand_off(handed_id uuid, handed_pipeline text, handed_status text, ready_at timestamp with time zone) RETURNS boolean
     LANGUAGE plpgsql SECURITY DEFINER
     AS $$
@@ -64,6 +76,126 @@ BEGIN
         OPERATOR(pg_catalog.||) ':' OPERATOR(pg_catalog.||) body);
     RETURN true;
 END
+$$;
+CREATE FUNCTION conveyor.limit_acquire(acquired_key text, requests integer, tokens double precision) RETURNS timestamp with time zone
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    lim record;
+    now_at timestamptz := clock_timestamp();
+BEGIN
+    INSERT INTO "conveyor".limits (key) VALUES (acquired_key) ON CONFLICT (key) DO NOTHING;
+    SELECT * INTO lim FROM "conveyor".limits l WHERE l.key = acquired_key FOR UPDATE;
+    IF lim.closed_until > now_at THEN
+        RETURN lim.closed_until;
+    END IF;
+    IF requests > 0 AND lim.requests_per_minute IS NOT NULL
+       AND "conveyor".bucket_free(lim.requests_tat, lim.requests_per_minute, now_at)
+           < requests - 1e-9 THEN
+        RETURN "conveyor".bucket_ready_at(lim.requests_tat, lim.requests_per_minute, requests);
+    END IF;
+    IF tokens > 0 AND lim.tokens_per_minute IS NOT NULL
+       AND "conveyor".bucket_free(lim.tokens_tat, lim.tokens_per_minute, now_at) < 1 THEN
+        RETURN "conveyor".bucket_ready_at(lim.tokens_tat, lim.tokens_per_minute, 1);
+    END IF;
+    PERFORM "conveyor".limit_take(ARRAY[acquired_key], requests, tokens);
+    RETURN NULL;
+END
+$$;
+CREATE FUNCTION conveyor.limit_close(closed_key text, until timestamp with time zone, reason text) RETURNS timestamp with time zone
+    LANGUAGE sql
+    AS $$
+    INSERT INTO "conveyor".limits AS l (key, closed_until, closed_reason, closures, updated_at)
+    VALUES (closed_key, coalesce(until, clock_timestamp() + interval '1 second'), reason, 1,
+            now())
+    ON CONFLICT (key) DO UPDATE
+       SET closed_until = greatest(
+               l.closed_until,
+               coalesce(until, clock_timestamp()
+                               + make_interval(secs => least(60.0, 2.0 ^ least(l.closures, 6))))),
+           closed_reason = reason,
+           closures = l.closures + 1,
+           updated_at = now()
+    RETURNING closed_until;
+$$;
+CREATE FUNCTION conveyor.limit_room(keys text[], wanted integer) RETURNS TABLE(room integer, throttled_until timestamp with time zone, throttled_by text)
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    lim record;
+    held integer;
+    free integer;
+    now_at timestamptz := clock_timestamp();
+BEGIN
+    room := wanted;
+    FOR lim IN SELECT * FROM "conveyor".limits l WHERE l.key = ANY(keys) ORDER BY l.key
+                  FOR UPDATE
+    LOOP
+        IF lim.closed_until > now_at THEN
+            RETURN QUERY SELECT 0, lim.closed_until, lim.key;
+            RETURN;
+        END IF;
+        IF lim.max_in_flight IS NOT NULL THEN
+            SELECT count(*) INTO held
+              FROM "conveyor".limit_stages s
+              JOIN "conveyor".pipeline_runs r ON r.pipeline = s.pipeline AND r.status = s.working
+             WHERE s.key = lim.key AND r.finished_at IS NULL AND r.lease_expires_at > now_at;
+            IF held >= lim.max_in_flight THEN
+                RETURN QUERY SELECT 0, NULL::timestamptz, lim.key;
+                RETURN;
+            END IF;
+            room := least(room, lim.max_in_flight - held);
+        END IF;
+        IF lim.requests_per_minute IS NOT NULL THEN
+            free := floor("conveyor".bucket_free(lim.requests_tat, lim.requests_per_minute, now_at)
+                          + 1e-9);
+            IF free < 1 THEN
+                RETURN QUERY SELECT 0, "conveyor".bucket_ready_at(lim.requests_tat,
+                                                                lim.requests_per_minute, 1),
+                                    lim.key;
+                RETURN;
+            END IF;
+            room := least(room, free);
+        END IF;
+        -- tokens are taken by the handlers (limit_acquire); a claim waits out a deficit
+        IF lim.tokens_per_minute IS NOT NULL
+           AND "conveyor".bucket_free(lim.tokens_tat, lim.tokens_per_minute, now_at) < 1 THEN
+            RETURN QUERY SELECT 0, "conveyor".bucket_ready_at(lim.tokens_tat,
+                                                            lim.tokens_per_minute, 1),
+                                lim.key;
+            RETURN;
+        END IF;
+    END LOOP;
+    RETURN QUERY SELECT room, NULL::timestamptz, NULL::text;
+END
+$$;
+CREATE FUNCTION conveyor.limit_settle(settled_key text, tokens double precision) RETURNS void
+    LANGUAGE sql
+    AS $$
+    UPDATE "conveyor".limits l
+       SET tokens_tat = CASE WHEN l.tokens_per_minute IS NULL OR tokens = 0 THEN l.tokens_tat
+                             ELSE greatest(l.tokens_tat, clock_timestamp())
+                                  + make_interval(secs => tokens * 60.0 / l.tokens_per_minute)
+                             END,
+           closures = 0
+     WHERE l.key = settled_key AND (l.closures > 0 OR (l.tokens_per_minute IS NOT NULL
+                                                        AND tokens <> 0));
+$$;
+CREATE FUNCTION conveyor.limit_take(keys text[], requests integer, tokens double precision) RETURNS void
+    LANGUAGE sql
+    AS $$
+    UPDATE "conveyor".limits l
+       SET requests_tat = CASE WHEN l.requests_per_minute IS NULL OR requests = 0
+                               THEN l.requests_tat
+                               ELSE greatest(l.requests_tat, clock_timestamp())
+                                    + make_interval(secs => requests * 60.0
+                                                            / l.requests_per_minute) END,
+           tokens_tat = CASE WHEN l.tokens_per_minute IS NULL OR tokens = 0 THEN l.tokens_tat
+                             ELSE greatest(l.tokens_tat, clock_timestamp())
+                                  + make_interval(secs => tokens * 60.0 / l.tokens_per_minute)
+                             END
+     WHERE l.key = ANY(keys)
+       AND (l.requests_per_minute IS NOT NULL OR l.tokens_per_minute IS NOT NULL);
 $$;
 CREATE FUNCTION conveyor.notify_pipeline_change() RETURNS trigger
     LANGUAGE plpgsql
@@ -147,6 +279,31 @@ BEGIN
     RETURN NULL;
 END
 $$;
+CREATE TABLE conveyor.limit_stages (
+    key text NOT NULL,
+    pipeline text NOT NULL,
+    stage text NOT NULL,
+    working text NOT NULL,
+    channel text NOT NULL,
+    CONSTRAINT limit_stages_channel CHECK (((octet_length(channel) >= 1) AND (octet_length(channel) <= 63)))
+);
+CREATE TABLE conveyor.limits (
+    key text NOT NULL,
+    max_in_flight integer,
+    requests_per_minute double precision,
+    tokens_per_minute double precision,
+    closed_until timestamp with time zone,
+    closed_reason text,
+    closures integer DEFAULT 0 NOT NULL,
+    requests_tat timestamp with time zone,
+    tokens_tat timestamp with time zone,
+    updated_at timestamp with time zone DEFAULT now() NOT NULL,
+    CONSTRAINT limits_key_length CHECK (((octet_length(key) >= 1) AND (octet_length(key) <= 200))),
+    CONSTRAINT limits_max_in_flight CHECK ((max_in_flight >= 0)),
+    CONSTRAINT limits_rpm CHECK (((requests_per_minute > (0)::double precision) AND (requests_per_minute <= ('1000000000'::numeric)::double precision))),
+    CONSTRAINT limits_tpm CHECK (((tokens_per_minute > (0)::double precision) AND (tokens_per_minute <= ('1000000000000'::numeric)::double precision)))
+);
+COMMENT ON TABLE conveyor.limits IS 'Flow control shared by every worker: caps, rates and closures per key (docs/flow-control.md).';
 CREATE TABLE conveyor.memory (
     id bigint NOT NULL,
     namespace text DEFAULT 'default'::text NOT NULL,
@@ -239,6 +396,10 @@ CREATE UNLOGGED TABLE conveyor.workers (
     CONSTRAINT workers_secret_length CHECK (((octet_length(secret) >= 16) AND (octet_length(secret) <= 64)))
 );
 COMMENT ON COLUMN conveyor.workers.secret IS 'The key hand_off signs this worker''s hand-offs with; never readable by conveyor_reader.';
+ALTER TABLE ONLY conveyor.limit_stages
+    ADD CONSTRAINT limit_stages_pkey PRIMARY KEY (key, pipeline, stage);
+ALTER TABLE ONLY conveyor.limits
+    ADD CONSTRAINT limits_pkey PRIMARY KEY (key);
 ALTER TABLE ONLY conveyor.memory
     ADD CONSTRAINT memory_pkey PRIMARY KEY (id);
 ALTER TABLE ONLY conveyor.pipeline_runs
@@ -263,3 +424,5 @@ CREATE INDEX run_events_run ON conveyor.run_events USING btree (run_id, id);
 CREATE TRIGGER pipeline_events_insert AFTER INSERT ON conveyor.pipeline_runs FOR EACH ROW EXECUTE FUNCTION conveyor.notify_pipeline_change();
 CREATE TRIGGER pipeline_events_update AFTER UPDATE OF status ON conveyor.pipeline_runs FOR EACH ROW WHEN ((old.status IS DISTINCT FROM new.status)) EXECUTE FUNCTION conveyor.notify_pipeline_change();
 CREATE CONSTRAINT TRIGGER wake_waiting_workers AFTER INSERT OR UPDATE OF status ON conveyor.pipeline_runs DEFERRABLE INITIALLY DEFERRED FOR EACH ROW WHEN (((new.finished_at IS NULL) AND (new.lease_owner IS NULL))) EXECUTE FUNCTION conveyor.wake_waiting_workers();
+ALTER TABLE ONLY conveyor.limit_stages
+    ADD CONSTRAINT limit_stages_key_fkey FOREIGN KEY (key) REFERENCES conveyor.limits(key) ON DELETE CASCADE;

@@ -1,6 +1,7 @@
 """A real HTTP server on loopback that speaks the OpenAI chat-completions and embeddings protocol,
 with scripted replies: 429 with Retry-After, 500s, malformed bodies, slow answers. It records
-every request (path, headers, JSON body, arrival time) for the tests to inspect."""
+every request (path, headers, JSON body, arrival time) for the tests to inspect, and the most
+requests it was answering at once."""
 
 from __future__ import annotations
 
@@ -53,6 +54,9 @@ class FakeLLM:
     def __init__(self, answer: str = "Leases expire and the run is rescued [1].") -> None:
         self.answer = answer
         self.requests: list[Recorded] = []
+        self.delay = 0.0  # seconds before every answer not scripted otherwise
+        self.in_flight = 0
+        self.most_in_flight = 0
         self._script: dict[str, deque[Reply]] = {}
         self._lock = threading.Lock()
         fake = self
@@ -71,7 +75,16 @@ class FakeLLM:
                 with fake._lock:
                     fake.requests.append(recorded)
                     queue = fake._script.get(recorded.model)
-                    reply = queue.popleft() if queue else Reply()
+                    reply = queue.popleft() if queue else Reply(delay=fake.delay)
+                    fake.in_flight += 1
+                    fake.most_in_flight = max(fake.most_in_flight, fake.in_flight)
+                try:
+                    self._answer(recorded, reply)
+                finally:
+                    with fake._lock:
+                        fake.in_flight -= 1
+
+            def _answer(self, recorded: Recorded, reply: Reply) -> None:
                 if reply.delay:
                     time.sleep(reply.delay)
                 payload = reply.body if reply.body is not None else fake.default(recorded)

@@ -40,6 +40,7 @@ def build_pipeline(config: AgentConfig, name: str) -> Pipeline:
                 consumes="NEW",
                 working="ANALYZING",
                 produces="ANALYZED",
+                limits=router.limits_for("analyze") if router else (),
             ),
             Stage(
                 "assemble",
@@ -54,6 +55,7 @@ def build_pipeline(config: AgentConfig, name: str) -> Pipeline:
                 consumes="CONTEXT_READY",
                 working="ANSWERING",
                 produces="DONE",
+                limits=router.limits_for("answer") if router else (),
             ),
         ],
         text_input=question_input,

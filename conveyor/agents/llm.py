@@ -1,9 +1,14 @@
 """The LLM router: OpenAI-compatible chat completions and embeddings over HTTP, no provider SDK.
 
 Works against anything that speaks the protocol (OpenAI, vLLM, Ollama, llama.cpp's server, a
-LiteLLM proxy): one base URL and key per route. A request that meets 429, a 5xx, a timeout or a
-dropped connection is retried on its route with backoff (honouring Retry-After); when the route
-gives up, or answers with another 4xx, the fallback route is tried. When every route fails the
+LiteLLM proxy): one base URL and key per route. Each route and model is a flow-control key,
+`<route>:<model>` (docs/flow-control.md): a call takes its tokens from it first (an estimate,
+settled with the usage the reply reports), and a 429 closes it for every worker of every pod,
+until its Retry-After or for the shared backoff. A request that meets 429, a 5xx, a timeout or a
+dropped connection is retried on its route with backoff; a key closed for longer than
+max_retry_after sends the call to the fallback route, and with no route left the run waits in
+line for the key (Throttled: its attempt is not counted). A route that gives up, or answers with
+another 4xx, also sends the call to the fallback route. When every route fails the
 call raises LLMUnavailable, which fails the stage's attempt, so the engine retries the run later:
 a run is never lost to a model outage. Tokens, latency and outcomes go to the metrics, and the
 model and token counts to the run's event (Run.record_usage). The API key appears in no log line
@@ -26,7 +31,7 @@ from typing import Any
 import httpx
 import structlog
 
-from conveyor import Run
+from conveyor import Limit, Run, Throttled
 from conveyor.agents.config import EmbeddingsConfig, LLMConfig, Route
 from conveyor.agents.metrics import LLM_LATENCY, LLM_REQUESTS, LLM_TOKENS
 
@@ -66,6 +71,18 @@ class Labels:
         if run is not None:
             return cls(run.pipeline, run.stage)
         return cls(pipeline, stage)
+
+
+def limit_key(route: Route, model: str) -> str:
+    """The flow-control key of a route and model (CONVEYOR_LIMIT_<ROUTE>_<MODEL>_* in the
+    environment)."""
+    return f"{route.name}:{model}"[:200]
+
+
+def _estimated_tokens(body: dict[str, Any]) -> int:
+    """What a call may use, before it is made: about four characters a token, and room for
+    the answer; settled with the usage the reply reports."""
+    return len(json.dumps(body)) // 4 + 256
 
 
 class _RouteFailed(Exception):
@@ -117,15 +134,28 @@ class _Caller:
         return _URL_PASSWORD.sub(r"\1***@", text)
 
     async def post(
-        self, route: Route, path: str, body: dict[str, Any], labels: Labels
+        self, route: Route, path: str, body: dict[str, Any], labels: Labels, run: Run | None
     ) -> dict[str, Any]:
         model = str(body.get("model", ""))
+        key = limit_key(route, model)
         config = self.config
         last = ""
         for attempt in range(config.max_retries + 1):
+            reservation = await run.acquire(key, tokens=_estimated_tokens(body)) if run else None
             outcome, wait, reply, last = await self._once(route, path, body, labels, model)
             if reply is not None:
+                if reservation is not None:
+                    prompt_tokens, completion_tokens = _usage(reply)
+                    await reservation.settle(prompt_tokens + completion_tokens)
                 return reply
+            if outcome == "rate_limited" and run is not None:
+                # Closed for every worker: none calls the key until it opens.
+                closed = await run.close_limit(
+                    key, retry_after=wait or None, reason=f"HTTP 429 from the {route.name} route"
+                )
+                wait = closed.wait_seconds()
+                if wait > config.max_retry_after_seconds or attempt == config.max_retries:
+                    raise closed
             if wait is None:  # not worth retrying on this route
                 break
             if attempt == config.max_retries:
@@ -212,20 +242,28 @@ class _Caller:
         path: str,
         body: dict[str, Any],
         labels: Labels,
+        run: Run | None = None,
     ) -> tuple[dict[str, Any], Route, str]:
-        """Try each (route, model) in turn; the first reply wins."""
+        """Try each (route, model) in turn; the first reply wins. With none, a closed key makes
+        the run wait for the first to open (Throttled); else the call failed (LLMUnavailable)."""
         failures = []
+        closed: list[Throttled] = []
         for route, model in routes:
             try:
-                reply = await self.post(route, path, {**body, "model": model}, labels)
+                reply = await self.post(route, path, {**body, "model": model}, labels, run)
             except _RouteFailed as exc:
                 failures.append(str(exc))
+                continue
+            except Throttled as exc:
+                closed.append(exc)
                 continue
             if failures:
                 log.warning(
                     "llm fallback route answered", route=route.name, model=model, after=failures
                 )
             return reply, route, model
+        if closed:
+            raise min(closed, key=lambda throttled: throttled.wait_seconds())
         raise LLMUnavailable("; ".join(failures) or "no route is configured")
 
 
@@ -238,6 +276,14 @@ class Router:
 
     def model_for(self, stage: str) -> str | None:
         return self.config.model_for(stage)
+
+    def limits_for(self, stage: str) -> list[Limit]:
+        """The key a stage's runs go under, declared on the stage so that its claims respect
+        it: its one route's. A stage with a fallback route declares none (a claim held back by
+        a closed primary would never reach the fallback): its calls take from each route's
+        key as they go."""
+        routes = self.routes_for(stage)
+        return [Limit(limit_key(*routes[0]))] if len(routes) == 1 else []
 
     def routes_for(self, stage: str) -> list[tuple[Route, str]]:
         found: list[tuple[Route, str]] = []
@@ -262,7 +308,7 @@ class Router:
         if json_mode:
             body["response_format"] = {"type": "json_object"}
         reply, route, model = await self._caller.call(
-            self.routes_for(run.stage), "chat/completions", body, labels
+            self.routes_for(run.stage), "chat/completions", body, labels, run
         )
         text = _message_text(reply)
         prompt_tokens, completion_tokens = _usage(reply)
@@ -292,7 +338,7 @@ class Embedder:
             return []
         labels = labels or Labels.of(run)
         reply, route, model = await self._caller.call(
-            [(self.config.route, self.model)], "embeddings", {"input": list(texts)}, labels
+            [(self.config.route, self.model)], "embeddings", {"input": list(texts)}, labels, run
         )
         data = reply.get("data")
         vectors: list[list[float]] = []

@@ -46,6 +46,8 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import random
+import time
 
 import psycopg
 from structlog.typing import FilteringBoundLogger
@@ -128,6 +130,7 @@ class Dispatcher:
         self._log_modes = enabled_for is not None and bool(enabled_for(logging.DEBUG))
         self.mode = Mode.WAITING
         self._woken_by_timer = False
+        self._throttle_timer: asyncio.TimerHandle | None = None
 
     def _on(self, event: Event) -> None:
         """The one way the mode changes: to where `event` leads (logged at debug level)."""
@@ -144,9 +147,17 @@ class Dispatcher:
         """How many runs may be handed to this worker (the registry counts them down): all its
         slots while it has nothing in flight, none while it works. Hand-offs are for a worker
         that is idle; one that works claims what comes as a batch, when it is woken."""
-        if self._tasks or self.mode is Mode.RESCUED:
-            return 0
+        if self._tasks or self.mode is Mode.RESCUED or self._protocol.flow is not None:
+            return 0  # under limits, none: a hand-off would pass them by
         return self._concurrency
+
+    def _wake_at(self, epoch: float) -> None:
+        """Claim again when a limit opens (a closed key, a bucket filling), spread over a few
+        milliseconds so that the workers waiting on it do not all ask at once."""
+        if self._throttle_timer is not None:
+            self._throttle_timer.cancel()
+        delay = max(epoch - time.time(), 0.0) + random.uniform(0.0, 0.05)
+        self._throttle_timer = asyncio.get_running_loop().call_later(delay, self._wake.set)
 
     def sweep(self) -> None:
         """The sweep timer: claim now, even without a notification."""
@@ -236,6 +247,9 @@ class Dispatcher:
                 await self._errors.refused(operation, exc)
                 self._wake.set()  # and claim again
                 continue
+            throttled = self._protocol.throttled
+            if not rows and throttled is not None and throttled.until is not None:
+                self._wake_at(throttled.until)
             if self._in_flight.start(rows, by_timer=by_timer):
                 self._on(Event.CLAIMED_RESCUED)
             elif len(rows) == want:

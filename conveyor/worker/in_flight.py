@@ -16,9 +16,11 @@ from uuid import UUID
 
 from structlog.typing import FilteringBoundLogger
 
+from conveyor.limits import FlowHandle
 from conveyor.logs import current_run
 from conveyor.pipeline import Pipeline, Run, Stage
-from conveyor.protocol import ClaimedRow, Failure, Success, Undecodable
+from conveyor.protocol import ClaimedRow, Failure, Success
+from conveyor.server_json import Undecodable
 from conveyor.worker.completer import Completer
 from conveyor.worker.runner import run_handler
 from conveyor.worker.tally import StageTally
@@ -37,7 +39,9 @@ class InFlight:
         stopping: asyncio.Event,
         log: FilteringBoundLogger,
         log_runs: bool,
+        flow: FlowHandle | None = None,
     ) -> None:
+        self._flow = flow  # what Run.acquire and Run.close_limit reach, under limits
         self._pipeline_name = pipeline.name
         self._stage = stage
         # The handler task of every run started and not yet finished.
@@ -68,6 +72,8 @@ class InFlight:
                 self._results_ready.set()
                 continue
             run = Run(run_id, self._pipeline_name, self._stage.name, run_input, outputs, attempt)
+            if self._flow is not None:
+                run._flow = self._flow
             self.tasks[run_id] = asyncio.create_task(self._execute(run))
             rescued_started = rescued_started or rescued
         if rows:

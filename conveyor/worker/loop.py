@@ -31,6 +31,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from conveyor import metrics
 from conveyor.db import CONNECT_TIMEOUT_SECONDS, KEEPALIVE_OPTIONS, brief
+from conveyor.flow_control import FlowControl
 from conveyor.listening import Listener, wake_channel
 from conveyor.maintenance import Maintenance
 from conveyor.pipeline import Pipeline, Stage
@@ -44,6 +45,7 @@ from conveyor.worker.heartbeat import Heartbeat
 from conveyor.worker.in_flight import InFlight
 from conveyor.worker.liveness import LivenessSlot
 from conveyor.worker.tally import StageTally
+from conveyor.worker.task_ends import cancelled
 
 log = structlog.get_logger("conveyor.worker")
 
@@ -118,6 +120,15 @@ class Worker:
             reconnect_timeout=0,
             timeout=POOL_WAIT_SECONDS,
         )
+        # Handlers reach flow control whatever the stage declares (Run.acquire); claims go
+        # through it only under limits.
+        self.flow = FlowControl(
+            self.pool,
+            settings=self.settings,
+            pipeline=self.pipeline,
+            stage=self.stage,
+            channel=self.channel,
+        )
         self.protocol = StageProtocol(
             self.pool,
             schema=self.settings.schema,
@@ -126,6 +137,7 @@ class Worker:
             worker_id=self.worker_id,
             lease_seconds=self.settings.lease,
             hold_connections=True,
+            flow=self.flow if self.flow.limits else None,
         )
         self.listener = Listener(
             self.listen_url,
@@ -165,6 +177,7 @@ class Worker:
             stopping=self.stopping,
             log=self._log,
             log_runs=self._log_runs,
+            flow=self.flow,
         )
         self._hand_offs = HandOffs(
             self.worker_id,
@@ -358,21 +371,6 @@ class Worker:
                 )
             except psycopg.Error as exc:
                 await self._errors.refused("release", exc, back_off=False)
-
-
-async def cancelled(tasks: list[asyncio.Task[None]]) -> None:
-    """Wait for tasks that were just cancelled to end. Python 3.11's asyncio.wait_for (which
-    psycopg_pool waits with) can lose a cancellation that lands as its wait completes: such a
-    task would run on and the worker never exit. It is cancelled again instead."""
-    pending = set(tasks)
-    while pending:
-        _, pending = await asyncio.wait(pending, timeout=1.0)
-        for task in pending:
-            task.cancel()
-    for task in tasks:
-        error = None if task.cancelled() else task.exception()
-        if error is not None:  # it died before exit: say so, or nobody will ever know
-            log.error("worker task ended with an error", task=task.get_name(), error=brief(error))
 
 
 def run_worker(

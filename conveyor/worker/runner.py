@@ -9,6 +9,7 @@ import time
 import traceback
 from typing import Any
 
+from conveyor.limits import Throttled
 from conveyor.pipeline import PermanentError, Run, Stage
 from conveyor.protocol import Failure, Success
 from conveyor.urls import redact
@@ -45,6 +46,10 @@ async def run_handler(stage: Stage, run: Run) -> Success | Failure:
             raise  # taken away or shutting down: the worker handles it
         error = f"TimeoutError: stage {stage.name!r} timed out after {stage.timeout:g}s"
         return _failure(stage, run, error, started, time.perf_counter() - t0)
+    except Throttled as exc:  # waiting for a limit is not failing: the attempt is not counted
+        duration = time.perf_counter() - t0
+        error = f"throttled: {exc}"
+        return Failure(run.id, run.attempt, error, exc.wait_seconds(), started, duration, False)
     except OutputError as exc:  # the handler ran fine: its traceback would say nothing
         error = f"OutputError: {exc}"
         return _failure(stage, run, error, started, time.perf_counter() - t0, permanent=True)

@@ -22,6 +22,8 @@ GRAFANA = DEPLOY / "grafana"
 ALLOWED_LABELS = {
     *("pipeline", "stage", "status", "outcome", "version", "python", "model", "kind"),
     "operation",  # a worker's protocol statement: a handful of fixed names
+    "key",  # a flow-control limit's key: a route, a model; a handful per deployment
+    "what",  # what flow control held back: a claim, a run
 }
 
 

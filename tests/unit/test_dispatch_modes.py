@@ -58,6 +58,8 @@ class _Protocol:
         self.claims: list[list[ClaimedRow]] = []
         self.asked: list[tuple[int, bool]] = []
         self.rescued_due = False
+        self.flow = None  # no limits
+        self.throttled = None
 
     def claim_size(self, free: int) -> int:
         return min(free, 4)

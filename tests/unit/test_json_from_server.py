@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conveyor.protocol import Undecodable, json_from_server
+from conveyor.server_json import Undecodable, json_from_server
 
 TEXTS = [
     "{}",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from conveyor.worker.loop import cancelled
+from conveyor.worker.task_ends import cancelled
 
 
 def test_a_task_that_swallowed_its_cancellation_is_cancelled_again() -> None:

@@ -1,0 +1,196 @@
+"""Flow control kept in PostgreSQL, for every worker of every pod at once (sql/012).
+
+A stage's limits (conveyor/limits.py) live in the `limits` table: its workers write what they
+declare when they start, and each claim asks `limit_room` how many runs the keys allow, with
+their rows locked until the claim commits; a claim then takes one request per run. A run holds
+a place under a capped key while its lease runs: a worker that dies gives its places back when
+its leases expire. Handlers take tokens (and requests of keys their stage does not declare)
+with Run.acquire, and close a key for everyone with Run.close_limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from psycopg import AsyncConnection
+from psycopg_pool import AsyncConnectionPool
+
+from conveyor import metrics, queries
+from conveyor.limits import Limit, Reservation, Throttled, check_key, env_name, stage_key
+from conveyor.pipeline import Pipeline, Stage
+from conveyor.settings import Settings
+
+log = structlog.get_logger("conveyor.flow_control")
+
+# A handler's acquire waits this long for a bucket to fill; a longer wait sends its run back
+# in line instead (Throttled), where it holds no slot of its worker.
+ACQUIRE_PATIENCE_SECONDS = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class Room:
+    """What the limits allow a claim: `runs`, or none until `until` (a Unix time; None: until
+    a place is given back) because of `key`."""
+
+    runs: int
+    until: float | None = None
+    key: str | None = None
+
+
+def stage_limits(pipeline: Pipeline, stage: Stage, settings: Settings) -> tuple[Limit, ...]:
+    """The limits a stage's runs go under: those it declares and its own cap
+    (Stage.max_in_flight), each with the environment's CONVEYOR_LIMIT_<NAME>_* applied."""
+    declared = list(stage.limits)
+    if stage.max_in_flight is not None:
+        declared.append(
+            Limit(stage_key(pipeline.name, stage.name), max_in_flight=stage.max_in_flight)
+        )
+    return tuple(_overridden(limit, settings) for limit in declared)
+
+
+def _overridden(limit: Limit, settings: Settings) -> Limit:
+    found = settings.limit_overrides.get(env_name(limit.key))
+    if not found:
+        return limit
+    changes: dict[str, Any] = dict(found)
+    if changes.get("max_in_flight") is not None:
+        changes["max_in_flight"] = int(changes["max_in_flight"])
+    return dataclasses.replace(limit, **changes)
+
+
+class FlowControl:
+    """One worker's side of flow control for its stage."""
+
+    def __init__(
+        self,
+        pool: AsyncConnectionPool[Any],
+        *,
+        settings: Settings,
+        pipeline: Pipeline,
+        stage: Stage,
+        channel: str,
+    ) -> None:
+        self._pool = pool
+        self._sql = queries.load(settings.schema)
+        self._settings = settings
+        limits = stage_limits(pipeline, stage, settings)
+        self._pipeline = pipeline
+        self._stage = stage
+        self.limits = limits
+        self.keys = [limit.key for limit in limits]
+        self._capped = [limit.key for limit in limits if limit.max_in_flight is not None]
+        self._channel = channel
+        self._labels = (pipeline.name, stage.name)
+        self.declared = False  # set once the first claim's transaction commits
+        self._written: set[str] = set(self.keys)  # keys whose declaration this process wrote
+
+    async def declare_on(self, conn: AsyncConnection[Any]) -> None:
+        """Write the stage's limits and which keys it runs under, in the transaction of the
+        worker's first claim: no claim of its runs is made before its limits are in place."""
+        for limit in self.limits:
+            await conn.execute(self._sql["declare_limit"], dataclasses.asdict(limit))
+            await conn.execute(
+                self._sql["declare_limit_stage"],
+                {
+                    "key": limit.key,
+                    "pipeline": self._pipeline.name,
+                    "stage": self._stage.name,
+                    "working": self._stage.working,
+                    "channel": self._channel,
+                },
+            )
+
+    # -- claims ------------------------------------------------------------------------------
+
+    async def room(self, conn: AsyncConnection[Any], wanted: int) -> Room:
+        """In the claim's transaction: how many runs it may take (the keys' rows stay locked)."""
+        cur = await conn.execute(self._sql["limit_room"], {"keys": self.keys, "wanted": wanted})
+        row = await cur.fetchone()
+        if row is None:
+            return Room(wanted)
+        runs, until, key = row
+        if runs < 1:
+            metrics.THROTTLED.labels(*self._labels, key or "", "claim").inc()
+        return Room(max(int(runs), 0), until, key)
+
+    async def took(self, conn: AsyncConnection[Any], runs: int) -> None:
+        """In the claim's transaction, after it: one request per run claimed."""
+        if runs:
+            await conn.execute(self._sql["limit_take"], {"keys": self.keys, "requests": runs})
+
+    async def places_freed(self) -> None:
+        """Runs under capped keys finished: wake every stage that shares those keys."""
+        if not self._capped:
+            return
+        async with self._pool.connection() as conn:
+            await conn.execute(self._sql["limit_places_freed"], {"keys": self._capped})
+
+    # -- handlers ----------------------------------------------------------------------------
+
+    async def acquire(
+        self, key: str, *, tokens: int = 0, requests: int | None = None
+    ) -> Reservation:
+        """Take `tokens` (and `requests`: by default one, or none for a key the stage declares,
+        whose claim took it) from `key`, waiting up to ACQUIRE_PATIENCE_SECONDS for them;
+        longer, the run goes back in line (Throttled)."""
+        check_key(key)
+        if key not in self._written:
+            await self._declare_from_environment(key)
+        if requests is None:
+            requests = 0 if key in self.keys else 1
+        if not (isinstance(tokens, int) and tokens >= 0 and isinstance(requests, int)):
+            raise ValueError("Run.acquire: tokens and requests must be integers >= 0")
+        if requests < 0:
+            raise ValueError("Run.acquire: tokens and requests must be integers >= 0")
+        deadline = time.monotonic() + ACQUIRE_PATIENCE_SECONDS
+        while True:
+            async with self._pool.connection() as conn:
+                cur = await conn.execute(
+                    self._sql["limit_acquire"], {"key": key, "requests": requests, "tokens": tokens}
+                )
+                row = await cur.fetchone()
+            until = row[0] if row else None
+            if until is None:
+                return Reservation(key, tokens, self)
+            wait = until - time.time()
+            if time.monotonic() + wait > deadline:
+                metrics.THROTTLED.labels(*self._labels, key, "run").inc()
+                raise Throttled(key, until, "its limit is spent")
+            await asyncio.sleep(max(wait, 0.0) + random.uniform(0.0, 0.02))
+
+    async def _declare_from_environment(self, key: str) -> None:
+        """A key the stage does not declare, taken by a handler: the environment's
+        CONVEYOR_LIMIT_<NAME>_* for it, if any, written once."""
+        limit = _overridden(Limit(key), self._settings)
+        if limit != Limit(key):
+            async with self._pool.connection() as conn:
+                await conn.execute(self._sql["declare_limit"], dataclasses.asdict(limit))
+        self._written.add(key)
+
+    async def settle(self, key: str, tokens: int) -> None:
+        """`tokens` more (or fewer, negative) than were reserved; the key answered."""
+        async with self._pool.connection() as conn:
+            await conn.execute(self._sql["limit_settle"], {"key": key, "tokens": tokens})
+
+    async def close(self, key: str, *, retry_after: float | None, reason: str) -> Throttled:
+        """Close `key` for every worker: for `retry_after` seconds, or (None) the shared
+        backoff. Returns the Throttled for the handler to raise."""
+        check_key(key)
+        until = None
+        if retry_after is not None:
+            until = time.time() + min(max(float(retry_after), 0.0), 86400.0)
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                self._sql["limit_close"], {"key": key, "until": until, "reason": reason[:500]}
+            )
+            row = await cur.fetchone()
+        opens = row[0] if row else until
+        log.warning("limit closed for every worker", key=key, until=opens, reason=reason[:200])
+        metrics.THROTTLED.labels(*self._labels, key, "run").inc()
+        return Throttled(key, opens, reason)
