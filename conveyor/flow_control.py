@@ -14,16 +14,27 @@ import asyncio
 import dataclasses
 import random
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
 from psycopg import AsyncConnection
+from psycopg.types.json import set_json_loads
 from psycopg_pool import AsyncConnectionPool
 
 from conveyor import metrics, queries
-from conveyor.limits import Limit, Reservation, Throttled, check_key, env_name, stage_key
+from conveyor.limits import (
+    MAX_IN_FLIGHT,
+    Limit,
+    Reservation,
+    Throttled,
+    check_key,
+    env_name,
+    stage_key,
+)
 from conveyor.pipeline import Pipeline, Stage
+from conveyor.server_json import ClaimedRow, json_from_server
 from conveyor.settings import Settings
 
 log = structlog.get_logger("conveyor.flow_control")
@@ -87,6 +98,7 @@ class FlowControl:
         self._capped = [limit.key for limit in limits if limit.max_in_flight is not None]
         self._channel = channel
         self._labels = (pipeline.name, stage.name)
+        self._group_by = stage.group_by
         self.declared = False  # set once the first claim's transaction commits
         self._written: set[str] = set(self.keys)  # keys whose declaration this process wrote
 
@@ -108,6 +120,54 @@ class FlowControl:
 
     # -- claims ------------------------------------------------------------------------------
 
+    @property
+    def governs_claims(self) -> bool:
+        """Whether the stage's claims go through here: it has limits, or shares itself
+        between groups."""
+        return bool(self.keys) or self._group_by is not None
+
+    async def claim(
+        self,
+        conn: AsyncConnection[Any],
+        batch: int,
+        params: dict[str, Any],
+        claim_batch: Callable[[int], Awaitable[list[ClaimedRow]]],
+    ) -> tuple[list[ClaimedRow], Room | None]:
+        """In the claim's transaction: up to `batch` runs that the limits allow (claim_batch,
+        or claim_fair for a stage with groups), and what held the claim back if nothing may
+        start. The keys' rows stay locked from the count to the commit, so claims under a key
+        follow one another; so do the claims of a stage with groups."""
+        if not self.declared:
+            await self.declare_on(conn)
+        room = await self.room(conn, batch) if self.keys else Room(batch)
+        if room.runs < 1:
+            return [], room
+        if self._group_by is None:
+            rows = await claim_batch(room.runs)
+        else:
+            rows = await self._claim_fair(conn, room.runs, params)
+        await self.took(conn, len(rows))
+        return rows, None
+
+    async def _claim_fair(
+        self, conn: AsyncConnection[Any], batch: int, params: dict[str, Any]
+    ) -> list[ClaimedRow]:
+        lock = f"conveyor.fair.{self._pipeline.name}.{self._stage.name}"
+        await conn.execute(self._sql["lock_fair_claims"], {"lock": lock})
+        cur = conn.cursor()
+        set_json_loads(json_from_server, cur)
+        await cur.execute(
+            self._sql["claim_fair"],
+            {
+                **params,
+                "batch": batch,
+                "group_field": self._group_by,
+                "per_group": self._stage.max_in_flight_per_group or MAX_IN_FLIGHT,
+            },
+        )
+        rows: list[ClaimedRow] = await cur.fetchall()
+        return rows
+
     async def room(self, conn: AsyncConnection[Any], wanted: int) -> Room:
         """In the claim's transaction: how many runs it may take (the keys' rows stay locked)."""
         cur = await conn.execute(self._sql["limit_room"], {"keys": self.keys, "wanted": wanted})
@@ -121,7 +181,7 @@ class FlowControl:
 
     async def took(self, conn: AsyncConnection[Any], runs: int) -> None:
         """In the claim's transaction, after it: one request per run claimed."""
-        if runs:
+        if runs and self.keys:
             await conn.execute(self._sql["limit_take"], {"keys": self.keys, "requests": runs})
 
     async def places_freed(self) -> None:

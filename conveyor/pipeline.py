@@ -221,6 +221,10 @@ class Stage:
     # this stage leased at once in the whole deployment (None: no cap).
     limits: Sequence[Limit] = ()
     max_in_flight: int | None = None
+    # Fair shares: the input field that names a run's group (a tenant, a customer); claims
+    # interleave the groups, with at most max_in_flight_per_group leased per group at once.
+    group_by: str | None = None
+    max_in_flight_per_group: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "limits", tuple(self.limits))
@@ -324,6 +328,19 @@ def validate(pipeline: Pipeline) -> None:
         ):
             raise PipelineError(
                 f"{where}: max_in_flight must be an integer from 0 to {MAX_IN_FLIGHT}"
+            )
+        if stage.group_by is not None and not (
+            isinstance(stage.group_by, str) and 0 < len(stage.group_by) <= 100
+        ):
+            raise PipelineError(f"{where}: group_by must name an input field (1-100 characters)")
+        if stage.max_in_flight_per_group is not None and (
+            stage.group_by is None
+            or not isinstance(stage.max_in_flight_per_group, int)
+            or not 1 <= stage.max_in_flight_per_group <= MAX_IN_FLIGHT
+        ):
+            raise PipelineError(
+                f"{where}: max_in_flight_per_group must be an integer from 1 to {MAX_IN_FLIGHT},"
+                " with group_by"
             )
         keys = [limit.key for limit in stage.limits if isinstance(limit, Limit)]
         if len(keys) != len(stage.limits):

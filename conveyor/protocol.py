@@ -20,10 +20,7 @@ from psycopg_pool import AsyncConnectionPool
 from conveyor import queries
 from conveyor.flow_control import FlowControl, Room
 from conveyor.pipeline import Pipeline, Stage, Usage, Write
-from conveyor.server_json import json_from_server
-
-# id, input, outputs, attempt, seconds it waited to be claimed, whether it was rescued
-ClaimedRow = tuple[UUID, dict[str, Any], dict[str, Any], int, float, bool]
+from conveyor.server_json import ClaimedRow, json_from_server
 
 
 @dataclass(slots=True)
@@ -141,17 +138,13 @@ class StageProtocol:
     async def _claim_under_limits(
         self, flow: FlowControl, batch: int, alone: bool
     ) -> list[ClaimedRow]:
-        """The claim in one transaction with the limits' room: the keys' rows stay locked from
-        the count to the commit, so claims under a key follow one another."""
-        rows: list[ClaimedRow] = []
+        """The claim in one transaction with the limits' room and the groups' shares
+        (FlowControl.claim)."""
+        params = {**self._fence, "lease_seconds": self.lease_seconds, "alone": alone}
         async with self._claiming.connection() as conn, conn.transaction():
-            if not flow.declared:
-                await flow.declare_on(conn)
-            room = await flow.room(conn, batch)
-            self.throttled = room if room.runs < 1 else None
-            if room.runs >= 1:
-                rows = await self._claim_on(conn, self.claim_size(room.runs), alone)
-                await flow.took(conn, len(rows))
+            rows, self.throttled = await flow.claim(
+                conn, batch, params, lambda room: self._claim_on(conn, self.claim_size(room), alone)
+            )
         flow.declared = True
         return rows
 

@@ -1,4 +1,5 @@
-"""JSON as the server sends it: jsonb columns and hand-off payloads, read fast and never raising."""
+"""Runs as the server sends them: a claimed row, and JSON (jsonb columns, hand-off payloads)
+read fast and never raising."""
 
 from __future__ import annotations
 
@@ -6,6 +7,10 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+from uuid import UUID
+
+# id, input, outputs, attempt, seconds it waited to be claimed, whether it was rescued
+ClaimedRow = tuple[UUID, dict[str, Any], dict[str, Any], int, float, bool]
 
 _decoder = json.JSONDecoder()
 _json_decode = _decoder.decode

@@ -45,6 +45,7 @@ class StageOverrides:
     timeout: float | None = None
     max_attempts: int | None = None
     max_in_flight: int | None = None
+    max_in_flight_per_group: int | None = None
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,8 @@ def parse_duration(text: str) -> float:
 
 
 _STAGE_VARIABLE = re.compile(
-    r"^CONVEYOR_([A-Z][A-Z0-9_]*)_(CONCURRENCY|BATCH|TIMEOUT|MAX_ATTEMPTS|MAX_IN_FLIGHT)$"
+    r"^CONVEYOR_([A-Z][A-Z0-9_]*)_"
+    r"(CONCURRENCY|BATCH|TIMEOUT|MAX_ATTEMPTS|MAX_IN_FLIGHT|MAX_IN_FLIGHT_PER_GROUP)$"
 )
 _STAGE_MINIMUM = {"MAX_IN_FLIGHT": 0}  # 0 starts nothing: the stage is paused
 _STAGE_MAXIMUM = {
@@ -147,6 +149,7 @@ _STAGE_MAXIMUM = {
     "BATCH": MAX_CONCURRENCY,  # a claim takes no more than the free slots anyway
     "MAX_ATTEMPTS": MAX_ATTEMPTS,
     "MAX_IN_FLIGHT": MAX_IN_FLIGHT,
+    "MAX_IN_FLIGHT_PER_GROUP": MAX_IN_FLIGHT,
 }
 _LIMIT_VARIABLE = re.compile(r"^CONVEYOR_LIMIT_([A-Z0-9][A-Z0-9_]*?)_(MAX_IN_FLIGHT|RPM|TPM)$")
 _LIMIT_FIELDS = {  # variable suffix -> (Limit field, maximum)

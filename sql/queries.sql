@@ -99,6 +99,61 @@ SELECT pg_notify(channel, '')
           JOIN @schema@.limits l ON l.key = s.key
          WHERE s.key = ANY(%(keys)s::text[]) AND l.max_in_flight IS NOT NULL) channels;
 
+-- claim_fair --
+-- claim_batch for a stage that shares itself fairly between groups (Stage.group_by: the input
+-- field that names a run's group, a tenant or a customer). Claims interleave the groups (the
+-- first waiting run of every group, then the second...), and no group has more than
+-- `per_group` runs leased at once. Claims of the stage follow one another (an advisory lock
+-- taken before it, in the same transaction), so each counts what the one before it leased.
+-- It ranks the stage's whole backlog: a cost the ungrouped claim does not pay.
+WITH busy AS (
+    SELECT input ->> %(group_field)s AS grp, count(*) AS held
+      FROM @schema@.pipeline_runs
+     WHERE pipeline = %(pipeline)s AND status = %(working)s AND finished_at IS NULL
+       AND lease_expires_at > now()
+     GROUP BY 1
+), queued AS (
+    SELECT id, rescues > 0 AS rescued, priority, run_after,
+           greatest(run_after, updated_at) AS ready_at, input ->> %(group_field)s AS grp,
+           row_number() OVER (PARTITION BY input ->> %(group_field)s
+                              ORDER BY priority DESC, run_after) AS nth
+      FROM @schema@.pipeline_runs
+     WHERE pipeline = %(pipeline)s AND status = %(consumes)s
+       AND finished_at IS NULL AND run_after <= now()
+       AND (rescues = 0 OR %(alone)s)
+), chosen AS (
+    SELECT q.*
+      FROM queued q LEFT JOIN busy b ON b.grp IS NOT DISTINCT FROM q.grp
+     WHERE q.nth + coalesce(b.held, 0) <= %(per_group)s
+     ORDER BY q.rescued DESC, q.nth, q.priority DESC, q.run_after
+     LIMIT %(batch)s
+), locked AS (
+    SELECT c.*
+      FROM @schema@.pipeline_runs r JOIN chosen c ON c.id = r.id
+     WHERE r.status = %(consumes)s AND r.finished_at IS NULL
+       FOR UPDATE OF r SKIP LOCKED
+), picked AS (
+    -- a rescued run alone, as in claim_batch
+    SELECT * FROM locked WHERE NOT EXISTS (SELECT 1 FROM locked WHERE rescued)
+    UNION ALL
+    (SELECT * FROM locked WHERE rescued ORDER BY priority DESC, run_after LIMIT 1)
+)
+UPDATE @schema@.pipeline_runs r
+   SET status = %(working)s,
+       lease_owner = %(worker)s,
+       lease_expires_at = now() + make_interval(secs => %(lease_seconds)s),
+       attempt = r.attempt + 1,
+       updated_at = now()
+  FROM picked
+ WHERE r.id = picked.id
+   AND set_config('synchronous_commit', 'off', true) IS NOT NULL
+RETURNING r.id, r.input, r.outputs, r.attempt,
+          extract(epoch FROM clock_timestamp() - picked.ready_at)::float8 AS waited_seconds,
+          picked.rescued;
+
+-- lock_fair_claims --
+SELECT pg_advisory_xact_lock(hashtext(%(lock)s));
+
 -- rescued_waiting --
 -- Whether a rescued run of the stage is due: a busy worker then stops claiming until it is empty
 -- and can take that run alone (claim_batch with `alone`). Asked once per sweep by busy workers.

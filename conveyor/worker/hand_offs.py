@@ -33,8 +33,8 @@ from structlog.typing import FilteringBoundLogger
 from conveyor import metrics
 from conveyor.db import brief
 from conveyor.listening import Listener
-from conveyor.protocol import ClaimedRow, StageProtocol
-from conveyor.server_json import Undecodable, json_from_server
+from conveyor.protocol import StageProtocol
+from conveyor.server_json import ClaimedRow, Undecodable, json_from_server
 from conveyor.worker.database_errors import DB_ERRORS, DatabaseErrors
 
 # What every hand-off notification starts with; the worker's id follows.

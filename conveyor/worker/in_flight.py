@@ -19,8 +19,8 @@ from structlog.typing import FilteringBoundLogger
 from conveyor.limits import FlowHandle
 from conveyor.logs import current_run
 from conveyor.pipeline import Pipeline, Run, Stage
-from conveyor.protocol import ClaimedRow, Failure, Success
-from conveyor.server_json import Undecodable
+from conveyor.protocol import Failure, Success
+from conveyor.server_json import ClaimedRow, Undecodable
 from conveyor.worker.completer import Completer
 from conveyor.worker.runner import run_handler
 from conveyor.worker.tally import StageTally

@@ -137,7 +137,7 @@ class Worker:
             worker_id=self.worker_id,
             lease_seconds=self.settings.lease,
             hold_connections=True,
-            flow=self.flow if self.flow.limits else None,
+            flow=self.flow if self.flow.governs_claims else None,
         )
         self.listener = Listener(
             self.listen_url,

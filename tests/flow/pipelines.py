@@ -47,3 +47,25 @@ pipeline = Pipeline(
     "flow",
     [Stage("call", call_model, "NEW", "DONE", concurrency=3, limits=[Limit(KEY)])],
 )
+
+
+async def work(run: Run) -> dict[str, Any]:
+    await asyncio.sleep(0.05)
+    return {"tenant": run.input.get("tenant")}
+
+
+# Fair shares: runs grouped by their input's `tenant`, at most two of a tenant at once.
+fair = Pipeline(
+    "fair",
+    [
+        Stage(
+            "work",
+            work,
+            "NEW",
+            "DONE",
+            concurrency=4,
+            group_by="tenant",
+            max_in_flight_per_group=2,
+        )
+    ],
+)

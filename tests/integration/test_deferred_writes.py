@@ -16,7 +16,8 @@ import pytest
 from psycopg_pool import AsyncConnectionPool
 
 from conveyor import Pipeline, Run, Stage, queries
-from conveyor.protocol import ClaimedRow, Failure, StageProtocol, Success
+from conveyor.protocol import Failure, StageProtocol, Success
+from conveyor.server_json import ClaimedRow
 from conveyor.settings import Settings
 from conveyor.worker.loop import Worker
 from conveyor.worker.runner import run_handler

@@ -13,7 +13,7 @@ import pytest
 
 from conveyor import metrics
 from conveyor.pipeline import Pipeline, Run, Stage
-from conveyor.protocol import ClaimedRow
+from conveyor.server_json import ClaimedRow
 from conveyor.worker.completer import Completer
 from conveyor.worker.dispatch import TRANSITIONS, Dispatcher, Event, Mode, next_mode
 from conveyor.worker.in_flight import InFlight

@@ -100,3 +100,15 @@ def test_outside_a_worker_a_run_has_nothing_to_wait_for() -> None:
     assert str(throttled).startswith("openai:gpt-4o until ") and str(throttled).endswith(": 429")
     assert Throttled("k").wait_seconds() == 1.0
     assert Throttled("k", time.time() - 10).wait_seconds() == 0.0
+
+
+def test_a_per_group_cap_needs_a_group_and_the_environment_overrides_it() -> None:
+    with pytest.raises(PipelineError, match="with group_by"):
+        Pipeline("p", [Stage("s", _handler, "NEW", "DONE", max_in_flight_per_group=2)])
+    with pytest.raises(PipelineError, match="group_by"):
+        Pipeline("p", [Stage("s", _handler, "NEW", "DONE", group_by="")])
+    pipeline = Pipeline(
+        "p", [Stage("s", _handler, "NEW", "DONE", group_by="tenant", max_in_flight_per_group=2)]
+    )
+    settings = Settings.from_env({"CONVEYOR_S_MAX_IN_FLIGHT_PER_GROUP": "5"})
+    assert pipeline.with_settings(settings).stages[0].max_in_flight_per_group == 5
