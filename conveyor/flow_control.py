@@ -183,6 +183,8 @@ class FlowControl:
         """In the claim's transaction, after it: one request per run claimed."""
         if runs and self.keys:
             await conn.execute(self._sql["limit_take"], {"keys": self.keys, "requests": runs})
+            for key in self.keys:
+                metrics.LIMIT_USED.labels(*self._labels, key, "requests").inc(runs)
 
     async def places_freed(self) -> None:
         """Runs under capped keys finished: wake every stage that shares those keys."""
@@ -217,12 +219,16 @@ class FlowControl:
                 row = await cur.fetchone()
             until = row[0] if row else None
             if until is None:
+                if requests:
+                    metrics.LIMIT_USED.labels(*self._labels, key, "requests").inc(requests)
                 return Reservation(key, tokens, self)
             wait = until - time.time()
             if time.monotonic() + wait > deadline:
                 metrics.THROTTLED.labels(*self._labels, key, "run").inc()
                 raise Throttled(key, until, "its limit is spent")
-            await asyncio.sleep(max(wait, 0.0) + random.uniform(0.0, 0.02))
+            pause = max(wait, 0.0) + random.uniform(0.0, 0.02)
+            metrics.THROTTLED_SECONDS.labels(*self._labels, key).inc(pause)
+            await asyncio.sleep(pause)
 
     async def _declare_from_environment(self, key: str) -> None:
         """A key the stage does not declare, taken by a handler: the environment's
@@ -233,10 +239,13 @@ class FlowControl:
                 await conn.execute(self._sql["declare_limit"], dataclasses.asdict(limit))
         self._written.add(key)
 
-    async def settle(self, key: str, tokens: int) -> None:
-        """`tokens` more (or fewer, negative) than were reserved; the key answered."""
+    async def settle(self, key: str, reserved: int, used: int) -> None:
+        """A call took `used` tokens where `reserved` were taken for it: the difference is
+        taken or given back, and the key answered (its shared backoff starts over)."""
         async with self._pool.connection() as conn:
-            await conn.execute(self._sql["limit_settle"], {"key": key, "tokens": tokens})
+            await conn.execute(self._sql["limit_settle"], {"key": key, "tokens": used - reserved})
+        if used:
+            metrics.LIMIT_USED.labels(*self._labels, key, "tokens").inc(used)
 
     async def close(self, key: str, *, retry_after: float | None, reason: str) -> Throttled:
         """Close `key` for every worker: for `retry_after` seconds, or (None) the shared

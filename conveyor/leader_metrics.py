@@ -66,6 +66,23 @@ class LeaderMetrics:
         self._set(metrics.NOTIFICATION_QUEUE_USAGE, (), row[0] if row else 0.0)
 
         await self._cancels.count(conn)
+        await self._publish_limits(conn)
+
+    async def _publish_limits(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Every key of the limits table (shared by all pipelines): what it allows, how many
+        places are taken, until when it is closed."""
+        cur = await conn.execute(self.sql["limit_states"])
+        for key, cap, rpm, tpm, closed_until, held in await cur.fetchall():
+            self._set(metrics.LIMIT_IN_FLIGHT, (key,), held)
+            self._set(metrics.LIMIT_CLOSED_UNTIL, (key,), closed_until)
+            for kind, allowed in (
+                ("max_in_flight", cap),
+                ("requests_per_minute", rpm),
+                ("tokens_per_minute", tpm),
+            ):
+                self._set(
+                    metrics.LIMIT_ALLOWED, (key, kind), math.nan if allowed is None else allowed
+                )
 
     def resign(self) -> None:
         """Leadership lost: what this process last measured is no longer the truth."""

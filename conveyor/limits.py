@@ -106,7 +106,7 @@ class FlowHandle(Protocol):
 
     async def acquire(self, key: str, *, tokens: int, requests: int | None) -> Reservation: ...
 
-    async def settle(self, key: str, tokens: int) -> None: ...
+    async def settle(self, key: str, reserved: int, used: int) -> None: ...
 
     async def close(self, key: str, *, retry_after: float | None, reason: str) -> Throttled: ...
 
@@ -124,4 +124,4 @@ class Reservation:
         if not isinstance(used_tokens, int) or used_tokens < 0:
             raise ValueError("Reservation.settle: used_tokens must be an integer >= 0")
         if self._flow is not None:
-            await self._flow.settle(self.key, used_tokens - self.tokens)
+            await self._flow.settle(self.key, self.tokens, used_tokens)

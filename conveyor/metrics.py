@@ -80,6 +80,18 @@ THROTTLED = Counter(
     "run sent back in line to wait for its key (what='run': closed, or its bucket spent).",
     [*_STAGE, "key", "what"],
 )
+THROTTLED_SECONDS = Counter(
+    "conveyor_throttled_seconds_total",
+    "Time runs waited for a limit: a handler's acquire waiting for its bucket, and runs sent "
+    "back in line until their key opens.",
+    [*_STAGE, "key"],
+)
+LIMIT_USED = Counter(
+    "conveyor_limit_used_total",
+    "What runs took from a limit's buckets: requests (one per run claimed under the key, or "
+    "per Run.acquire) and tokens (Run.acquire, settled with what the call used).",
+    [*_STAGE, "key", "kind"],
+)
 IN_FLIGHT = Gauge(
     "conveyor_runs_in_flight", "Runs being handled right now.", _STAGE, multiprocess_mode="livesum"
 )
@@ -164,6 +176,26 @@ MAINTENANCE_LEADER = Gauge(
     "1 while this host's maintenance process leads the pipeline's maintenance, else 0.",
     ("pipeline",),
     multiprocess_mode="livemax",
+)
+
+LIMIT_IN_FLIGHT = Gauge(
+    "conveyor_limit_in_flight",
+    "Runs leased under a limit's key now, across all hosts (a place each).",
+    ("key",),
+    multiprocess_mode="livemostrecent",
+)
+LIMIT_ALLOWED = Gauge(
+    "conveyor_limit_allowed",
+    "A limit as the limits table holds it: kind max_in_flight, requests_per_minute or "
+    "tokens_per_minute (absent: no limit of that kind).",
+    ("key", "kind"),
+    multiprocess_mode="livemostrecent",
+)
+LIMIT_CLOSED_UNTIL = Gauge(
+    "conveyor_limit_closed_until_timestamp_seconds",
+    "When a closed key opens again (Unix time); 0 while it is open.",
+    ("key",),
+    multiprocess_mode="livemostrecent",
 )
 
 # -- the supervisor ------------------------------------------------------------------------------

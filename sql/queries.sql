@@ -508,6 +508,19 @@ SELECT stage, count(*) AS workers
  WHERE pipeline = %(pipeline)s AND expires_at > now()
  GROUP BY stage;
 
+-- limit_states --
+-- Every limit as the leader publishes it, with the places taken under it now.
+SELECT l.key, l.max_in_flight, l.requests_per_minute, l.tokens_per_minute,
+       CASE WHEN l.closed_until > now() THEN extract(epoch FROM l.closed_until)::float8
+            ELSE 0 END,
+       (SELECT count(*)
+          FROM @schema@.limit_stages s
+          JOIN @schema@.pipeline_runs r ON r.pipeline = s.pipeline AND r.status = s.working
+         WHERE s.key = l.key AND r.finished_at IS NULL AND r.lease_expires_at > now())
+  FROM @schema@.limits l
+ ORDER BY l.key
+ LIMIT 1000;
+
 -- notification_queue_usage --
 -- The server's NOTIFY queue fill (0-1). It grows while some listener stops draining; when it is
 -- full, every transaction that notifies fails at commit.

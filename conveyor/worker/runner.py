@@ -9,6 +9,7 @@ import time
 import traceback
 from typing import Any
 
+from conveyor import metrics
 from conveyor.limits import Throttled
 from conveyor.pipeline import PermanentError, Run, Stage
 from conveyor.protocol import Failure, Success
@@ -48,6 +49,7 @@ async def run_handler(stage: Stage, run: Run) -> Success | Failure:
         return _failure(stage, run, error, started, time.perf_counter() - t0)
     except Throttled as exc:  # waiting for a limit is not failing: the attempt is not counted
         duration = time.perf_counter() - t0
+        metrics.THROTTLED_SECONDS.labels(run.pipeline, run.stage, exc.key).inc(exc.wait_seconds())
         error = f"throttled: {exc}"
         return Failure(run.id, run.attempt, error, exc.wait_seconds(), started, duration, False)
     except OutputError as exc:  # the handler ran fine: its traceback would say nothing

@@ -158,3 +158,34 @@ def test_cancellations_are_counted_once_even_when_committed_late(database_url: s
         _publish(database_url, published)
         _publish(database_url, published)
         assert cancelled("one") == before["one"] + 3  # counted once
+
+
+def test_limit_gauges_say_what_each_key_allows_holds_and_when_it_opens(database_url: str) -> None:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO conveyor.limits (key, max_in_flight, requests_per_minute, closed_until)"
+            " VALUES ('capped', 4, NULL, NULL),"
+            "        ('closed', NULL, 120, to_timestamp(4102444800))"  # 2100-01-01
+        )
+        conn.execute(
+            "INSERT INTO conveyor.limit_stages (key, pipeline, stage, working, channel)"
+            " VALUES ('capped', 'chain', 'one', 'ONE_RUNNING', 'c')"
+        )
+        conn.execute(
+            "INSERT INTO conveyor.pipeline_runs (pipeline, status, lease_owner, lease_expires_at)"
+            " VALUES ('chain', 'ONE_RUNNING', 'w', now() + interval '30 seconds'),"
+            "        ('chain', 'ONE_RUNNING', 'w', now() + interval '30 seconds'),"
+            "        ('chain', 'ONE_RUNNING', 'dead', now() - interval '1 second')"  # given back
+        )
+    published = LeaderMetrics(chain, queries.load("conveyor"))
+    _publish(database_url, published)
+    assert _value("conveyor_limit_in_flight", key="capped") == 2
+    assert _value("conveyor_limit_allowed", key="capped", kind="max_in_flight") == 4
+    rpm = _value("conveyor_limit_allowed", key="capped", kind="requests_per_minute")
+    assert rpm is not None and math.isnan(rpm)
+    assert _value("conveyor_limit_allowed", key="closed", kind="requests_per_minute") == 120
+    assert _value("conveyor_limit_closed_until_timestamp_seconds", key="capped") == 0
+    assert _value("conveyor_limit_closed_until_timestamp_seconds", key="closed") == 4102444800
+    published.resign()
+    gone = _value("conveyor_limit_in_flight", key="capped")
+    assert gone is not None and math.isnan(gone)
