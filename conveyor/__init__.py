@@ -7,8 +7,9 @@ The public API, all a pipeline needs (nothing else in the package is promised to
 - Run: what a handler receives; `Run.write` hands a statement over to commit with the output,
   `Run.record_usage` says what an outside call used (a Usage, kept on the run's event).
 - PermanentError: raised by a handler, fails the run at once, without retries.
-- Limit, Throttled, Reservation: flow control shared by every worker (Stage(limits=...),
-  Run.acquire, Run.close_limit); Throttled sends a run back to wait, its attempt not counted.
+- Limit, Throttled, Reservation, BudgetExceeded: flow control shared by every worker
+  (Stage(limits=...), Run.acquire, Run.close_limit, Run.check_budget); Throttled sends a run
+  back to wait, its attempt not counted; BudgetExceeded fails it at once.
 - PipelineError: a declaration that cannot run.
 - submit, Submitted, SubmitError: start a run from Python (the same as the plain SQL insert).
 - Database: where the workers' database is, for a handler's own reads.
@@ -17,7 +18,7 @@ The public API, all a pipeline needs (nothing else in the package is promised to
 """
 
 from conveyor.environment import Database
-from conveyor.limits import Limit, Reservation, Throttled
+from conveyor.limits import BudgetExceeded, Limit, Reservation, Throttled
 from conveyor.pipeline import (
     Backoff,
     PermanentError,
@@ -34,6 +35,7 @@ from conveyor.settings import ConfigError, EnvReader
 
 __all__ = [
     "Backoff",
+    "BudgetExceeded",
     "ConfigError",
     "Database",
     "EnvReader",

@@ -26,6 +26,7 @@ from psycopg_pool import AsyncConnectionPool
 from conveyor import metrics, queries
 from conveyor.limits import (
     MAX_IN_FLIGHT,
+    BudgetExceeded,
     Limit,
     Reservation,
     Throttled,
@@ -246,6 +247,45 @@ class FlowControl:
             await conn.execute(self._sql["limit_settle"], {"key": key, "tokens": used - reserved})
         if used:
             metrics.LIMIT_USED.labels(*self._labels, key, "tokens").inc(used)
+
+    async def check_budget(
+        self, run_id: Any, run_input: dict[str, Any], tokens: int, recorded: int
+    ) -> None:
+        """Raise BudgetExceeded when a call of `tokens` would take the run past its input's
+        `token_budget`, or its group past the stage's group_tokens_per_day; `recorded` is what
+        the attempt recorded so far (not in run_events yet)."""
+        budget = run_input.get("token_budget")
+        if budget is not None and (
+            not isinstance(budget, int) or isinstance(budget, bool) or budget < 0
+        ):
+            raise BudgetExceeded(f"token_budget must be a whole number >= 0, not {budget!r}")
+        per_day = self._stage.group_tokens_per_day
+        group = run_input.get(self._group_by) if self._group_by else None
+        if budget is None and (per_day is None or group is None):
+            return
+        checks: list[tuple[str, dict[str, Any], int, str]] = []
+        if budget is not None:
+            checks.append(
+                ("run_tokens_spent", {"id": run_id}, budget, f"run token budget {budget:,}")
+            )
+        if per_day is not None and group is not None:
+            params = {
+                "pipeline": self._pipeline.name,
+                "group_field": self._group_by,
+                "group": str(group),
+            }
+            named = f"daily token budget of {self._group_by} {str(group)[:100]!r}, {per_day:,}"
+            checks.append(("group_tokens_spent_today", params, per_day, named))
+        async with self._pool.connection() as conn:
+            for statement, params, allowed, named in checks:
+                cur = await conn.execute(self._sql[statement], params)
+                row = await cur.fetchone()
+                spent = (row[0] if row else 0) + recorded
+                if spent + tokens > allowed:
+                    today = " today (UTC)" if statement == "group_tokens_spent_today" else ""
+                    raise BudgetExceeded(
+                        f"{named}: {spent:,} spent{today}, and this call needs about {tokens:,}"
+                    )
 
     async def close(self, key: str, *, retry_after: float | None, reason: str) -> Throttled:
         """Close `key` for every worker: for `retry_after` seconds, or (None) the shared

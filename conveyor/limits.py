@@ -17,14 +17,16 @@ from __future__ import annotations
 import math
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 # What the limits table's CHECKs accept.
 MAX_KEY_BYTES = 200
 MAX_IN_FLIGHT = 1_000_000
 MAX_REQUESTS_PER_MINUTE = 1e9
 MAX_TOKENS_PER_MINUTE = 1e12
+MAX_TOKENS_PER_DAY = 10**15
 
 
 class LimitError(ValueError):
@@ -58,6 +60,42 @@ class Limit:
                 isinstance(value, int | float) and math.isfinite(value) and 0 < value <= top
             ):
                 raise LimitError(f"limit {self.key!r}: {name} must be > 0 and <= {top:g}")
+
+
+def flow_control_problem(
+    limits: Sequence[object],
+    max_in_flight: object,
+    group_by: object,
+    max_in_flight_per_group: object,
+    group_tokens_per_day: object,
+) -> str | None:
+    """What is wrong with a stage's flow-control fields, in one line; None when nothing is."""
+
+    def whole(value: object, lowest: int, highest: int) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and lowest <= value <= highest
+
+    if max_in_flight is not None and not whole(max_in_flight, 0, MAX_IN_FLIGHT):
+        return f"max_in_flight must be an integer from 0 to {MAX_IN_FLIGHT}"
+    if group_by is not None and not (isinstance(group_by, str) and 0 < len(group_by) <= 100):
+        return "group_by must name an input field (1-100 characters)"
+    if max_in_flight_per_group is not None and (
+        group_by is None or not whole(max_in_flight_per_group, 1, MAX_IN_FLIGHT)
+    ):
+        return (
+            f"max_in_flight_per_group must be an integer from 1 to {MAX_IN_FLIGHT}, with group_by"
+        )
+    if group_tokens_per_day is not None and (
+        group_by is None or not whole(group_tokens_per_day, 1, MAX_TOKENS_PER_DAY)
+    ):
+        return (
+            f"group_tokens_per_day must be an integer from 1 to {MAX_TOKENS_PER_DAY}, with group_by"
+        )
+    keys = [limit.key for limit in limits if isinstance(limit, Limit)]
+    if len(keys) != len(limits):
+        return "limits must be conveyor.Limit objects"
+    if len(set(keys)) != len(keys):
+        return "a limit key is declared twice"
+    return None
 
 
 def check_key(key: object) -> str:
@@ -101,6 +139,11 @@ def _clock(epoch: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
 
 
+class BudgetExceeded(Exception):
+    """A call refused before it was made: it would take a run, or its group today, past its
+    token budget. Raised out of a handler it fails the run at once (no retry can fit it)."""
+
+
 class FlowHandle(Protocol):
     """What a Run reaches flow control through (conveyor/flow_control.py in a worker)."""
 
@@ -109,6 +152,10 @@ class FlowHandle(Protocol):
     async def settle(self, key: str, reserved: int, used: int) -> None: ...
 
     async def close(self, key: str, *, retry_after: float | None, reason: str) -> Throttled: ...
+
+    async def check_budget(
+        self, run_id: Any, run_input: dict[str, Any], tokens: int, recorded: int
+    ) -> None: ...
 
 
 @dataclass

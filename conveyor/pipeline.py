@@ -17,7 +17,14 @@ from uuid import UUID
 from psycopg import sql
 from psycopg.abc import Params
 
-from conveyor.limits import MAX_IN_FLIGHT, FlowHandle, Limit, Reservation, Throttled
+from conveyor.limits import (
+    BudgetExceeded,
+    FlowHandle,
+    Limit,
+    Reservation,
+    Throttled,
+    flow_control_problem,
+)
 from conveyor.settings import Settings
 
 TERMINAL_STATUSES = frozenset({"DONE", "FAILED", "CANCELLED"})
@@ -113,6 +120,20 @@ class Run:
         if self._flow is None:
             return Reservation(key, tokens)
         return await self._flow.acquire(key, tokens=tokens, requests=requests)
+
+    async def check_budget(self, tokens: int) -> None:
+        """Refuse a call of about `tokens` tokens that would take this run past its budget (its
+        input's `token_budget`), or its group past the stage's daily budget per group
+        (Stage.group_tokens_per_day), counting what the run's events and this attempt
+        recorded: raises BudgetExceeded, which fails the run at once. Outside a worker, only
+        this attempt's own usage counts."""
+        recorded = 0 if self._usage is None else self._usage.input_units + self._usage.output_units
+        if self._flow is not None:
+            await self._flow.check_budget(self.id, self.input, tokens, recorded)
+            return
+        budget = self.input.get("token_budget")
+        if isinstance(budget, int) and recorded + tokens > budget:
+            raise BudgetExceeded(f"run token budget {budget}: this call would pass it")
 
     async def close_limit(
         self, key: str, *, retry_after: float | None = None, reason: str = ""
@@ -225,6 +246,7 @@ class Stage:
     # interleave the groups, with at most max_in_flight_per_group leased per group at once.
     group_by: str | None = None
     max_in_flight_per_group: int | None = None
+    group_tokens_per_day: int | None = None  # a group's token budget, midnight to midnight UTC
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "limits", tuple(self.limits))
@@ -323,30 +345,15 @@ def validate(pipeline: Pipeline) -> None:
             raise PipelineError(f"{where}: concurrency, batch and max_attempts must be >= 1")
         if not stage.timeout > 0:  # NaN too
             raise PipelineError(f"{where}: timeout must be > 0")
-        if stage.max_in_flight is not None and not (
-            isinstance(stage.max_in_flight, int) and 0 <= stage.max_in_flight <= MAX_IN_FLIGHT
-        ):
-            raise PipelineError(
-                f"{where}: max_in_flight must be an integer from 0 to {MAX_IN_FLIGHT}"
-            )
-        if stage.group_by is not None and not (
-            isinstance(stage.group_by, str) and 0 < len(stage.group_by) <= 100
-        ):
-            raise PipelineError(f"{where}: group_by must name an input field (1-100 characters)")
-        if stage.max_in_flight_per_group is not None and (
-            stage.group_by is None
-            or not isinstance(stage.max_in_flight_per_group, int)
-            or not 1 <= stage.max_in_flight_per_group <= MAX_IN_FLIGHT
-        ):
-            raise PipelineError(
-                f"{where}: max_in_flight_per_group must be an integer from 1 to {MAX_IN_FLIGHT},"
-                " with group_by"
-            )
-        keys = [limit.key for limit in stage.limits if isinstance(limit, Limit)]
-        if len(keys) != len(stage.limits):
-            raise PipelineError(f"{where}: limits must be conveyor.Limit objects")
-        if len(set(keys)) != len(keys):
-            raise PipelineError(f"{where}: a limit key is declared twice")
+        problem = flow_control_problem(
+            stage.limits,
+            stage.max_in_flight,
+            stage.group_by,
+            stage.max_in_flight_per_group,
+            stage.group_tokens_per_day,
+        )
+        if problem is not None:
+            raise PipelineError(f"{where}: {problem}")
     if not callable(pipeline.text_input):
         raise PipelineError(f"pipeline {pipeline.name!r}: text_input is not callable")
     for status in consumed:

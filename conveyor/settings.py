@@ -10,7 +10,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from conveyor.limits import MAX_IN_FLIGHT, MAX_REQUESTS_PER_MINUTE, MAX_TOKENS_PER_MINUTE
+from conveyor.limits import (
+    MAX_IN_FLIGHT,
+    MAX_REQUESTS_PER_MINUTE,
+    MAX_TOKENS_PER_DAY,
+    MAX_TOKENS_PER_MINUTE,
+)
 from conveyor.urls import redact_url, url_problem
 
 DEFAULT_PIPELINE = "conveyor.reference:pipeline"
@@ -46,6 +51,7 @@ class StageOverrides:
     max_attempts: int | None = None
     max_in_flight: int | None = None
     max_in_flight_per_group: int | None = None
+    group_tokens_per_day: int | None = None
 
 
 @dataclass(frozen=True)
@@ -141,7 +147,8 @@ def parse_duration(text: str) -> float:
 
 _STAGE_VARIABLE = re.compile(
     r"^CONVEYOR_([A-Z][A-Z0-9_]*)_"
-    r"(CONCURRENCY|BATCH|TIMEOUT|MAX_ATTEMPTS|MAX_IN_FLIGHT|MAX_IN_FLIGHT_PER_GROUP)$"
+    r"(CONCURRENCY|BATCH|TIMEOUT|MAX_ATTEMPTS|MAX_IN_FLIGHT|MAX_IN_FLIGHT_PER_GROUP"
+    r"|GROUP_TOKENS_PER_DAY)$"
 )
 _STAGE_MINIMUM = {"MAX_IN_FLIGHT": 0}  # 0 starts nothing: the stage is paused
 _STAGE_MAXIMUM = {
@@ -150,6 +157,7 @@ _STAGE_MAXIMUM = {
     "MAX_ATTEMPTS": MAX_ATTEMPTS,
     "MAX_IN_FLIGHT": MAX_IN_FLIGHT,
     "MAX_IN_FLIGHT_PER_GROUP": MAX_IN_FLIGHT,
+    "GROUP_TOKENS_PER_DAY": MAX_TOKENS_PER_DAY,
 }
 _LIMIT_VARIABLE = re.compile(r"^CONVEYOR_LIMIT_([A-Z0-9][A-Z0-9_]*?)_(MAX_IN_FLIGHT|RPM|TPM)$")
 _LIMIT_FIELDS = {  # variable suffix -> (Limit field, maximum)

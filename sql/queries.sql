@@ -154,6 +154,22 @@ RETURNING r.id, r.input, r.outputs, r.attempt,
 -- lock_fair_claims --
 SELECT pg_advisory_xact_lock(hashtext(%(lock)s));
 
+-- run_tokens_spent --
+-- A run's token budget: what its attempts recorded so far (Run.record_usage).
+SELECT coalesce(sum(coalesce(prompt_tokens, 0) + coalesce(completion_tokens, 0)), 0)::int8
+  FROM @schema@.run_events
+ WHERE run_id = %(id)s;
+
+-- group_tokens_spent_today --
+-- A group's daily token budget: what the group's runs of the pipeline recorded since midnight
+-- UTC (through run_events_created).
+SELECT coalesce(sum(coalesce(e.prompt_tokens, 0) + coalesce(e.completion_tokens, 0)), 0)::int8
+  FROM @schema@.run_events e
+  JOIN @schema@.pipeline_runs r ON r.id = e.run_id
+ WHERE e.created_at >= date_trunc('day', now(), 'UTC')
+   AND e.pipeline = %(pipeline)s AND e.prompt_tokens IS NOT NULL
+   AND r.input ->> %(group_field)s = %(group)s;
+
 -- rescued_waiting --
 -- Whether a rescued run of the stage is due: a busy worker then stops claiming until it is empty
 -- and can take that run alone (claim_batch with `alone`). Asked once per sweep by busy workers.

@@ -140,8 +140,11 @@ class _Caller:
         key = limit_key(route, model)
         config = self.config
         last = ""
+        estimate = _estimated_tokens(body)
+        if run is not None:  # a call past the run's (or its group's) budget is never made
+            await run.check_budget(estimate)
         for attempt in range(config.max_retries + 1):
-            reservation = await run.acquire(key, tokens=_estimated_tokens(body)) if run else None
+            reservation = await run.acquire(key, tokens=estimate) if run else None
             outcome, wait, reply, last = await self._once(route, path, body, labels, model)
             if reply is not None:
                 if reservation is not None:

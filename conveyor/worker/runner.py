@@ -10,7 +10,7 @@ import traceback
 from typing import Any
 
 from conveyor import metrics
-from conveyor.limits import Throttled
+from conveyor.limits import BudgetExceeded, Throttled
 from conveyor.pipeline import PermanentError, Run, Stage
 from conveyor.protocol import Failure, Success
 from conveyor.urls import redact
@@ -56,7 +56,7 @@ async def run_handler(stage: Stage, run: Run) -> Success | Failure:
         error = f"OutputError: {exc}"
         return _failure(stage, run, error, started, time.perf_counter() - t0, permanent=True)
     except Exception as exc:  # a handler's error never kills the worker
-        permanent = isinstance(exc, PermanentError)
+        permanent = isinstance(exc, PermanentError | BudgetExceeded)
         return _failure(stage, run, describe(exc), started, time.perf_counter() - t0, permanent)
     finally:
         deadlines.leave(task, slice_)

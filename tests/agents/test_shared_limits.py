@@ -104,3 +104,37 @@ def test_a_429_closes_the_models_key_for_every_answer_process(
         " WHERE stage = 'answer' AND to_status = 'DONE' GROUP BY 1",
     )
     assert done == [(1, 6)]
+
+
+def test_a_run_whose_token_budget_is_spent_fails_before_the_call(
+    database_url: str, start_conveyor: Start, fake_llm: FakeLLM
+) -> None:
+    """A question with a budget of 100 tokens: its answer would need more, so the router
+    refuses the call before making it; the run is FAILED at once with an error naming the
+    budget, and the model never sees that call. A run with room in its budget is answered."""
+    _supervisors(start_conveyor, fake_llm)
+    fetch_all(
+        database_url,
+        "INSERT INTO conveyor.pipeline_runs (input) VALUES"
+        ' (\'{"question": "How long is a lease?", "token_budget": 100}\'),'
+        ' (\'{"question": "How long is a rescue?", "token_budget": 100000}\') RETURNING id',
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        finished = fetch_all(
+            database_url,
+            "SELECT input->>'token_budget', status, last_error FROM conveyor.pipeline_runs"
+            " WHERE finished_at IS NOT NULL ORDER BY 1",
+        )
+        if len(finished) == 2:
+            break
+        time.sleep(0.2)
+    [(small, failed, error), (large, done, _)] = finished
+    assert (small, failed, large, done) == ("100", "FAILED", "100000", "DONE")
+    assert "BudgetExceeded: run token budget 100: 0 spent, and this call needs about" in error
+    assert len(fake_llm.for_model("answer-model")) == 1  # the answered run's call alone
+    attempts = scalar(
+        database_url,
+        "SELECT count(*) FROM conveyor.run_events WHERE stage = 'answer' AND to_status = 'FAILED'",
+    )
+    assert attempts == 1  # failed at once: no retry can fit the budget

@@ -110,5 +110,10 @@ def test_a_per_group_cap_needs_a_group_and_the_environment_overrides_it() -> Non
     pipeline = Pipeline(
         "p", [Stage("s", _handler, "NEW", "DONE", group_by="tenant", max_in_flight_per_group=2)]
     )
-    settings = Settings.from_env({"CONVEYOR_S_MAX_IN_FLIGHT_PER_GROUP": "5"})
-    assert pipeline.with_settings(settings).stages[0].max_in_flight_per_group == 5
+    settings = Settings.from_env(
+        {"CONVEYOR_S_MAX_IN_FLIGHT_PER_GROUP": "5", "CONVEYOR_S_GROUP_TOKENS_PER_DAY": "9000"}
+    )
+    configured = pipeline.with_settings(settings).stages[0]
+    assert (configured.max_in_flight_per_group, configured.group_tokens_per_day) == (5, 9000)
+    with pytest.raises(PipelineError, match="group_tokens_per_day"):
+        Pipeline("p", [Stage("s", _handler, "NEW", "DONE", group_tokens_per_day=10)])
