@@ -58,6 +58,16 @@ def timestamp(value: datetime | str | None) -> str:
         return at.isoformat()
 
 
+def epoch_timestamp(value: float | None) -> str:
+    """A Unix time, as `timestamp` writes it."""
+    if value is None:
+        return ""
+    try:
+        return timestamp(datetime.fromtimestamp(value, UTC))
+    except (OverflowError, OSError, ValueError):
+        return f"{value:.0f} (Unix time)"
+
+
 def number(value: int | float | None, capped: bool = False) -> str:
     if value is None:
         return "–"
@@ -87,6 +97,7 @@ FILTERS: dict[str, Callable[..., str]] = {
     "age": age,
     "duration": duration,
     "timestamp": timestamp,
+    "epoch_timestamp": epoch_timestamp,
     "number": number,
     "rate": rate,
     "short_id": short_id,

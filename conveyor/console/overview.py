@@ -75,6 +75,18 @@ class PipelineView:
 
 
 @dataclass
+class LimitView:
+    """A flow-control key as the limits table holds it (docs/flow-control.md)."""
+
+    key: str
+    in_flight: int  # runs leased under it now
+    max_in_flight: int | None
+    requests_per_minute: float | None
+    tokens_per_minute: float | None
+    closed_until: float | None  # Unix time while closed; None while open
+
+
+@dataclass
 class Overview:
     generated_at: str
     pipelines: list[PipelineView]
@@ -88,6 +100,7 @@ class Overview:
     runs_total: int = 0  # what the page says: counted when the estimate is small
     runs_exact: bool = False
     runs_capped: bool = False  # counted up to the cap and reached it: "10,000+"
+    limits: list[LimitView] = field(default_factory=list)
 
 
 def build_overview(row: dict[str, Any], pipeline: Pipeline) -> Overview:
@@ -179,6 +192,10 @@ def build_overview(row: dict[str, Any], pipeline: Pipeline) -> Overview:
         runs_total=total,
         runs_exact=exact,
         runs_capped=capped,
+        limits=[
+            LimitView(key, held, cap, rpm, tpm, closed or None)
+            for key, cap, rpm, tpm, closed, held in row.get("limits", [])
+        ],
     )
 
 

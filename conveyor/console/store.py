@@ -86,6 +86,8 @@ class Store:
             # estimate is replaced by a count that reads at most one row more than the cap.
             if int(row["runs_estimate"] or 0) <= EXACT_COUNT_CAP:
                 row["runs_counted"] = self._count_runs(cur)
+            # Flow control's keys: a few rows, read as tuples.
+            row["limits"] = conn.execute(self.sql["limit_states"]).fetchall()
         return build_overview(row, self.pipeline)
 
     def _count_runs(self, cur: psycopg.Cursor[dict[str, Any]]) -> int:

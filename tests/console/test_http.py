@@ -380,3 +380,34 @@ def test_with_actions_off_the_consoles_connections_cannot_write(database_url: st
     finally:
         read_only.close()
     assert _status(database_url, waiting) == "NEW"
+
+
+def test_the_overview_shows_each_limit_key_and_until_when_it_is_closed(
+    database_url: str, start_console: StartConsole
+) -> None:
+    fetch_all(
+        database_url,
+        "INSERT INTO conveyor.limits (key, max_in_flight, requests_per_minute, closed_until)"
+        " VALUES ('primary:answer-model', 4, 120, NULL),"
+        "        ('fallback:small', NULL, NULL, '2100-01-01T00:00:00Z') RETURNING key",
+    )
+    fetch_all(
+        database_url,
+        "INSERT INTO conveyor.limit_stages (key, pipeline, stage, working, channel)"
+        " VALUES ('primary:answer-model', 'agents', 'answer', 'ANSWERING', 'c') RETURNING key",
+    )
+    fetch_all(
+        database_url,
+        "INSERT INTO conveyor.pipeline_runs (status, lease_owner, lease_expires_at)"
+        " VALUES ('ANSWERING', 'w', now() + interval '1 hour') RETURNING id",
+    )
+    console = start_console()
+    limits = {item["key"]: item for item in _json(console, "/api/overview")["limits"]}
+    assert limits["primary:answer-model"]["in_flight"] == 1
+    assert limits["primary:answer-model"]["max_in_flight"] == 4
+    assert limits["primary:answer-model"]["closed_until"] is None
+    assert limits["fallback:small"]["closed_until"] == 4102444800
+    status, page = console.get("/")
+    assert status == 200
+    assert "primary:answer-model" in page and "1 of 4" in page
+    assert "closed</span> until 2100-01-01 00:00:00.000" in page
