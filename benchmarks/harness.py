@@ -23,7 +23,11 @@ from conveyor import _embedded, migrate
 from conveyor.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
-PIPELINES = {"single": "benchmarks.pipelines:single", "three": "benchmarks.pipelines:three"}
+PIPELINES = {
+    "single": "benchmarks.pipelines:single",
+    "single_limited": "benchmarks.pipelines:single_limited",
+    "three": "benchmarks.pipelines:three",
+}
 OBSERVER_TRIGGERS = ("pipeline_events_insert", "pipeline_events_update")
 WAKE_TRIGGER = "wake_waiting_workers"
 

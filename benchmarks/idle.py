@@ -1,6 +1,6 @@
 """(f) what an idle worker costs, and (g) its resident memory idle and after a load.
 
-    python -m benchmarks.idle [--seconds 30]
+    python -m benchmarks.idle [--seconds 30] [--throttled]
 
 One `conveyor worker` at default settings (sweep every 5 s) with nothing to do. Counted over
 the window:
@@ -17,6 +17,9 @@ the window:
   transactions of the bench database in pg_stat_database (each statement the worker sends
   idle is one autocommit transaction; autovacuum may add a few).
 Then a load of no-op runs goes through the same worker and its RSS is read again.
+
+--throttled: the same worker held back by flow control instead of idle: its stage's key closed
+for a day, 100 runs waiting behind it (the load is skipped).
 """
 
 from __future__ import annotations
@@ -47,6 +50,9 @@ _KINDS = (
     ("leader lock", "SELECT pg_try_advisory_lock"),
     ("schema check", "SELECT coalesce(max(version)"),
     ("forget dead workers", 'DELETE FROM "conveyor".workers WHERE expires_at'),
+    ("claim under limits", "SELECT room,"),
+    ("claim under limits: its transaction", "BEGIN"),
+    ("claim under limits: its transaction", "COMMIT"),
 )
 _MAINTENANCE = "conveyor-leader:"  # the application_name of the maintenance connection
 
@@ -114,14 +120,30 @@ def _classify(text: str) -> str:
     return "other: " + text[:40]
 
 
-def measure(db: BenchDatabase, scale: Scale, *, load_runs: int = 20_000) -> Idle:
+def measure(
+    db: BenchDatabase, scale: Scale, *, load_runs: int = 20_000, throttled: bool = False
+) -> Idle:
     seconds = scale.idle_seconds
     with db.connect() as conn:
         db.reset(conn)
+        if throttled:
+            conn.execute(
+                "INSERT INTO conveyor.limits (key, closed_until, closed_reason)"
+                " VALUES ('bench:never-binding', now() + interval '1 day', 'benchmark')"
+            )
+            conn.execute(
+                "INSERT INTO conveyor.pipeline_runs (pipeline)"
+                " SELECT 'bench1' FROM generate_series(1, 100)"
+            )
+            load_runs = 0
         name = sql.Identifier(db.name)
         conn.execute(sql.SQL("ALTER DATABASE {} SET log_statement = 'all'").format(name))
         try:
-            with running(db, ["worker", "--stage", "only"], pipeline="single") as worker:
+            with running(
+                db,
+                ["worker", "--stage", "only"],
+                pipeline="single_limited" if throttled else "single",
+            ) as worker:
                 db.wait_idle_workers(conn, 1)
                 time.sleep(1.0)  # past start-up and the grace claim after going idle
                 log = _server_log(conn)
@@ -153,21 +175,7 @@ def measure(db: BenchDatabase, scale: Scale, *, load_runs: int = 20_000) -> Idle
                             counted = maintenance_by_kind if maintains else by_kind
                             counted[_classify(match.group(2).strip())] += 1
                 conn.execute(sql.SQL("ALTER DATABASE {} RESET log_statement").format(name))
-                # A load through the same worker: an insert wakes it like any submit would.
-                conn.execute(
-                    "INSERT INTO conveyor.pipeline_runs (pipeline)"
-                    " SELECT 'bench1' FROM generate_series(1, %s)",
-                    (load_runs,),
-                )
-                deadline = time.monotonic() + 120
-                while time.monotonic() < deadline:
-                    row = conn.execute(
-                        "SELECT count(*) FROM conveyor.pipeline_runs WHERE finished_at IS NULL"
-                    ).fetchone()
-                    if row and row[0] == 0:
-                        break
-                    time.sleep(0.1)
-                rss_loaded = rss_megabytes(worker.pid)
+                rss_loaded = rss_idle if throttled else _after_a_load(conn, worker.pid, load_runs)
         finally:
             conn.execute(sql.SQL("ALTER DATABASE {} RESET log_statement").format(name))
     queries = sum(by_kind.values()) + sum(maintenance_by_kind.values()) if log else xacts
@@ -187,6 +195,24 @@ def measure(db: BenchDatabase, scale: Scale, *, load_runs: int = 20_000) -> Idle
 
 def _kinds(counted: dict[str, int]) -> str:
     return ", ".join(f"{kind} {count}" for kind, count in sorted(counted.items()))
+
+
+def _after_a_load(conn: Any, pid: int, runs: int) -> float:
+    """The worker's RSS once `runs` no-op runs went through it (an insert wakes it like any
+    submit would)."""
+    conn.execute(
+        "INSERT INTO conveyor.pipeline_runs (pipeline) SELECT 'bench1' FROM generate_series(1, %s)",
+        (runs,),
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        row = conn.execute(
+            "SELECT count(*) FROM conveyor.pipeline_runs WHERE finished_at IS NULL"
+        ).fetchone()
+        if row and row[0] == 0:
+            break
+        time.sleep(0.1)
+    return rss_megabytes(pid)
 
 
 def describe(result: Idle) -> str:
@@ -215,10 +241,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=Scale().idle_seconds)
     parser.add_argument("--tiny", action="store_true", help="two seconds, for tests")
+    parser.add_argument("--throttled", action="store_true", help="held back by a closed key")
     args = parser.parse_args()
     scale = Scale.small() if args.tiny else Scale(idle_seconds=args.seconds)
     with BenchDatabase.create() as db:
-        result = measure(db, scale, load_runs=500 if args.tiny else 20_000)
+        result = measure(
+            db, scale, load_runs=500 if args.tiny else 20_000, throttled=args.throttled
+        )
     print(describe(result) + f" ({COMMAND})")
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from conveyor import Pipeline, Run, Stage
+from conveyor import Limit, Pipeline, Run, Stage
 
 
 async def noop(run: Run) -> dict[str, Any]:
@@ -13,6 +13,24 @@ async def noop(run: Run) -> dict[str, Any]:
 
 single = Pipeline(
     "bench1", [Stage("only", noop, consumes="NEW", produces="DONE", concurrency=100, batch=50)]
+)
+
+# (a) under flow control that never binds: a stage cap and a key with a rate, both far above
+# what one worker moves, so every claim pays the limits' bookkeeping and is never held back.
+single_limited = Pipeline(
+    "bench1",
+    [
+        Stage(
+            "only",
+            noop,
+            consumes="NEW",
+            produces="DONE",
+            concurrency=100,
+            batch=50,
+            limits=[Limit("bench:never-binding", requests_per_minute=1e9)],
+            max_in_flight=1_000_000,
+        )
+    ],
 )
 
 three = Pipeline(

@@ -3,6 +3,7 @@
     python -m benchmarks.throughput --single    (a) one worker process, one stage, batch 50
     python -m benchmarks.throughput --three     (b) supervisor, one process per stage
     python -m benchmarks.throughput --million   (e) (a) with 1,000,000 finished runs, ratio to (a)
+    python -m benchmarks.throughput --limits    (a) beside (a) under limits that never bind
     add --observer-off to switch the pipeline_events observer triggers off, --log-level info to
     have the worker log its "run finished" line for every run (the default level of conveyor)
 
@@ -47,6 +48,7 @@ def single(
     observer: bool = True,
     history: int = 0,
     log_level: str = "warning",
+    limited: bool = False,
 ) -> Throughput:
     """One `conveyor worker` process for a one-stage no-op pipeline (batch 50, 100 slots)."""
     with db.connect() as conn:
@@ -59,7 +61,7 @@ def single(
         with running(
             db,
             ["worker", "--stage", "only"],
-            pipeline="single",
+            pipeline="single_limited" if limited else "single",
             CONVEYOR_LOG_LEVEL=log_level,
             CONVEYOR_LOG_FORMAT="json",
         ) as worker:
@@ -87,6 +89,7 @@ def main() -> None:
     which.add_argument("--single", action="store_true", help="(a) one worker, one stage")
     which.add_argument("--three", action="store_true", help="(b) three stages, supervisor")
     which.add_argument("--million", action="store_true", help="(e) with 1,000,000 finished runs")
+    which.add_argument("--limits", action="store_true", help="(a) under limits never binding")
     parser.add_argument("--observer-off", action="store_true", help="pipeline_events off")
     parser.add_argument(
         "--log-level", default="warning", help="the worker's (info: a JSON line per run)"
@@ -111,6 +114,18 @@ def main() -> None:
                 f"(b) three stages, supervisor: {result.runs_per_second:,.0f} runs/s{suffix};"
                 f" worker CPU {result.cpu_us_per_run:.0f} us per run (three processes), their"
                 f" database backends {result.db_cpu_us_per_run:.0f} us per run"
+            )
+        elif args.limits:
+            # Interleaved, ABBA: the machine's drift falls on both alike.
+            plain = [single(db, scale, observer=observer)]
+            limited = [single(db, scale, observer=observer, limited=True) for _ in range(2)]
+            plain.append(single(db, scale, observer=observer))
+            free = sum(r.runs_per_second for r in plain) / 2
+            held = sum(r.runs_per_second for r in limited) / 2
+            print(
+                f"(a) under limits never binding (a stage cap, a key with a rate):"
+                f" {held:,.0f} runs/s, without limits {free:,.0f} runs/s, ratio"
+                f" {ratio(held, free)}{suffix}"
             )
         else:
             empty = single(db, scale, observer=observer)

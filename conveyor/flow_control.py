@@ -14,16 +14,17 @@ import asyncio
 import dataclasses
 import random
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import psycopg
 import structlog
 from psycopg import AsyncConnection
 from psycopg.types.json import set_json_loads
 from psycopg_pool import AsyncConnectionPool
 
 from conveyor import metrics, queries
+from conveyor.db import brief, schema_identifier
 from conveyor.limits import (
     MAX_IN_FLIGHT,
     BudgetExceeded,
@@ -40,6 +41,9 @@ from conveyor.settings import Settings
 
 log = structlog.get_logger("conveyor.flow_control")
 
+# Workers waiting for a place under a cap are woken at most this often by one worker: they
+# start within this of capacity coming back.
+FREED_NOTICE_SECONDS = 0.05
 # A handler's acquire waits this long for a bucket to fill; a longer wait sends its run back
 # in line instead (Throttled), where it holds no slot of its worker.
 ACQUIRE_PATIENCE_SECONDS = 2.0
@@ -53,6 +57,42 @@ class Room:
     runs: int
     until: float | None = None
     key: str | None = None
+
+
+def limited_claim(claim_batch: str, schema: str) -> str:
+    """claim_batch within the limits' room, as one statement: limit_room() (its keys' rows
+    locked to the end of the statement) bounds the claim, limit_take() takes a request per run
+    claimed, and a last row with a NULL id says until when and why nothing may start. Made from
+    claim_batch itself, so that the two never drift apart."""
+    head, marker, update = claim_batch.partition("\nUPDATE ")
+    if not marker or not head.startswith("WITH candidates AS (") or "  FROM picked\n" not in update:
+        raise ValueError("claim_batch is not shaped as limited_claim expects")
+    q = schema_identifier(schema)
+    head = head.replace(
+        "WITH candidates AS (",
+        f"WITH room AS MATERIALIZED (SELECT * FROM {q}.limit_room(%(keys)s::text[], %(batch)s)),"
+        "\ncandidates AS (",
+        1,
+    )
+    # The candidates keep claim_batch's literal LIMIT (its plan reads the index in order); the
+    # room bounds what of them is claimed.
+    update = update.replace(
+        "  FROM picked\n",
+        "  FROM (SELECT * FROM picked ORDER BY priority DESC, run_after\n"
+        "         LIMIT (SELECT greatest(room.room, 0) FROM room)) picked\n",
+        1,
+    )
+    return (
+        f"{head},\nclaimed AS (\nUPDATE {update}\n),\n"
+        f"taken AS (SELECT {q}.limit_take(%(keys)s::text[],"
+        " (SELECT count(*) FROM claimed)::int, 0))\n"
+        "SELECT c.id, c.input, c.outputs, c.attempt, c.waited_seconds, c.rescued,"
+        " NULL::float8, NULL::text\n  FROM claimed c CROSS JOIN taken\n"
+        "UNION ALL\n"
+        "SELECT NULL, NULL, NULL, NULL, NULL, NULL,"
+        " extract(epoch FROM room.throttled_until)::float8, room.throttled_by\n"
+        "  FROM room WHERE room.room < 1"
+    )
 
 
 def stage_limits(pipeline: Pipeline, stage: Stage, settings: Settings) -> tuple[Limit, ...]:
@@ -100,6 +140,10 @@ class FlowControl:
         self._channel = channel
         self._labels = (pipeline.name, stage.name)
         self._group_by = stage.group_by
+        self._limited_claims: dict[int, str] = {}
+        self._next_freed_notice = 0.0  # monotonic
+        self._freed_notice_pending: asyncio.TimerHandle | None = None
+        self._background: set[asyncio.Future[None]] = set()
         self.declared = False  # set once the first claim's transaction commits
         self._written: set[str] = set(self.keys)  # keys whose declaration this process wrote
 
@@ -128,27 +172,49 @@ class FlowControl:
         return bool(self.keys) or self._group_by is not None
 
     async def claim(
-        self,
-        conn: AsyncConnection[Any],
-        batch: int,
-        params: dict[str, Any],
-        claim_batch: Callable[[int], Awaitable[list[ClaimedRow]]],
+        self, conn: AsyncConnection[Any], batch: int, params: dict[str, Any], claim_batch: str
     ) -> tuple[list[ClaimedRow], Room | None]:
-        """In the claim's transaction: up to `batch` runs that the limits allow (claim_batch,
-        or claim_fair for a stage with groups), and what held the claim back if nothing may
-        start. The keys' rows stay locked from the count to the commit, so claims under a key
-        follow one another; so do the claims of a stage with groups."""
+        """Up to `batch` runs that the limits allow, and what held the claim back if nothing
+        may start. Under limits alone, one statement (claim_batch within limit_room's room,
+        limited_claim); with groups, claim_fair in a transaction with the room. The keys' rows
+        stay locked from the count to the commit, so claims under a key follow one another; so
+        do the claims of a stage with groups."""
         if not self.declared:
-            await self.declare_on(conn)
-        room = await self.room(conn, batch) if self.keys else Room(batch)
-        if room.runs < 1:
-            return [], room
+            async with conn.transaction():
+                await self.declare_on(conn)
+            self.declared = True
         if self._group_by is None:
-            rows = await claim_batch(room.runs)
-        else:
+            return await self._claim_limited(conn, batch, params, claim_batch)
+        async with conn.transaction():
+            room = await self.room(conn, batch) if self.keys else Room(batch)
+            if room.runs < 1:
+                return [], room
             rows = await self._claim_fair(conn, room.runs, params)
-        await self.took(conn, len(rows))
+            await self.took(conn, len(rows))
         return rows, None
+
+    async def _claim_limited(
+        self, conn: AsyncConnection[Any], batch: int, params: dict[str, Any], claim_batch: str
+    ) -> tuple[list[ClaimedRow], Room | None]:
+        statement = self._limited_claims.get(batch)
+        if statement is None:  # one cached plan per size, as claim_batch
+            statement = self._limited_claims[batch] = limited_claim(
+                claim_batch, self._settings.schema
+            ).replace("%(batch)s", str(int(batch)))
+        cur = conn.cursor()
+        set_json_loads(json_from_server, cur)
+        await cur.execute(statement, {**params, "keys": self.keys})
+        found: list[Any] = await cur.fetchall()
+        rows: list[ClaimedRow] = [row[:6] for row in found if row[0] is not None]
+        if rows:
+            for key in self.keys:
+                metrics.LIMIT_USED.labels(*self._labels, key, "requests").inc(len(rows))
+            return rows, None
+        held = next((row for row in found if row[0] is None), None)
+        if held is None:  # room, but no run was due
+            return [], None
+        metrics.THROTTLED.labels(*self._labels, held[7] or "", "claim").inc()
+        return [], Room(0, held[6], held[7])
 
     async def _claim_fair(
         self, conn: AsyncConnection[Any], batch: int, params: dict[str, Any]
@@ -188,11 +254,30 @@ class FlowControl:
                 metrics.LIMIT_USED.labels(*self._labels, key, "requests").inc(runs)
 
     async def places_freed(self) -> None:
-        """Runs under capped keys finished: wake every stage that shares those keys."""
+        """Runs under capped keys finished: wake every stage that shares those keys, at most
+        every FREED_NOTICE_SECONDS (a worker moving thousands of runs a second would otherwise
+        notify for every batch); one that comes sooner is sent when that time is up."""
         if not self._capped:
             return
-        async with self._pool.connection() as conn:
-            await conn.execute(self._sql["limit_places_freed"], {"keys": self._capped})
+        wait = self._next_freed_notice - time.monotonic()
+        if wait > 0:
+            if self._freed_notice_pending is None:
+                self._freed_notice_pending = asyncio.get_running_loop().call_later(
+                    wait, lambda: self._background.add(asyncio.ensure_future(self._notify_freed()))
+                )
+            return
+        await self._notify_freed()
+
+    async def _notify_freed(self) -> None:
+        self._freed_notice_pending = None
+        self._next_freed_notice = time.monotonic() + FREED_NOTICE_SECONDS
+        try:
+            async with self._pool.connection() as conn:
+                await conn.execute(self._sql["limit_places_freed"], {"keys": self._capped})
+        except psycopg.Error as exc:  # the waiting workers' sweep finds the places
+            log.warning("could not announce freed places", error=brief(exc))
+        finally:
+            self._background = {task for task in self._background if not task.done()}
 
     # -- handlers ----------------------------------------------------------------------------
 

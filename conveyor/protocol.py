@@ -138,14 +138,10 @@ class StageProtocol:
     async def _claim_under_limits(
         self, flow: FlowControl, batch: int, alone: bool
     ) -> list[ClaimedRow]:
-        """The claim in one transaction with the limits' room and the groups' shares
-        (FlowControl.claim)."""
+        """The claim within the limits' room and the groups' shares (FlowControl.claim)."""
         params = {**self._fence, "lease_seconds": self.lease_seconds, "alone": alone}
-        async with self._claiming.connection() as conn, conn.transaction():
-            rows, self.throttled = await flow.claim(
-                conn, batch, params, lambda room: self._claim_on(conn, self.claim_size(room), alone)
-            )
-        flow.declared = True
+        async with self._claiming.connection() as conn:
+            rows, self.throttled = await flow.claim(conn, batch, params, self.sql["claim_batch"])
         return rows
 
     async def rescued_waiting(self) -> bool:

@@ -68,6 +68,7 @@ RETURNS TABLE (room integer, throttled_until timestamptz, throttled_by text)
 LANGUAGE plpgsql AS $$
 DECLARE
     lim record;
+    stage_row record;
     held integer;
     free integer;
     now_at timestamptz := clock_timestamp();
@@ -81,10 +82,16 @@ BEGIN
             RETURN;
         END IF;
         IF lim.max_in_flight IS NOT NULL THEN
-            SELECT count(*) INTO held
-              FROM @schema@.limit_stages s
-              JOIN @schema@.pipeline_runs r ON r.pipeline = s.pipeline AND r.status = s.working
-             WHERE s.key = lim.key AND r.finished_at IS NULL AND r.lease_expires_at > now_at;
+            -- stage by stage, each count through the claim's index: only leased runs are read
+            held := 0;
+            FOR stage_row IN SELECT s.pipeline, s.working FROM @schema@.limit_stages s
+                              WHERE s.key = lim.key
+            LOOP
+                held := held + (SELECT count(*) FROM @schema@.pipeline_runs r
+                                 WHERE r.pipeline = stage_row.pipeline
+                                   AND r.status = stage_row.working
+                                   AND r.finished_at IS NULL AND r.lease_expires_at > now_at);
+            END LOOP;
             IF held >= lim.max_in_flight THEN
                 RETURN QUERY SELECT 0, NULL::timestamptz, lim.key;
                 RETURN;

@@ -123,6 +123,7 @@ CREATE FUNCTION conveyor.limit_room(keys text[], wanted integer) RETURNS TABLE(r
     AS $$
 DECLARE
     lim record;
+    stage_row record;
     held integer;
     free integer;
     now_at timestamptz := clock_timestamp();
@@ -136,10 +137,16 @@ BEGIN
             RETURN;
         END IF;
         IF lim.max_in_flight IS NOT NULL THEN
-            SELECT count(*) INTO held
-              FROM "conveyor".limit_stages s
-              JOIN "conveyor".pipeline_runs r ON r.pipeline = s.pipeline AND r.status = s.working
-             WHERE s.key = lim.key AND r.finished_at IS NULL AND r.lease_expires_at > now_at;
+            -- stage by stage, each count through the claim's index: only leased runs are read
+            held := 0;
+            FOR stage_row IN SELECT s.pipeline, s.working FROM "conveyor".limit_stages s
+                              WHERE s.key = lim.key
+            LOOP
+                held := held + (SELECT count(*) FROM "conveyor".pipeline_runs r
+                                 WHERE r.pipeline = stage_row.pipeline
+                                   AND r.status = stage_row.working
+                                   AND r.finished_at IS NULL AND r.lease_expires_at > now_at);
+            END LOOP;
             IF held >= lim.max_in_flight THEN
                 RETURN QUERY SELECT 0, NULL::timestamptz, lim.key;
                 RETURN;
