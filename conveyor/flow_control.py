@@ -2,7 +2,7 @@
 
 A stage's limits (conveyor/limits.py) live in the `limits` table: its workers write what they
 declare when they start, and each claim asks `limit_room` how many runs the keys allow, with
-their rows locked until the claim commits; a claim then takes one request per run. A run holds
+each key's lock held until the claim commits; a claim then takes one request per run. A run holds
 a place under a capped key while its lease runs: a worker that dies gives its places back when
 its leases expire. Handlers take tokens (and requests of keys their stage does not declare)
 with Run.acquire, and close a key for everyone with Run.close_limit.
@@ -60,8 +60,8 @@ class Room:
 
 
 def limited_claim(claim_batch: str, schema: str) -> str:
-    """claim_batch within the limits' room, as one statement: limit_room() (its keys' rows
-    locked to the end of the statement) bounds the claim, limit_take() takes a request per run
+    """claim_batch within the limits' room, as one statement: limit_room() (its keys' locks
+    held to the end of the statement) bounds the claim, limit_take() takes a request per run
     claimed, and a last row with a NULL id says until when and why nothing may start. Made from
     claim_batch itself, so that the two never drift apart."""
     head, marker, update = claim_batch.partition("\nUPDATE ")
@@ -176,8 +176,8 @@ class FlowControl:
     ) -> tuple[list[ClaimedRow], Room | None]:
         """Up to `batch` runs that the limits allow, and what held the claim back if nothing
         may start. Under limits alone, one statement (claim_batch within limit_room's room,
-        limited_claim); with groups, claim_fair in a transaction with the room. The keys' rows
-        stay locked from the count to the commit, so claims under a key follow one another; so
+        limited_claim); with groups, claim_fair in a transaction with the room. The keys' locks
+        are held from the count to the commit, so claims under a key follow one another; so
         do the claims of a stage with groups."""
         if not self.declared:
             async with conn.transaction():
@@ -236,7 +236,7 @@ class FlowControl:
         return rows
 
     async def room(self, conn: AsyncConnection[Any], wanted: int) -> Room:
-        """In the claim's transaction: how many runs it may take (the keys' rows stay locked)."""
+        """In the claim's transaction: how many runs it may take (the keys' locks held)."""
         cur = await conn.execute(self._sql["limit_room"], {"keys": self.keys, "wanted": wanted})
         row = await cur.fetchone()
         if row is None:

@@ -60,7 +60,7 @@ LANGUAGE sql IMMUTABLE AS $$
 $$;
 
 -- How many runs a claim of `wanted` may take under `keys`, and, when none, until when (NULL:
--- until a place is given back, which notifies) and because of which key. Locks the keys' rows
+-- until a place is given back, which notifies) and because of which key. Holds each key's lock
 -- until the claim's transaction ends: claims under one key follow one another, and each sees
 -- the places the one before it took.
 CREATE FUNCTION @schema@.limit_room(keys text[], wanted integer)
@@ -74,8 +74,11 @@ DECLARE
     now_at timestamptz := clock_timestamp();
 BEGIN
     room := wanted;
+    -- Claims under a key follow one another: an advisory lock per key, taken in key order
+    -- (row locks would write to the table, and its WAL, at every claim).
+    PERFORM pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext('conveyor.limit.' || k))
+       FROM (SELECT DISTINCT k FROM unnest(keys) k ORDER BY k) ordered;
     FOR lim IN SELECT * FROM @schema@.limits l WHERE l.key = ANY(keys) ORDER BY l.key
-                  FOR UPDATE
     LOOP
         IF lim.closed_until > now_at THEN
             RETURN QUERY SELECT 0, lim.closed_until, lim.key;
@@ -155,7 +158,9 @@ DECLARE
     now_at timestamptz := clock_timestamp();
 BEGIN
     INSERT INTO @schema@.limits (key) VALUES (acquired_key) ON CONFLICT (key) DO NOTHING;
-    SELECT * INTO lim FROM @schema@.limits l WHERE l.key = acquired_key FOR UPDATE;
+    -- the lock limit_room takes: claims and acquires under a key follow one another
+    PERFORM pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext('conveyor.limit.' || acquired_key));
+    SELECT * INTO lim FROM @schema@.limits l WHERE l.key = acquired_key;
     IF lim.closed_until > now_at THEN
         RETURN lim.closed_until;
     END IF;

@@ -72,7 +72,7 @@ ON CONFLICT (key, pipeline, stage) DO UPDATE
 
 -- limit_room --
 -- In the claim's transaction, before claim_batch: how many runs the stage's keys allow now
--- (sql/012_flow_control.sql), their rows locked until the claim commits.
+-- (sql/012_flow_control.sql), each key's lock held until the claim commits.
 SELECT room, extract(epoch FROM throttled_until)::float8, throttled_by
   FROM @schema@.limit_room(%(keys)s::text[], %(wanted)s);
 

@@ -85,7 +85,9 @@ DECLARE
     now_at timestamptz := clock_timestamp();
 BEGIN
     INSERT INTO "conveyor".limits (key) VALUES (acquired_key) ON CONFLICT (key) DO NOTHING;
-    SELECT * INTO lim FROM "conveyor".limits l WHERE l.key = acquired_key FOR UPDATE;
+    -- the lock limit_room takes: claims and acquires under a key follow one another
+    PERFORM pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext('conveyor.limit.' || acquired_key));
+    SELECT * INTO lim FROM "conveyor".limits l WHERE l.key = acquired_key;
     IF lim.closed_until > now_at THEN
         RETURN lim.closed_until;
     END IF;
@@ -129,8 +131,11 @@ DECLARE
     now_at timestamptz := clock_timestamp();
 BEGIN
     room := wanted;
+    -- Claims under a key follow one another: an advisory lock per key, taken in key order
+    -- (row locks would write to the table, and its WAL, at every claim).
+    PERFORM pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext('conveyor.limit.' || k))
+       FROM (SELECT DISTINCT k FROM unnest(keys) k ORDER BY k) ordered;
     FOR lim IN SELECT * FROM "conveyor".limits l WHERE l.key = ANY(keys) ORDER BY l.key
-                  FOR UPDATE
     LOOP
         IF lim.closed_until > now_at THEN
             RETURN QUERY SELECT 0, lim.closed_until, lim.key;
