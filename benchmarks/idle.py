@@ -50,9 +50,7 @@ _KINDS = (
     ("leader lock", "SELECT pg_try_advisory_lock"),
     ("schema check", "SELECT coalesce(max(version)"),
     ("forget dead workers", 'DELETE FROM "conveyor".workers WHERE expires_at'),
-    ("claim under limits", "SELECT room,"),
-    ("claim under limits: its transaction", "BEGIN"),
-    ("claim under limits: its transaction", "COMMIT"),
+    ("claim under limits", "WITH room AS"),
 )
 _MAINTENANCE = "conveyor-leader:"  # the application_name of the maintenance connection
 
@@ -76,7 +74,8 @@ class Idle:
 
     @property
     def claims_per_sweep(self) -> float:
-        return self.by_kind.get("claim", 0) / (self.seconds / SWEEP_INTERVAL)
+        claims = self.by_kind.get("claim", 0) + self.by_kind.get("claim under limits", 0)
+        return claims / (self.seconds / SWEEP_INTERVAL)
 
 
 def _server_log(conn: Any) -> Path | None:

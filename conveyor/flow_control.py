@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -19,7 +21,7 @@ from typing import Any
 
 import psycopg
 import structlog
-from psycopg import AsyncConnection
+from psycopg import AsyncConnection, sql
 from psycopg.types.json import set_json_loads
 from psycopg_pool import AsyncConnectionPool
 
@@ -38,6 +40,7 @@ from conveyor.limits import (
 from conveyor.pipeline import Pipeline, Stage
 from conveyor.server_json import ClaimedRow, json_from_server
 from conveyor.settings import Settings
+from conveyor.urls import redact
 
 log = structlog.get_logger("conveyor.flow_control")
 
@@ -57,6 +60,11 @@ class Room:
     runs: int
     until: float | None = None
     key: str | None = None
+
+
+def _from_now(seconds: float | None) -> float | None:
+    """A Unix time on this worker's clock, from the server's "in so many seconds"."""
+    return None if seconds is None else time.time() + seconds
 
 
 def limited_claim(claim_batch: str, schema: str) -> str:
@@ -90,8 +98,9 @@ def limited_claim(claim_batch: str, schema: str) -> str:
         " NULL::float8, NULL::text\n  FROM claimed c CROSS JOIN taken\n"
         "UNION ALL\n"
         "SELECT NULL, NULL, NULL, NULL, NULL, NULL,"
-        " extract(epoch FROM room.throttled_until)::float8, room.throttled_by\n"
-        "  FROM room WHERE room.room < 1"
+        " extract(epoch FROM room.throttled_until - clock_timestamp())::float8,"
+        " room.throttled_by\n"
+        "  FROM room WHERE room.room < 1 OR room.throttled_until IS NOT NULL"
     )
 
 
@@ -136,7 +145,6 @@ class FlowControl:
         self._stage = stage
         self.limits = limits
         self.keys = [limit.key for limit in limits]
-        self._capped = [limit.key for limit in limits if limit.max_in_flight is not None]
         self._channel = channel
         self._labels = (pipeline.name, stage.name)
         self._group_by = stage.group_by
@@ -149,7 +157,12 @@ class FlowControl:
 
     async def declare_on(self, conn: AsyncConnection[Any]) -> None:
         """Write the stage's limits and which keys it runs under, in the transaction of the
-        worker's first claim: no claim of its runs is made before its limits are in place."""
+        worker's first claim: no claim of its runs is made before its limits are in place.
+        Keys it no longer declares are forgotten for it."""
+        await conn.execute(
+            self._sql["forget_limit_stages"],
+            {"pipeline": self._pipeline.name, "stage": self._stage.name, "keys": self.keys},
+        )
         for limit in self.limits:
             await conn.execute(self._sql["declare_limit"], dataclasses.asdict(limit))
             await conn.execute(
@@ -191,7 +204,7 @@ class FlowControl:
                 return [], room
             rows = await self._claim_fair(conn, room.runs, params)
             await self.took(conn, len(rows))
-        return rows, None
+        return rows, room if room.until is not None else None
 
     async def _claim_limited(
         self, conn: AsyncConnection[Any], batch: int, params: dict[str, Any], claim_batch: str
@@ -206,15 +219,15 @@ class FlowControl:
         await cur.execute(statement, {**params, "keys": self.keys})
         found: list[Any] = await cur.fetchall()
         rows: list[ClaimedRow] = [row[:6] for row in found if row[0] is not None]
+        # a last row with a NULL id: nothing may start, or a rate bounded what did
+        note = next((row for row in found if row[0] is None), None)
+        room = None if note is None else Room(0, _from_now(note[6]), note[7])
         if rows:
             for key in self.keys:
                 metrics.LIMIT_USED.labels(*self._labels, key, "requests").inc(len(rows))
-            return rows, None
-        held = next((row for row in found if row[0] is None), None)
-        if held is None:  # room, but no run was due
-            return [], None
-        metrics.THROTTLED.labels(*self._labels, held[7] or "", "claim").inc()
-        return [], Room(0, held[6], held[7])
+        elif room is not None:
+            metrics.THROTTLED.labels(*self._labels, room.key or "", "claim").inc()
+        return rows, room
 
     async def _claim_fair(
         self, conn: AsyncConnection[Any], batch: int, params: dict[str, Any]
@@ -241,10 +254,10 @@ class FlowControl:
         row = await cur.fetchone()
         if row is None:
             return Room(wanted)
-        runs, until, key = row
+        runs, seconds, key = row
         if runs < 1:
             metrics.THROTTLED.labels(*self._labels, key or "", "claim").inc()
-        return Room(max(int(runs), 0), until, key)
+        return Room(max(int(runs), 0), _from_now(seconds), key)
 
     async def took(self, conn: AsyncConnection[Any], runs: int) -> None:
         """In the claim's transaction, after it: one request per run claimed."""
@@ -257,7 +270,7 @@ class FlowControl:
         """Runs under capped keys finished: wake every stage that shares those keys, at most
         every FREED_NOTICE_SECONDS (a worker moving thousands of runs a second would otherwise
         notify for every batch); one that comes sooner is sent when that time is up."""
-        if not self._capped:
+        if not self.keys and self._group_by is None:
             return
         wait = self._next_freed_notice - time.monotonic()
         if wait > 0:
@@ -273,7 +286,14 @@ class FlowControl:
         self._next_freed_notice = time.monotonic() + FREED_NOTICE_SECONDS
         try:
             async with self._pool.connection() as conn:
-                await conn.execute(self._sql["limit_places_freed"], {"keys": self._capped})
+                await conn.execute(
+                    self._sql["limit_places_freed"],
+                    {
+                        "keys": self.keys,
+                        "own_channel": self._channel,
+                        "grouped": self._group_by is not None,
+                    },
+                )
         except psycopg.Error as exc:  # the waiting workers' sweep finds the places
             log.warning("could not announce freed places", error=brief(exc))
         finally:
@@ -303,12 +323,12 @@ class FlowControl:
                     self._sql["limit_acquire"], {"key": key, "requests": requests, "tokens": tokens}
                 )
                 row = await cur.fetchone()
-            until = row[0] if row else None
-            if until is None:
+            wait = row[0] if row else None  # seconds until it may be tried again
+            if wait is None:
                 if requests:
                     metrics.LIMIT_USED.labels(*self._labels, key, "requests").inc(requests)
                 return Reservation(key, tokens, self)
-            wait = until - time.time()
+            until = time.time() + wait
             if time.monotonic() + wait > deadline:
                 metrics.THROTTLED.labels(*self._labels, key, "run").inc()
                 raise Throttled(key, until, "its limit is spent")
@@ -319,17 +339,29 @@ class FlowControl:
     async def _declare_from_environment(self, key: str) -> None:
         """A key the stage does not declare, taken by a handler: the environment's
         CONVEYOR_LIMIT_<NAME>_* for it, if any, written once."""
-        limit = _overridden(Limit(key), self._settings)
-        if limit != Limit(key):
-            async with self._pool.connection() as conn:
-                await conn.execute(self._sql["declare_limit"], dataclasses.asdict(limit))
+        found = self._settings.limit_overrides.get(env_name(key))
+        if found:  # only what the environment sets: other stages may declare the rest
+            async with self._pool.connection() as conn, conn.transaction():
+                await conn.execute(self._sql["limit_acquire_row"], {"key": key})
+                for field_name, value in found.items():
+                    if field_name == "max_in_flight" and value is not None:
+                        value = int(value)
+                    await conn.execute(
+                        sql.SQL("UPDATE {}.limits SET {} = %s WHERE key = %s").format(
+                            sql.Identifier(self._settings.schema), sql.Identifier(field_name)
+                        ),
+                        (value, key),
+                    )
         self._written.add(key)
 
-    async def settle(self, key: str, reserved: int, used: int) -> None:
+    async def settle(self, key: str, reserved: int, used: int, *, answered: bool = True) -> None:
         """A call took `used` tokens where `reserved` were taken for it: the difference is
-        taken or given back, and the key answered (its shared backoff starts over)."""
+        taken or given back; a key that `answered` starts its shared backoff over."""
         async with self._pool.connection() as conn:
-            await conn.execute(self._sql["limit_settle"], {"key": key, "tokens": used - reserved})
+            await conn.execute(
+                self._sql["limit_settle"],
+                {"key": key, "tokens": used - reserved, "answered": answered},
+            )
         if used:
             metrics.LIMIT_USED.labels(*self._labels, key, "tokens").inc(used)
 
@@ -338,7 +370,8 @@ class FlowControl:
     ) -> None:
         """Raise BudgetExceeded when a call of `tokens` would take the run past its input's
         `token_budget`, or its group past the stage's group_tokens_per_day; `recorded` is what
-        the attempt recorded so far (not in run_events yet)."""
+        the attempt recorded so far (not in run_events yet). A run without the group field
+        has no group budget."""
         budget = run_input.get("token_budget")
         if budget is not None and (
             not isinstance(budget, int) or isinstance(budget, bool) or budget < 0
@@ -357,7 +390,7 @@ class FlowControl:
             params = {
                 "pipeline": self._pipeline.name,
                 "group_field": self._group_by,
-                "group": str(group),
+                "group": json.dumps(group),
             }
             named = f"daily token budget of {self._group_by} {str(group)[:100]!r}, {per_day:,}"
             checks.append(("group_tokens_spent_today", params, per_day, named))
@@ -376,15 +409,16 @@ class FlowControl:
         """Close `key` for every worker: for `retry_after` seconds, or (None) the shared
         backoff. Returns the Throttled for the handler to raise."""
         check_key(key)
-        until = None
-        if retry_after is not None:
-            until = time.time() + min(max(float(retry_after), 0.0), 86400.0)
+        seconds = None
+        if retry_after is not None and math.isfinite(float(retry_after)):
+            seconds = min(max(float(retry_after), 0.0), 86400.0)
+        reason = redact(str(reason)).replace("\x00", "\\x00")[:500]
         async with self._pool.connection() as conn:
             cur = await conn.execute(
-                self._sql["limit_close"], {"key": key, "until": until, "reason": reason[:500]}
+                self._sql["limit_close"], {"key": key, "retry_after": seconds, "reason": reason}
             )
             row = await cur.fetchone()
-        opens = row[0] if row else until
+        opens = _from_now(row[0] if row else seconds)
         log.warning("limit closed for every worker", key=key, until=opens, reason=reason[:200])
         metrics.THROTTLED.labels(*self._labels, key, "run").inc()
         return Throttled(key, opens, reason)

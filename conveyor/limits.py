@@ -124,7 +124,7 @@ class Throttled(Exception):
 
     def __init__(self, key: str, until: float | None = None, reason: str = "") -> None:
         self.key = key
-        self.until = until
+        self.until = until if until is not None and math.isfinite(until) else None
         self.reason = reason
         when = "" if until is None else f" until {_clock(until)}"
         super().__init__(f"{key}{when}{': ' + reason if reason else ''}")
@@ -149,7 +149,9 @@ class FlowHandle(Protocol):
 
     async def acquire(self, key: str, *, tokens: int, requests: int | None) -> Reservation: ...
 
-    async def settle(self, key: str, reserved: int, used: int) -> None: ...
+    async def settle(
+        self, key: str, reserved: int, used: int, *, answered: bool = True
+    ) -> None: ...
 
     async def close(self, key: str, *, retry_after: float | None, reason: str) -> Throttled: ...
 
@@ -172,3 +174,8 @@ class Reservation:
             raise ValueError("Reservation.settle: used_tokens must be an integer >= 0")
         if self._flow is not None:
             await self._flow.settle(self.key, self.tokens, used_tokens)
+
+    async def release(self) -> None:
+        """The call was not answered (an error, a timeout): every reserved token goes back."""
+        if self._flow is not None and self.tokens:
+            await self._flow.settle(self.key, self.tokens, 0, answered=False)

@@ -71,6 +71,8 @@ DECLARE
     stage_row record;
     held integer;
     free integer;
+    next_due timestamptz;
+    next_key text;
     now_at timestamptz := clock_timestamp();
 BEGIN
     room := wanted;
@@ -110,7 +112,14 @@ BEGIN
                                     lim.key;
                 RETURN;
             END IF;
-            room := least(room, free);
+            IF free < room THEN  -- the rate bounds this claim: when is the next request due
+                room := free;
+                next_due := @schema@.bucket_ready_at(
+                    greatest(lim.requests_tat, now_at)
+                        + make_interval(secs => room * 60.0 / lim.requests_per_minute),
+                    lim.requests_per_minute, 1);
+                next_key := lim.key;
+            END IF;
         END IF;
         -- tokens are taken by the handlers (limit_acquire); a claim waits out a deficit
         IF lim.tokens_per_minute IS NOT NULL
@@ -121,7 +130,8 @@ BEGIN
             RETURN;
         END IF;
     END LOOP;
-    RETURN QUERY SELECT room, NULL::timestamptz, NULL::text;
+    -- With room, `throttled_until` is when a rate that bounded the claim has its next request.
+    RETURN QUERY SELECT room, next_due, next_key;
 END
 $$;
 
@@ -155,6 +165,7 @@ RETURNS timestamptz
 LANGUAGE plpgsql AS $$
 DECLARE
     lim record;
+    needed float8;
     now_at timestamptz := clock_timestamp();
 BEGIN
     INSERT INTO @schema@.limits (key) VALUES (acquired_key) ON CONFLICT (key) DO NOTHING;
@@ -164,10 +175,12 @@ BEGIN
     IF lim.closed_until > now_at THEN
         RETURN lim.closed_until;
     END IF;
+    -- more requests than the bucket holds wait for it to be full, then go into deficit
+    needed := least(requests, greatest(lim.requests_per_minute / 60.0, 1.0));
     IF requests > 0 AND lim.requests_per_minute IS NOT NULL
        AND @schema@.bucket_free(lim.requests_tat, lim.requests_per_minute, now_at)
-           < requests - 1e-9 THEN
-        RETURN @schema@.bucket_ready_at(lim.requests_tat, lim.requests_per_minute, requests);
+           < needed - 1e-9 THEN
+        RETURN @schema@.bucket_ready_at(lim.requests_tat, lim.requests_per_minute, needed);
     END IF;
     IF tokens > 0 AND lim.tokens_per_minute IS NOT NULL
        AND @schema@.bucket_free(lim.tokens_tat, lim.tokens_per_minute, now_at) < 1 THEN
@@ -178,9 +191,9 @@ BEGIN
 END
 $$;
 
--- After a call: `tokens` more (or, negative, fewer) than were taken for it, and the key
--- answered, so the shared backoff starts over.
-CREATE FUNCTION @schema@.limit_settle(settled_key text, tokens float8)
+-- After a call: `tokens` more (or, negative, fewer) than were taken for it; a key that
+-- `answered` starts its shared backoff over.
+CREATE FUNCTION @schema@.limit_settle(settled_key text, tokens float8, answered boolean)
 RETURNS void
 LANGUAGE sql AS $$
     UPDATE @schema@.limits l
@@ -188,33 +201,37 @@ LANGUAGE sql AS $$
                              ELSE greatest(l.tokens_tat, clock_timestamp())
                                   + make_interval(secs => tokens * 60.0 / l.tokens_per_minute)
                              END,
-           closures = 0
-     WHERE l.key = settled_key AND (l.closures > 0 OR (l.tokens_per_minute IS NOT NULL
-                                                        AND tokens <> 0));
+           closures = CASE WHEN answered THEN 0 ELSE l.closures END
+     WHERE l.key = settled_key AND ((answered AND l.closures > 0)
+                                    OR (l.tokens_per_minute IS NOT NULL AND tokens <> 0));
 $$;
 
 -- Close `key` for everyone until `until` (a provider's Retry-After), or, with NULL, for the
--- shared backoff: 1 s, then 2, 4 ... up to 60 s while closures follow one another. A closure
--- never shortens one already in place. Returns the instant the key opens again.
+-- shared backoff: 1 s, then 2, 4 ... up to 60 s while closures follow one another (429s met
+-- while it is closed add none). A closure never shortens one already in place. Returns how
+-- many seconds from now the key opens again.
 CREATE FUNCTION @schema@.limit_close(closed_key text, until timestamptz, reason text)
-RETURNS timestamptz
+RETURNS float8
 LANGUAGE sql AS $$
     INSERT INTO @schema@.limits AS l (key, closed_until, closed_reason, closures, updated_at)
     VALUES (closed_key, coalesce(until, clock_timestamp() + interval '1 second'), reason, 1,
             now())
     ON CONFLICT (key) DO UPDATE
-       SET closed_until = greatest(
-               l.closed_until,
-               coalesce(until, clock_timestamp()
-                               + make_interval(secs => least(60.0, 2.0 ^ least(l.closures, 6))))),
+       SET closed_until = CASE
+               WHEN until IS NOT NULL THEN greatest(l.closed_until, until)
+               WHEN l.closed_until > clock_timestamp() THEN l.closed_until  -- already closed
+               ELSE clock_timestamp()
+                    + make_interval(secs => least(60.0, 2.0 ^ least(l.closures, 6))) END,
            closed_reason = reason,
-           closures = l.closures + 1,
+           -- the calls in flight when a key closes all meet its 429: one closure, not many
+           closures = CASE WHEN l.closed_until > clock_timestamp() THEN l.closures
+                           ELSE l.closures + 1 END,
            updated_at = now()
-    RETURNING closed_until;
+    RETURNING extract(epoch FROM closed_until - clock_timestamp())::float8;
 $$;
 
 REVOKE ALL ON FUNCTION @schema@.limit_room(text[], integer),
                        @schema@.limit_take(text[], integer, float8),
                        @schema@.limit_acquire(text, integer, float8),
-                       @schema@.limit_settle(text, float8),
+                       @schema@.limit_settle(text, float8, boolean),
                        @schema@.limit_close(text, timestamptz, text) FROM PUBLIC;

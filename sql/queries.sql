@@ -64,6 +64,11 @@ ON CONFLICT (key) DO UPDATE
        IS DISTINCT FROM (excluded.max_in_flight, excluded.requests_per_minute,
                          excluded.tokens_per_minute);
 
+-- forget_limit_stages --
+-- Keys a stage no longer declares: its runs no longer hold their places.
+DELETE FROM @schema@.limit_stages
+ WHERE pipeline = %(pipeline)s AND stage = %(stage)s AND key <> ALL(%(keys)s::text[]);
+
 -- declare_limit_stage --
 INSERT INTO @schema@.limit_stages (key, pipeline, stage, working, channel)
 VALUES (%(key)s, %(pipeline)s, %(stage)s, %(working)s, %(channel)s)
@@ -72,32 +77,43 @@ ON CONFLICT (key, pipeline, stage) DO UPDATE
 
 -- limit_room --
 -- In the claim's transaction, before claim_batch: how many runs the stage's keys allow now
--- (sql/012_flow_control.sql), each key's lock held until the claim commits.
-SELECT room, extract(epoch FROM throttled_until)::float8, throttled_by
+-- (sql/012_flow_control.sql), each key's lock held until the claim commits. Instants go to
+-- the worker as seconds from now: its clock need not agree with the server's.
+SELECT room, extract(epoch FROM throttled_until - clock_timestamp())::float8, throttled_by
   FROM @schema@.limit_room(%(keys)s::text[], %(wanted)s);
 
 -- limit_take --
 -- After the claim, in its transaction: one request per run claimed.
 SELECT @schema@.limit_take(%(keys)s::text[], %(requests)s, 0);
 
+-- limit_acquire_row --
+INSERT INTO @schema@.limits (key) VALUES (%(key)s) ON CONFLICT (key) DO NOTHING;
+
 -- limit_acquire --
-SELECT extract(epoch FROM @schema@.limit_acquire(%(key)s, %(requests)s, %(tokens)s))::float8;
+-- NULL when taken, else in how many seconds to try again.
+SELECT extract(epoch FROM @schema@.limit_acquire(%(key)s, %(requests)s, %(tokens)s)
+                          - clock_timestamp())::float8;
 
 -- limit_settle --
-SELECT @schema@.limit_settle(%(key)s, %(tokens)s);
+SELECT @schema@.limit_settle(%(key)s, %(tokens)s, %(answered)s);
 
 -- limit_close --
-SELECT extract(epoch FROM @schema@.limit_close(
-           %(key)s, to_timestamp(%(until)s::float8), %(reason)s))::float8;
+-- Seconds until the key opens again; `retry_after` NULL: the shared backoff.
+SELECT @schema@.limit_close(
+           %(key)s, clock_timestamp() + make_interval(secs => %(retry_after)s::float8),
+           %(reason)s);
 
 -- limit_places_freed --
--- Runs under capped keys have finished: wake the workers of every stage that shares the keys
--- (a plain wake-up on each stage's channel; they claim, and the cap decides).
+-- Runs under capped keys (a cap as the table holds it now) or of a stage with groups have
+-- finished: wake the workers of every stage that shares the keys, and of the stage itself
+-- (a plain wake-up on each stage's channel; they claim, and the caps decide).
 SELECT pg_notify(channel, '')
-  FROM (SELECT DISTINCT s.channel
+  FROM (SELECT s.channel
           FROM @schema@.limit_stages s
           JOIN @schema@.limits l ON l.key = s.key
-         WHERE s.key = ANY(%(keys)s::text[]) AND l.max_in_flight IS NOT NULL) channels;
+         WHERE s.key = ANY(%(keys)s::text[]) AND l.max_in_flight IS NOT NULL
+        UNION
+        SELECT %(own_channel)s WHERE %(grouped)s) channels;
 
 -- claim_fair --
 -- claim_batch for a stage that shares itself fairly between groups (Stage.group_by: the input
@@ -168,7 +184,7 @@ SELECT coalesce(sum(coalesce(e.prompt_tokens, 0) + coalesce(e.completion_tokens,
   JOIN @schema@.pipeline_runs r ON r.id = e.run_id
  WHERE e.created_at >= date_trunc('day', now(), 'UTC')
    AND e.pipeline = %(pipeline)s AND e.prompt_tokens IS NOT NULL
-   AND r.input ->> %(group_field)s = %(group)s;
+   AND r.input -> %(group_field)s = %(group)s::jsonb;
 
 -- rescued_waiting --
 -- Whether a rescued run of the stage is due: a busy worker then stops claiming until it is empty

@@ -39,7 +39,7 @@ GRANT INSERT, UPDATE ON @schema@.limits, @schema@.limit_stages TO conveyor_worke
 GRANT EXECUTE ON FUNCTION @schema@.limit_room(text[], integer),
                           @schema@.limit_take(text[], integer, float8),
                           @schema@.limit_acquire(text, integer, float8),
-                          @schema@.limit_settle(text, float8),
+                          @schema@.limit_settle(text, float8, boolean),
                           @schema@.limit_close(text, timestamptz, text) TO conveyor_worker;
 
 -- The registry's hand-off secrets are for the database alone: no role reads that column, and a

@@ -82,6 +82,7 @@ CREATE FUNCTION conveyor.limit_acquire(acquired_key text, requests integer, toke
     AS $$
 DECLARE
     lim record;
+    needed float8;
     now_at timestamptz := clock_timestamp();
 BEGIN
     INSERT INTO "conveyor".limits (key) VALUES (acquired_key) ON CONFLICT (key) DO NOTHING;
@@ -91,10 +92,12 @@ BEGIN
     IF lim.closed_until > now_at THEN
         RETURN lim.closed_until;
     END IF;
+    -- more requests than the bucket holds wait for it to be full, then go into deficit
+    needed := least(requests, greatest(lim.requests_per_minute / 60.0, 1.0));
     IF requests > 0 AND lim.requests_per_minute IS NOT NULL
        AND "conveyor".bucket_free(lim.requests_tat, lim.requests_per_minute, now_at)
-           < requests - 1e-9 THEN
-        RETURN "conveyor".bucket_ready_at(lim.requests_tat, lim.requests_per_minute, requests);
+           < needed - 1e-9 THEN
+        RETURN "conveyor".bucket_ready_at(lim.requests_tat, lim.requests_per_minute, needed);
     END IF;
     IF tokens > 0 AND lim.tokens_per_minute IS NOT NULL
        AND "conveyor".bucket_free(lim.tokens_tat, lim.tokens_per_minute, now_at) < 1 THEN
@@ -104,21 +107,24 @@ BEGIN
     RETURN NULL;
 END
 $$;
-CREATE FUNCTION conveyor.limit_close(closed_key text, until timestamp with time zone, reason text) RETURNS timestamp with time zone
+CREATE FUNCTION conveyor.limit_close(closed_key text, until timestamp with time zone, reason text) RETURNS double precision
     LANGUAGE sql
     AS $$
     INSERT INTO "conveyor".limits AS l (key, closed_until, closed_reason, closures, updated_at)
     VALUES (closed_key, coalesce(until, clock_timestamp() + interval '1 second'), reason, 1,
             now())
     ON CONFLICT (key) DO UPDATE
-       SET closed_until = greatest(
-               l.closed_until,
-               coalesce(until, clock_timestamp()
-                               + make_interval(secs => least(60.0, 2.0 ^ least(l.closures, 6))))),
+       SET closed_until = CASE
+               WHEN until IS NOT NULL THEN greatest(l.closed_until, until)
+               WHEN l.closed_until > clock_timestamp() THEN l.closed_until  -- already closed
+               ELSE clock_timestamp()
+                    + make_interval(secs => least(60.0, 2.0 ^ least(l.closures, 6))) END,
            closed_reason = reason,
-           closures = l.closures + 1,
+           -- the calls in flight when a key closes all meet its 429: one closure, not many
+           closures = CASE WHEN l.closed_until > clock_timestamp() THEN l.closures
+                           ELSE l.closures + 1 END,
            updated_at = now()
-    RETURNING closed_until;
+    RETURNING extract(epoch FROM closed_until - clock_timestamp())::float8;
 $$;
 CREATE FUNCTION conveyor.limit_room(keys text[], wanted integer) RETURNS TABLE(room integer, throttled_until timestamp with time zone, throttled_by text)
     LANGUAGE plpgsql
@@ -128,6 +134,8 @@ DECLARE
     stage_row record;
     held integer;
     free integer;
+    next_due timestamptz;
+    next_key text;
     now_at timestamptz := clock_timestamp();
 BEGIN
     room := wanted;
@@ -167,7 +175,14 @@ BEGIN
                                     lim.key;
                 RETURN;
             END IF;
-            room := least(room, free);
+            IF free < room THEN  -- the rate bounds this claim: when is the next request due
+                room := free;
+                next_due := "conveyor".bucket_ready_at(
+                    greatest(lim.requests_tat, now_at)
+                        + make_interval(secs => room * 60.0 / lim.requests_per_minute),
+                    lim.requests_per_minute, 1);
+                next_key := lim.key;
+            END IF;
         END IF;
         -- tokens are taken by the handlers (limit_acquire); a claim waits out a deficit
         IF lim.tokens_per_minute IS NOT NULL
@@ -178,10 +193,11 @@ BEGIN
             RETURN;
         END IF;
     END LOOP;
-    RETURN QUERY SELECT room, NULL::timestamptz, NULL::text;
+    -- With room, `throttled_until` is when a rate that bounded the claim has its next request.
+    RETURN QUERY SELECT room, next_due, next_key;
 END
 $$;
-CREATE FUNCTION conveyor.limit_settle(settled_key text, tokens double precision) RETURNS void
+CREATE FUNCTION conveyor.limit_settle(settled_key text, tokens double precision, answered boolean) RETURNS void
     LANGUAGE sql
     AS $$
     UPDATE "conveyor".limits l
@@ -189,9 +205,9 @@ CREATE FUNCTION conveyor.limit_settle(settled_key text, tokens double precision)
                              ELSE greatest(l.tokens_tat, clock_timestamp())
                                   + make_interval(secs => tokens * 60.0 / l.tokens_per_minute)
                              END,
-           closures = 0
-     WHERE l.key = settled_key AND (l.closures > 0 OR (l.tokens_per_minute IS NOT NULL
-                                                        AND tokens <> 0));
+           closures = CASE WHEN answered THEN 0 ELSE l.closures END
+     WHERE l.key = settled_key AND ((answered AND l.closures > 0)
+                                    OR (l.tokens_per_minute IS NOT NULL AND tokens <> 0));
 $$;
 CREATE FUNCTION conveyor.limit_take(keys text[], requests integer, tokens double precision) RETURNS void
     LANGUAGE sql

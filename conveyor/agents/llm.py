@@ -151,6 +151,8 @@ class _Caller:
                     prompt_tokens, completion_tokens = _usage(reply)
                     await reservation.settle(prompt_tokens + completion_tokens)
                 return reply
+            if reservation is not None:  # not answered: what was reserved goes back
+                await reservation.release()
             if outcome == "rate_limited" and run is not None:
                 # Closed for every worker: none calls the key until it opens.
                 closed = await run.close_limit(

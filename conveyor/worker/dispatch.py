@@ -247,8 +247,10 @@ class Dispatcher:
                 await self._errors.refused(operation, exc)
                 self._wake.set()  # and claim again
                 continue
+            # Held back (nothing, or less than asked, because of a limit): claim again when it
+            # allows more.
             throttled = self._protocol.throttled
-            if not rows and throttled is not None and throttled.until is not None:
+            if len(rows) < want and throttled is not None and throttled.until is not None:
                 self._wake_at(throttled.until)
             if self._in_flight.start(rows, by_timer=by_timer):
                 self._on(Event.CLAIMED_RESCUED)

@@ -50,7 +50,7 @@ async def run_handler(stage: Stage, run: Run) -> Success | Failure:
     except Throttled as exc:  # waiting for a limit is not failing: the attempt is not counted
         duration = time.perf_counter() - t0
         metrics.THROTTLED_SECONDS.labels(run.pipeline, run.stage, exc.key).inc(exc.wait_seconds())
-        error = f"throttled: {exc}"
+        error = redact(f"throttled: {exc}").replace("\x00", "\\x00")[:_MAX_ERROR_CHARS]
         return Failure(run.id, run.attempt, error, exc.wait_seconds(), started, duration, False)
     except OutputError as exc:  # the handler ran fine: its traceback would say nothing
         error = f"OutputError: {exc}"

@@ -1,0 +1,59 @@
+"""The limits' arithmetic in PostgreSQL, statement by statement (sql/012_flow_control.sql)."""
+
+from __future__ import annotations
+
+from tests.helpers import fetch_all, scalar
+
+
+def test_429s_met_while_a_key_is_closed_add_no_closure(database_url: str) -> None:
+    """The calls in flight when a provider closes a key all meet its 429: the shared backoff
+    climbs once (1 s), not once per call (which would reach 60 s)."""
+    for _ in range(6):
+        scalar(database_url, "SELECT conveyor.limit_close('k', NULL, '429')")
+    closures, seconds = fetch_all(
+        database_url,
+        "SELECT closures, extract(epoch FROM closed_until - now()) FROM conveyor.limits",
+    )[0]
+    assert closures == 1 and 0 < seconds <= 1.5
+    # a Retry-After further out extends it; one sooner never shortens it
+    scalar(database_url, "SELECT conveyor.limit_close('k', now() + interval '30 seconds', '429')")
+    scalar(database_url, "SELECT conveyor.limit_close('k', now() + interval '5 seconds', '429')")
+    opens = scalar(
+        database_url, "SELECT extract(epoch FROM closed_until - now()) FROM conveyor.limits"
+    )
+    assert 29 < opens <= 30
+
+
+def test_an_acquire_larger_than_the_bucket_waits_for_a_full_one_not_for_ever(
+    database_url: str,
+) -> None:
+    """At 60 requests a minute the bucket holds one: three requests at once are taken from a
+    full bucket (into deficit), and the next call waits the deficit out, a few seconds."""
+    fetch_all(
+        database_url,
+        "INSERT INTO conveyor.limits (key, requests_per_minute) VALUES ('k', 60) RETURNING key",
+    )
+    assert scalar(database_url, "SELECT conveyor.limit_acquire('k', 3, 0)") is None
+    wait = scalar(
+        database_url,
+        "SELECT extract(epoch FROM conveyor.limit_acquire('k', 3, 0) - clock_timestamp())",
+    )
+    assert 2 < wait <= 3.1
+
+
+def test_a_rate_that_bounds_a_claim_says_when_its_next_request_is_due(database_url: str) -> None:
+    fetch_all(
+        database_url,
+        "INSERT INTO conveyor.limits (key, requests_per_minute) VALUES ('k', 600) RETURNING key",
+    )
+    room, due_in, key = fetch_all(
+        database_url,
+        "SELECT room, extract(epoch FROM throttled_until - clock_timestamp()), throttled_by"
+        "  FROM conveyor.limit_room(ARRAY['k'], 50)",
+    )[0]
+    assert (room, key) == (10, "k")  # a bucket of one second: 10 of the 50 asked
+    assert 0 < due_in <= 1.1  # once those 10 are taken, the next is due within a second
+    room, due_in, key = fetch_all(database_url, "SELECT * FROM conveyor.limit_room(ARRAY['k'], 5)")[
+        0
+    ]
+    assert (room, due_in, key) == (5, None, None)  # not bound by the rate: no hint
