@@ -151,7 +151,8 @@ class Run:
         """Record that this attempt used `service` (what was called: a model, an API), counting
         `input_units` sent and `output_units` received (tokens, characters, requests: the
         service's own unit). Calls add up: the units are summed, the last service named is kept.
-        Stored with the attempt's output, on its event; an attempt that fails keeps none."""
+        Stored on the attempt's event, whether it succeeds or fails (a token budget counts what
+        failed attempts spent too)."""
         if not isinstance(service, str) or not service or "\x00" in service:
             raise ValueError("Run.record_usage: service must be a non-empty str without NUL")
         for units in (input_units, output_units):

@@ -47,6 +47,9 @@ class Failure:
     duration: float
     # False for a run sent back to wait for a limit (Throttled): its attempt is not counted.
     counted: bool = True
+    # What the handler recorded with Run.record_usage before it failed: kept on the event, so
+    # that budgets count what failed attempts spent.
+    usage: Usage | None = None
 
 
 @dataclass(frozen=True)
@@ -199,6 +202,7 @@ class StageProtocol:
                         "retry_in": number_array([f.retry_in for f in failures]),
                         "started_us": microseconds_array([f.started_epoch for f in failures]),
                         "durations_us": microseconds_array([f.duration for f in failures]),
+                        **usage_arrays([f.usage for f in failures]),
                         "uncounted": (
                             bool_array([not f.counted for f in failures])
                             if not all([f.counted for f in failures])

@@ -252,13 +252,16 @@ RETURNING run_id;
 -- input status after `retry_in` seconds, or FAILED (terminal, error kept) when retry_in is
 -- NULL. Retries alone commit without waiting for their flush, as moves between stages do
 -- (complete_if_leased). An `uncounted` one waited for a limit (Throttled): its attempt is
--- given back. The array may be empty (none was), and unnest pads it with NULLs.
+-- given back. What handlers recorded with Run.record_usage is kept on the events, as on
+-- completion. Those arrays may be empty (none was, none recorded), and unnest pads them.
 WITH failed AS (
     SELECT *
       FROM unnest(%(ids)s::uuid[], %(errors)s::text[], %(attempts)s::int[],
                   %(retry_in)s::float8[], %(started_us)s::int8[], %(durations_us)s::int8[],
-                  %(uncounted)s::bool[])
-           AS f(id, error, attempt, retry_in, started_us, duration_us, uncounted)
+                  %(uncounted)s::bool[], %(models)s::text[], %(prompt_tokens)s::int[],
+                  %(completion_tokens)s::int[])
+           AS f(id, error, attempt, retry_in, started_us, duration_us, uncounted, model,
+                prompt_tokens, completion_tokens)
 ), moved AS (
     UPDATE @schema@.pipeline_runs r
        SET status = CASE WHEN f.retry_in IS NULL THEN 'FAILED' ELSE %(consumes)s END,
@@ -274,14 +277,15 @@ WITH failed AS (
      WHERE r.id = f.id AND r.status = %(working)s AND r.lease_owner = %(worker)s
        AND r.attempt = f.attempt
        AND (%(durable)s OR set_config('synchronous_commit', 'off', true) IS NOT NULL)
-    RETURNING r.id, r.pipeline, r.status, f.attempt, f.error, f.started_us, f.duration_us
+    RETURNING r.id, r.pipeline, r.status, f.attempt, f.error, f.started_us, f.duration_us,
+              f.model, f.prompt_tokens, f.completion_tokens
 )
 INSERT INTO @schema@.run_events
        (run_id, pipeline, stage, from_status, to_status, attempt, worker, started_at, duration,
-        error)
+        error, model, prompt_tokens, completion_tokens)
 SELECT id, pipeline, %(stage)s, %(working)s, status, attempt, %(worker)s,
        'epoch'::timestamptz + started_us * interval '1 microsecond',
-       duration_us * interval '1 microsecond', error
+       duration_us * interval '1 microsecond', error, model, prompt_tokens, completion_tokens
   FROM moved
 RETURNING run_id, to_status;
 

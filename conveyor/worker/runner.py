@@ -51,7 +51,9 @@ async def run_handler(stage: Stage, run: Run) -> Success | Failure:
         duration = time.perf_counter() - t0
         metrics.THROTTLED_SECONDS.labels(run.pipeline, run.stage, exc.key).inc(exc.wait_seconds())
         error = redact(f"throttled: {exc}").replace("\x00", "\\x00")[:_MAX_ERROR_CHARS]
-        return Failure(run.id, run.attempt, error, exc.wait_seconds(), started, duration, False)
+        return Failure(
+            run.id, run.attempt, error, exc.wait_seconds(), started, duration, False, run.usage
+        )
     except OutputError as exc:  # the handler ran fine: its traceback would say nothing
         error = f"OutputError: {exc}"
         return _failure(stage, run, error, started, time.perf_counter() - t0, permanent=True)
@@ -113,4 +115,4 @@ def _failure(
 ) -> Failure:
     retryable = run.attempt < stage.max_attempts and not permanent
     retry_in = stage.backoff.delay(run.attempt) if retryable else None
-    return Failure(run.id, run.attempt, error, retry_in, started, duration)
+    return Failure(run.id, run.attempt, error, retry_in, started, duration, usage=run.usage)

@@ -11,7 +11,7 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from conveyor import Pipeline, Run, Stage
-from conveyor.protocol import StageProtocol, Success
+from conveyor.protocol import Failure, StageProtocol, Success
 from conveyor.worker.runner import run_handler
 from tests.helpers import fetch_all
 
@@ -20,6 +20,8 @@ def price(run: Run) -> dict[str, Any]:
     calls = run.input.get("calls", [])
     for service, sent, received in calls:
         run.record_usage(service, input_units=sent, output_units=received)
+    if run.input.get("fail"):
+        raise RuntimeError("the call answered, then the handler failed")
     return {"calls": len(calls)}
 
 
@@ -49,13 +51,13 @@ async def _complete_batch(url: str, inputs: list[str]) -> int:
                 )
         claimed = await protocol.claim(len(inputs))
         successes: list[Success] = []
+        failures: list[Failure] = []
         for run_id, run_input, outputs, attempt, _waited, _rescued in claimed:
             run = Run(run_id, PIPELINE.name, STAGE.name, run_input, outputs, attempt)
             result = await asyncio.create_task(run_handler(STAGE, run))
-            assert isinstance(result, Success), result
-            successes.append(result)
-        applied = await protocol.apply(successes, [])
-        return applied.completed
+            (successes if isinstance(result, Success) else failures).append(result)  # type: ignore[arg-type]
+        applied = await protocol.apply(successes, failures)
+        return applied.completed + applied.retried
     finally:
         await pool.close()
 
@@ -86,3 +88,17 @@ def test_recorded_usage_reaches_the_event_columns_and_none_stays_null(database_u
 def test_a_batch_that_records_nothing_leaves_the_columns_null(database_url: str) -> None:
     assert asyncio.run(_complete_batch(database_url, ['{"n": "1"}', '{"n": "2"}'])) == 2
     assert _events(database_url) == [("1", None, None, None), ("2", None, None, None)]
+
+
+def test_a_failed_attempt_keeps_what_it_recorded_for_the_budgets(database_url: str) -> None:
+    """A handler that paid for a call and then failed: the retry's event keeps the usage, so
+    a token budget counts what failed attempts spent."""
+    inputs = ['{"n": "1", "fail": true, "calls": [["gpt-small", 40, 2]]}', '{"n": "2"}']
+    assert asyncio.run(_complete_batch(database_url, inputs)) == 2
+    assert _events(database_url) == [("1", "gpt-small", 40, 2), ("2", None, None, None)]
+    spent = fetch_all(
+        database_url,
+        "SELECT conveyor_spent.s FROM (SELECT sum(prompt_tokens + completion_tokens) AS s"
+        "  FROM conveyor.run_events WHERE error IS NOT NULL) conveyor_spent",
+    )
+    assert spent == [(42,)]
