@@ -26,7 +26,7 @@ from psycopg.types.json import set_json_loads
 from psycopg_pool import AsyncConnectionPool
 
 from conveyor import metrics, queries
-from conveyor.db import brief, schema_identifier
+from conveyor.db import brief
 from conveyor.limits import (
     MAX_IN_FLIGHT,
     BudgetExceeded,
@@ -65,43 +65,6 @@ class Room:
 def _from_now(seconds: float | None) -> float | None:
     """A Unix time on this worker's clock, from the server's "in so many seconds"."""
     return None if seconds is None else time.time() + seconds
-
-
-def limited_claim(claim_batch: str, schema: str) -> str:
-    """claim_batch within the limits' room, as one statement: limit_room() (its keys' locks
-    held to the end of the statement) bounds the claim, limit_take() takes a request per run
-    claimed, and a last row with a NULL id says until when and why nothing may start. Made from
-    claim_batch itself, so that the two never drift apart."""
-    head, marker, update = claim_batch.partition("\nUPDATE ")
-    if not marker or not head.startswith("WITH candidates AS (") or "  FROM picked\n" not in update:
-        raise ValueError("claim_batch is not shaped as limited_claim expects")
-    q = schema_identifier(schema)
-    head = head.replace(
-        "WITH candidates AS (",
-        f"WITH room AS MATERIALIZED (SELECT * FROM {q}.limit_room(%(keys)s::text[], %(batch)s)),"
-        "\ncandidates AS (",
-        1,
-    )
-    # The candidates keep claim_batch's literal LIMIT (its plan reads the index in order); the
-    # room bounds what of them is claimed.
-    update = update.replace(
-        "  FROM picked\n",
-        "  FROM (SELECT * FROM picked ORDER BY priority DESC, run_after\n"
-        "         LIMIT (SELECT greatest(room.room, 0) FROM room)) picked\n",
-        1,
-    )
-    return (
-        f"{head},\nclaimed AS (\nUPDATE {update}\n),\n"
-        f"taken AS (SELECT {q}.limit_take(%(keys)s::text[],"
-        " (SELECT count(*) FROM claimed)::int, 0))\n"
-        "SELECT c.id, c.input, c.outputs, c.attempt, c.waited_seconds, c.rescued,"
-        " NULL::float8, NULL::text\n  FROM claimed c CROSS JOIN taken\n"
-        "UNION ALL\n"
-        "SELECT NULL, NULL, NULL, NULL, NULL, NULL,"
-        " extract(epoch FROM room.throttled_until - clock_timestamp())::float8,"
-        " room.throttled_by\n"
-        "  FROM room WHERE room.room < 1 OR room.throttled_until IS NOT NULL"
-    )
 
 
 def stage_limits(pipeline: Pipeline, stage: Stage, settings: Settings) -> tuple[Limit, ...]:
@@ -185,11 +148,11 @@ class FlowControl:
         return bool(self.keys) or self._group_by is not None
 
     async def claim(
-        self, conn: AsyncConnection[Any], batch: int, params: dict[str, Any], claim_batch: str
+        self, conn: AsyncConnection[Any], batch: int, params: dict[str, Any]
     ) -> tuple[list[ClaimedRow], Room | None]:
         """Up to `batch` runs that the limits allow, and what held the claim back if nothing
-        may start. Under limits alone, one statement (claim_batch within limit_room's room,
-        limited_claim); with groups, claim_fair in a transaction with the room. The keys' locks
+        may start. Under limits alone, one statement (claim_limited: claim_batch within
+        limit_room's room); with groups, claim_fair in a transaction with the room. The keys' locks
         are held from the count to the commit, so claims under a key follow one another; so
         do the claims of a stage with groups."""
         if not self.declared:
@@ -197,7 +160,7 @@ class FlowControl:
                 await self.declare_on(conn)
             self.declared = True
         if self._group_by is None:
-            return await self._claim_limited(conn, batch, params, claim_batch)
+            return await self._claim_limited(conn, batch, params)
         async with conn.transaction():
             room = await self.room(conn, batch) if self.keys else Room(batch)
             if room.runs < 1:
@@ -207,13 +170,13 @@ class FlowControl:
         return rows, room if room.until is not None else None
 
     async def _claim_limited(
-        self, conn: AsyncConnection[Any], batch: int, params: dict[str, Any], claim_batch: str
+        self, conn: AsyncConnection[Any], batch: int, params: dict[str, Any]
     ) -> tuple[list[ClaimedRow], Room | None]:
         statement = self._limited_claims.get(batch)
         if statement is None:  # one cached plan per size, as claim_batch
-            statement = self._limited_claims[batch] = limited_claim(
-                claim_batch, self._settings.schema
-            ).replace("%(batch)s", str(int(batch)))
+            statement = self._limited_claims[batch] = self._sql["claim_limited"].replace(
+                "%(batch)s", str(int(batch))
+            )
         cur = conn.cursor()
         set_json_loads(json_from_server, cur)
         await cur.execute(statement, {**params, "keys": self.keys})

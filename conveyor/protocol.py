@@ -144,7 +144,7 @@ class StageProtocol:
         """The claim within the limits' room and the groups' shares (FlowControl.claim)."""
         params = {**self._fence, "lease_seconds": self.lease_seconds, "alone": alone}
         async with self._claiming.connection() as conn:
-            rows, self.throttled = await flow.claim(conn, batch, params, self.sql["claim_batch"])
+            rows, self.throttled = await flow.claim(conn, batch, params)
         return rows
 
     async def rescued_waiting(self) -> bool:

@@ -1,4 +1,7 @@
-"""The protocol's named statements, loaded from sql/queries.sql (the protocol in one place)."""
+"""The protocol's named statements, loaded from sql/queries.sql (the protocol in one place).
+
+Two claims are built from claim_batch itself, so that they never drift apart from it:
+claim_limited (within flow control's room) and claim_fair (groups in turn)."""
 
 from __future__ import annotations
 
@@ -30,4 +33,57 @@ def load(schema: str) -> dict[str, str]:
             raise ValueError(f"queries.sql names two statements {name!r}")
         lines = [line for line in body.splitlines() if not line.lstrip().startswith("--")]
         statements[name] = "\n".join(lines).strip().rstrip(";")
+    claim = statements["claim_batch"]
+    statements["claim_limited"] = _limited_claim(claim, schema_identifier(schema))
+    statements["claim_fair"] = _fair_claim(claim, statements.pop("fair_candidates"))
     return statements
+
+
+def _parts(claim_batch: str) -> tuple[str, str]:
+    """claim_batch as its candidates (WITH ... FOR UPDATE SKIP LOCKED) and what follows them
+    (the picked CTE and the UPDATE)."""
+    head, marker, rest = claim_batch.partition("\n), picked AS (")
+    if not marker or not head.startswith("WITH candidates AS (") or "  FROM picked\n" not in rest:
+        raise ValueError("claim_batch is not shaped as the claims built from it expect")
+    return head, marker + rest
+
+
+def _fair_claim(claim_batch: str, fair_candidates: str) -> str:
+    """claim_batch with the fair candidates (sql/queries.sql, fair_candidates) in place of its
+    own."""
+    return fair_candidates + _parts(claim_batch)[1]
+
+
+def _limited_claim(claim_batch: str, schema: str) -> str:
+    """claim_batch within the limits' room, as one statement: limit_room() (its keys' locks
+    held to the end of the statement) bounds the claim, limit_take() takes a request per run
+    claimed, and a last row with a NULL id says until when and why nothing (or less) may
+    start."""
+    head, rest = _parts(claim_batch)
+    picked, _, update = rest.partition("\nUPDATE ")
+    head = head.replace(
+        "WITH candidates AS (",
+        "WITH room AS MATERIALIZED"
+        f" (SELECT * FROM {schema}.limit_room(%(keys)s::text[], %(batch)s)),\ncandidates AS (",
+        1,
+    )
+    # The candidates keep claim_batch's literal LIMIT (its plan reads the index in order); the
+    # room bounds what of them is claimed.
+    update = update.replace(
+        "  FROM picked\n",
+        "  FROM (SELECT * FROM picked ORDER BY priority DESC, run_after\n"
+        "         LIMIT (SELECT greatest(room.room, 0) FROM room)) picked\n",
+        1,
+    )
+    return (
+        f"{head}{picked},\nclaimed AS (\nUPDATE {update}\n),\n"
+        f"taken AS (SELECT {schema}.limit_take(%(keys)s::text[],"
+        " (SELECT count(*) FROM claimed)::int, 0))\n"
+        "SELECT c.id, c.input, c.outputs, c.attempt, c.waited_seconds, c.rescued,"
+        " NULL::float8, NULL::text\n  FROM claimed c CROSS JOIN taken\n"
+        "UNION ALL\n"
+        "SELECT NULL, NULL, NULL, NULL, NULL, NULL,"
+        " extract(epoch FROM room.throttled_until - clock_timestamp())::float8,"
+        " room.throttled_by\n"
+        "  FROM room WHERE room.room < 1 OR room.throttled_until IS NOT NULL"
+    )

@@ -115,13 +115,15 @@ SELECT pg_notify(channel, '')
         UNION
         SELECT %(own_channel)s WHERE %(grouped)s) channels;
 
--- claim_fair --
+-- fair_candidates --
 -- claim_batch for a stage that shares itself fairly between groups (Stage.group_by: the input
 -- field that names a run's group, a tenant or a customer). Claims interleave the groups (the
 -- first waiting run of every group, then the second...), and no group has more than
 -- `per_group` runs leased at once. Claims of the stage follow one another (an advisory lock
 -- taken before it, in the same transaction), so each counts what the one before it leased.
--- It ranks the stage's whole backlog: a cost the ungrouped claim does not pay.
+-- It ranks the stage's whole backlog: a cost the ungrouped claim does not pay. Not a statement
+-- of its own: the CTEs that stand for claim_batch's candidates; conveyor/claims.py puts
+-- claim_batch's picked and UPDATE after them (claim_fair).
 WITH busy AS (
     SELECT input ->> %(group_field)s AS grp, count(*) AS held
       FROM @schema@.pipeline_runs
@@ -143,29 +145,11 @@ WITH busy AS (
      WHERE q.nth + coalesce(b.held, 0) <= %(per_group)s
      ORDER BY q.rescued DESC, q.nth, q.priority DESC, q.run_after
      LIMIT %(batch)s
-), locked AS (
+), candidates AS (
     SELECT c.*
       FROM @schema@.pipeline_runs r JOIN chosen c ON c.id = r.id
      WHERE r.status = %(consumes)s AND r.finished_at IS NULL
        FOR UPDATE OF r SKIP LOCKED
-), picked AS (
-    -- a rescued run alone, as in claim_batch
-    SELECT * FROM locked WHERE NOT EXISTS (SELECT 1 FROM locked WHERE rescued)
-    UNION ALL
-    (SELECT * FROM locked WHERE rescued ORDER BY priority DESC, run_after LIMIT 1)
-)
-UPDATE @schema@.pipeline_runs r
-   SET status = %(working)s,
-       lease_owner = %(worker)s,
-       lease_expires_at = now() + make_interval(secs => %(lease_seconds)s),
-       attempt = r.attempt + 1,
-       updated_at = now()
-  FROM picked
- WHERE r.id = picked.id
-   AND set_config('synchronous_commit', 'off', true) IS NOT NULL
-RETURNING r.id, r.input, r.outputs, r.attempt,
-          extract(epoch FROM clock_timestamp() - picked.ready_at)::float8 AS waited_seconds,
-          picked.rescued;
 
 -- lock_fair_claims --
 SELECT pg_advisory_xact_lock(hashtext(%(lock)s));

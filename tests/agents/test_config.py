@@ -9,7 +9,7 @@ import pytest
 
 from conveyor.agents import MODEL_STAGES
 from conveyor.agents.config import AgentConfig
-from conveyor.agents.llm import retry_after_seconds
+from conveyor.agents.route_calls import retry_after_seconds
 from conveyor.settings import ConfigError
 from tests.helpers import ROOT, conveyor_env
 
