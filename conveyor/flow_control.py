@@ -247,6 +247,8 @@ class FlowControl:
     async def _notify_freed(self) -> None:
         self._freed_notice_pending = None
         self._next_freed_notice = time.monotonic() + FREED_NOTICE_SECONDS
+        if self._pool.closed:  # the worker has stopped; the others' sweep finds the places
+            return
         try:
             async with self._pool.connection() as conn:
                 await conn.execute(

@@ -128,6 +128,9 @@ CREATE FUNCTION conveyor.limit_close(closed_key text, until timestamp with time 
 $$;
 CREATE FUNCTION conveyor.limit_room(keys text[], wanted integer) RETURNS TABLE(room integer, throttled_until timestamp with time zone, throttled_by text)
     LANGUAGE plpgsql
+    SET plan_cache_mode TO 'force_generic_plan'
+    SET enable_seqscan TO 'off'
+    SET enable_bitmapscan TO 'off'
     AS $$
 DECLARE
     lim record;
@@ -151,6 +154,7 @@ BEGIN
         END IF;
         IF lim.max_in_flight IS NOT NULL THEN
             -- stage by stage, each count through the claim's index: only leased runs are read
+            -- (planned with its values: a generic plan does not know how few they are)
             held := 0;
             FOR stage_row IN SELECT s.pipeline, s.working FROM "conveyor".limit_stages s
                               WHERE s.key = lim.key
@@ -211,6 +215,7 @@ CREATE FUNCTION conveyor.limit_settle(settled_key text, tokens double precision,
 $$;
 CREATE FUNCTION conveyor.limit_take(keys text[], requests integer, tokens double precision) RETURNS void
     LANGUAGE sql
+    SET plan_cache_mode TO 'force_generic_plan'
     AS $$
     UPDATE "conveyor".limits l
        SET requests_tat = CASE WHEN l.requests_per_minute IS NULL OR requests = 0
