@@ -7,6 +7,8 @@ The public API, all a pipeline needs (nothing else in the package is promised to
 - Run: what a handler receives; `Run.write` hands a statement over to commit with the output,
   `Run.record_usage` says what an outside call used (a Usage, kept on the run's event).
 - PermanentError: raised by a handler, fails the run at once, without retries.
+- Route: returned by a handler to send its run to another status its stage declares
+  (Stage(routes=...)), an earlier stage's too, a loop bounded by Stage(max_visits=...).
 - Limit, Throttled, Reservation, BudgetExceeded: flow control shared by every worker
   (Stage(limits=...), Run.acquire, Run.close_limit, Run.check_budget); Throttled sends a run
   back to wait, its attempt not counted; BudgetExceeded fails it at once.
@@ -30,6 +32,7 @@ from conveyor.pipeline import (
     Usage,
     Write,
 )
+from conveyor.routes import Route
 from conveyor.runs import SubmitError, Submitted, submit
 from conveyor.settings import ConfigError, EnvReader
 
@@ -44,6 +47,7 @@ __all__ = [
     "Pipeline",
     "PipelineError",
     "Reservation",
+    "Route",
     "Run",
     "Stage",
     "SubmitError",

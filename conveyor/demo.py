@@ -30,9 +30,11 @@ QUESTIONS = [
     "What does the sweep do?",
     "How do I make the answer stage use an LLM?",
 ]
-# Asked after the first question's answer is in memory, in the same session: it only makes sense
-# with that exchange ("it" is the worker), which the analyzer finds in the session's memory.
-FOLLOW_UP = "And what if it keeps dying?"
+# Asked one after the other once the first question's answer is in memory, in the same session:
+# they only make sense with the exchanges before them ("it" is the worker), which the analyzer
+# finds in the session's memory. The second has nothing to search for, so the analyzer routes it
+# past retrieval, straight to the answer stage.
+FOLLOW_UPS = ["And what if it keeps dying?", "What was that again?"]
 TERMINAL = ("DONE", "FAILED", "CANCELLED")
 WIDTH = 100
 
@@ -48,9 +50,11 @@ def run_demo(settings: Settings, pipeline: Pipeline, url: str, count: int) -> in
     supervisor = subprocess.Popen([sys.executable, "-m", "conveyor", "run"], env=env)
     try:
         finished = _wait_with_progress(url, settings.schema, ids, timeout=180.0)
-        if finished:
-            click.echo(f"follow-up in session {session}: {FOLLOW_UP}")
-            follow = _submit(url, settings.schema, pipeline, [(FOLLOW_UP, session)])
+        for follow_up in FOLLOW_UPS:
+            if not finished:
+                break
+            click.echo(f"follow-up in session {session}: {follow_up}")
+            follow = _submit(url, settings.schema, pipeline, [(follow_up, session)])
             finished = _wait_with_progress(url, settings.schema, follow, timeout=60.0)
             ids += follow
     finally:
@@ -140,6 +144,9 @@ def _print_answer(conn: Any, schema: str, run_id: UUID, pipeline: Pipeline) -> b
     click.echo(textwrap.fill(answer, WIDTH, initial_indent="A: ", subsequent_indent="   "))
     for source in final.get("sources", []):
         click.echo(f"   [{source.get('ref', '?')}] {_describe_source(source)}")
+    route = runs.route_of(history)
+    if route != [stage.name for stage in pipeline.stages]:  # a stage routed it another way
+        click.echo(f"   route: {' -> '.join(route)}")
     click.echo(f"   {_timings(run, history)}")
     return True
 

@@ -25,6 +25,7 @@ from conveyor.limits import (
     Throttled,
     flow_control_problem,
 )
+from conveyor.routes import Destination, stages_on_loops
 from conveyor.settings import Settings
 
 TERMINAL_STATUSES = frozenset({"DONE", "FAILED", "CANCELLED"})
@@ -248,9 +249,15 @@ class Stage:
     group_by: str | None = None
     max_in_flight_per_group: int | None = None
     group_tokens_per_day: int | None = None  # a group's token budget, midnight to midnight UTC
+    # Routing (conveyor/routes.py): the other statuses a handler may send a run to by returning
+    # Route(status, output); and, when the stage is on a loop, how many times one run may run it.
+    routes: Sequence[str] = ()
+    max_visits: int = 10
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "limits", tuple(self.limits))
+        if not isinstance(self.routes, str):  # a lone status is refused by validate()
+            object.__setattr__(self, "routes", tuple(self.routes))
         if not self.working:
             object.__setattr__(self, "working", f"{self.name.upper()}_RUNNING")
         if not self.batch:
@@ -289,6 +296,32 @@ class Pipeline:
 
     def is_terminal(self, status: str) -> bool:
         return status in TERMINAL_STATUSES or status == self.final_status
+
+    @functools.cached_property
+    def loop_stages(self) -> frozenset[str]:
+        """The stages a run can come back to through the stages' routes."""
+        consumer = {stage.consumes: stage.name for stage in self.stages}
+        edges = {
+            stage.name: [consumer[s] for s in (stage.produces, *stage.routes) if s in consumer]
+            for stage in self.stages
+        }
+        return frozenset(stages_on_loops(edges))
+
+    def destinations(self, stage: Stage) -> dict[str, Destination]:
+        """Where `stage` may send a run (its `produces` and its `routes`), as the engine
+        applies each."""
+        consumers = {s.consumes: s for s in self.stages}
+        found = {}
+        for status in (stage.produces, *stage.routes):
+            entered = consumers.get(status)
+            on_loop = entered is not None and entered.name in self.loop_stages
+            found[status] = Destination(
+                status,
+                self.is_terminal(status),
+                entered.name if on_loop and entered else None,
+                entered.max_visits if on_loop and entered else None,
+            )
+        return found
 
     def with_settings(self, settings: Settings) -> Pipeline:
         """The same pipeline with the per-stage CONVEYOR_<STAGE>_* overrides applied."""
@@ -340,6 +373,22 @@ def validate(pipeline: Pipeline) -> None:
         statuses[stage.working] = stage.name
         if stage.produces in ("FAILED", "CANCELLED"):
             raise PipelineError(f"{where}: produces {stage.produces}, which is reserved")
+        if isinstance(stage.routes, str) or len(set(stage.routes)) != len(stage.routes):
+            raise PipelineError(f"{where}: routes must be a list of distinct statuses")
+        for status in stage.routes:
+            if not isinstance(status, str) or not _STATUS.match(status):
+                raise PipelineError(f"{where}: route {status!r} must match {_STATUS.pattern}")
+            if status in ("FAILED", "CANCELLED"):
+                raise PipelineError(
+                    f"{where}: routes to {status}, which is reserved (raise PermanentError to "
+                    "fail a run)"
+                )
+        if (
+            not isinstance(stage.max_visits, int)
+            or isinstance(stage.max_visits, bool)
+            or stage.max_visits < 1
+        ):
+            raise PipelineError(f"{where}: max_visits must be a whole number >= 1")
         if not callable(stage.handler):
             raise PipelineError(f"{where}: handler is not callable")
         if stage.concurrency < 1 or stage.batch < 1 or stage.max_attempts < 1:
@@ -362,6 +411,19 @@ def validate(pipeline: Pipeline) -> None:
             raise PipelineError(
                 f"pipeline {pipeline.name!r}: {status} is both consumed and a working status"
             )
+    for stage in pipeline.stages:
+        for status in (stage.produces, *stage.routes):
+            if status in statuses:
+                raise PipelineError(
+                    f"pipeline {pipeline.name!r}, stage {stage.name!r}: sends runs to {status}, "
+                    f"the working status of stage {statuses[status]!r}"
+                )
+            if status not in consumed and not pipeline.is_terminal(status):
+                raise PipelineError(
+                    f"pipeline {pipeline.name!r}, stage {stage.name!r}: sends runs to {status}, "
+                    f"which no stage consumes and which does not end a run (DONE or "
+                    f"{pipeline.final_status})"
+                )
 
 
 def load_pipeline(import_path: str) -> Pipeline:

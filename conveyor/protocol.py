@@ -34,6 +34,8 @@ class Success:
     usage: Usage | None = None
     # Handed over with Run.write: executed with this output, and only if it is stored.
     writes: tuple[Write, ...] = ()
+    # Where the handler sent the run (Route); None: the stage's `produces`.
+    target: str | None = None
 
 
 @dataclass(slots=True)
@@ -58,6 +60,16 @@ class Applied:
     retried: int
     failed: int
     refused: int  # lease lost or attempt stale: the result was discarded
+
+
+# complete_if_leased's routing arrays for a stage without routes or loops.
+_NOT_ROUTED = {
+    "targets": "{}",
+    "ends": "{}",
+    "loop_stages": "{}",
+    "loop_limits": "{}",
+    "counts_visits": False,
+}
 
 
 class StageProtocol:
@@ -100,6 +112,15 @@ class StageProtocol:
             "worker": worker_id,
         }
         self._terminal = pipeline.is_terminal(stage.produces)
+        # Routing: where each status the stage may send a run to leads (conveyor/routes.py).
+        # A stage without routes or loops sends empty arrays, and every run to `produces`.
+        self._destinations = pipeline.destinations(stage)
+        self._counts_visits = stage.name in pipeline.loop_stages
+        self._routed = (
+            self._counts_visits
+            or bool(stage.routes)
+            or any(d.loop_stage for d in self._destinations.values())
+        )
         self._claims: dict[int, str] = {}
 
     def claim_size(self, free: int) -> int:
@@ -164,7 +185,10 @@ class StageProtocol:
         # trips per batch. Successes and failures together, or with writes, commit together.
         both = bool(successes and failures)
         # One commit for both statements: it waits for its flush when any run ends here.
-        durable = (bool(successes) and self._terminal) or any(f.retry_in is None for f in failures)
+        routing = self._routing(successes)
+        durable = (bool(successes) and (self._terminal or routing["durable"])) or any(
+            f.retry_in is None for f in failures
+        )
         async with (
             self._completing.connection() as conn,
             conn.transaction() if both or writing else nullcontext(),
@@ -182,6 +206,7 @@ class StageProtocol:
                         "started_us": microseconds_array([s.started_epoch for s in successes]),
                         "durations_us": microseconds_array([s.duration for s in successes]),
                         **usage_arrays([s.usage for s in successes]),
+                        **routing["arrays"],
                     },
                 )
                 completed = cur.rowcount  # one run_events row per applied run
@@ -219,6 +244,23 @@ class StageProtocol:
         if self.flow is not None and refused < len(successes) + len(failures):
             await self.flow.places_freed()  # wake whoever waits for a place under a cap
         return Applied(completed, retried, failed, refused)
+
+    def _routing(self, successes: list[Success]) -> dict[str, Any]:
+        """complete_if_leased's routing arrays for a batch, and whether any of its runs may end
+        (a route to a terminal status, a loop that may end): that commit waits for its flush."""
+        if not self._routed:
+            return {"durable": False, "arrays": _NOT_ROUTED}
+        found = [self._destinations[s.target or self.stage.produces] for s in successes]
+        return {
+            "durable": any(d.ends or d.loop_stage for d in found),
+            "arrays": {
+                "targets": text_array([d.status for d in found]),
+                "ends": bool_array([d.ends for d in found]),
+                "loop_stages": text_array([d.loop_stage for d in found]),
+                "loop_limits": number_array([d.max_visits or 0 for d in found]),
+                "counts_visits": self._counts_visits,
+            },
+        }
 
     async def release(self, run_ids: list[UUID], *, reason: str = "worker shutting down") -> int:
         """Give leased runs back (fenced), due at once; `reason` is kept on their event."""

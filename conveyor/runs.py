@@ -201,6 +201,13 @@ def run_history(conn: psycopg.Connection[Any], schema: str, run_id: UUID) -> lis
         return cur.execute(queries.load(schema)["run_history"], {"id": run_id}).fetchall()
 
 
+def route_of(history: list[dict[str, Any]]) -> list[str]:
+    """The stages that moved the run on, in order, loops included (retries and throttles not)."""
+    return [
+        h["stage"] for h in history if h["stage"] is not None and h["to_status"] != h["from_status"]
+    ]
+
+
 def cancel(conn: psycopg.Connection[Any], schema: str, run_id: UUID, actor: str) -> bool:
     rows = conn.execute(
         queries.load(schema)["cancel_run"], {"id": run_id, "actor": actor}

@@ -196,38 +196,65 @@ SELECT EXISTS (
 -- (protocol.microseconds_array). What handlers recorded with Run.record_usage fills the event's
 -- model, prompt_tokens and completion_tokens; those arrays may be empty (no handler of the batch
 -- recorded any), and unnest pads them with NULLs.
+-- A stage that routes (Stage.routes) sends each run to its own status: `targets` holds it per
+-- run (NULL: the stage's `produces`), with whether it ends the run (`ends`) and, when it enters
+-- a stage on a loop, that stage and its max_visits (`loop_stages`, `loop_limits`): a run that
+-- has run that stage max_visits times already fails instead. A stage on a loop counts its own
+-- visits (`counts_visits`). All four arrays are empty for a stage without routes or loops.
 WITH finished AS (
     SELECT *
       FROM unnest(%(ids)s::uuid[], %(outputs)s::text[], %(attempts)s::int[],
                   %(started_us)s::int8[], %(durations_us)s::int8[], %(models)s::text[],
-                  %(prompt_tokens)s::int[], %(completion_tokens)s::int[])
+                  %(prompt_tokens)s::int[], %(completion_tokens)s::int[],
+                  %(targets)s::text[], %(ends)s::bool[], %(loop_stages)s::text[],
+                  %(loop_limits)s::int[])
            AS f(id, output, attempt, started_us, duration_us, model,
-                prompt_tokens, completion_tokens)
+                prompt_tokens, completion_tokens, target, ends, loop_stage, loop_limit)
 ), moved AS (
     UPDATE @schema@.pipeline_runs r
-       SET status = %(produces)s,
+       SET status = CASE WHEN (f.loop_stage IS NOT NULL
+                              AND coalesce((r.visits ->> f.loop_stage)::int, 0)
+                                  + (f.loop_stage = %(stage)s AND %(counts_visits)s)::int
+                                  >= f.loop_limit)
+                         THEN 'FAILED' ELSE coalesce(f.target, %(produces)s) END,
            outputs = r.outputs || jsonb_build_object(%(stage)s::text, f.output::jsonb),
            attempt = 0,
            rescues = 0,
            lease_owner = NULL,
            lease_expires_at = NULL,
-           last_error = NULL,
+           last_error = CASE WHEN (f.loop_stage IS NOT NULL
+                              AND coalesce((r.visits ->> f.loop_stage)::int, 0)
+                                  + (f.loop_stage = %(stage)s AND %(counts_visits)s)::int
+                                  >= f.loop_limit) THEN
+               format('loop ended: stage %%s has run %%s times for this run (max_visits %%s), '
+                      'and stage %%s sent it back to %%s', f.loop_stage, f.loop_limit,
+                      f.loop_limit, %(stage)s::text, coalesce(f.target, %(produces)s)) END,
            run_after = now(),
            updated_at = now(),
-           finished_at = CASE WHEN %(terminal)s THEN now() END
+           finished_at = CASE WHEN coalesce(f.ends, %(terminal)s) OR (f.loop_stage IS NOT NULL
+                              AND coalesce((r.visits ->> f.loop_stage)::int, 0)
+                                  + (f.loop_stage = %(stage)s AND %(counts_visits)s)::int
+                                  >= f.loop_limit)
+                              THEN now() END,
+           visits = CASE WHEN %(counts_visits)s
+                         THEN coalesce(r.visits, '{}'::jsonb) || jsonb_build_object(
+                                  %(stage)s::text,
+                                  coalesce((r.visits ->> %(stage)s)::int, 0) + 1)
+                         ELSE r.visits END
       FROM finished f
      WHERE r.id = f.id AND r.status = %(working)s AND r.lease_owner = %(worker)s
        AND r.attempt = f.attempt
        AND (%(durable)s OR set_config('synchronous_commit', 'off', true) IS NOT NULL)
-    RETURNING r.id, r.pipeline, f.attempt, f.started_us, f.duration_us, f.model,
-              f.prompt_tokens, f.completion_tokens
+    RETURNING r.id, r.pipeline, r.status, r.last_error, f.attempt, f.started_us,
+              f.duration_us, f.model, f.prompt_tokens, f.completion_tokens
 )
 INSERT INTO @schema@.run_events
        (run_id, pipeline, stage, from_status, to_status, attempt, worker, started_at, duration,
-        model, prompt_tokens, completion_tokens)
-SELECT id, pipeline, %(stage)s, %(consumes)s, %(produces)s, attempt, %(worker)s,
+        error, model, prompt_tokens, completion_tokens)
+SELECT id, pipeline, %(stage)s, %(consumes)s, status, attempt, %(worker)s,
        'epoch'::timestamptz + started_us * interval '1 microsecond',
-       duration_us * interval '1 microsecond', model, prompt_tokens, completion_tokens
+       duration_us * interval '1 microsecond', last_error, model, prompt_tokens,
+       completion_tokens
   FROM moved
 RETURNING run_id;
 

@@ -373,8 +373,10 @@ CREATE TABLE conveyor.pipeline_runs (
     created_at timestamp with time zone DEFAULT now() NOT NULL,
     updated_at timestamp with time zone DEFAULT now() NOT NULL,
     finished_at timestamp with time zone,
+    visits jsonb,
     CONSTRAINT pipeline_runs_input_is_object CHECK ((jsonb_typeof(input) = 'object'::text))
 );
+COMMENT ON COLUMN conveyor.pipeline_runs.visits IS 'Times the run has run each stage on a loop of its pipeline (docs/pipelines.md).';
 CREATE TABLE conveyor.run_events (
     id bigint NOT NULL,
     run_id uuid NOT NULL,

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from conveyor import Pipeline, Stage
-from conveyor.agents.analyze import Analyzer
+from conveyor.agents.analyze import SKIP_RETRIEVAL, Analyzer
 from conveyor.agents.answer import Answerer
 from conveyor.agents.assemble import Assembler
 from conveyor.agents.config import AgentConfig
@@ -27,8 +27,9 @@ def question_input(text: str, session: str | None = None) -> dict[str, Any]:
 
 
 def build_pipeline(config: AgentConfig, name: str) -> Pipeline:
-    """NEW -> ANALYZED -> CONTEXT_READY -> DONE, with the agents as handlers. These statuses are
-    the product's contract: outside services insert at NEW and watch for DONE."""
+    """NEW -> ANALYZED -> CONTEXT_READY -> DONE, with the agents as handlers; a question with
+    nothing to search for goes from NEW to CONTEXT_READY. These statuses are the product's
+    contract: outside services insert at NEW and watch for DONE."""
     router = Router(config.llm) if config.llm.models else None
     embedder = Embedder(config.embeddings, config.llm) if config.embeddings else None
     return Pipeline(
@@ -40,6 +41,7 @@ def build_pipeline(config: AgentConfig, name: str) -> Pipeline:
                 consumes="NEW",
                 working="ANALYZING",
                 produces="ANALYZED",
+                routes=[SKIP_RETRIEVAL],  # nothing to search for: straight to the answer
                 limits=router.limits_for("analyze") if router else (),
             ),
             Stage(

@@ -15,7 +15,7 @@ from typing import Any
 
 import structlog
 
-from conveyor import PermanentError, Run
+from conveyor import PermanentError, Route, Run
 from conveyor.agents import db, memory
 from conveyor.agents.config import AgentConfig
 from conveyor.agents.llm import Router
@@ -28,6 +28,8 @@ MAX_QUERIES = 4
 JSON_TRIES = 2  # the model's first answer, and one more after telling it what was wrong
 MAX_SESSION_ID_CHARS = 200
 MAX_HISTORY_ANSWER_CHARS = 1000  # an earlier answer, as the analyzer's output carries it
+# What the answer stage consumes: where a question with nothing to search for goes.
+SKIP_RETRIEVAL = "CONTEXT_READY"
 _INTENTS = {
     "how": "how-to",
     "why": "reason",
@@ -168,7 +170,16 @@ class Analyzer:
         self.config = config
         self.router = router
 
-    async def __call__(self, run: Run) -> dict[str, Any]:
+    async def __call__(self, run: Run) -> dict[str, Any] | Route:
+        """The analysis; a question with no search terms of its own ("what was that again?")
+        goes straight to the answer stage, past retrieval: it asks about the session's last
+        exchange, which the analysis carries."""
+        analysis = await self._analyze(run)
+        if not analysis.get("keywords"):
+            return Route(SKIP_RETRIEVAL, {**analysis, "retrieval": "skipped: nothing to search"})
+        return analysis
+
+    async def _analyze(self, run: Run) -> dict[str, Any]:
         question = read_question(run.input, self.config.max_question_chars)
         history = await self._history(run, question)
         output: dict[str, Any] = {

@@ -225,6 +225,10 @@ class Answerer:
             text, refs = extractive_answer(
                 analysis.get("keywords") or [], context, analysis.get("topic") or []
             )
+            history = analysis.get("history") or []
+            if not text and not context and history and history[0].get("answer"):
+                # nothing was searched for ("what was that again?"): the session's last answer
+                text = f"As answered earlier in this session: {history[0]['answer']}"
             if not text:
                 topic = ", ".join((analysis.get("keywords") or [])[:6]) or "this question"
                 text = f"Nothing in memory answers this: no passage matches {topic}."

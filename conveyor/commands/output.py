@@ -47,6 +47,9 @@ def print_run(run: dict[str, Any], history: list[dict[str, Any]], as_json: bool)
         return
     click.echo(f"run       {run['id']}  ({run['pipeline']})")
     click.echo(f"status    {run['status']}  attempt {run['attempt']}  rescues {run['rescues']}")
+    route = runs.route_of(history)
+    if route:
+        click.echo(f"route: {' -> '.join([*route, run['status']])}")
     click.echo(f"input     {json_text(run['input'])}")
     outputs = run["outputs"]
     if isinstance(outputs, runs.DeepJSON):
@@ -85,7 +88,8 @@ def run_json(run: dict[str, Any], history: list[dict[str, Any]]) -> str:
     would recurse once per level), in place of a unique marker."""
     deep = {key: value.text for key, value in run.items() if isinstance(value, runs.DeepJSON)}
     markers = {key: f"conveyor-deep-json-{uuid4().hex}" for key in deep}
-    text = json.dumps({**run, **markers, "history": history}, default=str, indent=2)
+    document = {**run, **markers, "route": runs.route_of(history), "history": history}
+    text = json.dumps(document, default=str, indent=2)
     for key, marker in markers.items():
         text = text.replace(json.dumps(marker), deep[key], 1)
     return text

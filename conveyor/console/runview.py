@@ -12,6 +12,7 @@ from typing import Any
 
 from conveyor.console.decoding import MAX_JSON_DEPTH, DeepJSON
 from conveyor.pipeline import Pipeline
+from conveyor.runs import route_of
 
 TIMELINE_WIDTH = 1000.0  # SVG user units; the page scales the drawing to its width
 
@@ -57,6 +58,7 @@ class RunView:
     can_retry: bool
     can_cancel: bool
     stages: list[str] = field(default_factory=list)
+    route: list[str] = field(default_factory=list)  # the stages visited, in order
 
 
 def build_run_view(
@@ -80,6 +82,7 @@ def build_run_view(
         can_retry=run["status"] in ("FAILED", "CANCELLED") and bool(declared),
         can_cancel=not finished,
         stages=declared,
+        route=route_of(history),
     )
 
 

@@ -13,6 +13,7 @@ from conveyor import metrics
 from conveyor.limits import BudgetExceeded, Throttled
 from conveyor.pipeline import PermanentError, Run, Stage
 from conveyor.protocol import Failure, Success
+from conveyor.routes import Route, undeclared
 from conveyor.urls import redact
 from conveyor.worker.deadlines import for_running_loop
 
@@ -41,6 +42,19 @@ async def run_handler(stage: Stage, run: Run) -> Success | Failure:
             output: Any = await stage.handler(run)  # type: ignore[misc]
         else:
             output = await asyncio.to_thread(stage.handler, run)
+        target = None
+        if isinstance(output, Route):  # the handler chose where the run goes
+            target, output = output.to, output.output
+            if target != stage.produces and target not in stage.routes:
+                error = undeclared(stage.name, target, (stage.produces, *stage.routes))
+                return _failure(
+                    stage,
+                    run,
+                    error[:_MAX_ERROR_CHARS],
+                    started,
+                    time.perf_counter() - t0,
+                    permanent=True,
+                )
         payload = output_json(stage.name, output)
     except asyncio.CancelledError:
         if not deadlines.timed_out(task):
@@ -70,6 +84,7 @@ async def run_handler(stage: Stage, run: Run) -> Success | Failure:
         time.perf_counter() - t0,
         run.usage,  # kept on the run's event (Run.record_usage)
         run.writes,  # executed with the output, if it is stored (StageProtocol.apply)
+        target,
     )
 
 

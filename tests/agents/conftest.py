@@ -7,7 +7,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from conveyor import Pipeline, Run
+from conveyor import Pipeline, Route, Run, Stage
 from conveyor.agents import db
 from conveyor.protocol import execute_writes
 from tests.integration.conftest import start_conveyor
@@ -59,17 +59,25 @@ async def run_stages(
     run_id: uuid.UUID | None = None,
     until: str = "answer",
 ) -> tuple[dict[str, Any], list[Run]]:
-    """The pipeline's handlers in order, in this process, as the workers would call them."""
+    """The pipeline's handlers, in this process, as the workers would call them: each stage
+    in turn, or the one a Route sends the run to."""
     run_id = run_id or uuid.uuid4()
     outputs: dict[str, Any] = {}
     runs = []
-    for stage in pipeline.stages:
+    consumers = {stage.consumes: stage for stage in pipeline.stages}
+    stage: Stage | None = pipeline.stages[0]
+    while stage is not None:
         run = Run(run_id, pipeline.name, stage.name, run_input, dict(outputs), 1)
-        outputs[stage.name] = await stage.handler(run)  # type: ignore[misc]
+        output = await stage.handler(run)  # type: ignore[misc]
+        status = stage.produces
+        if isinstance(output, Route):
+            status, output = output.to, output.output
+        outputs[stage.name] = output
         await _store_writes(run)
         runs.append(run)
         if stage.name == until:
             break
+        stage = consumers.get(status)
     return outputs, runs
 
 

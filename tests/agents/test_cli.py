@@ -98,15 +98,22 @@ def test_demo_prints_cited_answers_from_the_bundled_corpus(database_url: str) ->
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     assert out.startswith("memory: 9 documents of the bundled corpus")
-    assert out.rstrip().endswith("7/7 answered")
+    assert out.rstrip().endswith("8/8 answered")
     blocks = out.split("\nQ: ")[1:]
-    assert len(blocks) == 7
-    for block in blocks:
+    assert len(blocks) == 8
+    for block in blocks[:-1]:
         assert "\nA: " in block
         assert re.search(r"\n   \[\d\] corpus/\w+\.md > ", block), block
         assert re.search(r"analyze [\d.]+ms \| assemble [\d.]+ms \| answer [\d.]+ms", block)
+        assert "route:" not in block
     assert "SKIP LOCKED" in blocks[1]
-    follow_up = blocks[-1]
+    # Nothing to search for: the analyzer routed it straight to the answer stage.
+    again = blocks[-1]
+    assert again.startswith("What was that again?   (session demo-")
+    assert "\nA: As answered earlier in this session: " in again
+    assert "\n   route: analyze -> answer\n" in again
+    assert re.search(r"analyze [\d.]+ms \| answer [\d.]+ms", again)
+    follow_up = blocks[-2]
     assert follow_up.startswith("And what if it keeps dying?   (session demo-")
     assert "CONVEYOR_MAX_RESCUES" in follow_up
     # The follow-up's context held the first exchange, read back from the session's memory.

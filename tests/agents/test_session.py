@@ -131,3 +131,19 @@ def test_the_configured_schema_is_used(agents_db: str, monkeypatch: pytest.Monke
     assert outputs["answer"]["sources"][0]["source"] == "corpus/notifications.md"
     assert scalar(agents_db, "SELECT count(*) FROM agents_b.memory WHERE kind = 'message'") == 1
     assert scalar(agents_db, "SELECT count(*) FROM conveyor.memory") == 0
+
+
+def test_a_follow_up_with_nothing_to_search_for_skips_retrieval(corpus_db: str) -> None:
+    pipeline = build_pipeline(OFFLINE, NAME)
+    first = {"question": "What happens to a run when its worker is killed?", "session_id": "s-2"}
+    outputs, _ = run_async(lambda: run_stages(pipeline, first))
+    earlier = outputs["answer"]["answer"]
+
+    again = {"question": "What was that again?", "session_id": "s-2"}
+    outputs, runs = run_async(lambda: run_stages(pipeline, again))
+    assert [run.stage for run in runs] == ["analyze", "answer"]  # routed past assemble
+    assert outputs["analyze"]["keywords"] == []
+    assert outputs["analyze"]["retrieval"] == "skipped: nothing to search"
+    answer = outputs["answer"]["answer"]
+    assert answer.startswith("As answered earlier in this session: When a")
+    assert earlier.replace(" [1]", "")[:60] in answer

@@ -149,6 +149,41 @@ def test_run_json_has_input_outputs_and_history(
     assert status == 404 and "no run" in json.loads(body)["error"]
 
 
+def _skipping_run(conn: psycopg.Connection[Any]) -> str:
+    """A DONE run whose analyze, on its second attempt, sent it straight to CONTEXT_READY:
+    assemble skipped."""
+    row = conn.execute(
+        "INSERT INTO conveyor.pipeline_runs (status, input, outputs, finished_at)"
+        ' VALUES (\'DONE\', \'{"question": "q"}\', \'{"analyze": {}, "answer": {}}\', now())'
+        " RETURNING id"
+    ).fetchone()
+    assert row is not None
+    conn.execute(
+        "INSERT INTO conveyor.run_events (run_id, pipeline, stage, from_status, to_status,"
+        " attempt, error) VALUES"
+        " (%(id)s, 'agents', NULL, NULL, 'NEW', NULL, NULL),"
+        " (%(id)s, 'agents', 'analyze', 'NEW', 'NEW', 1, 'TimeoutError: slow'),"
+        " (%(id)s, 'agents', 'analyze', 'NEW', 'CONTEXT_READY', 2, NULL),"
+        " (%(id)s, 'agents', 'answer', 'CONTEXT_READY', 'DONE', 1, NULL)",
+        {"id": row[0]},
+    )
+    return str(row[0])
+
+
+def test_the_run_page_shows_the_route_a_run_took(
+    database_url: str, start_console: StartConsole
+) -> None:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        skipped = _skipping_run(conn)
+        (waiting,) = _insert(conn, "NEW", 1)
+    console = start_console()
+    status, body = console.get(f"/runs/{skipped}")
+    assert status == 200
+    assert '<p id="route">route: analyze -&gt; answer -&gt; DONE</p>' in body
+    status, body = console.get(f"/runs/{waiting}")
+    assert status == 200 and 'id="route"' not in body
+
+
 def test_actions_need_a_token_from_a_console_page_and_the_same_origin(
     database_url: str, start_console: StartConsole
 ) -> None:

@@ -416,8 +416,43 @@ def test_submit_wait_show_and_status_commands(database_url: str, start_conveyor:
     assert set(shown["outputs"]) == {"analyze", "assemble", "answer"}
     text = conveyor("show", shown["id"])
     assert "CONTEXT_READY -> DONE" in text
+    assert "route: analyze -> assemble -> answer -> DONE" in text.splitlines()
     counts = json.loads(conveyor("status", "--json"))
     assert {"pipeline": "agents", "status": "DONE", "runs": 1, "oldest_seconds": None} in counts
+
+
+def test_show_prints_the_route_of_a_run_that_skipped_a_stage(database_url: str) -> None:
+    from tests.helpers import ROOT, conveyor_env
+
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        row = conn.execute(
+            "INSERT INTO conveyor.pipeline_runs (status, input, finished_at)"
+            " VALUES ('DONE', '{\"question\": \"q\"}', now()) RETURNING id"
+        ).fetchone()
+        assert row is not None
+        conn.execute(
+            "INSERT INTO conveyor.run_events (run_id, pipeline, stage, from_status, to_status,"
+            " attempt) VALUES"
+            " (%(id)s, 'agents', NULL, NULL, 'NEW', NULL),"
+            " (%(id)s, 'agents', 'analyze', 'NEW', 'NEW', 1),"
+            " (%(id)s, 'agents', 'analyze', 'NEW', 'CONTEXT_READY', 2),"
+            " (%(id)s, 'agents', 'answer', 'CONTEXT_READY', 'DONE', 1)",
+            {"id": row[0]},
+        )
+    shown = {}
+    for extra in ([], ["--json"]):
+        result = subprocess.run(
+            [sys.executable, "-m", "conveyor", "show", str(row[0]), *extra],
+            env=conveyor_env(database_url),
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        shown[bool(extra)] = result.stdout
+    assert "route: analyze -> answer -> DONE" in shown[False].splitlines()
+    assert json.loads(shown[True])["route"] == ["analyze", "answer"]
 
 
 def test_outputs_postgres_cannot_store_fail_their_run_not_the_worker(
