@@ -33,6 +33,7 @@ from benchmarks.harness import (
 )
 from conveyor import queries
 from conveyor.pipeline import Pipeline, Stage
+from conveyor.protocol import NOT_ROUTED
 
 COMMAND = "python -m benchmarks.ceiling"
 _PLACEHOLDER = re.compile(r"%\((\w+)\)s")
@@ -90,6 +91,7 @@ def script(pipeline: Pipeline, stage: Stage, batch: int, lease_seconds: float = 
     for array in ("ids", "outputs", "attempts", "started_us", "durations_us", "models"):
         values[array] = f"':{array}'"
     values["prompt_tokens"] = values["completion_tokens"] = "':tokens'"
+    values.update({key: literal(value) for key, value in NOT_ROUTED.items()})  # no routes
 
     def fill_in(text: str) -> str:
         return _PLACEHOLDER.sub(lambda m: values[m.group(1)], text)

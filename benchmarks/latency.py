@@ -42,7 +42,13 @@ from benchmarks import pipelines
 from benchmarks.harness import BenchDatabase, Scale, running
 from conveyor import queries
 from conveyor.listening import wake_channel
-from conveyor.protocol import microseconds_array, number_array, text_array, uuid_array
+from conveyor.protocol import (
+    NOT_ROUTED,
+    microseconds_array,
+    number_array,
+    text_array,
+    uuid_array,
+)
 
 COMMAND = "python -m benchmarks.latency"
 _PAUSE = 0.01  # between runs: each run finds the workers idle, as a lone arrival would
@@ -182,6 +188,7 @@ def _complete_what_is_handed(url: str, index: int) -> None:
                         "models": text_array([None]),
                         "prompt_tokens": number_array([None]),
                         "completion_tokens": number_array([None]),
+                        **NOT_ROUTED,
                     },
                 ).fetchall()
 

@@ -63,7 +63,7 @@ class Applied:
 
 
 # complete_if_leased's routing arrays for a stage without routes or loops.
-_NOT_ROUTED = {
+NOT_ROUTED = {
     "targets": "{}",
     "ends": "{}",
     "loop_stages": "{}",
@@ -249,7 +249,7 @@ class StageProtocol:
         """complete_if_leased's routing arrays for a batch, and whether any of its runs may end
         (a route to a terminal status, a loop that may end): that commit waits for its flush."""
         if not self._routed:
-            return {"durable": False, "arrays": _NOT_ROUTED}
+            return {"durable": False, "arrays": NOT_ROUTED}
         found = [self._destinations[s.target or self.stage.produces] for s in successes]
         return {
             "durable": any(d.ends or d.loop_stage for d in found),

@@ -202,9 +202,15 @@ def run_history(conn: psycopg.Connection[Any], schema: str, run_id: UUID) -> lis
 
 
 def route_of(history: list[dict[str, Any]]) -> list[str]:
-    """The stages that moved the run on, in order, loops included (retries and throttles not)."""
+    """The stages that moved the run on, in order, loops included: the attempts that ran (they
+    have a duration) and completed, or failed for good. Retries, throttles, releases, rescues
+    and commands are not visits."""
     return [
-        h["stage"] for h in history if h["stage"] is not None and h["to_status"] != h["from_status"]
+        h["stage"]
+        for h in history
+        if h["stage"] is not None
+        and h.get("duration_seconds") is not None
+        and (h.get("error") is None or h["to_status"] == "FAILED")
     ]
 
 

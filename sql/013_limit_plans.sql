@@ -35,8 +35,8 @@ BEGIN
             RETURN;
         END IF;
         IF lim.max_in_flight IS NOT NULL THEN
-            -- stage by stage, each count through the claim's index: only leased runs are read
-            -- (planned with its values: a generic plan does not know how few they are)
+            -- stage by stage, each count through the claim's index (the function's settings
+            -- keep its generic plan there): only leased runs are read
             held := 0;
             FOR stage_row IN SELECT s.pipeline, s.working FROM @schema@.limit_stages s
                               WHERE s.key = lim.key

@@ -227,7 +227,9 @@ WITH finished AS (
                                   + (f.loop_stage = %(stage)s AND %(counts_visits)s)::int
                                   >= f.loop_limit) THEN
                format('loop ended: stage %%s has run %%s times for this run (max_visits %%s), '
-                      'and stage %%s sent it back to %%s', f.loop_stage, f.loop_limit,
+                      'and stage %%s sent it back to %%s', f.loop_stage,
+                      coalesce((r.visits ->> f.loop_stage)::int, 0)
+                          + (f.loop_stage = %(stage)s AND %(counts_visits)s)::int,
                       f.loop_limit, %(stage)s::text, coalesce(f.target, %(produces)s)) END,
            run_after = now(),
            updated_at = now(),
@@ -452,7 +454,8 @@ RETURNING run_id;
 WITH moved AS (
     UPDATE @schema@.pipeline_runs r
        SET status = %(consumes)s, attempt = 0, rescues = 0, run_after = now(), last_error = NULL,
-           updated_at = now(), finished_at = NULL, lease_owner = NULL, lease_expires_at = NULL
+           updated_at = now(), finished_at = NULL, lease_owner = NULL, lease_expires_at = NULL,
+           visits = NULL  -- a retried run's loops start over
       FROM (SELECT id, status FROM @schema@.pipeline_runs
              WHERE id = %(id)s AND status IN ('FAILED', 'CANCELLED') FOR UPDATE) old
      WHERE r.id = old.id

@@ -28,6 +28,8 @@ MAX_QUERIES = 4
 JSON_TRIES = 2  # the model's first answer, and one more after telling it what was wrong
 MAX_SESSION_ID_CHARS = 200
 MAX_HISTORY_ANSWER_CHARS = 1000  # an earlier answer, as the analyzer's output carries it
+# Words of a question that asks for the last answer again, when it has no search terms.
+_REPEAT_WORDS = frozenset({"again", "repeat"})
 # What the answer stage consumes: where a question with nothing to search for goes.
 SKIP_RETRIEVAL = "CONTEXT_READY"
 _INTENTS = {
@@ -171,11 +173,14 @@ class Analyzer:
         self.router = router
 
     async def __call__(self, run: Run) -> dict[str, Any] | Route:
-        """The analysis; a question with no search terms of its own ("what was that again?")
-        goes straight to the answer stage, past retrieval: it asks about the session's last
-        exchange, which the analysis carries."""
+        """The analysis; a question with nothing to search for, or one that asks for the last
+        answer again ("what was that again?"), goes straight to the answer stage, past
+        retrieval: the analysis carries the session's last exchange."""
         analysis = await self._analyze(run)
-        if not analysis.get("keywords"):
+        asks_again = not analysis.get("keywords") and bool(
+            _REPEAT_WORDS.intersection(words(str(analysis.get("question", ""))))
+        )
+        if not analysis.get("queries") or asks_again:
             return Route(SKIP_RETRIEVAL, {**analysis, "retrieval": "skipped: nothing to search"})
         return analysis
 

@@ -45,7 +45,7 @@ async def run_handler(stage: Stage, run: Run) -> Success | Failure:
         target = None
         if isinstance(output, Route):  # the handler chose where the run goes
             target, output = output.to, output.output
-            if target != stage.produces and target not in stage.routes:
+            if type(target) is not str or (target != stage.produces and target not in stage.routes):
                 error = undeclared(stage.name, target, (stage.produces, *stage.routes))
                 return _failure(
                     stage,

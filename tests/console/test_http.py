@@ -160,11 +160,11 @@ def _skipping_run(conn: psycopg.Connection[Any]) -> str:
     assert row is not None
     conn.execute(
         "INSERT INTO conveyor.run_events (run_id, pipeline, stage, from_status, to_status,"
-        " attempt, error) VALUES"
-        " (%(id)s, 'agents', NULL, NULL, 'NEW', NULL, NULL),"
-        " (%(id)s, 'agents', 'analyze', 'NEW', 'NEW', 1, 'TimeoutError: slow'),"
-        " (%(id)s, 'agents', 'analyze', 'NEW', 'CONTEXT_READY', 2, NULL),"
-        " (%(id)s, 'agents', 'answer', 'CONTEXT_READY', 'DONE', 1, NULL)",
+        " attempt, error, duration) VALUES"
+        " (%(id)s, 'agents', NULL, NULL, 'NEW', NULL, NULL, NULL),"
+        " (%(id)s, 'agents', 'analyze', 'ANALYZING', 'NEW', 1, 'TimeoutError: slow', '1s'),"
+        " (%(id)s, 'agents', 'analyze', 'NEW', 'CONTEXT_READY', 2, NULL, '10ms'),"
+        " (%(id)s, 'agents', 'answer', 'CONTEXT_READY', 'DONE', 1, NULL, '10ms')",
         {"id": row[0]},
     )
     return str(row[0])

@@ -432,11 +432,11 @@ def test_show_prints_the_route_of_a_run_that_skipped_a_stage(database_url: str) 
         assert row is not None
         conn.execute(
             "INSERT INTO conveyor.run_events (run_id, pipeline, stage, from_status, to_status,"
-            " attempt) VALUES"
-            " (%(id)s, 'agents', NULL, NULL, 'NEW', NULL),"
-            " (%(id)s, 'agents', 'analyze', 'NEW', 'NEW', 1),"
-            " (%(id)s, 'agents', 'analyze', 'NEW', 'CONTEXT_READY', 2),"
-            " (%(id)s, 'agents', 'answer', 'CONTEXT_READY', 'DONE', 1)",
+            " attempt, error, duration) VALUES"
+            " (%(id)s, 'agents', NULL, NULL, 'NEW', NULL, NULL, NULL),"
+            " (%(id)s, 'agents', 'analyze', 'ANALYZING', 'NEW', 1, 'TimeoutError: slow', '1s'),"
+            " (%(id)s, 'agents', 'analyze', 'NEW', 'CONTEXT_READY', 2, NULL, '10ms'),"
+            " (%(id)s, 'agents', 'answer', 'CONTEXT_READY', 'DONE', 1, NULL, '10ms')",
             {"id": row[0]},
         )
     shown = {}
