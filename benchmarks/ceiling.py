@@ -32,8 +32,8 @@ from benchmarks.harness import (
     settle,
 )
 from conveyor import queries
+from conveyor.batch_arrays import NOT_ROUTED
 from conveyor.pipeline import Pipeline, Stage
-from conveyor.protocol import NOT_ROUTED
 
 COMMAND = "python -m benchmarks.ceiling"
 _PLACEHOLDER = re.compile(r"%\((\w+)\)s")

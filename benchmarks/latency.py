@@ -41,14 +41,14 @@ import psycopg
 from benchmarks import pipelines
 from benchmarks.harness import BenchDatabase, Scale, running
 from conveyor import queries
-from conveyor.listening import wake_channel
-from conveyor.protocol import (
+from conveyor.batch_arrays import (
     NOT_ROUTED,
     microseconds_array,
     number_array,
     text_array,
     uuid_array,
 )
+from conveyor.listening import wake_channel
 
 COMMAND = "python -m benchmarks.latency"
 _PAUSE = 0.01  # between runs: each run finds the workers idle, as a lone arrival would

@@ -20,17 +20,15 @@ The public API, all a pipeline needs (nothing else in the package is promised to
 """
 
 from conveyor.environment import Database
+from conveyor.handler_run import Run, Usage, Write
 from conveyor.limits import BudgetExceeded, Limit, Reservation, Throttled
 from conveyor.pipeline import (
     Backoff,
     PermanentError,
     Pipeline,
     PipelineError,
-    Run,
     Stage,
     TextInput,
-    Usage,
-    Write,
 )
 from conveyor.routes import Route
 from conveyor.runs import SubmitError, Submitted, submit

@@ -18,8 +18,19 @@ from psycopg.types.json import set_json_loads
 from psycopg_pool import AsyncConnectionPool
 
 from conveyor import queries
+from conveyor.batch_arrays import (
+    NOT_ROUTED,
+    bool_array,
+    microseconds_array,
+    number_array,
+    routing_arrays,
+    text_array,
+    usage_arrays,
+    uuid_array,
+)
 from conveyor.flow_control import FlowControl, Room
-from conveyor.pipeline import Pipeline, Stage, Usage, Write
+from conveyor.handler_run import Usage, Write
+from conveyor.pipeline import Pipeline, Stage
 from conveyor.server_json import ClaimedRow, json_from_server
 
 
@@ -60,16 +71,6 @@ class Applied:
     retried: int
     failed: int
     refused: int  # lease lost or attempt stale: the result was discarded
-
-
-# complete_if_leased's routing arrays for a stage without routes or loops.
-NOT_ROUTED = {
-    "targets": "{}",
-    "ends": "{}",
-    "loop_stages": "{}",
-    "loop_limits": "{}",
-    "counts_visits": False,
-}
 
 
 class StageProtocol:
@@ -253,13 +254,7 @@ class StageProtocol:
         found = [self._destinations[s.target or self.stage.produces] for s in successes]
         return {
             "durable": any(d.ends or d.loop_stage for d in found),
-            "arrays": {
-                "targets": text_array([d.status for d in found]),
-                "ends": bool_array([d.ends for d in found]),
-                "loop_stages": text_array([d.loop_stage for d in found]),
-                "loop_limits": number_array([d.max_visits or 0 for d in found]),
-                "counts_visits": self._counts_visits,
-            },
+            "arrays": routing_arrays(found, counts_visits=self._counts_visits),
         }
 
     async def release(self, run_ids: list[UUID], *, reason: str = "worker shutting down") -> int:
@@ -374,59 +369,6 @@ class _Held:
         conn, self._conn = self._conn, None
         if conn is not None:
             await self._pool.putconn(conn)
-
-
-# The batched statements take their columns as arrays (unnest). Their literals are written here
-# in one pass: adapting a list element by element costs several times more per run.
-
-
-# unnest() pads shorter arrays with NULLs: a batch in which no handler recorded usage sends
-# empty arrays, and its events get NULL usage, as they would from arrays of NULLs.
-_NO_USAGE = {"models": "{}", "prompt_tokens": "{}", "completion_tokens": "{}"}
-
-
-def usage_arrays(usages: list[Usage | None]) -> dict[str, str]:
-    """complete_if_leased's usage arrays, one element per run (NULL where none), named after the
-    run_events columns they fill."""
-    if not any(usages):
-        return _NO_USAGE
-    return {
-        "models": text_array([u.service if u else None for u in usages]),
-        "prompt_tokens": number_array([u.input_units if u else None for u in usages]),
-        "completion_tokens": number_array([u.output_units if u else None for u in usages]),
-    }
-
-
-def uuid_array(values: list[UUID]) -> str:
-    return "{" + ",".join([value.hex for value in values]) + "}"
-
-
-def number_array(values: list[int] | list[float] | list[int | None] | list[float | None]) -> str:
-    if None not in values:  # the common case, without a Python-level loop
-        return "{" + ",".join(map(repr, values)) + "}"
-    return "{" + ",".join(["NULL" if v is None else repr(v) for v in values]) + "}"
-
-
-def microseconds_array(seconds: list[float]) -> str:
-    """Times in whole microseconds (truncated): writing a float's shortest repr costs ~1.2-1.6 us
-    on the 2-core machine, two per run; an integer's costs a quarter of that."""
-    return "{" + ",".join([str(int(value * 1_000_000)) for value in seconds]) + "}"
-
-
-def bool_array(values: list[bool]) -> str:
-    return "{" + ",".join(["t" if value else "f" for value in values]) + "}"
-
-
-def text_array(values: list[str] | list[str | None]) -> str:
-    """Every element quoted, with backslash and double quote escaped: any text survives."""
-    return (
-        "{"
-        + ",".join(
-            "NULL" if v is None else '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-            for v in values
-        )
-        + "}"
-    )
 
 
 def _pid() -> int:

@@ -143,3 +143,25 @@ def fetch_all(url: str, query: str, params: Any = None) -> list[tuple[Any, ...]]
 def scalar(url: str, query: str, params: Any = None) -> Any:
     rows = fetch_all(url, query, params)
     return rows[0][0] if rows else None
+
+
+def insert_skipping_run(conn: psycopg.Connection[Any]) -> Any:
+    """A DONE run of the reference pipeline whose analyze, on its second attempt, routed it
+    straight to CONTEXT_READY (assemble skipped), with its history as the engine writes it.
+    Returns its id."""
+    row = conn.execute(
+        "INSERT INTO conveyor.pipeline_runs (status, input, outputs, finished_at)"
+        ' VALUES (\'DONE\', \'{"question": "q"}\', \'{"analyze": {}, "answer": {}}\', now())'
+        " RETURNING id"
+    ).fetchone()
+    assert row is not None
+    conn.execute(
+        "INSERT INTO conveyor.run_events (run_id, pipeline, stage, from_status, to_status,"
+        " attempt, error, duration) VALUES"
+        " (%(id)s, 'agents', NULL, NULL, 'NEW', NULL, NULL, NULL),"
+        " (%(id)s, 'agents', 'analyze', 'ANALYZING', 'NEW', 1, 'TimeoutError: slow', '1s'),"
+        " (%(id)s, 'agents', 'analyze', 'NEW', 'CONTEXT_READY', 2, NULL, '10ms'),"
+        " (%(id)s, 'agents', 'answer', 'CONTEXT_READY', 'DONE', 1, NULL, '10ms')",
+        {"id": row[0]},
+    )
+    return row[0]

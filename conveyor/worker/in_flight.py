@@ -16,9 +16,10 @@ from uuid import UUID
 
 from structlog.typing import FilteringBoundLogger
 
+from conveyor.handler_run import Run
 from conveyor.limits import FlowHandle
 from conveyor.logs import current_run
-from conveyor.pipeline import Pipeline, Run, Stage
+from conveyor.pipeline import Pipeline, Stage
 from conveyor.protocol import Failure, Success
 from conveyor.server_json import ClaimedRow, Undecodable
 from conveyor.worker.completer import Completer

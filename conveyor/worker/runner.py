@@ -10,8 +10,9 @@ import traceback
 from typing import Any
 
 from conveyor import metrics
+from conveyor.handler_run import Run
 from conveyor.limits import BudgetExceeded, Throttled
-from conveyor.pipeline import PermanentError, Run, Stage
+from conveyor.pipeline import PermanentError, Stage
 from conveyor.protocol import Failure, Success
 from conveyor.routes import Route, undeclared
 from conveyor.urls import redact

@@ -23,7 +23,7 @@ from conveyor import submit
 from conveyor.console.store import Store
 from conveyor.reference import pipeline as reference
 from tests.console.conftest import Console, StartConsole
-from tests.helpers import ROOT, conveyor_env, fetch_all, scalar, wait_until
+from tests.helpers import ROOT, conveyor_env, fetch_all, insert_skipping_run, scalar, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -149,32 +149,11 @@ def test_run_json_has_input_outputs_and_history(
     assert status == 404 and "no run" in json.loads(body)["error"]
 
 
-def _skipping_run(conn: psycopg.Connection[Any]) -> str:
-    """A DONE run whose analyze, on its second attempt, sent it straight to CONTEXT_READY:
-    assemble skipped."""
-    row = conn.execute(
-        "INSERT INTO conveyor.pipeline_runs (status, input, outputs, finished_at)"
-        ' VALUES (\'DONE\', \'{"question": "q"}\', \'{"analyze": {}, "answer": {}}\', now())'
-        " RETURNING id"
-    ).fetchone()
-    assert row is not None
-    conn.execute(
-        "INSERT INTO conveyor.run_events (run_id, pipeline, stage, from_status, to_status,"
-        " attempt, error, duration) VALUES"
-        " (%(id)s, 'agents', NULL, NULL, 'NEW', NULL, NULL, NULL),"
-        " (%(id)s, 'agents', 'analyze', 'ANALYZING', 'NEW', 1, 'TimeoutError: slow', '1s'),"
-        " (%(id)s, 'agents', 'analyze', 'NEW', 'CONTEXT_READY', 2, NULL, '10ms'),"
-        " (%(id)s, 'agents', 'answer', 'CONTEXT_READY', 'DONE', 1, NULL, '10ms')",
-        {"id": row[0]},
-    )
-    return str(row[0])
-
-
 def test_the_run_page_shows_the_route_a_run_took(
     database_url: str, start_console: StartConsole
 ) -> None:
     with psycopg.connect(database_url, autocommit=True) as conn:
-        skipped = _skipping_run(conn)
+        skipped = str(insert_skipping_run(conn))
         (waiting,) = _insert(conn, "NEW", 1)
     console = start_console()
     status, body = console.get(f"/runs/{skipped}")

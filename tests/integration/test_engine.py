@@ -422,27 +422,14 @@ def test_submit_wait_show_and_status_commands(database_url: str, start_conveyor:
 
 
 def test_show_prints_the_route_of_a_run_that_skipped_a_stage(database_url: str) -> None:
-    from tests.helpers import ROOT, conveyor_env
+    from tests.helpers import ROOT, conveyor_env, insert_skipping_run
 
     with psycopg.connect(database_url, autocommit=True) as conn:
-        row = conn.execute(
-            "INSERT INTO conveyor.pipeline_runs (status, input, finished_at)"
-            " VALUES ('DONE', '{\"question\": \"q\"}', now()) RETURNING id"
-        ).fetchone()
-        assert row is not None
-        conn.execute(
-            "INSERT INTO conveyor.run_events (run_id, pipeline, stage, from_status, to_status,"
-            " attempt, error, duration) VALUES"
-            " (%(id)s, 'agents', NULL, NULL, 'NEW', NULL, NULL, NULL),"
-            " (%(id)s, 'agents', 'analyze', 'ANALYZING', 'NEW', 1, 'TimeoutError: slow', '1s'),"
-            " (%(id)s, 'agents', 'analyze', 'NEW', 'CONTEXT_READY', 2, NULL, '10ms'),"
-            " (%(id)s, 'agents', 'answer', 'CONTEXT_READY', 'DONE', 1, NULL, '10ms')",
-            {"id": row[0]},
-        )
+        run_id = insert_skipping_run(conn)
     shown = {}
     for extra in ([], ["--json"]):
         result = subprocess.run(
-            [sys.executable, "-m", "conveyor", "show", str(row[0]), *extra],
+            [sys.executable, "-m", "conveyor", "show", str(run_id), *extra],
             env=conveyor_env(database_url),
             cwd=ROOT,
             capture_output=True,

@@ -6,7 +6,7 @@ import uuid
 
 import psycopg
 
-from conveyor.protocol import microseconds_array, number_array, text_array, uuid_array
+from conveyor.batch_arrays import microseconds_array, number_array, text_array, uuid_array
 
 
 def test_array_literals_round_trip(conn: psycopg.Connection[tuple[object, ...]]) -> None:

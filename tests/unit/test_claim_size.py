@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from conveyor.pipeline import Pipeline, Run, Stage
+from conveyor.handler_run import Run
+from conveyor.pipeline import Pipeline, Stage
 from conveyor.protocol import StageProtocol
 
 

@@ -12,7 +12,8 @@ from typing import Any, cast
 import pytest
 
 from conveyor import metrics
-from conveyor.pipeline import Pipeline, Run, Stage
+from conveyor.handler_run import Run
+from conveyor.pipeline import Pipeline, Stage
 from conveyor.server_json import ClaimedRow
 from conveyor.worker.completer import Completer
 from conveyor.worker.dispatch import TRANSITIONS, Dispatcher, Event, Mode, next_mode

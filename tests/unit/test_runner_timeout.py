@@ -6,7 +6,8 @@ import asyncio
 import uuid
 from typing import Any
 
-from conveyor.pipeline import Run, Stage
+from conveyor.handler_run import Run
+from conveyor.pipeline import Stage
 from conveyor.protocol import Failure, Success
 from conveyor.worker.runner import run_handler
 
