@@ -135,7 +135,7 @@ def _print_answer(conn: Any, schema: str, run_id: UUID, pipeline: Pipeline) -> b
     click.echo(
         f"Q: {run['input'].get('question')}" + (f"   (session {session})" if session else "")
     )
-    if run["status"] != pipeline.final_status:
+    if not pipeline.succeeded(run["status"]):
         error = (run["last_error"] or "").strip().splitlines()[-1:] or ["no error recorded"]
         click.echo(f"   {run['status']}: {error[0]}")
         return False

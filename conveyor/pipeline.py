@@ -127,6 +127,11 @@ class Pipeline:
     def is_terminal(self, status: str) -> bool:
         return status in TERMINAL_STATUSES or status == self.final_status
 
+    def succeeded(self, status: str) -> bool:
+        """Whether a run at `status` has ended well: DONE, or the final status (a route may
+        end a run at either)."""
+        return status == "DONE" or status == self.final_status
+
     @functools.cached_property
     def loop_stages(self) -> frozenset[str]:
         """The stages a run can come back to through the stages' routes."""

@@ -211,8 +211,14 @@ class StageProtocol:
                     },
                 )
                 completed = cur.rowcount  # one run_events row per applied run
-                if writing:
+                if routing["durable"]:  # a route may have ended runs, a loop past its bound FAILED
+                    ended = await cur.fetchall()
+                    failed = sum(1 for _run_id, to_status in ended if to_status == "FAILED")
+                    completed -= failed
+                    stored = {row[0] for row in ended}
+                elif writing:
                     stored = {row[0] for row in await cur.fetchall()}
+                if writing:
                     await execute_writes(
                         conn, (w for s in successes if s.run_id in stored for w in s.writes)
                     )

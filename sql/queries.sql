@@ -258,7 +258,7 @@ SELECT id, pipeline, %(stage)s, %(consumes)s, status, attempt, %(worker)s,
        duration_us * interval '1 microsecond', last_error, model, prompt_tokens,
        completion_tokens
   FROM moved
-RETURNING run_id;
+RETURNING run_id, to_status;
 
 -- fail_if_leased --
 -- Apply a batch of failed attempts, fenced like completion (lease and attempt): back to the

@@ -89,7 +89,7 @@ def submit_command(
             return
         run = _wait_for(conn, app, submitted.id, timeout)
     _print_run(app, run, [], as_json)
-    if run["status"] != app.pipeline.final_status:
+    if not app.pipeline.succeeded(run["status"]):
         sys.exit(1)
 
 

@@ -145,10 +145,10 @@ def build_overview(row: dict[str, Any], pipeline: Pipeline) -> Overview:
         moved = stages.get((item["pipeline"], item["stage"] or ""))
         if moved is None:
             continue
-        if item["to_status"] == moved.produces:
-            moved.completed += item["events"]
-        elif item["to_status"] == "FAILED":
+        if item["to_status"] == "FAILED":
             moved.failed += item["events"]
+        elif item["from_status"] == moved.consumes:  # completed, wherever it was routed
+            moved.completed += item["events"]
         elif item["from_status"] == moved.working and item["to_status"] == moved.consumes:
             moved.retried += item["events"]
     for stage in stages.values():

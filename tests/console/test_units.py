@@ -156,6 +156,20 @@ def test_overview_is_shaped_per_stage() -> None:
     assert crawl.name == "crawl" and not crawl.declared and crawl.other_statuses == {"FETCHED": 4}
 
 
+def test_a_routed_completion_counts_for_its_stage() -> None:
+    events = [
+        # analyze sent these past assemble, straight to the answer stage
+        {"pipeline": "agents", "stage": "analyze", "from_status": "NEW",
+         "to_status": "CONTEXT_READY", "events": 25},
+        {"pipeline": "agents", "stage": "analyze", "from_status": "NEW",
+         "to_status": "ANALYZED", "events": 5},
+        {"pipeline": "agents", "stage": "analyze", "from_status": "ANALYZING",
+         "to_status": "NEW", "events": 2},
+    ]  # fmt: skip
+    analyze = build_overview(_overview_row(events=events), reference).pipelines[0].stages[0]
+    assert (analyze.completed, analyze.retried, analyze.failed) == (30, 2, 0)
+
+
 def test_failed_counts_are_floors_once_the_shared_cap_is_reached() -> None:
     failed = [
         {"pipeline": "agents", "runs": 6_000},

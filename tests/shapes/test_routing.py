@@ -3,12 +3,15 @@ to an earlier stage ends at its bound, and a route nobody declared fails only it
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 
 import psycopg
+from psycopg_pool import AsyncConnectionPool
 
 from conveyor import Pipeline, PipelineError, Route, Run, Stage
+from conveyor.protocol import Applied, StageProtocol, Success
 from tests.helpers import ConveyorProcess, fetch_all, scalar, wait_until
 
 Start = Callable[..., ConveyorProcess]
@@ -148,8 +151,12 @@ def test_routes_are_checked_when_the_pipeline_is_declared() -> None:
         [Stage("a", _noop, "NEW", "DONE", routes=["A_RUNNING"])]
     )
     assert "max_visits" in _refused([Stage("a", _noop, "NEW", "DONE", max_visits=0)])
-    # routes to the end, and back to the start, are fine
-    Pipeline("shapes", [Stage("a", _noop, "NEW", "DONE", routes=["NEW"])])
+    # routes to the end, and back to the start, are fine; both DONE and the final status end
+    # a run well
+    ends = Pipeline("shapes", [Stage("a", _noop, "NEW", "SHIPPED", routes=["NEW", "DONE"])])
+    assert [ends.succeeded(s) for s in ("DONE", "SHIPPED", "FAILED", "NEW")] == [
+        True, True, False, False,
+    ]  # fmt: skip
     assert Route("DONE").output == {}
 
 
@@ -159,3 +166,43 @@ def test_conveyor_refuses_a_pipeline_whose_routes_lead_nowhere(
     process = start_conveyor("run", CONVEYOR_PIPELINE="tests.shapes.bad_routes:pipeline")
     assert process.wait(30) == 2
     assert "sends runs to NOWHERE, which no stage consumes" in process.log()
+
+
+def test_a_run_whose_loop_ends_counts_as_failed_not_completed(database_url: str) -> None:
+    """The batch's tally (and so conveyor_runs_failed_total) names the run the bound failed."""
+    from tests.shapes.pipelines import loop
+
+    review = loop.stage("review")
+
+    async def scenario() -> Applied:
+        async with AsyncConnectionPool(
+            database_url, min_size=1, max_size=2, kwargs={"autocommit": True}
+        ) as pool:
+            protocol = StageProtocol(
+                pool,
+                schema="conveyor",
+                pipeline=loop,
+                stage=review,
+                worker_id="routing-test",
+                lease_seconds=30,
+            )
+            async with pool.connection() as conn:
+                for visits in ('{"draft": 3, "review": 2}', '{"draft": 1, "review": 1}'):
+                    await conn.execute(
+                        "INSERT INTO conveyor.pipeline_runs (pipeline, status, visits)"
+                        " VALUES ('loop', 'DRAFTED', %s)",
+                        (visits,),
+                    )
+            claimed = await protocol.claim(2)
+            successes = [
+                Success(run_id, attempt, "{}", 0.0, 0.0, target="NEW")
+                for run_id, _input, _outputs, attempt, _waited, _rescued in claimed
+            ]
+            return await protocol.apply(successes, [])
+
+    applied = asyncio.run(scenario())
+    assert (applied.completed, applied.failed, applied.refused) == (1, 1, 0)
+    rows = fetch_all(
+        database_url, "SELECT status, visits FROM conveyor.pipeline_runs ORDER BY status"
+    )
+    assert rows == [("FAILED", {"draft": 3, "review": 3}), ("NEW", {"draft": 1, "review": 2})]
