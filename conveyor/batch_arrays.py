@@ -14,18 +14,28 @@ NOT_ROUTED = {
     "ends": "{}",
     "loop_stages": "{}",
     "loop_limits": "{}",
+    "max_visits": "{}",
     "counts_visits": False,
 }
 
 
-def routing_arrays(found: list[Destination], *, counts_visits: bool) -> dict[str, object]:
-    """complete_if_leased's routing arrays: where each run of the batch goes (`found`), and
-    whether the stage counts its own visits (it is on a loop)."""
+def routing_arrays(
+    found: list[Destination], *, stage: str, counts_visits: bool
+) -> dict[str, object]:
+    """complete_if_leased's routing arrays: where each run of the batch goes (`found`) from
+    `stage`, and whether that stage counts its own visits (it is on a loop)."""
     return {
         "targets": text_array([d.status for d in found]),
         "ends": bool_array([d.ends for d in found]),
         "loop_stages": text_array([d.loop_stage for d in found]),
-        "loop_limits": number_array([d.max_visits or 0 for d in found]),
+        # the visits already counted at which a route into the loop stage ends the run
+        "loop_limits": number_array(
+            [
+                None if d.max_visits is None else d.max_visits - (d.loop_stage == stage)
+                for d in found
+            ]
+        ),
+        "max_visits": number_array([d.max_visits for d in found]),
         "counts_visits": counts_visits,
     }
 

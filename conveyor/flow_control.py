@@ -111,7 +111,6 @@ class FlowControl:
         self._channel = channel
         self._labels = (pipeline.name, stage.name)
         self._group_by = stage.group_by
-        self._limited_claims: dict[int, str] = {}
         self._next_freed_notice = 0.0  # monotonic
         self._freed_notice_pending: asyncio.TimerHandle | None = None
         self._background: set[asyncio.Future[None]] = set()
@@ -172,11 +171,7 @@ class FlowControl:
     async def _claim_limited(
         self, conn: AsyncConnection[Any], batch: int, params: dict[str, Any]
     ) -> tuple[list[ClaimedRow], Room | None]:
-        statement = self._limited_claims.get(batch)
-        if statement is None:  # one cached plan per size, as claim_batch
-            statement = self._limited_claims[batch] = self._sql["claim_limited"].replace(
-                "%(batch)s", str(int(batch))
-            )
+        statement = queries.sized(self._sql["claim_limited"], batch)
         cur = conn.cursor()
         set_json_loads(json_from_server, cur)
         await cur.execute(statement, {**params, "keys": self.keys})

@@ -122,7 +122,6 @@ class StageProtocol:
             or bool(stage.routes)
             or any(d.loop_stage for d in self._destinations.values())
         )
-        self._claims: dict[int, str] = {}
 
     def claim_size(self, free: int) -> int:
         """How many runs to claim with `free` slots: a full batch, or fewer rounded down
@@ -148,11 +147,7 @@ class StageProtocol:
     async def _claim_on(
         self, conn: AsyncConnection[Any], batch: int, alone: bool
     ) -> list[ClaimedRow]:
-        statement = self._claims.get(batch)
-        if statement is None:  # the size written in: one cached plan per size (queries.sql)
-            statement = self._claims[batch] = self.sql["claim_batch"].replace(
-                "%(batch)s", str(int(batch))
-            )
+        statement = queries.sized(self.sql["claim_batch"], batch)
         params = {**self._fence, "lease_seconds": self.lease_seconds, "alone": alone}
         cur = conn.cursor()
         set_json_loads(json_from_server, cur)  # input and outputs of every claimed run
@@ -260,7 +255,9 @@ class StageProtocol:
         found = [self._destinations[s.target or self.stage.produces] for s in successes]
         return {
             "durable": any(d.ends or d.loop_stage for d in found),
-            "arrays": routing_arrays(found, counts_visits=self._counts_visits),
+            "arrays": routing_arrays(
+                found, stage=self.stage.name, counts_visits=self._counts_visits
+            ),
         }
 
     async def release(self, run_ids: list[UUID], *, reason: str = "worker shutting down") -> int:

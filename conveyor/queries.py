@@ -39,6 +39,13 @@ def load(schema: str) -> dict[str, str]:
     return statements
 
 
+@cache
+def sized(statement: str, batch: int) -> str:
+    """A claim with the number of runs it asks for written in place of %(batch)s: PostgreSQL
+    keeps one plan per size (a handful of sizes per stage; see claim_batch in queries.sql)."""
+    return statement.replace("%(batch)s", str(int(batch)))
+
+
 def _parts(claim_batch: str) -> tuple[str, str]:
     """claim_batch as its candidates (WITH ... FOR UPDATE SKIP LOCKED) and what follows them
     (the picked CTE and the UPDATE)."""

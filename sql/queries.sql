@@ -198,45 +198,40 @@ SELECT EXISTS (
 -- recorded any), and unnest pads them with NULLs.
 -- A stage that routes (Stage.routes) sends each run to its own status: `targets` holds it per
 -- run (NULL: the stage's `produces`), with whether it ends the run (`ends`) and, when it enters
--- a stage on a loop, that stage and its max_visits (`loop_stages`, `loop_limits`): a run that
--- has run that stage max_visits times already fails instead. A stage on a loop counts its own
--- visits (`counts_visits`). All four arrays are empty for a stage without routes or loops.
+-- a stage on a loop, that stage and its max_visits (`loop_stages`, `max_visits`): a run that
+-- has run that stage max_visits times already fails instead. `loop_limits` is the count in
+-- `visits` at which it does: max_visits, less the visit this completion adds when the stage
+-- sends a run back to itself. A stage on a loop counts its own visits (`counts_visits`). The
+-- arrays are empty for a stage without routes or loops.
 WITH finished AS (
     SELECT *
       FROM unnest(%(ids)s::uuid[], %(outputs)s::text[], %(attempts)s::int[],
                   %(started_us)s::int8[], %(durations_us)s::int8[], %(models)s::text[],
                   %(prompt_tokens)s::int[], %(completion_tokens)s::int[],
                   %(targets)s::text[], %(ends)s::bool[], %(loop_stages)s::text[],
-                  %(loop_limits)s::int[])
+                  %(loop_limits)s::int[], %(max_visits)s::int[])
            AS f(id, output, attempt, started_us, duration_us, model,
-                prompt_tokens, completion_tokens, target, ends, loop_stage, loop_limit)
+                prompt_tokens, completion_tokens, target, ends, loop_stage, loop_limit,
+                max_visits)
 ), moved AS (
     UPDATE @schema@.pipeline_runs r
-       SET status = CASE WHEN (f.loop_stage IS NOT NULL
-                              AND coalesce((r.visits ->> f.loop_stage)::int, 0)
-                                  + (f.loop_stage = %(stage)s AND %(counts_visits)s)::int
-                                  >= f.loop_limit)
+       SET status = CASE WHEN coalesce((r.visits ->> f.loop_stage)::int, 0) >= f.loop_limit
                          THEN 'FAILED' ELSE coalesce(f.target, %(produces)s) END,
            outputs = r.outputs || jsonb_build_object(%(stage)s::text, f.output::jsonb),
            attempt = 0,
            rescues = 0,
            lease_owner = NULL,
            lease_expires_at = NULL,
-           last_error = CASE WHEN (f.loop_stage IS NOT NULL
-                              AND coalesce((r.visits ->> f.loop_stage)::int, 0)
-                                  + (f.loop_stage = %(stage)s AND %(counts_visits)s)::int
-                                  >= f.loop_limit) THEN
+           last_error = CASE WHEN coalesce((r.visits ->> f.loop_stage)::int, 0) >= f.loop_limit THEN
                format('loop ended: stage %%s has run %%s times for this run (max_visits %%s), '
                       'and stage %%s sent it back to %%s', f.loop_stage,
                       coalesce((r.visits ->> f.loop_stage)::int, 0)
-                          + (f.loop_stage = %(stage)s AND %(counts_visits)s)::int,
-                      f.loop_limit, %(stage)s::text, coalesce(f.target, %(produces)s)) END,
+                          + (f.loop_stage = %(stage)s)::int,
+                      f.max_visits, %(stage)s::text, coalesce(f.target, %(produces)s)) END,
            run_after = now(),
            updated_at = now(),
-           finished_at = CASE WHEN coalesce(f.ends, %(terminal)s) OR (f.loop_stage IS NOT NULL
-                              AND coalesce((r.visits ->> f.loop_stage)::int, 0)
-                                  + (f.loop_stage = %(stage)s AND %(counts_visits)s)::int
-                                  >= f.loop_limit)
+           finished_at = CASE WHEN coalesce(f.ends, %(terminal)s)
+                                   OR coalesce((r.visits ->> f.loop_stage)::int, 0) >= f.loop_limit
                               THEN now() END,
            visits = CASE WHEN %(counts_visits)s
                          THEN coalesce(r.visits, '{}'::jsonb) || jsonb_build_object(

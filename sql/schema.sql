@@ -153,8 +153,7 @@ BEGIN
             RETURN;
         END IF;
         IF lim.max_in_flight IS NOT NULL THEN
-            -- stage by stage, each count through the claim's index (the function's settings
-            -- keep its generic plan there): only leased runs are read
+            -- stage by stage, each count through the claim's index: only leased runs are read
             held := 0;
             FOR stage_row IN SELECT s.pipeline, s.working FROM "conveyor".limit_stages s
                               WHERE s.key = lim.key
