@@ -32,8 +32,8 @@ QUESTIONS = [
 ]
 # Asked one after the other once the first question's answer is in memory, in the same session:
 # they only make sense with the exchanges before them ("it" is the worker), which the analyzer
-# finds in the session's memory. The second has nothing to search for, so the analyzer routes it
-# past retrieval, straight to the answer stage.
+# finds in the session's memory. The second asks for the last answer again, so the analyzer routes
+# it past retrieval, straight to the answer stage.
 FOLLOW_UPS = ["And what if it keeps dying?", "What was that again?"]
 TERMINAL = ("DONE", "FAILED", "CANCELLED")
 WIDTH = 100

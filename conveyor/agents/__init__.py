@@ -28,7 +28,8 @@ def question_input(text: str, session: str | None = None) -> dict[str, Any]:
 
 def build_pipeline(config: AgentConfig, name: str) -> Pipeline:
     """NEW -> ANALYZED -> CONTEXT_READY -> DONE, with the agents as handlers; a question with
-    nothing to search for goes from NEW to CONTEXT_READY. These statuses are the product's
+    nothing to search for, or one asking for the last answer again, goes from NEW to
+    CONTEXT_READY. These statuses are the product's
     contract: outside services insert at NEW and watch for DONE."""
     router = Router(config.llm) if config.llm.models else None
     embedder = Embedder(config.embeddings, config.llm) if config.embeddings else None
@@ -41,7 +42,7 @@ def build_pipeline(config: AgentConfig, name: str) -> Pipeline:
                 consumes="NEW",
                 working="ANALYZING",
                 produces="ANALYZED",
-                routes=[SKIP_RETRIEVAL],  # nothing to search for: straight to the answer
+                routes=[SKIP_RETRIEVAL],  # nothing to search: straight to the answer
                 limits=router.limits_for("analyze") if router else (),
             ),
             Stage(

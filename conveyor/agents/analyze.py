@@ -30,7 +30,7 @@ MAX_SESSION_ID_CHARS = 200
 MAX_HISTORY_ANSWER_CHARS = 1000  # an earlier answer, as the analyzer's output carries it
 # Words of a question that asks for the last answer again, when it has no search terms.
 _REPEAT_WORDS = frozenset({"again", "repeat"})
-# What the answer stage consumes: where a question with nothing to search for goes.
+# What the answer stage consumes: where a question that needs no retrieval goes.
 SKIP_RETRIEVAL = "CONTEXT_READY"
 _INTENTS = {
     "how": "how-to",
