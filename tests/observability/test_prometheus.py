@@ -238,8 +238,13 @@ def test_prometheus_scrapes_conveyor_and_runs_every_panel_and_rule(
         30,
         "workers alive per stage",
     )
-    assert total('max(conveyor_queue_scheduled{status="NEW"})') == 0  # the delayed one: cancelled
-    assert total('max(conveyor_queue_depth{stage="one"})') == 0
+    # The leader refreshes its gauges every few seconds; a scrape may still hold the one before.
+    wait_until(
+        lambda: total('max(conveyor_queue_scheduled{status="NEW"})') == 0,  # cancelled
+        20,
+        "no scheduled run once the delayed one is cancelled",
+    )
+    wait_until(lambda: total('max(conveyor_queue_depth{stage="one"})') == 0, 20, "an empty queue")
     assert total('max(conveyor_maintenance_leader{pipeline="chain"})') == 1
     assert total("max(conveyor_notification_queue_usage_ratio)") is not None
     for stage, n in STAGES.items():
