@@ -9,6 +9,8 @@ The public API, all a pipeline needs (nothing else in the package is promised to
 - PermanentError: raised by a handler, fails the run at once, without retries.
 - Route: returned by a handler to send its run to another status its stage declares
   (Stage(routes=...)), an earlier stage's too, a loop bounded by Stage(max_visits=...).
+- FanOut, Child: returned by a handler to create child runs (Stage(fan_out=...)); the run
+  waits until they have all finished, and the stage that joins them sees them as Run.children.
 - Limit, Throttled, Reservation, BudgetExceeded: flow control shared by every worker
   (Stage(limits=...), Run.acquire, Run.close_limit, Run.check_budget); Throttled sends a run
   back to wait, its attempt not counted; BudgetExceeded fails it at once.
@@ -20,6 +22,7 @@ The public API, all a pipeline needs (nothing else in the package is promised to
 """
 
 from conveyor.environment import Database
+from conveyor.fan_out import Child, FanOut
 from conveyor.handler_run import Run, Usage, Write
 from conveyor.limits import BudgetExceeded, Limit, Reservation, Throttled
 from conveyor.pipeline import (
@@ -37,9 +40,11 @@ from conveyor.settings import ConfigError, EnvReader
 __all__ = [
     "Backoff",
     "BudgetExceeded",
+    "Child",
     "ConfigError",
     "Database",
     "EnvReader",
+    "FanOut",
     "Limit",
     "PermanentError",
     "Pipeline",

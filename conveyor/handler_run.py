@@ -13,6 +13,7 @@ from uuid import UUID
 from psycopg import sql
 from psycopg.abc import Params
 
+from conveyor.fan_out import Child
 from conveyor.limits import BudgetExceeded, FlowHandle, Reservation, Throttled
 
 # run_events keeps usage in int columns: a larger count would refuse the whole batch's completion.
@@ -77,6 +78,8 @@ class Run:
     input: dict[str, Any]
     outputs: dict[str, Any]
     attempt: int
+    # A run of a stage that joins a fan-out: its children, in order (conveyor/fan_out.py).
+    children: tuple[Child, ...] = ()
     # Set on the first record_usage / write: most handlers do neither, and a run is built per claim.
     _usage: Usage | None = field(default=None, init=False, repr=False, compare=False)
     _writes: list[Write] | None = field(default=None, init=False, repr=False, compare=False)

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from conveyor.fan_out import CHILD_FAILURE_POLICIES
 from conveyor.handler_run import Run
 from conveyor.limits import Limit, flow_control_problem
 from conveyor.routes import Destination, stages_on_loops
@@ -83,6 +84,13 @@ class Stage:
     # Route(status, output); and, when the stage is on a loop, how many times one run may run it.
     routes: Sequence[str] = ()
     max_visits: int = 10
+    # Fan-out (conveyor/fan_out.py): the status child runs start in when the handler returns
+    # FanOut. The run waits in `waiting` (default <NAME>_WAITING) until they have all finished,
+    # then goes on to `produces`. A child that fails or is cancelled fails the run at once
+    # (on_child_failure="fail"), or is joined like the others ("join").
+    fan_out: str | None = None
+    waiting: str = ""
+    on_child_failure: str = "fail"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "limits", tuple(self.limits))
@@ -90,6 +98,8 @@ class Stage:
             object.__setattr__(self, "routes", tuple(self.routes))
         if not self.working:
             object.__setattr__(self, "working", f"{self.name.upper()}_RUNNING")
+        if self.fan_out is not None and not self.waiting:
+            object.__setattr__(self, "waiting", f"{self.name.upper()}_WAITING")
         if not self.batch:
             object.__setattr__(self, "batch", min(self.concurrency, 50))
 
@@ -142,11 +152,23 @@ class Pipeline:
         }
         return frozenset(stages_on_loops(edges))
 
+    def joins(self, stage: Stage) -> bool:
+        """Whether `stage` consumes what a stage that fans out produces: its runs come with
+        their children (Run.children)."""
+        return any(s.fan_out is not None and s.produces == stage.consumes for s in self.stages)
+
+    @functools.cached_property
+    def fans_out(self) -> bool:
+        """Whether a stage of this pipeline creates child runs (so its runs may be children)."""
+        return any(stage.fan_out is not None for stage in self.stages)
+
     def destinations(self, stage: Stage) -> dict[str, Destination]:
-        """Where `stage` may send a run (its `produces` and its `routes`), as the engine
-        applies each."""
+        """Where `stage` may send a run (its `produces` and its `routes`, and its `waiting`
+        when it fans out), as the engine applies each."""
         consumers = {s.consumes: s for s in self.stages}
         found = {}
+        if stage.fan_out is not None:
+            found[stage.waiting] = Destination(stage.waiting, False)
         for status in (stage.produces, *stage.routes):
             entered = consumers.get(status)
             on_loop = entered is not None and entered.name in self.loop_stages
@@ -224,6 +246,11 @@ def validate(pipeline: Pipeline) -> None:
             or stage.max_visits < 1
         ):
             raise PipelineError(f"{where}: max_visits must be a whole number >= 1")
+        if stage.on_child_failure not in CHILD_FAILURE_POLICIES:
+            raise PipelineError(f"{where}: on_child_failure must be 'fail' or 'join'")
+        for status in () if stage.fan_out is None else (stage.fan_out, stage.waiting):
+            if not isinstance(status, str) or not _STATUS.match(status):
+                raise PipelineError(f"{where}: status {status!r} must match {_STATUS.pattern}")
         if not callable(stage.handler):
             raise PipelineError(f"{where}: handler is not callable")
         if stage.concurrency < 1 or stage.batch < 1 or stage.max_attempts < 1:
@@ -246,6 +273,7 @@ def validate(pipeline: Pipeline) -> None:
             raise PipelineError(
                 f"pipeline {pipeline.name!r}: {status} is both consumed and a working status"
             )
+    _validate_fan_outs(pipeline, consumed, statuses)
     for stage in pipeline.stages:
         for status in (stage.produces, *stage.routes):
             if status in statuses:
@@ -259,6 +287,35 @@ def validate(pipeline: Pipeline) -> None:
                     f"which no stage consumes and which does not end a run (DONE or "
                     f"{pipeline.final_status})"
                 )
+
+
+def _validate_fan_outs(
+    pipeline: Pipeline, consumed: dict[str, str], working: dict[str, str]
+) -> None:
+    """Children start where a stage of this pipeline takes them; a parent waits in a status
+    of its own, which no stage consumes, produces or works in."""
+    sent = {s for stage in pipeline.stages for s in (stage.produces, *stage.routes)}
+    waiting: set[str] = set()
+    for stage in pipeline.stages:
+        if stage.fan_out is None:
+            continue
+        where = f"pipeline {pipeline.name!r}, stage {stage.name!r}"
+        if stage.fan_out not in consumed:
+            raise PipelineError(
+                f"{where}: fan_out {stage.fan_out}: no stage consumes it, so no child would start"
+            )
+        if (
+            stage.waiting in consumed
+            or stage.waiting in working
+            or stage.waiting in sent
+            or stage.waiting in waiting
+            or pipeline.is_terminal(stage.waiting)
+        ):
+            raise PipelineError(
+                f"{where}: waiting status {stage.waiting} is used elsewhere; a parent waits in a "
+                "status of its own"
+            )
+        waiting.add(stage.waiting)
 
 
 def load_pipeline(import_path: str) -> Pipeline:

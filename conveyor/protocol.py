@@ -28,6 +28,7 @@ from conveyor.batch_arrays import (
     usage_arrays,
     uuid_array,
 )
+from conveyor.fan_out import Child, Spawn
 from conveyor.flow_control import FlowControl, Room
 from conveyor.handler_run import Usage, Write
 from conveyor.pipeline import Pipeline, Stage
@@ -47,6 +48,8 @@ class Success:
     writes: tuple[Write, ...] = ()
     # Where the handler sent the run (Route); None: the stage's `produces`.
     target: str | None = None
+    # The child runs it creates (FanOut), stored with its output; the run then waits for them.
+    spawn: Spawn | None = None
 
 
 @dataclass(slots=True)
@@ -120,8 +123,17 @@ class StageProtocol:
         self._routed = (
             self._counts_visits
             or bool(stage.routes)
+            or stage.fan_out is not None
             or any(d.loop_stage for d in self._destinations.values())
         )
+        # A pipeline that fans out has children: a batch that ends runs locks their parents
+        # first (lock_parents), in one order.
+        self._may_end_children = pipeline.fans_out
+        self._fan_out_params = {
+            "waiting": stage.waiting,
+            "produces": stage.produces,
+            "fail_fast": stage.on_child_failure == "fail",
+        }
 
     def claim_size(self, free: int) -> int:
         """How many runs to claim with `free` slots: a full batch, or fewer rounded down
@@ -177,18 +189,24 @@ class StageProtocol:
         the worker then applies the results one by one to find it)."""
         completed = retried = failed = 0
         writing = any([s.writes for s in successes])
-        # A lone statement is a transaction already: BEGIN and COMMIT would be two more round
-        # trips per batch. Successes and failures together, or with writes, commit together.
-        both = bool(successes and failures)
-        # One commit for both statements: it waits for its flush when any run ends here.
+        spawning = any([s.spawn for s in successes])
+        # One commit for every statement: it waits for its flush when any run ends here.
         routing = self._routing(successes)
         durable = (bool(successes) and (self._terminal or routing["durable"])) or any(
             f.retry_in is None for f in failures
         )
+        lock_parents = self._may_end_children and durable
+        # A lone statement is a transaction already: BEGIN and COMMIT would be two more round
+        # trips per batch. Successes and failures together, or with writes, children or their
+        # parents' locks, commit together.
+        several = bool(successes and failures) or writing or spawning or lock_parents
         async with (
             self._completing.connection() as conn,
-            conn.transaction() if both or writing else nullcontext(),
+            conn.transaction() if several else nullcontext(),
         ):
+            if lock_parents:
+                ids = [s.run_id for s in successes] + [f.run_id for f in failures]
+                await conn.execute(self.sql["lock_parents"], {"ids": uuid_array(ids)})
             if successes:
                 cur = await conn.execute(
                     self.sql["complete_if_leased"],
@@ -211,8 +229,10 @@ class StageProtocol:
                     failed = sum(1 for _run_id, to_status in ended if to_status == "FAILED")
                     completed -= failed
                     stored = {row[0] for row in ended}
-                elif writing:
+                elif writing or spawning:
                     stored = {row[0] for row in await cur.fetchall()}
+                if spawning:
+                    await self._fan_out(conn, [s for s in successes if s.run_id in stored])
                 if writing:
                     await execute_writes(
                         conn, (w for s in successes if s.run_id in stored for w in s.writes)
@@ -246,6 +266,45 @@ class StageProtocol:
         if self.flow is not None and refused < len(successes) + len(failures):
             await self.flow.places_freed()  # wake whoever waits for a place under a cap
         return Applied(completed, retried, failed, refused)
+
+    async def _fan_out(self, conn: AsyncConnection[Any], stored: list[Success]) -> None:
+        """Create the children of the stored runs that fanned out, in one statement."""
+        spawned = [(s.run_id, s.spawn) for s in stored if s.spawn is not None]
+        if not spawned:
+            return
+        parents: list[UUID] = []
+        indexes: list[int] = []
+        pipelines: list[str] = []
+        statuses: list[str] = []
+        inputs: list[str] = []
+        for run_id, spawn in spawned:
+            width = len(spawn.inputs)
+            parents.extend([run_id] * width)
+            indexes.extend(range(width))
+            pipelines.extend([spawn.pipeline] * width)
+            statuses.extend([spawn.status] * width)
+            inputs.extend(spawn.inputs)
+        await conn.execute(
+            self.sql["fan_out"],
+            {
+                **self._fan_out_params,
+                "parents": uuid_array([run_id for run_id, _ in spawned]),
+                "widths": number_array([len(spawn.inputs) for _, spawn in spawned]),
+                "child_parents": uuid_array(parents),
+                "child_indexes": number_array(indexes),
+                "child_pipelines": text_array(pipelines),
+                "child_statuses": text_array(statuses),
+                "child_inputs": text_array(inputs),
+            },
+        )
+
+    async def children(self, run_id: UUID) -> tuple[Child, ...]:
+        """The children of a run's current fan-out, in order, for the stage that joins them."""
+        async with self.pool.connection() as conn:
+            cur = conn.cursor()
+            set_json_loads(json_from_server, cur)
+            await cur.execute(self.sql["children_of"], {"id": run_id})
+            return tuple(Child(*row) for row in await cur.fetchall())
 
     def _routing(self, successes: list[Success]) -> dict[str, Any]:
         """complete_if_leased's routing arrays for a batch, and whether any of its runs may end

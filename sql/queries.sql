@@ -297,6 +297,51 @@ SELECT id, pipeline, %(stage)s, %(working)s, status, attempt, %(worker)s,
   FROM moved
 RETURNING run_id, to_status;
 
+-- lock_parents --
+-- Before a batch that may end child runs, in its transaction: their parents' rows, locked in id
+-- order. Each child that ends takes one off its parent's count (run_finished, migration 015),
+-- which locks the parent: two batches ending children of the same parents then wait for each
+-- other in one order, never each for the other.
+SELECT 1 FROM @schema@.pipeline_runs p
+ WHERE p.id IN (SELECT r.parent_id FROM @schema@.pipeline_runs r
+                 WHERE r.id = ANY(%(ids)s::uuid[]) AND r.parent_id IS NOT NULL)
+ ORDER BY p.id
+   FOR NO KEY UPDATE OF p;
+
+-- fan_out --
+-- The children of runs whose fan-out was just stored (complete_if_leased moved them to their
+-- waiting status, in this transaction): one statement whatever the width. They are numbered on
+-- from the parent's earlier children (a run fanned out again after a retry or on a loop) and
+-- counted on the parent, which joins when the last of them finishes (run_finished). They take
+-- the parent's priority.
+WITH parents AS (
+    UPDATE @schema@.pipeline_runs p
+       SET children_pending = f.width,
+           fan_out = jsonb_build_object('waiting', %(waiting)s::text, 'join', %(produces)s::text,
+                                        'fail_fast', %(fail_fast)s::boolean,
+                                        'first', n.first, 'width', f.width)
+      FROM unnest(%(parents)s::uuid[], %(widths)s::int[]) AS f(id, width),
+           LATERAL (SELECT coalesce(max(c.child_index) + 1, 0) AS first
+                      FROM @schema@.pipeline_runs c WHERE c.parent_id = f.id) n
+     WHERE p.id = f.id AND p.status = %(waiting)s
+    RETURNING p.id, p.priority, n.first
+)
+INSERT INTO @schema@.pipeline_runs (pipeline, status, input, priority, parent_id, child_index)
+SELECT c.pipeline, c.status, c.input::jsonb, p.priority, c.parent_id, p.first + c.index
+  FROM unnest(%(child_parents)s::uuid[], %(child_indexes)s::int[], %(child_pipelines)s::text[],
+              %(child_statuses)s::text[], %(child_inputs)s::text[])
+           AS c(parent_id, index, pipeline, status, input)
+  JOIN parents p ON p.id = c.parent_id;
+
+-- children_of --
+-- The children of a run's current fan-out, in order: what the stage that joins them sees.
+SELECT c.child_index - (p.fan_out ->> 'first')::int, c.id, c.status, c.outputs, c.last_error
+  FROM @schema@.pipeline_runs p
+  JOIN @schema@.pipeline_runs c ON c.parent_id = p.id
+                               AND c.child_index >= (p.fan_out ->> 'first')::int
+ WHERE p.id = %(id)s
+ ORDER BY c.child_index;
+
 -- release_if_leased --
 -- Give back runs this worker will not finish (shutdown, or a hand-off it cannot take): due at
 -- once, and the interrupted attempt is not counted against the run.
@@ -450,7 +495,8 @@ WITH moved AS (
     UPDATE @schema@.pipeline_runs r
        SET status = %(consumes)s, attempt = 0, rescues = 0, run_after = now(), last_error = NULL,
            updated_at = now(), finished_at = NULL, lease_owner = NULL, lease_expires_at = NULL,
-           visits = NULL  -- a retried run's loops start over
+           visits = NULL,  -- a retried run's loops start over
+           children_pending = NULL  -- and a fan-out it waited for is over
       FROM (SELECT id, status FROM @schema@.pipeline_runs
              WHERE id = %(id)s AND status IN ('FAILED', 'CANCELLED') FOR UPDATE) old
      WHERE r.id = old.id

@@ -11,6 +11,32 @@ CREATE FUNCTION conveyor.bucket_ready_at(tat timestamp with time zone, per_minut
     SELECT tat - make_interval(secs => (greatest(per_minute / 60.0, 1.0) - units)
                                        * 60.0 / per_minute)
 $$;
+CREATE FUNCTION conveyor.child_added() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    parent record;
+BEGIN
+    SELECT p.id, p.status, p.finished_at, p.fan_out INTO parent
+      FROM "conveyor".pipeline_runs p WHERE p.id = NEW.parent_id
+       FOR NO KEY UPDATE;
+    IF parent.id IS NULL OR parent.finished_at IS NOT NULL OR parent.fan_out IS NULL
+       OR parent.status IS DISTINCT FROM parent.fan_out ->> 'waiting' THEN
+        RAISE EXCEPTION 'run % is not waiting for children: a child may be added only while its parent waits for its fan-out',
+                        NEW.parent_id
+              USING ERRCODE = 'check_violation';
+    END IF;
+    IF NEW.finished_at IS NOT NULL THEN
+        RAISE EXCEPTION 'a child run must start unfinished (finished_at NULL)'
+              USING ERRCODE = 'check_violation';
+    END IF;
+    NEW.child_index := (SELECT coalesce(max(c.child_index) + 1, 0)
+                          FROM "conveyor".pipeline_runs c WHERE c.parent_id = NEW.parent_id);
+    UPDATE "conveyor".pipeline_runs SET children_pending = children_pending + 1, updated_at = now()
+     WHERE id = NEW.parent_id;
+    RETURN NEW;
+END
+$$;
 CREATE FUNCTION conveyor.hand_off(handed_id uuid, handed_pipeline text, handed_status text, ready_at timestamp with time zone) RETURNS boolean
     LANGUAGE plpgsql SECURITY DEFINER
     AS $$
@@ -248,6 +274,10 @@ CREATE FUNCTION conveyor.prune_finished(older_than_seconds double precision, onl
          WHERE r.finished_at OPERATOR(pg_catalog.<) (pg_catalog.now() OPERATOR(pg_catalog.-)
                pg_catalog.make_interval(secs => greatest(older_than_seconds, 0)))
            AND (only_pipeline IS NULL OR r.pipeline OPERATOR(pg_catalog.=) only_pipeline)
+           AND (r.parent_id IS NULL
+                OR NOT EXISTS (SELECT 1 FROM "conveyor".pipeline_runs p
+                                WHERE p.id OPERATOR(pg_catalog.=) r.parent_id
+                                  AND p.finished_at IS NULL))
          LIMIT 1000
            FOR UPDATE SKIP LOCKED
     ), events AS (
@@ -257,6 +287,59 @@ CREATE FUNCTION conveyor.prune_finished(older_than_seconds double precision, onl
     DELETE FROM "conveyor".pipeline_runs r USING doomed d
      WHERE r.id OPERATOR(pg_catalog.=) d.id
     RETURNING r.id
+$$;
+CREATE FUNCTION conveyor.run_finished() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    child_failed boolean := NEW.status IN ('FAILED', 'CANCELLED');
+    parent record;
+BEGIN
+    IF NEW.children_pending > 0 THEN
+        WITH cancelled AS (
+            UPDATE "conveyor".pipeline_runs c
+               SET status = 'CANCELLED', lease_owner = NULL, lease_expires_at = NULL,
+                   last_error = format('cancelled: its parent run %s ended %s', NEW.id,
+                                       NEW.status),
+                   updated_at = now(), finished_at = now()
+              FROM (SELECT id, status FROM "conveyor".pipeline_runs
+                     WHERE parent_id = NEW.id AND finished_at IS NULL
+                     ORDER BY id FOR UPDATE) running
+             WHERE c.id = running.id
+            RETURNING c.id, c.pipeline, running.status AS from_status, c.last_error
+        )
+        INSERT INTO "conveyor".run_events (run_id, pipeline, from_status, to_status, error)
+        SELECT id, pipeline, from_status, 'CANCELLED', last_error FROM cancelled;
+    END IF;
+    IF NEW.parent_id IS NOT NULL THEN
+        UPDATE "conveyor".pipeline_runs p
+           SET children_pending = p.children_pending - 1,
+               status = CASE WHEN child_failed AND (p.fan_out ->> 'fail_fast')::boolean
+                             THEN 'FAILED'
+                             WHEN p.children_pending = 1 THEN p.fan_out ->> 'join'
+                             ELSE p.status END,
+               last_error = CASE WHEN child_failed AND (p.fan_out ->> 'fail_fast')::boolean
+                                 THEN format('child %s (run %s) ended %s: %s', NEW.child_index,
+                                             NEW.id, NEW.status,
+                                             coalesce(NEW.last_error, 'cancelled'))
+                                 ELSE p.last_error END,
+               finished_at = CASE WHEN child_failed AND (p.fan_out ->> 'fail_fast')::boolean
+                                  THEN now() END,
+               run_after = now(),
+               updated_at = now()
+         WHERE p.id = NEW.parent_id AND p.finished_at IS NULL
+           AND p.status = p.fan_out ->> 'waiting'
+           AND NEW.child_index >= (p.fan_out ->> 'first')::int
+        RETURNING p.id, p.pipeline, p.status, p.last_error, p.fan_out ->> 'waiting' AS waiting
+          INTO parent;
+        IF parent.id IS NOT NULL AND parent.status <> parent.waiting THEN
+            INSERT INTO "conveyor".run_events (run_id, pipeline, from_status, to_status, error)
+            VALUES (parent.id, parent.pipeline, parent.waiting, parent.status,
+                    CASE WHEN parent.status = 'FAILED' THEN parent.last_error END);
+        END IF;
+    END IF;
+    RETURN NULL;
+END
 $$;
 CREATE FUNCTION conveyor.uuid_v7() RETURNS uuid
     LANGUAGE sql PARALLEL SAFE
@@ -373,9 +456,16 @@ CREATE TABLE conveyor.pipeline_runs (
     updated_at timestamp with time zone DEFAULT now() NOT NULL,
     finished_at timestamp with time zone,
     visits jsonb,
+    parent_id uuid,
+    child_index integer,
+    children_pending integer,
+    fan_out jsonb,
     CONSTRAINT pipeline_runs_input_is_object CHECK ((jsonb_typeof(input) = 'object'::text))
 );
 COMMENT ON COLUMN conveyor.pipeline_runs.visits IS 'Times the run has run each stage on a loop of its pipeline (docs/pipelines.md).';
+COMMENT ON COLUMN conveyor.pipeline_runs.parent_id IS 'The run that created this one as a child (docs/pipelines.md, "Fan-out and join").';
+COMMENT ON COLUMN conveyor.pipeline_runs.children_pending IS 'Children of the current fan-out not finished yet; the parent joins when it reaches 0.';
+COMMENT ON COLUMN conveyor.pipeline_runs.fan_out IS 'The current fan-out: waiting and join statuses, fail_fast, first child index, width.';
 CREATE TABLE conveyor.run_events (
     id bigint NOT NULL,
     run_id uuid NOT NULL,
@@ -448,6 +538,7 @@ CREATE INDEX memory_document_source ON conveyor.memory USING btree (namespace, (
 CREATE UNIQUE INDEX memory_exchange_run ON conveyor.memory USING btree (((metadata ->> 'run_id'::text))) WHERE ((kind = 'message'::text) AND (metadata ? 'run_id'::text));
 CREATE INDEX memory_namespace ON conveyor.memory USING btree (namespace, kind, created_at);
 CREATE INDEX memory_search ON conveyor.memory USING gin (search);
+CREATE UNIQUE INDEX pipeline_runs_children ON conveyor.pipeline_runs USING btree (parent_id, child_index) WHERE (parent_id IS NOT NULL);
 CREATE INDEX pipeline_runs_claimable ON conveyor.pipeline_runs USING btree (pipeline, status, priority DESC, run_after) WHERE (finished_at IS NULL);
 CREATE INDEX pipeline_runs_created ON conveyor.pipeline_runs USING btree (created_at, id);
 CREATE INDEX pipeline_runs_failed ON conveyor.pipeline_runs USING btree (pipeline, finished_at) WHERE (status = 'FAILED'::text);
@@ -455,8 +546,10 @@ CREATE INDEX pipeline_runs_finished ON conveyor.pipeline_runs USING btree (finis
 CREATE UNIQUE INDEX pipeline_runs_idempotency ON conveyor.pipeline_runs USING btree (pipeline, idempotency_key) WHERE (idempotency_key IS NOT NULL);
 CREATE INDEX run_events_created ON conveyor.run_events USING btree (created_at);
 CREATE INDEX run_events_run ON conveyor.run_events USING btree (run_id, id);
+CREATE TRIGGER child_added BEFORE INSERT ON conveyor.pipeline_runs FOR EACH ROW WHEN (((new.parent_id IS NOT NULL) AND (new.child_index IS NULL))) EXECUTE FUNCTION conveyor.child_added();
 CREATE TRIGGER pipeline_events_insert AFTER INSERT ON conveyor.pipeline_runs FOR EACH ROW EXECUTE FUNCTION conveyor.notify_pipeline_change();
 CREATE TRIGGER pipeline_events_update AFTER UPDATE OF status ON conveyor.pipeline_runs FOR EACH ROW WHEN ((old.status IS DISTINCT FROM new.status)) EXECUTE FUNCTION conveyor.notify_pipeline_change();
+CREATE TRIGGER run_finished AFTER UPDATE OF finished_at ON conveyor.pipeline_runs FOR EACH ROW WHEN (((old.finished_at IS NULL) AND (new.finished_at IS NOT NULL) AND ((new.parent_id IS NOT NULL) OR (new.children_pending > 0)))) EXECUTE FUNCTION conveyor.run_finished();
 CREATE CONSTRAINT TRIGGER wake_waiting_workers AFTER INSERT OR UPDATE OF status ON conveyor.pipeline_runs DEFERRABLE INITIALLY DEFERRED FOR EACH ROW WHEN (((new.finished_at IS NULL) AND (new.lease_owner IS NULL))) EXECUTE FUNCTION conveyor.wake_waiting_workers();
 ALTER TABLE ONLY conveyor.limit_stages
     ADD CONSTRAINT limit_stages_key_fkey FOREIGN KEY (key) REFERENCES conveyor.limits(key) ON DELETE CASCADE;

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from uuid import UUID
 
+import psycopg
 from structlog.typing import FilteringBoundLogger
 
+from conveyor.fan_out import Child
 from conveyor.handler_run import Run
 from conveyor.limits import FlowHandle
 from conveyor.logs import current_run
@@ -25,6 +28,8 @@ from conveyor.server_json import ClaimedRow, Undecodable
 from conveyor.worker.completer import Completer
 from conveyor.worker.runner import run_handler
 from conveyor.worker.tally import StageTally
+
+ReadChildren = Callable[[UUID], Awaitable[tuple[Child, ...]]]
 
 
 class InFlight:
@@ -41,8 +46,10 @@ class InFlight:
         log: FilteringBoundLogger,
         log_runs: bool,
         flow: FlowHandle | None = None,
+        read_children: ReadChildren | None = None,
     ) -> None:
         self._flow = flow  # what Run.acquire and Run.close_limit reach, under limits
+        self._read_children = read_children  # a stage that joins a fan-out: Run.children
         self._pipeline_name = pipeline.name
         self._stage = stage
         # The handler task of every run started and not yet finished.
@@ -100,7 +107,7 @@ class InFlight:
         current_run.set((run.id, run.attempt))
         started = time.perf_counter()
         try:
-            outcome = await run_handler(self._stage, run)
+            outcome = await self._children_unread(run) or await run_handler(self._stage, run)
         except asyncio.CancelledError:
             if run.id in self.taken_away:  # cancelled, rescued or released: no result
                 self.taken_away.discard(run.id)
@@ -148,6 +155,23 @@ class InFlight:
         self.tasks.pop(run.id, None)
         self._slot_freed.set()
         self._results_ready.set()
+
+    async def _children_unread(self, run: Run) -> Failure | None:
+        """Give a run of a stage that joins a fan-out its children; a failed attempt when they
+        cannot be read now."""
+        if self._read_children is None:
+            return None
+        try:
+            run.children = await self._read_children(run.id)
+        except psycopg.Error as exc:
+            retry_in = (
+                self._stage.backoff.delay(run.attempt)
+                if run.attempt < self._stage.max_attempts
+                else None
+            )
+            error = f"could not read the run's children: {type(exc).__name__}: {exc}"
+            return Failure(run.id, run.attempt, error, retry_in, time.time(), 0.0)
+        return None
 
 
 def _unreadable(run_input: object, outputs: object) -> str | None:

@@ -178,6 +178,7 @@ class Worker:
             log=self._log,
             log_runs=self._log_runs,
             flow=self.flow,
+            read_children=self.protocol.children if self.pipeline.joins(self.stage) else None,
         )
         self._hand_offs = HandOffs(
             self.worker_id,

@@ -10,6 +10,7 @@ import traceback
 from typing import Any
 
 from conveyor import metrics
+from conveyor.fan_out import FanOut, Spawn, fan_out_problem
 from conveyor.handler_run import Run
 from conveyor.limits import BudgetExceeded, Throttled
 from conveyor.pipeline import PermanentError, Stage
@@ -56,6 +57,18 @@ async def run_handler(stage: Stage, run: Run) -> Success | Failure:
                     time.perf_counter() - t0,
                     permanent=True,
                 )
+        spawn = None
+        if isinstance(output, FanOut):  # the handler created child runs
+            problem = fan_out_problem(
+                output, stage=stage.name, declared=stage.fan_out, pipeline=run.pipeline
+            )
+            if problem is not None:
+                return _failure(
+                    stage, run, problem, started, time.perf_counter() - t0, permanent=True
+                )
+            spawn = _spawn(stage, run, output)
+            target = stage.waiting if spawn.inputs else None
+            output = output.output
         payload = output_json(stage.name, output)
     except asyncio.CancelledError:
         if not deadlines.timed_out(task):
@@ -86,13 +99,28 @@ async def run_handler(stage: Stage, run: Run) -> Success | Failure:
         run.usage,  # kept on the run's event (Run.record_usage)
         run.writes,  # executed with the output, if it is stored (StageProtocol.apply)
         target,
+        spawn if spawn is not None and spawn.inputs else None,
     )
 
 
-def output_json(stage: str, output: Any) -> str:
-    """A stage's output as JSON text: a JSON object (a dict with str keys) that jsonb can store,
-    or OutputError saying in one line why it is not."""
-    where = f"stage {stage!r} returned"
+def _spawn(stage: Stage, run: Run, fan_out: FanOut) -> Spawn:
+    """A checked FanOut as the engine stores it (OutputError for a child input that is not a
+    JSON object)."""
+    inputs = []
+    for index, child_input in enumerate(fan_out.children):
+        inputs.append(output_json(stage.name, child_input, f"returned as child {index}'s input"))
+    return Spawn(
+        fan_out.pipeline or run.pipeline,
+        fan_out.status or stage.fan_out or "",
+        tuple(inputs),
+    )
+
+
+def output_json(stage: str, output: Any, returned: str = "returned") -> str:
+    """A stage's output (or what else it `returned`: a child's input) as JSON text: a JSON
+    object (a dict with str keys) that jsonb can store, or OutputError saying in one line why
+    it is not."""
+    where = f"stage {stage!r} {returned}"
     if not isinstance(output, dict):
         raise OutputError(f"{where} {_kind(output)}, not a JSON object (a dict with str keys)")
     for key in output:

@@ -1,8 +1,11 @@
-"""Pipelines that are not lines, for the tests of routing (CONVEYOR_PIPELINE=tests.shapes...)."""
+"""Pipelines that are not lines, for the tests of routing and fan-out
+(CONVEYOR_PIPELINE=tests.shapes.pipelines:...)."""
 
 from __future__ import annotations
 
-from conveyor import Pipeline, Route, Run, Stage
+import asyncio
+
+from conveyor import FanOut, PermanentError, Pipeline, Route, Run, Stage
 
 
 async def triage(run: Run) -> Route:
@@ -50,3 +53,56 @@ loop = Pipeline(
         Stage("review", review, consumes="DRAFTED", produces="DONE", routes=["NEW"]),
     ],
 )
+
+
+async def split(run: Run) -> FanOut:
+    """One child per number below the input's `width`; those listed in `fail` fail at once,
+    the others first sleep the input's `sleep` seconds (children still running)."""
+    width = int(run.input["width"])
+    failing = set(run.input.get("fail", []))
+    sleep = float(run.input.get("sleep", 0))
+    return FanOut(
+        [
+            {"n": n, "fail": n in failing, "sleep": 0 if n in failing else sleep}
+            for n in range(width)
+        ],
+        {"width": width},
+    )
+
+
+async def square(run: Run) -> dict[str, int]:
+    await asyncio.sleep(float(run.input.get("sleep", 0)))
+    if run.input.get("fail"):
+        raise PermanentError(f"child {run.input['n']} refuses")
+    return {"square": int(run.input["n"]) ** 2}
+
+
+async def gather(run: Run) -> dict[str, object]:
+    return {
+        "indexes": [child.index for child in run.children],
+        "squares": [child.outputs.get("square", {}).get("square") for child in run.children],
+        "failed": [child.index for child in run.children if not child.succeeded],
+        "errors": [child.error for child in run.children if not child.succeeded],
+    }
+
+
+def _fan(name: str, on_child_failure: str) -> Pipeline:
+    return Pipeline(
+        name,
+        [
+            Stage(
+                "split",
+                split,
+                consumes="NEW",
+                produces="SPLIT",
+                fan_out="PART",
+                on_child_failure=on_child_failure,
+            ),
+            Stage("square", square, consumes="PART", produces="DONE", concurrency=20),
+            Stage("gather", gather, consumes="SPLIT", produces="GATHERED"),
+        ],
+    )
+
+
+fan = _fan("fan", "fail")
+fan_join = _fan("fan_join", "join")
