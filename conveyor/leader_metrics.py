@@ -24,12 +24,16 @@ class LeaderMetrics:
     def __init__(self, pipeline: Pipeline, sql: dict[str, str]) -> None:
         self.pipeline = pipeline
         self.sql = sql
-        # Every unfinished status a stage owns: its input and its working status.
+        # Every unfinished status a stage owns: its input and its working status, and the
+        # status its runs wait in for their children.
         self._stage_of = {
             status: stage.name
             for stage in pipeline.stages
-            for status in (stage.consumes, stage.working)
+            for status in (stage.consumes, stage.working, stage.waiting)
+            if status
         }
+        # A parent waiting for its children is due to no worker: its age is no stall.
+        self._waiting = {stage.waiting for stage in pipeline.stages if stage.waiting}
         self._published: set[tuple[Gauge, tuple[str, ...]]] = set()
         self._statuses: set[str] = set()
         self._cancels = _CancelCounter(self)
@@ -51,6 +55,8 @@ class LeaderMetrics:
         self._statuses |= {*self._stage_of, *found}
         for status in self._statuses:
             due, scheduled, oldest = found.get(status, (0, 0, 0.0))
+            if status in self._waiting:
+                oldest = 0.0
             labels = (name, self.stage_of(status), status)
             self._set(metrics.QUEUE_DEPTH, labels, due)
             self._set(metrics.QUEUE_SCHEDULED, labels, scheduled)

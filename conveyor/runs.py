@@ -201,6 +201,22 @@ def run_history(conn: psycopg.Connection[Any], schema: str, run_id: UUID) -> lis
         return cur.execute(queries.load(schema)["run_history"], {"id": run_id}).fetchall()
 
 
+CHILDREN_SHOWN = 100  # a parent of 10,000 children lists its first ones and counts the rest
+
+
+def children_of(
+    conn: psycopg.Connection[Any], schema: str, run_id: UUID, limit: int = CHILDREN_SHOWN
+) -> dict[str, Any]:
+    """A run's children: how many (`total`), how many in each status (`by_status`), and the
+    first `limit` of them in order (`first`: index, id, status)."""
+    sql = queries.load(schema)
+    with conn.cursor(row_factory=dict_row) as cur:
+        counts = cur.execute(sql["run_children"], {"id": run_id}).fetchall()
+        first = cur.execute(sql["first_children"], {"id": run_id, "limit": limit}).fetchall()
+    by_status = {row["status"]: row["runs"] for row in counts}
+    return {"total": sum(by_status.values()), "by_status": by_status, "first": first}
+
+
 def route_of(history: list[dict[str, Any]]) -> list[str]:
     """The stages that moved the run on, in order, loops included: the attempts that ran (they
     have a duration) and completed, or failed for good. Retries, throttles, releases, rescues

@@ -561,8 +561,19 @@ SELECT pipeline, status, count(*), NULL
 
 -- get_run --
 SELECT id, pipeline, status, input, outputs, priority, run_after, attempt, rescues, lease_owner,
-       lease_expires_at, last_error, idempotency_key, created_at, updated_at, finished_at
+       lease_expires_at, last_error, idempotency_key, created_at, updated_at, finished_at,
+       parent_id, child_index, children_pending
   FROM @schema@.pipeline_runs WHERE id = %(id)s;
+
+-- run_children --
+-- A run's children (of every fan-out), for `conveyor show` and the console: how many there are
+-- in each status, and the first %(limit)s in order. Both through pipeline_runs_children.
+SELECT status, count(*) AS runs FROM @schema@.pipeline_runs
+ WHERE parent_id = %(id)s GROUP BY status ORDER BY status;
+
+-- first_children --
+SELECT child_index AS index, id, status FROM @schema@.pipeline_runs
+ WHERE parent_id = %(id)s ORDER BY child_index LIMIT %(limit)s;
 
 -- run_history --
 SELECT id, stage, from_status, to_status, attempt, worker, started_at,

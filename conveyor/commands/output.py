@@ -41,15 +41,24 @@ def print_workers(workers: list[dict[str, Any]]) -> None:
     click.echo(table(("PIPELINE", "STAGE", "WORKER", "HOST:PID", "LAST BEAT", "STATE"), rows))
 
 
-def print_run(run: dict[str, Any], history: list[dict[str, Any]], as_json: bool) -> None:
+def print_run(
+    run: dict[str, Any],
+    history: list[dict[str, Any]],
+    as_json: bool,
+    children: dict[str, Any] | None = None,
+) -> None:
     if as_json:
-        click.echo(run_json(run, history))
+        click.echo(run_json(run, history, children))
         return
     click.echo(f"run       {run['id']}  ({run['pipeline']})")
     click.echo(f"status    {run['status']}  attempt {run['attempt']}  rescues {run['rescues']}")
+    if run.get("parent_id") is not None:
+        click.echo(f"parent    {run['parent_id']}  (child {run['child_index']})")
     route = runs.route_of(history)
     if route:
         click.echo(f"route: {' -> '.join([*route, run['status']])}")
+    if children and children["total"]:
+        _print_children(run, children)
     click.echo(f"input     {json_text(run['input'])}")
     outputs = run["outputs"]
     if isinstance(outputs, runs.DeepJSON):
@@ -78,17 +87,32 @@ def print_run(run: dict[str, Any], history: list[dict[str, Any]], as_json: bool)
         )
 
 
+def _print_children(run: dict[str, Any], children: dict[str, Any]) -> None:
+    counts = ", ".join(f"{status} {n}" for status, n in children["by_status"].items())
+    waiting = run.get("children_pending")
+    still = f"; waiting for {waiting}" if waiting and run["finished_at"] is None else ""
+    click.echo(f"children  {children['total']} ({counts}){still}")
+    for child in children["first"]:
+        click.echo(f"  {child['index']:>6}  {child['id']}  {child['status']}")
+    if children["total"] > len(children["first"]):
+        click.echo(f"  ... and {children['total'] - len(children['first'])} more")
+
+
 def json_text(value: Any) -> str:
     """JSON too deep for Python to write is printed as PostgreSQL wrote it."""
     return value.text if isinstance(value, runs.DeepJSON) else json.dumps(value)
 
 
-def run_json(run: dict[str, Any], history: list[dict[str, Any]]) -> str:
+def run_json(
+    run: dict[str, Any], history: list[dict[str, Any]], children: dict[str, Any] | None = None
+) -> str:
     """The run as one JSON document; a DeepJSON value goes in as PostgreSQL's text (json.dumps
     would recurse once per level), in place of a unique marker."""
     deep = {key: value.text for key, value in run.items() if isinstance(value, runs.DeepJSON)}
     markers = {key: f"conveyor-deep-json-{uuid4().hex}" for key in deep}
     document = {**run, **markers, "route": runs.route_of(history), "history": history}
+    if children is not None:
+        document["children"] = children
     text = json.dumps(document, default=str, indent=2)
     for key, marker in markers.items():
         text = text.replace(json.dumps(marker), deep[key], 1)

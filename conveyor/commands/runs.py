@@ -196,14 +196,15 @@ def status_command(app: App, as_json: bool, watch: bool, interval: float) -> Non
 @pass_app
 @clear_errors
 def show_command(app: App, run_id: UUID, as_json: bool) -> None:
-    """A run: its input, outputs and full transition history."""
+    """A run: its input, outputs, children and full transition history."""
     with app.connect() as conn:
         run = runs.get_run(conn, app.settings.schema, run_id)
         if run is None:
             click.echo(f"conveyor: no run {run_id}", err=True)
             sys.exit(1)
         history = runs.run_history(conn, app.settings.schema, run_id)
-    print_run(run, history, as_json)
+        children = runs.children_of(conn, app.settings.schema, run_id)
+    print_run(run, history, as_json, children)
 
 
 @click.command("cancel")

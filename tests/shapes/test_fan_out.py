@@ -110,6 +110,25 @@ def test_children_are_created_with_the_parent_and_joined_in_order(
         == 0
     )
 
+    # `conveyor show` lists a parent's children, and names a child's parent.
+    shown = conveyor_command(database_url, "show", wide, CONVEYOR_PIPELINE=FAN)
+    assert shown.returncode == 0, shown.stderr
+    assert "children  40 (DONE 40)" in shown.stdout
+    first_child = str(
+        scalar(
+            database_url,
+            "SELECT id FROM conveyor.pipeline_runs WHERE parent_id = %s AND child_index = 0",
+            (wide,),
+        )
+    )
+    assert f"       0  {first_child}  DONE" in shown.stdout
+    as_json = conveyor_command(database_url, "show", "--json", wide, CONVEYOR_PIPELINE=FAN)
+    children = json.loads(as_json.stdout)["children"]
+    assert children["total"] == 40 and children["by_status"] == {"DONE": 40}
+    assert [c["index"] for c in children["first"]] == list(range(40))
+    child = conveyor_command(database_url, "show", first_child, CONVEYOR_PIPELINE=FAN)
+    assert f"parent    {wide}  (child 0)" in child.stdout
+
 
 def test_a_failing_child_fails_its_parent_and_cancels_its_siblings(
     database_url: str, start_conveyor: Start
