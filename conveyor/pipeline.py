@@ -297,9 +297,15 @@ def _validate_fan_outs(
     sent = {s for stage in pipeline.stages for s in (stage.produces, *stage.routes)}
     waiting: set[str] = set()
     for stage in pipeline.stages:
-        if stage.fan_out is None:
-            continue
         where = f"pipeline {pipeline.name!r}, stage {stage.name!r}"
+        if stage.fan_out is None:
+            if stage.waiting:
+                raise PipelineError(f"{where}: a waiting status is for a stage with fan_out")
+            continue
+        if stage.produces not in consumed:
+            raise PipelineError(
+                f"{where}: fans out, but no stage consumes {stage.produces} to join its children"
+            )
         if stage.fan_out not in consumed:
             raise PipelineError(
                 f"{where}: fan_out {stage.fan_out}: no stage consumes it, so no child would start"

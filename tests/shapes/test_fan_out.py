@@ -63,10 +63,28 @@ def test_children_are_created_with_the_parent_and_joined_in_order(
     database_url: str, start_conveyor: Start
 ) -> None:
     start_conveyor("run", CONVEYOR_PIPELINE=FAN)
+    observer = psycopg.connect(database_url, autocommit=True)
+    observer.execute("LISTEN pipeline_events")
     wide = _parent(database_url, "fan", width=40)
     empty = _parent(database_url, "fan", width=0)
     wait_until(lambda: _status(database_url, wide) == "GATHERED", 60, "the wide parent joined")
     wait_until(lambda: _status(database_url, empty) == "GATHERED", 60, "the empty one on")
+
+    # Children are ordinary runs on the observer channel: each inserted at PART, and ended.
+    with observer:
+        seen = [json.loads(n.payload) for n in observer.notifies(timeout=2)]
+    child_ids = {
+        str(row[0])
+        for row in fetch_all(
+            database_url, "SELECT id FROM conveyor.pipeline_runs WHERE parent_id = %s", (wide,)
+        )
+    }
+    inserted = {e["id"] for e in seen if e["operation"] == "INSERT" and e["status"] == "PART"}
+    assert inserted == child_ids
+    assert {e["id"] for e in seen if e["status"] == "DONE"} == child_ids
+    assert [e["status"] for e in seen if e["id"] == wide] == [
+        "NEW", "SPLIT_RUNNING", "SPLIT_WAITING", "SPLIT", "GATHER_RUNNING", "GATHERED",
+    ]  # fmt: skip
 
     status, outputs, error = _run(database_url, wide)
     assert (status, error) == ("GATHERED", None)

@@ -47,6 +47,17 @@ def test_a_fan_out_is_checked_when_the_pipeline_is_declared() -> None:
     for waiting in ("PART", "SPLIT", "PART_RUNNING", "DONE", "JOINED"):
         assert "waiting status" in _refused(_parts(fan_out="PART", waiting=waiting)), waiting
     assert "on_child_failure" in _refused(_parts(fan_out="PART", on_child_failure="ignore"))
+    assert "a waiting status is for a stage with fan_out" in _refused(_parts(waiting="HOLD"))
+    # the parent joins at a stage: a fan-out cannot end the pipeline
+    assert _refused(
+        [
+            Stage("split", _noop, "NEW", "SPLIT", fan_out="PART"),
+            Stage("part", _noop, "PART", "DONE"),
+        ]
+    ) == (
+        "pipeline 'shapes', stage 'split': fans out, but no stage consumes SPLIT to join its "
+        "children"
+    )
     assert Pipeline("shapes", _parts(fan_out="PART", on_child_failure="join"))
 
 
