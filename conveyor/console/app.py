@@ -223,7 +223,8 @@ async def _run(request: Request, template: str) -> Response:
     run, history = await run_in_threadpool(console.store.run, run_id)
     if run is None:
         raise HTTPException(404, f"no run {run_id}")
-    view = build_run_view(run, history, console.pipeline, datetime.now(UTC))
+    children = await run_in_threadpool(console.store.children, run_id)
+    view = build_run_view(run, history, console.pipeline, datetime.now(UTC), children)
     notice = request.query_params.get("notice")
     return console.page(
         request,
@@ -243,7 +244,8 @@ async def api_run(request: Request) -> Response:
     run, history = await run_in_threadpool(console.store.run, run_id)
     if run is None:
         return JSON({"error": f"no run {run_id}"}, status_code=404)
-    return JSON({"run": run, "history": history})
+    children = await run_in_threadpool(console.store.children, run_id)
+    return JSON({"run": run, "history": history, "children": children})
 
 
 # -- live updates and probes --------------------------------------------------------------------

@@ -1,6 +1,8 @@
-"""One run as the run page shows it: outputs per stage, attempts, and where the time went.
+"""One run as the run page shows it: outputs per stage, attempts, where the time went, and the
+runs it fanned out to or was fanned out from.
 
-Pure: built from `get_run` and `run_history` rows, so it is tested without a database.
+Pure: built from `get_run`, `run_history` and `children_of` rows, so it is tested without a
+database.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ import json
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
+from uuid import UUID
 
 from conveyor.console.decoding import MAX_JSON_DEPTH, DeepJSON
 from conveyor.pipeline import Pipeline
@@ -45,6 +48,17 @@ class StageTime:
 
 
 @dataclass
+class Children:
+    """A parent's children (of every fan-out it made): counted in full, listed in part."""
+
+    total: int
+    by_status: list[tuple[str, int]]
+    listed: list[dict[str, Any]]  # the first ones in index order: index, id, status
+    more: int  # counted but not listed
+    waiting_for: int  # children the unfinished run still waits for; 0 once it has moved on
+
+
+@dataclass
 class RunView:
     run: dict[str, Any]
     history: list[dict[str, Any]]
@@ -59,10 +73,17 @@ class RunView:
     can_cancel: bool
     stages: list[str] = field(default_factory=list)
     route: list[str] = field(default_factory=list)  # the stages visited, in order
+    children: Children | None = None  # None: the run has no children
+    parent_id: UUID | None = None  # set for a child run, with its index among the parent's children
+    child_index: int | None = None
 
 
 def build_run_view(
-    run: dict[str, Any], history: list[dict[str, Any]], pipeline: Pipeline, now: datetime
+    run: dict[str, Any],
+    history: list[dict[str, Any]],
+    pipeline: Pipeline,
+    now: datetime,
+    children: dict[str, Any] | None = None,
 ) -> RunView:
     declared = [s.name for s in pipeline.stages] if run["pipeline"] == pipeline.name else []
     timeline, times, total = _timeline(run, history, now)
@@ -83,6 +104,24 @@ def build_run_view(
         can_cancel=not finished,
         stages=declared,
         route=route_of(history),
+        children=_children(children, run.get("children_pending"), finished),
+        parent_id=run.get("parent_id"),
+        child_index=run.get("child_index"),
+    )
+
+
+def _children(found: dict[str, Any] | None, pending: int | None, finished: bool) -> Children | None:
+    """`found` is what `runs.children_of` returns."""
+    if not found or not found["total"]:
+        return None
+    listed = list(found["first"])
+    return Children(
+        total=found["total"],
+        by_status=list(found["by_status"].items()),
+        listed=listed,
+        # Counted and listed by two statements: a child added in between is not "-1 more".
+        more=max(found["total"] - len(listed), 0),
+        waiting_for=0 if finished else max(pending or 0, 0),
     )
 
 

@@ -109,6 +109,11 @@ class Store:
             history = cur.execute(self.sql["run_history"], {"id": run_id}).fetchall() if run else []
         return run, history
 
+    def children(self, run_id: UUID) -> dict[str, Any]:
+        """`runs.children_of`: counted by status, the first CHILDREN_SHOWN listed."""
+        with self._transaction() as conn:
+            return runs.children_of(conn, self.schema, run_id)
+
     def retry(self, run_id: UUID, actor: str, from_stage: str | None) -> bool:
         with self._transaction() as conn:
             return runs.retry(conn, self.schema, self.pipeline, run_id, actor, from_stage)

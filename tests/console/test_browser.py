@@ -286,3 +286,44 @@ def test_a_script_in_a_runs_input_renders_as_text(
     assert payload in _text(browser, "#outputs .output[data-stage='answer'] pre")
     assert browser.find_elements(By.XPATH, "//script[contains(., 'alert')]") == []
     assert _no_alert(browser)
+
+
+def test_a_parents_page_follows_its_children_live(
+    browser: WebDriver, start_console: StartConsole, database_url: str
+) -> None:
+    fan_out = {"waiting": "SPLIT_WAITING", "join": "SPLIT", "fail_fast": True, "first": 0}
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        row = conn.execute(
+            "INSERT INTO conveyor.pipeline_runs (pipeline, status, input, children_pending,"
+            " fan_out) VALUES ('fan', 'SPLIT_WAITING', '{}', 2, %s) RETURNING id",
+            (json.dumps({**fan_out, "width": 2}),),
+        ).fetchone()
+        assert row is not None
+        parent = str(row[0])
+        # An explicit index: a child inserted without one is numbered and counted by a trigger.
+        children = [
+            str(child[0])
+            for child in conn.execute(
+                "INSERT INTO conveyor.pipeline_runs (pipeline, status, input, parent_id,"
+                " child_index) SELECT 'fan', 'PART', '{}', %s, n FROM generate_series(0, 1) n"
+                " ORDER BY n RETURNING id",
+                (parent,),
+            ).fetchall()
+        ]
+    console = start_console()
+    _open_live(browser, f"{console.url}/runs/{parent}")
+    assert _attrs(browser, "#children tr[data-child]", "data-status") == ["PART", "PART"]
+
+    # The parent's own row does not change: the page re-reads for a child it lists.
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE conveyor.pipeline_runs SET status = 'SQUARING' WHERE id = %s", (children[1],)
+        )
+    rows = "#children tr[data-child]"
+    _wait(browser, lambda d: _attrs(d, rows, "data-status") == ["PART", "SQUARING"])
+    assert _not_reloaded(browser)
+    assert "waiting for 2" in _text(browser, "#children-summary")
+
+    browser.find_element(By.CSS_SELECTOR, f"#children a[href='/runs/{children[1]}']").click()
+    _wait(browser, lambda d: _text(d, "#run-status") == "SQUARING")
+    assert _text(browser, "#parent").startswith("child 1 of")

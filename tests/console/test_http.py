@@ -163,6 +163,81 @@ def test_the_run_page_shows_the_route_a_run_took(
     assert status == 200 and 'id="route"' not in body
 
 
+def _parent(conn: psycopg.Connection[Any], status: str, pending: int, width: int) -> str:
+    """A run of the fan pipeline (tests/shapes) that fanned out `width` children."""
+    fan_out = {"waiting": "SPLIT_WAITING", "join": "SPLIT", "fail_fast": True, "first": 0}
+    row = conn.execute(
+        "INSERT INTO conveyor.pipeline_runs (pipeline, status, input, children_pending, fan_out,"
+        " finished_at) VALUES ('fan', %s, '{}', %s, %s,"
+        " CASE WHEN %s = 'GATHERED' THEN now() END) RETURNING id",
+        (status, pending, json.dumps({**fan_out, "width": width}), status),
+    ).fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def _children(conn: psycopg.Connection[Any], parent: str, statuses: list[str]) -> list[str]:
+    """Children at these statuses, in index order. An explicit index skips the trigger that
+    numbers (and counts) a child inserted by hand."""
+    rows = conn.execute(
+        "INSERT INTO conveyor.pipeline_runs (pipeline, status, input, parent_id, child_index)"
+        " SELECT 'fan', s.status, '{}', %s, s.n - 1"
+        "   FROM unnest(%s::text[]) WITH ORDINALITY AS s(status, n) ORDER BY s.n RETURNING id",
+        (parent, statuses),
+    ).fetchall()
+    return [str(row[0]) for row in rows]
+
+
+def test_the_run_page_shows_a_parents_children_and_a_childs_parent(
+    database_url: str, start_console: StartConsole
+) -> None:
+    hostile = "<i>\"odd'</i>"
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        waiting = _parent(conn, "SPLIT_WAITING", pending=2, width=3)
+        children = _children(conn, waiting, ["DONE", "PART", hostile])
+        wide = _parent(conn, "GATHERED", pending=0, width=103)
+        wide_children = _children(conn, wide, ["DONE"] * 103)
+        lone = _insert(conn, "NEW", 1)[0]
+    console = start_console()
+
+    status, body = console.get(f"/runs/{waiting}")
+    assert status == 200
+    summary = re.search(r'<p id="children-summary">(.*?)</p>', body, re.S)
+    assert summary, body
+    text = " ".join(re.sub(r"<[^>]+>", "", summary.group(1)).split())
+    assert text.startswith("3 children:") and text.endswith("— waiting for 2")
+    assert "DONE 1" in text and "PART 1" in text
+    assert "&lt;i&gt;&#34;odd&#39;&lt;/i&gt; 1" in text
+    assert hostile not in body
+    listed = re.findall(
+        r'<tr data-child="([^"]+)" data-status="([^"]*)">\s*<td class="num">(\d+)</td>\s*'
+        r'<td><a href="/runs/([^"]+)"',
+        body,
+    )
+    assert listed == [
+        (children[0], "DONE", "0", children[0]),
+        (children[1], "PART", "1", children[1]),
+        (children[2], "&lt;i&gt;&#34;odd&#39;&lt;/i&gt;", "2", children[2]),
+    ]
+    assert 'id="children-more"' not in body
+
+    # Past the first hundred the rest are counted; a parent that moved on waits for none.
+    status, body = console.get(f"/runs/{wide}")
+    assert status == 200
+    assert body.count("<tr data-child=") == 100
+    assert f'href="/runs/{wide_children[99]}"' in body
+    assert f'href="/runs/{wide_children[100]}"' not in body
+    assert '<p class="dim" id="children-more">and 3 more</p>' in body
+    assert "waiting for" not in body
+
+    status, body = console.get(f"/runs/{children[2]}")
+    assert status == 200 and 'id="children"' not in body
+    assert f'<dd id="parent">child 2 of <a href="/runs/{waiting}"' in body
+    assert _json(console, f"/api/runs/{waiting}")["children"]["total"] == 3
+    status, body = console.get(f"/runs/{lone}")
+    assert status == 200 and 'id="children"' not in body and 'id="parent"' not in body
+
+
 def test_actions_need_a_token_from_a_console_page_and_the_same_origin(
     database_url: str, start_console: StartConsole
 ) -> None:

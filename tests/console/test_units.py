@@ -262,6 +262,34 @@ def test_run_view_orders_outputs_and_times_each_attempt() -> None:
     assert not view.can_retry and not view.can_cancel and view.finished
 
 
+def test_run_view_counts_children_and_waits_only_while_unfinished() -> None:
+    parent_id, child_id = uuid4(), uuid4()
+    run = {
+        "id": parent_id, "pipeline": "fan", "status": "SPLIT_WAITING", "created_at": NOW,
+        "finished_at": None, "input": {}, "outputs": {}, "children_pending": 2,
+        "parent_id": None, "child_index": None,
+    }  # fmt: skip
+    found = {
+        "total": 5,
+        "by_status": {"DONE": 3, "PART": 2},
+        "first": [{"index": 0, "id": child_id, "status": "DONE"}],
+    }
+    children = build_run_view(run, [], reference, NOW, found).children
+    assert children is not None
+    assert (children.total, children.more, children.waiting_for) == (5, 4, 2)
+    assert children.by_status == [("DONE", 3), ("PART", 2)]
+    assert [c["id"] for c in children.listed] == [child_id]
+    finished = {**run, "status": "FAILED", "finished_at": NOW}
+    moved_on = build_run_view(finished, [], reference, NOW, found).children
+    assert moved_on is not None and moved_on.waiting_for == 0
+    none = {"total": 0, "by_status": {}, "first": []}
+    assert build_run_view(run, [], reference, NOW, none).children is None
+    assert build_run_view(run, [], reference, NOW).children is None
+
+    child = build_run_view({**run, "parent_id": parent_id, "child_index": 3}, [], reference, NOW)
+    assert (child.parent_id, child.child_index) == (parent_id, 3)
+
+
 def test_numbers_and_ages_read_well() -> None:
     assert number(12345) == "12,345" and number(10_000, capped=True) == "10,000+"
     assert age(3.25) == "3.2s" and age(250) == "4m 10s" and age(7500) == "2h 05m"

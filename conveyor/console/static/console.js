@@ -68,6 +68,15 @@
   });
 
   if (!live) return;
+
+  // The run itself, or one of the children it lists: their statuses are on the page.
+  function shownOnRunPage(id) {
+    if (id === live.dataset.runId) return true;
+    return Array.prototype.some.call(live.querySelectorAll("[data-child]"), function (row) {
+      return row.dataset.child === id;
+    });
+  }
+
   const refreshOn = live.dataset.refreshOn;
   if (refreshOn === "overview") {
     source.addEventListener("overview", function (event) {
@@ -76,7 +85,7 @@
   } else if (refreshOn === "runs" || refreshOn === "run") {
     source.addEventListener("runs", function (event) {
       const data = JSON.parse(event.data);
-      if (refreshOn === "run" && !data.all && (data.ids || []).indexOf(live.dataset.runId) < 0) {
+      if (refreshOn === "run" && !data.all && !(data.ids || []).some(shownOnRunPage)) {
         return;
       }
       reload();
