@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
 
-# One fan-out is one statement and one transaction; past this, split the work in stages.
+# One fan-out is one transaction; past these, split the work in stages.
 MAX_CHILDREN = 100_000
+MAX_INPUT_BYTES = 64 * 1024 * 1024  # the children's inputs together, as JSON
 CHILD_FAILURE_POLICIES = ("fail", "join")
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,30}$")
 _STATUS = re.compile(r"^[A-Z][A-Z0-9_]{0,30}$")

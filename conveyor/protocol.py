@@ -34,6 +34,10 @@ from conveyor.handler_run import Usage, Write
 from conveyor.pipeline import Pipeline, Stage
 from conveyor.server_json import ClaimedRow, json_from_server
 
+# One fan_out statement carries at most about this many children, or bytes of their inputs.
+FAN_OUT_ROWS = 20_000
+FAN_OUT_BYTES = 32 * 1024 * 1024
+
 
 @dataclass(slots=True)
 class Success:
@@ -129,6 +133,7 @@ class StageProtocol:
         # A pipeline that fans out has children: a batch that ends runs locks their parents
         # first (lock_parents), in one order.
         self._may_end_children = pipeline.fans_out
+        self._fans_out = stage.fan_out is not None
         self._fan_out_params = {
             "waiting": stage.waiting,
             "produces": stage.produces,
@@ -189,7 +194,8 @@ class StageProtocol:
         the worker then applies the results one by one to find it)."""
         completed = retried = failed = 0
         writing = any([s.writes for s in successes])
-        spawning = any([s.spawn for s in successes])
+        # A stage that fans out records every stored run's fan-out, none included (_fan_out).
+        spawning = self._fans_out and bool(successes)
         # One commit for every statement: it waits for its flush when any run ends here.
         routing = self._routing(successes)
         durable = (bool(successes) and (self._terminal or routing["durable"])) or any(
@@ -231,12 +237,12 @@ class StageProtocol:
                     stored = {row[0] for row in ended}
                 elif writing or spawning:
                     stored = {row[0] for row in await cur.fetchall()}
-                if spawning:
-                    await self._fan_out(conn, [s for s in successes if s.run_id in stored])
                 if writing:
                     await execute_writes(
                         conn, (w for s in successes if s.run_id in stored for w in s.writes)
                     )
+                if spawning:
+                    await self._fan_out(conn, [s for s in successes if s.run_id in stored])
             if failures:
                 cur = await conn.execute(
                     self.sql["fail_if_leased"],
@@ -268,18 +274,33 @@ class StageProtocol:
         return Applied(completed, retried, failed, refused)
 
     async def _fan_out(self, conn: AsyncConnection[Any], stored: list[Success]) -> None:
-        """Create the children of the stored runs that fanned out, in one statement."""
-        spawned = [(s.run_id, s.spawn) for s in stored if s.spawn is not None]
-        if not spawned:
-            return
-        parents: list[UUID] = []
+        """Record the fan-outs of stored runs: their children, created a few parents at a time
+        (each statement bounded in rows and bytes), and none for a run that created none."""
+        chunk: list[Success] = []
+        rows = size = 0
+        for success in stored:
+            inputs = success.spawn.inputs if success.spawn is not None else ()
+            if chunk and (rows + len(inputs) > FAN_OUT_ROWS or size > FAN_OUT_BYTES):
+                await self._fan_out_chunk(conn, chunk)
+                chunk, rows, size = [], 0, 0
+            chunk.append(success)
+            rows += len(inputs)
+            size += sum(map(len, inputs))
+        if chunk:
+            await self._fan_out_chunk(conn, chunk)
+
+    async def _fan_out_chunk(self, conn: AsyncConnection[Any], parents: list[Success]) -> None:
+        child_parents: list[UUID] = []
         indexes: list[int] = []
         pipelines: list[str] = []
         statuses: list[str] = []
         inputs: list[str] = []
-        for run_id, spawn in spawned:
+        for parent in parents:
+            spawn = parent.spawn
+            if spawn is None:
+                continue
             width = len(spawn.inputs)
-            parents.extend([run_id] * width)
+            child_parents.extend([parent.run_id] * width)
             indexes.extend(range(width))
             pipelines.extend([spawn.pipeline] * width)
             statuses.extend([spawn.status] * width)
@@ -288,9 +309,9 @@ class StageProtocol:
             self.sql["fan_out"],
             {
                 **self._fan_out_params,
-                "parents": uuid_array([run_id for run_id, _ in spawned]),
-                "widths": number_array([len(spawn.inputs) for _, spawn in spawned]),
-                "child_parents": uuid_array(parents),
+                "parents": uuid_array([p.run_id for p in parents]),
+                "widths": number_array([len(p.spawn.inputs) if p.spawn else 0 for p in parents]),
+                "child_parents": uuid_array(child_parents),
                 "child_indexes": number_array(indexes),
                 "child_pipelines": text_array(pipelines),
                 "child_statuses": text_array(statuses),

@@ -34,7 +34,10 @@ CREATE FUNCTION @schema@.run_finished() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
     child_failed boolean := NEW.status IN ('FAILED', 'CANCELLED');
+    fail_now boolean;
     parent record;
+    moved_to text;
+    moved_error text;
 BEGIN
     IF NEW.children_pending > 0 THEN
         WITH cancelled AS (
@@ -53,30 +56,35 @@ BEGIN
         SELECT id, pipeline, from_status, 'CANCELLED', last_error FROM cancelled;
     END IF;
     IF NEW.parent_id IS NOT NULL THEN
+        -- Counted apart from the move: most children change neither the parent's status nor
+        -- an indexed column, so their update stays cheap (a HOT update, no wake-up queued).
         UPDATE @schema@.pipeline_runs p
-           SET children_pending = p.children_pending - 1,
-               status = CASE WHEN child_failed AND (p.fan_out ->> 'fail_fast')::boolean
-                             THEN 'FAILED'
-                             WHEN p.children_pending = 1 THEN p.fan_out ->> 'join'
-                             ELSE p.status END,
-               last_error = CASE WHEN child_failed AND (p.fan_out ->> 'fail_fast')::boolean
-                                 THEN format('child %s (run %s) ended %s: %s', NEW.child_index,
-                                             NEW.id, NEW.status,
-                                             coalesce(NEW.last_error, 'cancelled'))
-                                 ELSE p.last_error END,
-               finished_at = CASE WHEN child_failed AND (p.fan_out ->> 'fail_fast')::boolean
-                                  THEN now() END,
-               run_after = now(),
-               updated_at = now()
+           SET children_pending = p.children_pending - 1, updated_at = now()
          WHERE p.id = NEW.parent_id AND p.finished_at IS NULL
            AND p.status = p.fan_out ->> 'waiting'
            AND NEW.child_index >= (p.fan_out ->> 'first')::int
-        RETURNING p.id, p.pipeline, p.status, p.last_error, p.fan_out ->> 'waiting' AS waiting
-          INTO parent;
-        IF parent.id IS NOT NULL AND parent.status <> parent.waiting THEN
+        RETURNING p.id, p.pipeline, p.children_pending, p.fan_out INTO parent;
+        IF parent.id IS NULL THEN
+            RETURN NULL;  -- it waits for no fan-out of this child's (joined, ended, a later one)
+        END IF;
+        fail_now := child_failed AND (parent.fan_out ->> 'fail_fast')::boolean;
+        IF fail_now OR parent.children_pending = 0 THEN
+            UPDATE @schema@.pipeline_runs p
+               SET status = CASE WHEN fail_now THEN 'FAILED' ELSE p.fan_out ->> 'join' END,
+                   last_error = CASE WHEN fail_now
+                                     THEN format('child %s (run %s) ended %s: %s',
+                                                 NEW.child_index - (p.fan_out ->> 'first')::int,
+                                                 NEW.id, NEW.status,
+                                                 coalesce(NEW.last_error, 'cancelled'))
+                                     ELSE p.last_error END,
+                   finished_at = CASE WHEN fail_now THEN now() END,
+                   run_after = now(),
+                   updated_at = now()
+             WHERE p.id = parent.id
+            RETURNING p.status, p.last_error INTO moved_to, moved_error;
             INSERT INTO @schema@.run_events (run_id, pipeline, from_status, to_status, error)
-            VALUES (parent.id, parent.pipeline, parent.waiting, parent.status,
-                    CASE WHEN parent.status = 'FAILED' THEN parent.last_error END);
+            VALUES (parent.id, parent.pipeline, parent.fan_out ->> 'waiting', moved_to,
+                    CASE WHEN fail_now THEN moved_error END);
         END IF;
     END IF;
     RETURN NULL;
@@ -89,14 +97,25 @@ CREATE TRIGGER run_finished AFTER UPDATE OF finished_at ON @schema@.pipeline_run
           AND (NEW.parent_id IS NOT NULL OR NEW.children_pending > 0))
     EXECUTE FUNCTION @schema@.run_finished();
 
--- A child inserted by hand (plain SQL, with a parent_id and no child_index) joins like the
--- others: it takes the parent's next index and is counted, while the parent waits for its
--- children. Any other parent refuses it with an error.
+-- A child inserted by hand (plain SQL, with a parent_id) joins like the others while its parent
+-- waits for its fan-out: child_added numbers it (its child_index is the engine's to give) and
+-- child_counted counts it on the parent once it is really inserted (an INSERT ... ON CONFLICT DO
+-- NOTHING that skips it counts nothing). Any other parent refuses it with an error. The
+-- engine's own children (the fan_out statement, which sets conveyor.fan_out for its
+-- transaction) are numbered and counted by that statement.
 CREATE FUNCTION @schema@.child_added() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
     parent record;
 BEGIN
+    IF NEW.child_index IS NOT NULL THEN
+        RAISE EXCEPTION 'leave child_index out: a parent''s children are numbered as they are added'
+              USING ERRCODE = 'check_violation';
+    END IF;
+    IF NEW.finished_at IS NOT NULL THEN
+        RAISE EXCEPTION 'a child run must start unfinished (finished_at NULL)'
+              USING ERRCODE = 'check_violation';
+    END IF;
     SELECT p.id, p.status, p.finished_at, p.fan_out INTO parent
       FROM @schema@.pipeline_runs p WHERE p.id = NEW.parent_id
        FOR NO KEY UPDATE;
@@ -106,21 +125,32 @@ BEGIN
                         NEW.parent_id
               USING ERRCODE = 'check_violation';
     END IF;
-    IF NEW.finished_at IS NOT NULL THEN
-        RAISE EXCEPTION 'a child run must start unfinished (finished_at NULL)'
-              USING ERRCODE = 'check_violation';
-    END IF;
     NEW.child_index := (SELECT coalesce(max(c.child_index) + 1, 0)
                           FROM @schema@.pipeline_runs c WHERE c.parent_id = NEW.parent_id);
-    UPDATE @schema@.pipeline_runs SET children_pending = children_pending + 1, updated_at = now()
-     WHERE id = NEW.parent_id;
     RETURN NEW;
 END
 $$;
 
+CREATE FUNCTION @schema@.child_counted() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE @schema@.pipeline_runs SET children_pending = children_pending + 1, updated_at = now()
+     WHERE id = NEW.parent_id;
+    RETURN NULL;
+END
+$$;
+
 CREATE TRIGGER child_added BEFORE INSERT ON @schema@.pipeline_runs
-    FOR EACH ROW WHEN (NEW.parent_id IS NOT NULL AND NEW.child_index IS NULL)
+    FOR EACH ROW
+    WHEN (NEW.parent_id IS NOT NULL
+          AND current_setting('conveyor.fan_out', true) IS DISTINCT FROM 'on')
     EXECUTE FUNCTION @schema@.child_added();
+
+CREATE TRIGGER child_counted AFTER INSERT ON @schema@.pipeline_runs
+    FOR EACH ROW
+    WHEN (NEW.parent_id IS NOT NULL
+          AND current_setting('conveyor.fan_out', true) IS DISTINCT FROM 'on')
+    EXECUTE FUNCTION @schema@.child_counted();
 
 -- Retention keeps a finished child while its parent has not finished: the join reads it.
 CREATE OR REPLACE FUNCTION @schema@.prune_finished(older_than_seconds float8, only_pipeline text)

@@ -309,21 +309,27 @@ SELECT 1 FROM @schema@.pipeline_runs p
    FOR NO KEY UPDATE OF p;
 
 -- fan_out --
--- The children of runs whose fan-out was just stored (complete_if_leased moved them to their
--- waiting status, in this transaction): one statement whatever the width. They are numbered on
--- from the parent's earlier children (a run fanned out again after a retry or on a loop) and
--- counted on the parent, which joins when the last of them finishes (run_finished). They take
--- the parent's priority.
+-- After complete_if_leased, in its transaction, for the runs it stored of a stage that fans out:
+-- the children of those that fanned out (`widths` > 0), in one statement whatever the width,
+-- numbered on from the parent's earlier children and counted on the parent, which joins when
+-- the last of them finishes (run_finished, migration 015). They take the parent's priority.
+-- A run that created no children this time forgets an earlier fan-out, so that its join sees
+-- none of those. `conveyor.fan_out` tells the hand-insert triggers (child_added, child_counted)
+-- that these children are numbered and counted here.
 WITH parents AS (
     UPDATE @schema@.pipeline_runs p
        SET children_pending = f.width,
-           fan_out = jsonb_build_object('waiting', %(waiting)s::text, 'join', %(produces)s::text,
-                                        'fail_fast', %(fail_fast)s::boolean,
-                                        'first', n.first, 'width', f.width)
+           fan_out = CASE WHEN f.width > 0 THEN
+                         jsonb_build_object('waiting', %(waiting)s::text,
+                                            'join', %(produces)s::text,
+                                            'fail_fast', %(fail_fast)s::boolean,
+                                            'first', n.first, 'width', f.width) END
       FROM unnest(%(parents)s::uuid[], %(widths)s::int[]) AS f(id, width),
            LATERAL (SELECT coalesce(max(c.child_index) + 1, 0) AS first
                       FROM @schema@.pipeline_runs c WHERE c.parent_id = f.id) n
-     WHERE p.id = f.id AND p.status = %(waiting)s
+     WHERE p.id = f.id
+       AND CASE WHEN f.width > 0 THEN p.status = %(waiting)s ELSE p.fan_out IS NOT NULL END
+       AND set_config('conveyor.fan_out', 'on', true) IS NOT NULL
     RETURNING p.id, p.priority, n.first
 )
 INSERT INTO @schema@.pipeline_runs (pipeline, status, input, priority, parent_id, child_index)
@@ -490,7 +496,7 @@ RETURNING run_id;
 
 -- retry_run --
 -- Put one FAILED or CANCELLED run back at a stage's input status, keeping the outputs of the
--- stages before it.
+-- stages before it. A child whose parent still waits for its fan-out is waited for again.
 WITH moved AS (
     UPDATE @schema@.pipeline_runs r
        SET status = %(consumes)s, attempt = 0, rescues = 0, run_after = now(), last_error = NULL,
@@ -500,7 +506,14 @@ WITH moved AS (
       FROM (SELECT id, status FROM @schema@.pipeline_runs
              WHERE id = %(id)s AND status IN ('FAILED', 'CANCELLED') FOR UPDATE) old
      WHERE r.id = old.id
-    RETURNING r.id, r.pipeline, old.status AS from_status
+    RETURNING r.id, r.pipeline, old.status AS from_status, r.parent_id, r.child_index
+), waited_for_again AS (
+    UPDATE @schema@.pipeline_runs p
+       SET children_pending = p.children_pending + 1, updated_at = now()
+      FROM moved m
+     WHERE p.id = m.parent_id AND p.finished_at IS NULL
+       AND p.status = p.fan_out ->> 'waiting'
+       AND m.child_index >= (p.fan_out ->> 'first')::int
 )
 INSERT INTO @schema@.run_events (run_id, pipeline, stage, from_status, to_status, worker)
 SELECT id, pipeline, %(stage)s, from_status, %(consumes)s, %(actor)s FROM moved

@@ -17,6 +17,14 @@ CREATE FUNCTION conveyor.child_added() RETURNS trigger
 DECLARE
     parent record;
 BEGIN
+    IF NEW.child_index IS NOT NULL THEN
+        RAISE EXCEPTION 'leave child_index out: a parent''s children are numbered as they are added'
+              USING ERRCODE = 'check_violation';
+    END IF;
+    IF NEW.finished_at IS NOT NULL THEN
+        RAISE EXCEPTION 'a child run must start unfinished (finished_at NULL)'
+              USING ERRCODE = 'check_violation';
+    END IF;
     SELECT p.id, p.status, p.finished_at, p.fan_out INTO parent
       FROM "conveyor".pipeline_runs p WHERE p.id = NEW.parent_id
        FOR NO KEY UPDATE;
@@ -26,15 +34,18 @@ BEGIN
                         NEW.parent_id
               USING ERRCODE = 'check_violation';
     END IF;
-    IF NEW.finished_at IS NOT NULL THEN
-        RAISE EXCEPTION 'a child run must start unfinished (finished_at NULL)'
-              USING ERRCODE = 'check_violation';
-    END IF;
     NEW.child_index := (SELECT coalesce(max(c.child_index) + 1, 0)
                           FROM "conveyor".pipeline_runs c WHERE c.parent_id = NEW.parent_id);
+    RETURN NEW;
+END
+$$;
+CREATE FUNCTION conveyor.child_counted() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
     UPDATE "conveyor".pipeline_runs SET children_pending = children_pending + 1, updated_at = now()
      WHERE id = NEW.parent_id;
-    RETURN NEW;
+    RETURN NULL;
 END
 $$;
 CREATE FUNCTION conveyor.hand_off(handed_id uuid, handed_pipeline text, handed_status text, ready_at timestamp with time zone) RETURNS boolean
@@ -293,7 +304,10 @@ CREATE FUNCTION conveyor.run_finished() RETURNS trigger
     AS $$
 DECLARE
     child_failed boolean := NEW.status IN ('FAILED', 'CANCELLED');
+    fail_now boolean;
     parent record;
+    moved_to text;
+    moved_error text;
 BEGIN
     IF NEW.children_pending > 0 THEN
         WITH cancelled AS (
@@ -312,30 +326,35 @@ BEGIN
         SELECT id, pipeline, from_status, 'CANCELLED', last_error FROM cancelled;
     END IF;
     IF NEW.parent_id IS NOT NULL THEN
+        -- Counted apart from the move: most children change neither the parent's status nor
+        -- an indexed column, so their update stays cheap (a HOT update, no wake-up queued).
         UPDATE "conveyor".pipeline_runs p
-           SET children_pending = p.children_pending - 1,
-               status = CASE WHEN child_failed AND (p.fan_out ->> 'fail_fast')::boolean
-                             THEN 'FAILED'
-                             WHEN p.children_pending = 1 THEN p.fan_out ->> 'join'
-                             ELSE p.status END,
-               last_error = CASE WHEN child_failed AND (p.fan_out ->> 'fail_fast')::boolean
-                                 THEN format('child %s (run %s) ended %s: %s', NEW.child_index,
-                                             NEW.id, NEW.status,
-                                             coalesce(NEW.last_error, 'cancelled'))
-                                 ELSE p.last_error END,
-               finished_at = CASE WHEN child_failed AND (p.fan_out ->> 'fail_fast')::boolean
-                                  THEN now() END,
-               run_after = now(),
-               updated_at = now()
+           SET children_pending = p.children_pending - 1, updated_at = now()
          WHERE p.id = NEW.parent_id AND p.finished_at IS NULL
            AND p.status = p.fan_out ->> 'waiting'
            AND NEW.child_index >= (p.fan_out ->> 'first')::int
-        RETURNING p.id, p.pipeline, p.status, p.last_error, p.fan_out ->> 'waiting' AS waiting
-          INTO parent;
-        IF parent.id IS NOT NULL AND parent.status <> parent.waiting THEN
+        RETURNING p.id, p.pipeline, p.children_pending, p.fan_out INTO parent;
+        IF parent.id IS NULL THEN
+            RETURN NULL;  -- it waits for no fan-out of this child's (joined, ended, a later one)
+        END IF;
+        fail_now := child_failed AND (parent.fan_out ->> 'fail_fast')::boolean;
+        IF fail_now OR parent.children_pending = 0 THEN
+            UPDATE "conveyor".pipeline_runs p
+               SET status = CASE WHEN fail_now THEN 'FAILED' ELSE p.fan_out ->> 'join' END,
+                   last_error = CASE WHEN fail_now
+                                     THEN format('child %s (run %s) ended %s: %s',
+                                                 NEW.child_index - (p.fan_out ->> 'first')::int,
+                                                 NEW.id, NEW.status,
+                                                 coalesce(NEW.last_error, 'cancelled'))
+                                     ELSE p.last_error END,
+                   finished_at = CASE WHEN fail_now THEN now() END,
+                   run_after = now(),
+                   updated_at = now()
+             WHERE p.id = parent.id
+            RETURNING p.status, p.last_error INTO moved_to, moved_error;
             INSERT INTO "conveyor".run_events (run_id, pipeline, from_status, to_status, error)
-            VALUES (parent.id, parent.pipeline, parent.waiting, parent.status,
-                    CASE WHEN parent.status = 'FAILED' THEN parent.last_error END);
+            VALUES (parent.id, parent.pipeline, parent.fan_out ->> 'waiting', moved_to,
+                    CASE WHEN fail_now THEN moved_error END);
         END IF;
     END IF;
     RETURN NULL;
@@ -546,7 +565,8 @@ CREATE INDEX pipeline_runs_finished ON conveyor.pipeline_runs USING btree (finis
 CREATE UNIQUE INDEX pipeline_runs_idempotency ON conveyor.pipeline_runs USING btree (pipeline, idempotency_key) WHERE (idempotency_key IS NOT NULL);
 CREATE INDEX run_events_created ON conveyor.run_events USING btree (created_at);
 CREATE INDEX run_events_run ON conveyor.run_events USING btree (run_id, id);
-CREATE TRIGGER child_added BEFORE INSERT ON conveyor.pipeline_runs FOR EACH ROW WHEN (((new.parent_id IS NOT NULL) AND (new.child_index IS NULL))) EXECUTE FUNCTION conveyor.child_added();
+CREATE TRIGGER child_added BEFORE INSERT ON conveyor.pipeline_runs FOR EACH ROW WHEN (((new.parent_id IS NOT NULL) AND (current_setting('conveyor.fan_out'::text, true) IS DISTINCT FROM 'on'::text))) EXECUTE FUNCTION conveyor.child_added();
+CREATE TRIGGER child_counted AFTER INSERT ON conveyor.pipeline_runs FOR EACH ROW WHEN (((new.parent_id IS NOT NULL) AND (current_setting('conveyor.fan_out'::text, true) IS DISTINCT FROM 'on'::text))) EXECUTE FUNCTION conveyor.child_counted();
 CREATE TRIGGER pipeline_events_insert AFTER INSERT ON conveyor.pipeline_runs FOR EACH ROW EXECUTE FUNCTION conveyor.notify_pipeline_change();
 CREATE TRIGGER pipeline_events_update AFTER UPDATE OF status ON conveyor.pipeline_runs FOR EACH ROW WHEN ((old.status IS DISTINCT FROM new.status)) EXECUTE FUNCTION conveyor.notify_pipeline_change();
 CREATE TRIGGER run_finished AFTER UPDATE OF finished_at ON conveyor.pipeline_runs FOR EACH ROW WHEN (((old.finished_at IS NULL) AND (new.finished_at IS NOT NULL) AND ((new.parent_id IS NOT NULL) OR (new.children_pending > 0)))) EXECUTE FUNCTION conveyor.run_finished();

@@ -163,14 +163,10 @@ class InFlight:
             return None
         try:
             run.children = await self._read_children(run.id)
-        except psycopg.Error as exc:
-            retry_in = (
-                self._stage.backoff.delay(run.attempt)
-                if run.attempt < self._stage.max_attempts
-                else None
-            )
+        except psycopg.Error as exc:  # the database, not the run: its attempt is given back
             error = f"could not read the run's children: {type(exc).__name__}: {exc}"
-            return Failure(run.id, run.attempt, error, retry_in, time.time(), 0.0)
+            retry_in = self._stage.backoff.delay(run.attempt)
+            return Failure(run.id, run.attempt, error, retry_in, time.time(), 0.0, counted=False)
         return None
 
 

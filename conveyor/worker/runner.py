@@ -10,7 +10,7 @@ import traceback
 from typing import Any
 
 from conveyor import metrics
-from conveyor.fan_out import FanOut, Spawn, fan_out_problem
+from conveyor.fan_out import MAX_INPUT_BYTES, FanOut, Spawn, fan_out_problem
 from conveyor.handler_run import Run
 from conveyor.limits import BudgetExceeded, Throttled
 from conveyor.pipeline import PermanentError, Stage
@@ -47,6 +47,13 @@ async def run_handler(stage: Stage, run: Run) -> Success | Failure:
         target = None
         if isinstance(output, Route):  # the handler chose where the run goes
             target, output = output.to, output.output
+            if isinstance(output, FanOut):
+                error = (
+                    f"FanOutError: stage {stage.name!r} returned a Route whose output is a FanOut"
+                )
+                return _failure(
+                    stage, run, error, started, time.perf_counter() - t0, permanent=True
+                )
             if type(target) is not str or (target != stage.produces and target not in stage.routes):
                 error = undeclared(stage.name, target, (stage.produces, *stage.routes))
                 return _failure(
@@ -107,8 +114,15 @@ def _spawn(stage: Stage, run: Run, fan_out: FanOut) -> Spawn:
     """A checked FanOut as the engine stores it (OutputError for a child input that is not a
     JSON object)."""
     inputs = []
+    size = 0
     for index, child_input in enumerate(fan_out.children):
         inputs.append(output_json(stage.name, child_input, f"returned as child {index}'s input"))
+        size += len(inputs[-1])
+        if size > MAX_INPUT_BYTES:
+            raise OutputError(
+                f"stage {stage.name!r} returned children whose inputs pass "
+                f"{MAX_INPUT_BYTES // 2**20} MiB together"
+            )
     return Spawn(
         fan_out.pipeline or run.pipeline,
         fan_out.status or stage.fan_out or "",

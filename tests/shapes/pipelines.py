@@ -106,3 +106,28 @@ def _fan(name: str, on_child_failure: str) -> Pipeline:
 
 fan = _fan("fan", "fail")
 fan_join = _fan("fan_join", "join")
+
+
+async def split_once(run: Run) -> FanOut:
+    """Fans out on the first visit only; sent back by its join, it creates no children."""
+    if "gather" in run.outputs:
+        return FanOut([], {"width": 0})
+    return await split(run)
+
+
+async def gather_then_again(run: Run) -> Route | dict[str, object]:
+    """Joins, and the first time sends the run back to fan out again."""
+    joined = await gather(run)
+    if "gather" not in run.outputs:
+        return Route("NEW", joined)
+    return joined
+
+
+fan_again = Pipeline(
+    "fan_again",
+    [
+        Stage("split", split_once, consumes="NEW", produces="SPLIT", fan_out="PART"),
+        Stage("square", square, consumes="PART", produces="DONE"),
+        Stage("gather", gather_then_again, consumes="SPLIT", produces="GATHERED", routes=["NEW"]),
+    ],
+)

@@ -253,3 +253,85 @@ def test_a_child_inserted_by_hand_joins_like_the_rest(
             " VALUES ('fan', 'PART', %s)",
             (parent,),
         )
+
+
+def test_a_retried_child_is_waited_for_again(database_url: str, start_conveyor: Start) -> None:
+    start_conveyor("run", CONVEYOR_PIPELINE="tests.shapes.pipelines:fan_join")
+    # Child 1 fails at once; child 0 and 2 take a few seconds, so the parent still waits.
+    parent = _parent(database_url, "fan_join", width=3, fail=[1], sleep=4)
+    wait_until(
+        lambda: [s for _, s, _ in _children(database_url, parent)][1:2] == ["FAILED"],
+        60,
+        "child 1 failed",
+    )
+    failed = str(
+        scalar(
+            database_url,
+            "SELECT id FROM conveyor.pipeline_runs WHERE parent_id = %s AND child_index = 1",
+            (parent,),
+        )
+    )
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        # Retried with a different input that succeeds: the parent waits for it again.
+        conn.execute(
+            "UPDATE conveyor.pipeline_runs SET input = input || '{\"fail\": false}' WHERE id = %s",
+            (failed,),
+        )
+    retried = conveyor_command(
+        database_url, "retry", failed, CONVEYOR_PIPELINE="tests.shapes.pipelines:fan_join"
+    )
+    assert retried.returncode == 0, retried.stdout + retried.stderr
+    wait_until(lambda: _status(database_url, parent) == "GATHERED", 60, "the parent joined")
+    gathered = _run(database_url, parent)[1]["gather"]
+    assert isinstance(gathered, dict)
+    # Joined once, after all three: the retried child's output is there, nothing failed.
+    assert gathered["squares"] == [0, 1, 4]
+    assert gathered["failed"] == []
+    assert [s for _, s, _ in _children(database_url, parent)] == ["DONE"] * 3
+    assert [m for m in _parent_moves(database_url, parent) if m[0] is None] == [
+        (None, "SPLIT_WAITING", "SPLIT")
+    ]
+
+
+def test_a_run_back_for_a_second_fan_out_joins_only_the_latest(
+    database_url: str, start_conveyor: Start
+) -> None:
+    start_conveyor("run", CONVEYOR_PIPELINE="tests.shapes.pipelines:fan_again")
+    parent = _parent(database_url, "fan_again", width=4)
+    wait_until(lambda: _status(database_url, parent) == "GATHERED", 60, "the parent's second join")
+    gathered = _run(database_url, parent)[1]["gather"]
+    # The first join saw 4 children; sent back, the run created none, and its join saw none.
+    assert isinstance(gathered, dict) and gathered["indexes"] == []
+    assert len(_children(database_url, parent)) == 4
+    assert [stage for stage, _, _ in _parent_moves(database_url, parent)] == [
+        "split", None, "gather", "split", "gather",
+    ]  # fmt: skip
+
+
+def test_hand_inserted_children_are_counted_once_or_refused(
+    database_url: str, start_conveyor: Start
+) -> None:
+    start_conveyor("run", CONVEYOR_PIPELINE=FAN)
+    parent = _parent(database_url, "fan", width=2, sleep=3)
+    wait_until(lambda: _status(database_url, parent) == "SPLIT_WAITING", 60, "the parent waits")
+    insert = (
+        "INSERT INTO conveyor.pipeline_runs (pipeline, status, input, parent_id, idempotency_key)"
+        " VALUES ('fan', 'PART', '{\"n\": 5}', %s, 'extra-child')"
+        " ON CONFLICT (pipeline, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING"
+    )
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(insert, (parent,))
+        conn.execute(insert, (parent,))  # a client's retry: no second child, and no count
+        with pytest.raises(psycopg.errors.CheckViolation, match="leave child_index out"):
+            conn.execute(
+                "INSERT INTO conveyor.pipeline_runs (pipeline, status, parent_id, child_index)"
+                " VALUES ('fan', 'PART', %s, 7)",
+                (parent,),
+            )
+        pending = conn.execute(
+            "SELECT children_pending FROM conveyor.pipeline_runs WHERE id = %s", (parent,)
+        ).fetchone()
+    assert pending is not None and pending[0] <= 3
+    wait_until(lambda: _status(database_url, parent) == "GATHERED", 60, "the parent joined")
+    gathered = _run(database_url, parent)[1]["gather"]
+    assert isinstance(gathered, dict) and gathered["squares"] == [0, 1, 25]
