@@ -92,6 +92,7 @@ def script(pipeline: Pipeline, stage: Stage, batch: int, lease_seconds: float = 
         values[array] = f"':{array}'"
     values["prompt_tokens"] = values["completion_tokens"] = "':tokens'"
     values.update({key: literal(value) for key, value in NOT_ROUTED.items()})  # no routes
+    values["lock_ids"] = literal("{}")  # no children, no parents to lock
 
     def fill_in(text: str) -> str:
         return _PLACEHOLDER.sub(lambda m: values[m.group(1)], text)

@@ -27,6 +27,7 @@ PIPELINES = {
     "single": "benchmarks.pipelines:single",
     "single_limited": "benchmarks.pipelines:single_limited",
     "three": "benchmarks.pipelines:three",
+    "fan": "benchmarks.pipelines:fan",
 }
 OBSERVER_TRIGGERS = ("pipeline_events_insert", "pipeline_events_update")
 WAKE_TRIGGER = "wake_waiting_workers"

@@ -189,6 +189,7 @@ def _complete_what_is_handed(url: str, index: int) -> None:
                         "prompt_tokens": number_array([None]),
                         "completion_tokens": number_array([None]),
                         **NOT_ROUTED,
+                        "lock_ids": "{}",  # no children, no parents to lock
                     },
                 ).fetchall()
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from conveyor import Limit, Pipeline, Run, Stage
+from conveyor import FanOut, Limit, Pipeline, Run, Stage
 
 
 async def noop(run: Run) -> dict[str, Any]:
@@ -39,5 +39,29 @@ three = Pipeline(
         Stage("s1", noop, consumes="NEW", produces="S1_DONE", concurrency=100, batch=50),
         Stage("s2", noop, consumes="S1_DONE", produces="S2_DONE", concurrency=100, batch=50),
         Stage("s3", noop, consumes="S2_DONE", produces="DONE", concurrency=100, batch=50),
+    ],
+)
+
+
+# Fan-out (python -m benchmarks.fan_out): one parent splits into input["width"] no-op children,
+# whose join only counts them.
+async def split(run: Run) -> FanOut:
+    width = int(run.input["width"])
+    return FanOut([{"n": n} for n in range(width)], {"width": width})
+
+
+async def join(run: Run) -> dict[str, int]:
+    return {
+        "children": len(run.children),
+        "failed": sum(1 for child in run.children if not child.succeeded),
+    }
+
+
+fan = Pipeline(
+    "fanbench",
+    [
+        Stage("split", split, consumes="NEW", produces="SPLIT", fan_out="PART"),
+        Stage("child", noop, consumes="PART", produces="DONE", concurrency=100, batch=50),
+        Stage("join", join, consumes="SPLIT", produces="JOINED"),
     ],
 )

@@ -131,7 +131,7 @@ class StageProtocol:
             or any(d.loop_stage for d in self._destinations.values())
         )
         # A pipeline that fans out has children: a batch that ends runs locks their parents
-        # first (lock_parents), in one order.
+        # first, in one order.
         self._may_end_children = pipeline.fans_out
         self._fans_out = stage.fan_out is not None
         self._fan_out_params = {
@@ -201,18 +201,19 @@ class StageProtocol:
         durable = (bool(successes) and (self._terminal or routing["durable"])) or any(
             f.retry_in is None for f in failures
         )
-        lock_parents = self._may_end_children and durable
+        # The first statement locks the parents of the batch's runs that may end children
+        # (complete_if_leased's `parents`), in id order.
+        lock_ids = "{}"
+        if self._may_end_children and durable:
+            lock_ids = uuid_array([s.run_id for s in successes] + [f.run_id for f in failures])
         # A lone statement is a transaction already: BEGIN and COMMIT would be two more round
-        # trips per batch. Successes and failures together, or with writes, children or their
-        # parents' locks, commit together.
-        several = bool(successes and failures) or writing or spawning or lock_parents
+        # trips per batch. Successes and failures together, or with writes or children, commit
+        # together.
+        several = bool(successes and failures) or writing or spawning
         async with (
             self._completing.connection() as conn,
             conn.transaction() if several else nullcontext(),
         ):
-            if lock_parents:
-                ids = [s.run_id for s in successes] + [f.run_id for f in failures]
-                await conn.execute(self.sql["lock_parents"], {"ids": uuid_array(ids)})
             if successes:
                 cur = await conn.execute(
                     self.sql["complete_if_leased"],
@@ -227,6 +228,7 @@ class StageProtocol:
                         "durations_us": microseconds_array([s.duration for s in successes]),
                         **usage_arrays([s.usage for s in successes]),
                         **routing["arrays"],
+                        "lock_ids": lock_ids,
                     },
                 )
                 completed = cur.rowcount  # one run_events row per applied run
@@ -256,6 +258,7 @@ class StageProtocol:
                         "started_us": microseconds_array([f.started_epoch for f in failures]),
                         "durations_us": microseconds_array([f.duration for f in failures]),
                         **usage_arrays([f.usage for f in failures]),
+                        "lock_ids": "{}" if successes else lock_ids,
                         "uncounted": (
                             bool_array([not f.counted for f in failures])
                             if not all([f.counted for f in failures])

@@ -28,8 +28,8 @@ CREATE UNIQUE INDEX pipeline_runs_children ON @schema@.pipeline_runs (parent_id,
 --   the parent at once.
 -- * A parent that ends while children of its fan-out still run (cancelled, or failed by one of
 --   them): those children are cancelled, and theirs in turn.
--- Completions that may end children lock the parents first, in id order (lock_parents), so two
--- batches never wait for each other's parent rows the other way round.
+-- Completions that may end children lock the parents first, in id order (complete_if_leased's
+-- `parents`), so two batches never wait for each other's parent rows the other way round.
 CREATE FUNCTION @schema@.run_finished() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -55,7 +55,9 @@ BEGIN
         INSERT INTO @schema@.run_events (run_id, pipeline, from_status, to_status, error)
         SELECT id, pipeline, from_status, 'CANCELLED', last_error FROM cancelled;
     END IF;
-    IF NEW.parent_id IS NOT NULL THEN
+    IF NEW.parent_id IS NOT NULL
+       AND (current_setting('conveyor.children_counted', true) IS DISTINCT FROM 'on'
+            OR OLD.status = OLD.fan_out ->> 'waiting') THEN
         -- Counted apart from the move: most children change neither the parent's status nor
         -- an indexed column, so their update stays cheap (a HOT update, no wake-up queued).
         UPDATE @schema@.pipeline_runs p
@@ -91,10 +93,17 @@ BEGIN
 END
 $$;
 
+-- The engine's completions (complete_if_leased, fail_if_leased) count their children on the
+-- parents themselves, once per parent per statement, and say so for their transaction with
+-- conveyor.children_counted; a waiting parent that ends is still counted here, as is every
+-- child ended by any other statement (a cancel, a rescue given up, plain SQL).
 CREATE TRIGGER run_finished AFTER UPDATE OF finished_at ON @schema@.pipeline_runs
     FOR EACH ROW
     WHEN (OLD.finished_at IS NULL AND NEW.finished_at IS NOT NULL
-          AND (NEW.parent_id IS NOT NULL OR NEW.children_pending > 0))
+          AND ((NEW.parent_id IS NOT NULL
+                AND (current_setting('conveyor.children_counted', true) IS DISTINCT FROM 'on'
+                     OR OLD.status = OLD.fan_out ->> 'waiting'))
+               OR NEW.children_pending > 0))
     EXECUTE FUNCTION @schema@.run_finished();
 
 -- A child inserted by hand (plain SQL, with a parent_id) joins like the others while its parent

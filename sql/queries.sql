@@ -213,6 +213,18 @@ WITH finished AS (
            AS f(id, output, attempt, started_us, duration_us, model,
                 prompt_tokens, completion_tokens, target, ends, loop_stage, loop_limit,
                 max_visits)
+), parents AS MATERIALIZED (
+    -- The parents of the runs in `lock_ids` (a batch that may end child runs, in a pipeline
+    -- that fans out), locked in id order before any of those runs: each ending child counts
+    -- its parent down (ended_children below; run_finished, migration 015), and two batches
+    -- ending children of the same parents then queue on them in one order, never each for a
+    -- parent the other holds. Empty for any other batch. (One primary-key lookup per run: a
+    -- join here could be planned as a scan of every child.)
+    SELECT p.id FROM @schema@.pipeline_runs p
+     WHERE p.id IN (SELECT (SELECT r.parent_id FROM @schema@.pipeline_runs r WHERE r.id = l.id)
+                      FROM unnest(%(lock_ids)s::uuid[]) AS l(id))
+     ORDER BY p.id
+       FOR NO KEY UPDATE OF p
 ), moved AS (
     UPDATE @schema@.pipeline_runs r
        SET status = CASE WHEN coalesce((r.visits ->> f.loop_stage)::int, 0) >= f.loop_limit
@@ -242,8 +254,46 @@ WITH finished AS (
      WHERE r.id = f.id AND r.status = %(working)s AND r.lease_owner = %(worker)s
        AND r.attempt = f.attempt
        AND (%(durable)s OR set_config('synchronous_commit', 'off', true) IS NOT NULL)
+       AND (SELECT set_config('conveyor.children_counted', 'on', true)
+              FROM (SELECT count(*) FROM parents) locked) IS NOT NULL
     RETURNING r.id, r.pipeline, r.status, r.last_error, f.attempt, f.started_us,
-              f.duration_us, f.model, f.prompt_tokens, f.completion_tokens
+              f.duration_us, f.model, f.prompt_tokens, f.completion_tokens, r.parent_id,
+              r.child_index, r.finished_at
+), ended_children AS (
+    -- Children this statement ended, by parent, where the parent still waits for them: each
+    -- parent is counted down once per statement, not once per child (run_finished leaves the
+    -- children of this statement to it: conveyor.children_counted).
+    SELECT m.parent_id, count(*) AS ended,
+           (array_agg(format('child %%s (run %%s) ended %%s: %%s',
+                             m.child_index - (p.fan_out ->> 'first')::int, m.id, m.status,
+                             coalesce(m.last_error, 'cancelled')) ORDER BY m.child_index)
+               FILTER (WHERE m.status IN ('FAILED', 'CANCELLED')))[1] AS failure
+      FROM moved m
+      JOIN @schema@.pipeline_runs p ON p.id = m.parent_id
+     WHERE m.finished_at IS NOT NULL AND m.child_index >= (p.fan_out ->> 'first')::int
+     GROUP BY m.parent_id
+), counted AS (
+    UPDATE @schema@.pipeline_runs p
+       SET children_pending = p.children_pending - e.ended,
+           status = CASE WHEN e.failure IS NOT NULL AND (p.fan_out ->> 'fail_fast')::boolean
+                         THEN 'FAILED'
+                         WHEN p.children_pending = e.ended THEN p.fan_out ->> 'join'
+                         ELSE p.status END,
+           last_error = CASE WHEN e.failure IS NOT NULL AND (p.fan_out ->> 'fail_fast')::boolean
+                             THEN e.failure ELSE p.last_error END,
+           finished_at = CASE WHEN e.failure IS NOT NULL AND (p.fan_out ->> 'fail_fast')::boolean
+                              THEN now() END,
+           run_after = CASE WHEN p.children_pending = e.ended OR (e.failure IS NOT NULL
+                                 AND (p.fan_out ->> 'fail_fast')::boolean)
+                            THEN now() ELSE p.run_after END,
+           updated_at = now()
+      FROM ended_children e
+     WHERE p.id = e.parent_id AND p.status = p.fan_out ->> 'waiting'  -- (so not finished)
+    RETURNING p.id, p.pipeline, p.fan_out ->> 'waiting' AS waiting, p.status, p.last_error
+), joined AS (
+    INSERT INTO @schema@.run_events (run_id, pipeline, from_status, to_status, error)
+    SELECT id, pipeline, waiting, status, CASE WHEN status = 'FAILED' THEN last_error END
+      FROM counted WHERE status <> waiting
 )
 INSERT INTO @schema@.run_events
        (run_id, pipeline, stage, from_status, to_status, attempt, worker, started_at, duration,
@@ -270,6 +320,13 @@ WITH failed AS (
                   %(completion_tokens)s::int[])
            AS f(id, error, attempt, retry_in, started_us, duration_us, uncounted, model,
                 prompt_tokens, completion_tokens)
+), parents AS MATERIALIZED (
+    -- as in complete_if_leased
+    SELECT p.id FROM @schema@.pipeline_runs p
+     WHERE p.id IN (SELECT (SELECT r.parent_id FROM @schema@.pipeline_runs r WHERE r.id = l.id)
+                      FROM unnest(%(lock_ids)s::uuid[]) AS l(id))
+     ORDER BY p.id
+       FOR NO KEY UPDATE OF p
 ), moved AS (
     UPDATE @schema@.pipeline_runs r
        SET status = CASE WHEN f.retry_in IS NULL THEN 'FAILED' ELSE %(consumes)s END,
@@ -285,8 +342,44 @@ WITH failed AS (
      WHERE r.id = f.id AND r.status = %(working)s AND r.lease_owner = %(worker)s
        AND r.attempt = f.attempt
        AND (%(durable)s OR set_config('synchronous_commit', 'off', true) IS NOT NULL)
+       AND (SELECT set_config('conveyor.children_counted', 'on', true)
+              FROM (SELECT count(*) FROM parents) locked) IS NOT NULL
     RETURNING r.id, r.pipeline, r.status, f.attempt, f.error, f.started_us, f.duration_us,
-              f.model, f.prompt_tokens, f.completion_tokens
+              f.model, f.prompt_tokens, f.completion_tokens, r.parent_id, r.child_index,
+              r.finished_at, r.last_error
+), ended_children AS (
+    -- as in complete_if_leased
+    SELECT m.parent_id, count(*) AS ended,
+           (array_agg(format('child %%s (run %%s) ended %%s: %%s',
+                             m.child_index - (p.fan_out ->> 'first')::int, m.id, m.status,
+                             coalesce(m.last_error, 'cancelled')) ORDER BY m.child_index)
+               FILTER (WHERE m.status IN ('FAILED', 'CANCELLED')))[1] AS failure
+      FROM moved m
+      JOIN @schema@.pipeline_runs p ON p.id = m.parent_id
+     WHERE m.finished_at IS NOT NULL AND m.child_index >= (p.fan_out ->> 'first')::int
+     GROUP BY m.parent_id
+), counted AS (
+    UPDATE @schema@.pipeline_runs p
+       SET children_pending = p.children_pending - e.ended,
+           status = CASE WHEN e.failure IS NOT NULL AND (p.fan_out ->> 'fail_fast')::boolean
+                         THEN 'FAILED'
+                         WHEN p.children_pending = e.ended THEN p.fan_out ->> 'join'
+                         ELSE p.status END,
+           last_error = CASE WHEN e.failure IS NOT NULL AND (p.fan_out ->> 'fail_fast')::boolean
+                             THEN e.failure ELSE p.last_error END,
+           finished_at = CASE WHEN e.failure IS NOT NULL AND (p.fan_out ->> 'fail_fast')::boolean
+                              THEN now() END,
+           run_after = CASE WHEN p.children_pending = e.ended OR (e.failure IS NOT NULL
+                                 AND (p.fan_out ->> 'fail_fast')::boolean)
+                            THEN now() ELSE p.run_after END,
+           updated_at = now()
+      FROM ended_children e
+     WHERE p.id = e.parent_id AND p.status = p.fan_out ->> 'waiting'  -- (so not finished)
+    RETURNING p.id, p.pipeline, p.fan_out ->> 'waiting' AS waiting, p.status, p.last_error
+), joined AS (
+    INSERT INTO @schema@.run_events (run_id, pipeline, from_status, to_status, error)
+    SELECT id, pipeline, waiting, status, CASE WHEN status = 'FAILED' THEN last_error END
+      FROM counted WHERE status <> waiting
 )
 INSERT INTO @schema@.run_events
        (run_id, pipeline, stage, from_status, to_status, attempt, worker, started_at, duration,
@@ -296,17 +389,6 @@ SELECT id, pipeline, %(stage)s, %(working)s, status, attempt, %(worker)s,
        duration_us * interval '1 microsecond', error, model, prompt_tokens, completion_tokens
   FROM moved
 RETURNING run_id, to_status;
-
--- lock_parents --
--- Before a batch that may end child runs, in its transaction: their parents' rows, locked in id
--- order. Each child that ends takes one off its parent's count (run_finished, migration 015),
--- which locks the parent: two batches ending children of the same parents then wait for each
--- other in one order, never each for the other.
-SELECT 1 FROM @schema@.pipeline_runs p
- WHERE p.id IN (SELECT r.parent_id FROM @schema@.pipeline_runs r
-                 WHERE r.id = ANY(%(ids)s::uuid[]) AND r.parent_id IS NOT NULL)
- ORDER BY p.id
-   FOR NO KEY UPDATE OF p;
 
 -- fan_out --
 -- After complete_if_leased, in its transaction, for the runs it stored of a stage that fans out:

@@ -325,7 +325,9 @@ BEGIN
         INSERT INTO "conveyor".run_events (run_id, pipeline, from_status, to_status, error)
         SELECT id, pipeline, from_status, 'CANCELLED', last_error FROM cancelled;
     END IF;
-    IF NEW.parent_id IS NOT NULL THEN
+    IF NEW.parent_id IS NOT NULL
+       AND (current_setting('conveyor.children_counted', true) IS DISTINCT FROM 'on'
+            OR OLD.status = OLD.fan_out ->> 'waiting') THEN
         -- Counted apart from the move: most children change neither the parent's status nor
         -- an indexed column, so their update stays cheap (a HOT update, no wake-up queued).
         UPDATE "conveyor".pipeline_runs p
@@ -569,7 +571,7 @@ CREATE TRIGGER child_added BEFORE INSERT ON conveyor.pipeline_runs FOR EACH ROW 
 CREATE TRIGGER child_counted AFTER INSERT ON conveyor.pipeline_runs FOR EACH ROW WHEN (((new.parent_id IS NOT NULL) AND (current_setting('conveyor.fan_out'::text, true) IS DISTINCT FROM 'on'::text))) EXECUTE FUNCTION conveyor.child_counted();
 CREATE TRIGGER pipeline_events_insert AFTER INSERT ON conveyor.pipeline_runs FOR EACH ROW EXECUTE FUNCTION conveyor.notify_pipeline_change();
 CREATE TRIGGER pipeline_events_update AFTER UPDATE OF status ON conveyor.pipeline_runs FOR EACH ROW WHEN ((old.status IS DISTINCT FROM new.status)) EXECUTE FUNCTION conveyor.notify_pipeline_change();
-CREATE TRIGGER run_finished AFTER UPDATE OF finished_at ON conveyor.pipeline_runs FOR EACH ROW WHEN (((old.finished_at IS NULL) AND (new.finished_at IS NOT NULL) AND ((new.parent_id IS NOT NULL) OR (new.children_pending > 0)))) EXECUTE FUNCTION conveyor.run_finished();
+CREATE TRIGGER run_finished AFTER UPDATE OF finished_at ON conveyor.pipeline_runs FOR EACH ROW WHEN (((old.finished_at IS NULL) AND (new.finished_at IS NOT NULL) AND (((new.parent_id IS NOT NULL) AND ((current_setting('conveyor.children_counted'::text, true) IS DISTINCT FROM 'on'::text) OR (old.status = (old.fan_out ->> 'waiting'::text)))) OR (new.children_pending > 0)))) EXECUTE FUNCTION conveyor.run_finished();
 CREATE CONSTRAINT TRIGGER wake_waiting_workers AFTER INSERT OR UPDATE OF status ON conveyor.pipeline_runs DEFERRABLE INITIALLY DEFERRED FOR EACH ROW WHEN (((new.finished_at IS NULL) AND (new.lease_owner IS NULL))) EXECUTE FUNCTION conveyor.wake_waiting_workers();
 ALTER TABLE ONLY conveyor.limit_stages
     ADD CONSTRAINT limit_stages_key_fkey FOREIGN KEY (key) REFERENCES conveyor.limits(key) ON DELETE CASCADE;

@@ -77,3 +77,17 @@ def test_ingest_and_bulk_submit_in_tiny_mode(pg_server: PgServer) -> None:
     assert re.search(
         r"^bulk submit, COPY of 2,000 runs in one transaction: [\d,]+ runs/s", printed, re.M
     )
+
+
+def test_fan_out_in_tiny_mode(pg_server: PgServer) -> None:
+    printed = _tiny(pg_server, "benchmarks.fan_out")
+    # The join saw every child (the benchmark checks it), and each figure came out.
+    assert re.search(r"^\(a\) fan-out of 50 no-op children, 3 child processes", printed, re.M)
+    assert re.search(r"^  children: [\d,]+ runs/s \(50 in ", printed, re.M)
+    assert re.search(r"^  join: started -?[\d.]+ ms after the last child finished", printed, re.M)
+    for width in (20, 50):
+        assert re.search(
+            rf"^  width {width}: children [\d,]+ runs/s, plain [\d,]+ runs/s, ratio [\d.]+$",
+            printed,
+            re.M,
+        )
