@@ -32,6 +32,12 @@ test: system-packages lint typecheck
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks
 
+# conveyor beside pgqueuer and graphile-worker on one server; the peers are installed on first use
+# under build/peers (a venv of their own, an npm prefix), never into $(VENV).
+.PHONY: bench-peers
+bench-peers: $(STAMP)
+	$(BIN)/python -m benchmarks.peers
+
 schema: $(STAMP)
 	$(BIN)/python -m tests.integration.test_schema
 

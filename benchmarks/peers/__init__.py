@@ -1,0 +1,1 @@
+"""conveyor beside its peers, pgqueuer and graphile-worker (`make bench-peers`)."""
