@@ -24,8 +24,6 @@ from benchmarks.harness import BenchDatabase, Scale
 from benchmarks.report import Row, floor_share, rate, ratio, share, table
 
 T = TypeVar("T")
-PGQUEUER_RATE = "~1,600 (default batch), ~2,400 (batch 50-100)"
-PGQUEUER_LATENCY = "p50 4 ms, p99 18 ms (enqueue -> start)"
 
 
 def best(repeat: int, measure: Callable[[], T], key: Callable[[T], float]) -> T:
@@ -175,7 +173,6 @@ def _rows_of(
             "(a) one worker process, batch 50",
             f"{rate(a_on.runs_per_second)} ({cpu(a_on, 'worker', 'its')})",
             ">= 10,000 runs/s, >= 0.5 of ceiling",
-            PGQUEUER_RATE,
             # the worker claims and completes on two connections at once
             share(a_on.runs_per_second, single_on.rows_per_second, "i: batch 50, 1 client")
             + "; "
@@ -212,7 +209,6 @@ def _rows_of(
             f"p50 {c.p50_ms:.2f} ms, p99 {c.p99_ms:.2f} ms"
             f" (from sending the INSERT: {c.submit_p50_ms:.2f} / {c.submit_p99_ms:.2f})",
             "p50 <= 1 ms, p99 <= 5 ms",
-            PGQUEUER_LATENCY,
             # With a hand-off the commit itself leases the run: no claim to wait for.
             floor_share(one_row.claim_ms, c.p50_ms, "a one-row claim, i: batch 1, skipped"),
             latency.COMMAND,

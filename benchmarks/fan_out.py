@@ -13,9 +13,9 @@ each width (100, 1,000, 10,000; 20 and 50 with --tiny), one after the other:
 
 Both are timed from the first claim to the last finish (run_events), while pg_stat_activity is
 sampled every 10 ms for backends waiting for a lock. Each batch that finishes children counts
-them off their parent's row at once, and holds that row locked until it commits; the ratio of the
-two rates is what sharing that row costs. (Waits on an `object` lock are commits that queue NOTIFYs: PostgreSQL
-takes them one at a time.)
+them off their parent's row at once, and holds that row locked until it commits; the ratio of
+the two rates is what sharing that row costs. (Waits on an `object` lock are commits that queue
+NOTIFYs: PostgreSQL takes them one at a time.)
 
 (a) is the widest fan-out:
 * creating the children: the parent's run_events row into SPLIT_WAITING and the children's

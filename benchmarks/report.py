@@ -1,11 +1,11 @@
-"""The table of figures: what was measured, the target, the peer's figure, the ceiling, how to
-reproduce it."""
+"""The table of figures: what was measured, the target, the ceiling, how to reproduce it. The
+peers are measured beside conveyor by benchmarks.peers (`make bench-peers`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-HEADER = ("figure", "measured", "target", "pgqueuer 1.6", "vs pure-SQL ceiling", "command")
+HEADER = ("figure", "measured", "target", "vs pure-SQL ceiling", "command")
 
 
 @dataclass(frozen=True)
@@ -13,12 +13,11 @@ class Row:
     figure: str
     measured: str
     target: str = ""
-    pgqueuer: str = ""
     ceiling: str = ""
     command: str = ""
 
     def cells(self) -> tuple[str, ...]:
-        return (self.figure, self.measured, self.target, self.pgqueuer, self.ceiling, self.command)
+        return (self.figure, self.measured, self.target, self.ceiling, self.command)
 
 
 def table(rows: list[Row]) -> str:
