@@ -300,13 +300,14 @@ def test_a_parents_page_follows_its_children_live(
         ).fetchone()
         assert row is not None
         parent = str(row[0])
-        # An explicit index: a child inserted without one is numbered and counted by a trigger.
+        # Numbered and counted here, as the engine's fan_out statement does (conveyor.fan_out).
         children = [
             str(child[0])
             for child in conn.execute(
-                "INSERT INTO conveyor.pipeline_runs (pipeline, status, input, parent_id,"
-                " child_index) SELECT 'fan', 'PART', '{}', %s, n FROM generate_series(0, 1) n"
-                " ORDER BY n RETURNING id",
+                "WITH engine AS (SELECT set_config('conveyor.fan_out', 'on', true))"
+                " INSERT INTO conveyor.pipeline_runs (pipeline, status, input, parent_id,"
+                " child_index) SELECT 'fan', 'PART', '{}', %s, n"
+                " FROM generate_series(0, 1) n, engine ORDER BY n RETURNING id",
                 (parent,),
             ).fetchall()
         ]

@@ -177,12 +177,14 @@ def _parent(conn: psycopg.Connection[Any], status: str, pending: int, width: int
 
 
 def _children(conn: psycopg.Connection[Any], parent: str, statuses: list[str]) -> list[str]:
-    """Children at these statuses, in index order. An explicit index skips the trigger that
-    numbers (and counts) a child inserted by hand."""
+    """Children at these statuses, in index order, numbered and counted here as the engine's
+    fan_out statement does (conveyor.fan_out)."""
     rows = conn.execute(
-        "INSERT INTO conveyor.pipeline_runs (pipeline, status, input, parent_id, child_index)"
+        "WITH engine AS (SELECT set_config('conveyor.fan_out', 'on', true))"
+        " INSERT INTO conveyor.pipeline_runs (pipeline, status, input, parent_id, child_index)"
         " SELECT 'fan', s.status, '{}', %s, s.n - 1"
-        "   FROM unnest(%s::text[]) WITH ORDINALITY AS s(status, n) ORDER BY s.n RETURNING id",
+        "   FROM unnest(%s::text[]) WITH ORDINALITY AS s(status, n), engine"
+        "  ORDER BY s.n RETURNING id",
         (parent, statuses),
     ).fetchall()
     return [str(row[0]) for row in rows]
