@@ -33,10 +33,7 @@ from conveyor.flow_control import FlowControl, Room
 from conveyor.handler_run import Usage, Write
 from conveyor.pipeline import Pipeline, Stage
 from conveyor.server_json import ClaimedRow, json_from_server
-
-# One fan_out statement carries at most about this many children, or bytes of their inputs.
-FAN_OUT_ROWS = 20_000
-FAN_OUT_BYTES = 32 * 1024 * 1024
+from conveyor.spawning import store_fan_outs
 
 
 @dataclass(slots=True)
@@ -277,49 +274,9 @@ class StageProtocol:
         return Applied(completed, retried, failed, refused)
 
     async def _fan_out(self, conn: AsyncConnection[Any], stored: list[Success]) -> None:
-        """Record the fan-outs of stored runs: their children, created a few parents at a time
-        (each statement bounded in rows and bytes), and none for a run that created none."""
-        chunk: list[Success] = []
-        rows = size = 0
-        for success in stored:
-            inputs = success.spawn.inputs if success.spawn is not None else ()
-            if chunk and (rows + len(inputs) > FAN_OUT_ROWS or size > FAN_OUT_BYTES):
-                await self._fan_out_chunk(conn, chunk)
-                chunk, rows, size = [], 0, 0
-            chunk.append(success)
-            rows += len(inputs)
-            size += sum(map(len, inputs))
-        if chunk:
-            await self._fan_out_chunk(conn, chunk)
-
-    async def _fan_out_chunk(self, conn: AsyncConnection[Any], parents: list[Success]) -> None:
-        child_parents: list[UUID] = []
-        indexes: list[int] = []
-        pipelines: list[str] = []
-        statuses: list[str] = []
-        inputs: list[str] = []
-        for parent in parents:
-            spawn = parent.spawn
-            if spawn is None:
-                continue
-            width = len(spawn.inputs)
-            child_parents.extend([parent.run_id] * width)
-            indexes.extend(range(width))
-            pipelines.extend([spawn.pipeline] * width)
-            statuses.extend([spawn.status] * width)
-            inputs.extend(spawn.inputs)
-        await conn.execute(
-            self.sql["fan_out"],
-            {
-                **self._fan_out_params,
-                "parents": uuid_array([p.run_id for p in parents]),
-                "widths": number_array([len(p.spawn.inputs) if p.spawn else 0 for p in parents]),
-                "child_parents": uuid_array(child_parents),
-                "child_indexes": number_array(indexes),
-                "child_pipelines": text_array(pipelines),
-                "child_statuses": text_array(statuses),
-                "child_inputs": text_array(inputs),
-            },
+        """Record the fan-outs of stored runs (conveyor/spawning.py)."""
+        await store_fan_outs(
+            conn, self.sql["fan_out"], self._fan_out_params, [(s.run_id, s.spawn) for s in stored]
         )
 
     async def children(self, run_id: UUID) -> tuple[Child, ...]:
