@@ -14,7 +14,7 @@ NOT_ROUTED = {
     "ends": "{}",
     "loop_stages": "{}",
     "loop_limits": "{}",
-    "max_visits": "{}",
+    "loop_errors": "{}",
     "counts_visits": False,
 }
 
@@ -35,9 +35,22 @@ def routing_arrays(
                 for d in found
             ]
         ),
-        "max_visits": number_array([d.max_visits for d in found]),
+        "loop_errors": text_array([_loop_error(d, stage) for d in found]),
         "counts_visits": counts_visits,
     }
+
+
+def _loop_error(found: Destination, stage: str) -> str | None:
+    """The error of a run whose loop ends on this route: a format() string, %s its visits."""
+    if found.loop_stage is None:
+        return None
+    loop, sender, target = (
+        name.replace("%", "%%") for name in (found.loop_stage, stage, found.status)
+    )
+    return (
+        f"loop ended: stage {loop} has run %s times for this run (max_visits {found.max_visits}),"
+        f" and stage {sender} sent it back to {target}"
+    )
 
 
 # unnest() pads shorter arrays with NULLs: a batch in which no handler recorded usage sends

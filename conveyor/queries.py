@@ -12,6 +12,11 @@ from importlib import resources
 from conveyor.db import schema_identifier
 
 _HEADER = re.compile(r"^-- ([a-z_]+) --$", re.MULTILINE)
+# psycopg keeps what it parsed of a statement up to this many bytes, and parses a longer one at
+# every execution (tests/unit/test_queries.py holds every statement under it).
+PSYCOPG_CACHED_LENGTH = 4096
+# A quoted literal or identifier (kept as written), else a run of white space and comments.
+_TOKENS = re.compile(r"('(?:[^']|'')*'|\"(?:[^\"]|\"\")*\")|(?:\s|--[^\n]*)+")
 
 
 def read_sql(filename: str) -> str:
@@ -36,7 +41,20 @@ def load(schema: str) -> dict[str, str]:
     claim = statements["claim_batch"]
     statements["claim_limited"] = _limited_claim(claim, schema_identifier(schema))
     statements["claim_fair"] = _fair_claim(claim, statements.pop("fair_candidates"))
-    return statements
+    return {name: compact(statement) for name, statement in statements.items()}
+
+
+def compact(statement: str) -> str:
+    """A statement without its comments, each run of white space one space or one line break
+    (never inside a quoted literal or identifier): the completion statements, as laid out for
+    reading, are longer than PSYCOPG_CACHED_LENGTH."""
+    return _TOKENS.sub(_compacted, statement).strip()
+
+
+def _compacted(match: re.Match[str]) -> str:
+    # A line break stays one: two literals on two lines are one literal in SQL.
+    kept = match.group(1)
+    return kept if kept else "\n" if "\n" in match.group(0) else " "
 
 
 @cache

@@ -198,10 +198,10 @@ SELECT EXISTS (
 -- recorded any), and unnest pads them with NULLs.
 -- A stage that routes (Stage.routes) sends each run to its own status: `targets` holds it per
 -- run (NULL: the stage's `produces`), with whether it ends the run (`ends`) and, when it enters
--- a stage on a loop, that stage and its max_visits (`loop_stages`, `max_visits`): a run that
--- has run that stage max_visits times already fails instead. `loop_limits` is the count in
--- `visits` at which it does: max_visits, less the visit this completion adds when the stage
--- sends a run back to itself. A stage on a loop counts its own visits (`counts_visits`). The
+-- a stage on a loop, that stage (`loop_stages`): a run that has run that stage max_visits times
+-- already fails instead, with the error `loop_errors` holds for it (a format() string, %s the
+-- visits). `loop_limits` is the count in `visits` at which it does: max_visits, less the visit
+-- this completion adds when the stage sends a run back to itself. A stage on a loop counts its own visits (`counts_visits`). The
 -- arrays are empty for a stage without routes or loops.
 WITH finished AS (
     SELECT *
@@ -209,10 +209,10 @@ WITH finished AS (
                   %(started_us)s::int8[], %(durations_us)s::int8[], %(models)s::text[],
                   %(prompt_tokens)s::int[], %(completion_tokens)s::int[],
                   %(targets)s::text[], %(ends)s::bool[], %(loop_stages)s::text[],
-                  %(loop_limits)s::int[], %(max_visits)s::int[])
+                  %(loop_limits)s::int[], %(loop_errors)s::text[])
            AS f(id, output, attempt, started_us, duration_us, model,
                 prompt_tokens, completion_tokens, target, ends, loop_stage, loop_limit,
-                max_visits)
+                loop_error)
 ), parents AS MATERIALIZED (
     -- The parents of the runs in `lock_ids` (a batch that may end child runs, in a pipeline
     -- that fans out), locked in id order before any of those runs: each ending child counts
@@ -235,11 +235,8 @@ WITH finished AS (
            lease_owner = NULL,
            lease_expires_at = NULL,
            last_error = CASE WHEN coalesce((r.visits ->> f.loop_stage)::int, 0) >= f.loop_limit THEN
-               format('loop ended: stage %%s has run %%s times for this run (max_visits %%s), '
-                      'and stage %%s sent it back to %%s', f.loop_stage,
-                      coalesce((r.visits ->> f.loop_stage)::int, 0)
-                          + (f.loop_stage = %(stage)s)::int,
-                      f.max_visits, %(stage)s::text, coalesce(f.target, %(produces)s)) END,
+               format(f.loop_error, coalesce((r.visits ->> f.loop_stage)::int, 0)
+                                    + (f.loop_stage = %(stage)s)::int) END,
            run_after = now(),
            updated_at = now(),
            finished_at = CASE WHEN coalesce(f.ends, %(terminal)s)
@@ -263,29 +260,29 @@ WITH finished AS (
     -- Children this statement ended, by parent, where the parent still waits for them: each
     -- parent is counted down once per statement, not once per child (run_finished leaves the
     -- children of this statement to it: conveyor.children_counted).
-    SELECT m.parent_id, count(*) AS ended,
-           (array_agg(format('child %%s (run %%s) ended %%s: %%s',
-                             m.child_index - (p.fan_out ->> 'first')::int, m.id, m.status,
-                             coalesce(m.last_error, 'cancelled')) ORDER BY m.child_index)
-               FILTER (WHERE m.status IN ('FAILED', 'CANCELLED')))[1] AS failure
-      FROM moved m
-      JOIN @schema@.pipeline_runs p ON p.id = m.parent_id
-     WHERE m.finished_at IS NOT NULL AND m.child_index >= (p.fan_out ->> 'first')::int
-     GROUP BY m.parent_id
+    -- `fails`: a child failed and the parent fails at once (on_child_failure "fail")
+    SELECT e.*, e.failure IS NOT NULL AND e.fail_fast AS fails
+      FROM (SELECT m.parent_id, count(*) AS ended,
+                   bool_and((p.fan_out ->> 'fail_fast')::boolean) AS fail_fast,
+                   (array_agg(format('child %%s (run %%s) ended %%s: %%s',
+                                     m.child_index - (p.fan_out ->> 'first')::int, m.id,
+                                     m.status, coalesce(m.last_error, 'cancelled'))
+                              ORDER BY m.child_index)
+                       FILTER (WHERE m.status IN ('FAILED', 'CANCELLED')))[1] AS failure
+              FROM moved m
+              JOIN @schema@.pipeline_runs p ON p.id = m.parent_id
+             WHERE m.finished_at IS NOT NULL AND m.child_index >= (p.fan_out ->> 'first')::int
+             GROUP BY m.parent_id) e
 ), counted AS (
     UPDATE @schema@.pipeline_runs p
        SET children_pending = p.children_pending - e.ended,
-           status = CASE WHEN e.failure IS NOT NULL AND (p.fan_out ->> 'fail_fast')::boolean
-                         THEN 'FAILED'
+           status = CASE WHEN e.fails THEN 'FAILED'
                          WHEN p.children_pending = e.ended THEN p.fan_out ->> 'join'
                          ELSE p.status END,
-           last_error = CASE WHEN e.failure IS NOT NULL AND (p.fan_out ->> 'fail_fast')::boolean
-                             THEN e.failure ELSE p.last_error END,
-           finished_at = CASE WHEN e.failure IS NOT NULL AND (p.fan_out ->> 'fail_fast')::boolean
-                              THEN now() END,
-           run_after = CASE WHEN p.children_pending = e.ended OR (e.failure IS NOT NULL
-                                 AND (p.fan_out ->> 'fail_fast')::boolean)
-                            THEN now() ELSE p.run_after END,
+           last_error = CASE WHEN e.fails THEN e.failure ELSE p.last_error END,
+           finished_at = CASE WHEN e.fails THEN now() END,
+           run_after = CASE WHEN e.fails OR p.children_pending = e.ended THEN now()
+                            ELSE p.run_after END,
            updated_at = now()
       FROM ended_children e
      WHERE p.id = e.parent_id AND p.status = p.fan_out ->> 'waiting'  -- (so not finished)
@@ -299,8 +296,8 @@ INSERT INTO @schema@.run_events
        (run_id, pipeline, stage, from_status, to_status, attempt, worker, started_at, duration,
         error, model, prompt_tokens, completion_tokens)
 SELECT id, pipeline, %(stage)s, %(consumes)s, status, attempt, %(worker)s,
-       'epoch'::timestamptz + started_us * interval '1 microsecond',
-       duration_us * interval '1 microsecond', last_error, model, prompt_tokens,
+       'epoch'::timestamptz + started_us * interval '1 us',
+       duration_us * interval '1 us', last_error, model, prompt_tokens,
        completion_tokens
   FROM moved
 RETURNING run_id, to_status;
@@ -349,29 +346,29 @@ WITH failed AS (
               r.finished_at, r.last_error
 ), ended_children AS (
     -- as in complete_if_leased
-    SELECT m.parent_id, count(*) AS ended,
-           (array_agg(format('child %%s (run %%s) ended %%s: %%s',
-                             m.child_index - (p.fan_out ->> 'first')::int, m.id, m.status,
-                             coalesce(m.last_error, 'cancelled')) ORDER BY m.child_index)
-               FILTER (WHERE m.status IN ('FAILED', 'CANCELLED')))[1] AS failure
-      FROM moved m
-      JOIN @schema@.pipeline_runs p ON p.id = m.parent_id
-     WHERE m.finished_at IS NOT NULL AND m.child_index >= (p.fan_out ->> 'first')::int
-     GROUP BY m.parent_id
+    -- `fails`: a child failed and the parent fails at once (on_child_failure "fail")
+    SELECT e.*, e.failure IS NOT NULL AND e.fail_fast AS fails
+      FROM (SELECT m.parent_id, count(*) AS ended,
+                   bool_and((p.fan_out ->> 'fail_fast')::boolean) AS fail_fast,
+                   (array_agg(format('child %%s (run %%s) ended %%s: %%s',
+                                     m.child_index - (p.fan_out ->> 'first')::int, m.id,
+                                     m.status, coalesce(m.last_error, 'cancelled'))
+                              ORDER BY m.child_index)
+                       FILTER (WHERE m.status IN ('FAILED', 'CANCELLED')))[1] AS failure
+              FROM moved m
+              JOIN @schema@.pipeline_runs p ON p.id = m.parent_id
+             WHERE m.finished_at IS NOT NULL AND m.child_index >= (p.fan_out ->> 'first')::int
+             GROUP BY m.parent_id) e
 ), counted AS (
     UPDATE @schema@.pipeline_runs p
        SET children_pending = p.children_pending - e.ended,
-           status = CASE WHEN e.failure IS NOT NULL AND (p.fan_out ->> 'fail_fast')::boolean
-                         THEN 'FAILED'
+           status = CASE WHEN e.fails THEN 'FAILED'
                          WHEN p.children_pending = e.ended THEN p.fan_out ->> 'join'
                          ELSE p.status END,
-           last_error = CASE WHEN e.failure IS NOT NULL AND (p.fan_out ->> 'fail_fast')::boolean
-                             THEN e.failure ELSE p.last_error END,
-           finished_at = CASE WHEN e.failure IS NOT NULL AND (p.fan_out ->> 'fail_fast')::boolean
-                              THEN now() END,
-           run_after = CASE WHEN p.children_pending = e.ended OR (e.failure IS NOT NULL
-                                 AND (p.fan_out ->> 'fail_fast')::boolean)
-                            THEN now() ELSE p.run_after END,
+           last_error = CASE WHEN e.fails THEN e.failure ELSE p.last_error END,
+           finished_at = CASE WHEN e.fails THEN now() END,
+           run_after = CASE WHEN e.fails OR p.children_pending = e.ended THEN now()
+                            ELSE p.run_after END,
            updated_at = now()
       FROM ended_children e
      WHERE p.id = e.parent_id AND p.status = p.fan_out ->> 'waiting'  -- (so not finished)
@@ -385,8 +382,8 @@ INSERT INTO @schema@.run_events
        (run_id, pipeline, stage, from_status, to_status, attempt, worker, started_at, duration,
         error, model, prompt_tokens, completion_tokens)
 SELECT id, pipeline, %(stage)s, %(working)s, status, attempt, %(worker)s,
-       'epoch'::timestamptz + started_us * interval '1 microsecond',
-       duration_us * interval '1 microsecond', error, model, prompt_tokens, completion_tokens
+       'epoch'::timestamptz + started_us * interval '1 us',
+       duration_us * interval '1 us', error, model, prompt_tokens, completion_tokens
   FROM moved
 RETURNING run_id, to_status;
 
