@@ -14,6 +14,7 @@ few seconds of steady state (after the first completion and a warm-up), from out
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -83,6 +84,17 @@ def three(db: BenchDatabase, scale: Scale, *, observer: bool = True) -> Throughp
     return Throughput(rate.per_second, rate.cpu_us_per_run, rate.db_cpu_us_per_run, 0.0)
 
 
+def _spread(results: list[Throughput]) -> str:
+    rates = [r.runs_per_second for r in results]
+    return f"{min(rates):,.0f}-{max(rates):,.0f}"
+
+
+def _cpu(results: list[Throughput]) -> str:
+    worker = statistics.median(r.cpu_us_per_run for r in results)
+    backends = statistics.median(r.db_cpu_us_per_run for r in results)
+    return f"{worker:.0f} + {backends:.0f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     which = parser.add_mutually_exclusive_group(required=True)
@@ -116,16 +128,22 @@ def main() -> None:
                 f" database backends {result.db_cpu_us_per_run:.0f} us per run"
             )
         elif args.limits:
-            # Interleaved, ABBA: the machine's drift falls on both alike.
-            plain = [single(db, scale, observer=observer)]
-            limited = [single(db, scale, observer=observer, limited=True) for _ in range(2)]
-            plain.append(single(db, scale, observer=observer))
-            free = sum(r.runs_per_second for r in plain) / 2
-            held = sum(r.runs_per_second for r in limited) / 2
+            # Interleaved, ABBA twice over: the machine's drift falls on both alike; medians.
+            plain: list[Throughput] = []
+            limited: list[Throughput] = []
+            for first_plain in (True, False, True, False):
+                for is_limited in (not first_plain, first_plain):
+                    (limited if is_limited else plain).append(
+                        single(db, scale, observer=observer, limited=is_limited)
+                    )
+            free = statistics.median(r.runs_per_second for r in plain)
+            held = statistics.median(r.runs_per_second for r in limited)
             print(
                 f"(a) under limits never binding (a stage cap, a key with a rate):"
                 f" {held:,.0f} runs/s, without limits {free:,.0f} runs/s, ratio"
-                f" {ratio(held, free)}{suffix}"
+                f" {ratio(held, free)}{suffix} (medians of 4 each; limited"
+                f" {_spread(limited)}, plain {_spread(plain)}; CPU per run, worker + backends:"
+                f" limited {_cpu(limited)}, plain {_cpu(plain)} us)"
             )
         else:
             empty = single(db, scale, observer=observer)

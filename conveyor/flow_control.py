@@ -26,6 +26,7 @@ from psycopg.types.json import set_json_loads
 from psycopg_pool import AsyncConnectionPool
 
 from conveyor import metrics, queries
+from conveyor.batch_arrays import text_array
 from conveyor.db import brief
 from conveyor.limits import (
     MAX_IN_FLIGHT,
@@ -108,8 +109,12 @@ class FlowControl:
         self._stage = stage
         self.limits = limits
         self.keys = [limit.key for limit in limits]
+        self._keys_array = text_array(self.keys)  # written once: every claim sends it
         self._channel = channel
         self._labels = (pipeline.name, stage.name)
+        self._requests_used = [
+            metrics.LIMIT_USED.labels(*self._labels, key, "requests") for key in self.keys
+        ]
         self._group_by = stage.group_by
         self._next_freed_notice = 0.0  # monotonic
         self._freed_notice_pending: asyncio.TimerHandle | None = None
@@ -174,15 +179,15 @@ class FlowControl:
         statement = queries.sized(self._sql["claim_limited"], batch)
         cur = conn.cursor()
         set_json_loads(json_from_server, cur)
-        await cur.execute(statement, {**params, "keys": self.keys})
+        await cur.execute(statement, {**params, "keys": self._keys_array})
         found: list[Any] = await cur.fetchall()
         rows: list[ClaimedRow] = [row[:6] for row in found if row[0] is not None]
         # a last row with a NULL id: nothing may start, or a rate bounded what did
         note = next((row for row in found if row[0] is None), None)
         room = None if note is None else Room(0, _from_now(note[6]), note[7])
         if rows:
-            for key in self.keys:
-                metrics.LIMIT_USED.labels(*self._labels, key, "requests").inc(len(rows))
+            for used in self._requests_used:
+                used.inc(len(rows))
         elif room is not None:
             metrics.THROTTLED.labels(*self._labels, room.key or "", "claim").inc()
         return rows, room
@@ -220,9 +225,11 @@ class FlowControl:
     async def took(self, conn: AsyncConnection[Any], runs: int) -> None:
         """In the claim's transaction, after it: one request per run claimed."""
         if runs and self.keys:
-            await conn.execute(self._sql["limit_take"], {"keys": self.keys, "requests": runs})
-            for key in self.keys:
-                metrics.LIMIT_USED.labels(*self._labels, key, "requests").inc(runs)
+            await conn.execute(
+                self._sql["limit_take"], {"keys": self._keys_array, "requests": runs}
+            )
+            for used in self._requests_used:
+                used.inc(runs)
 
     async def places_freed(self) -> None:
         """Runs under capped keys finished: wake every stage that shares those keys, at most

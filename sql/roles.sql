@@ -36,6 +36,8 @@ GRANT EXECUTE ON FUNCTION @schema@.prune_finished(float8, text) TO conveyor_work
 
 -- Flow control: workers declare limits, take from them and close them; readers only see them.
 GRANT INSERT, UPDATE ON @schema@.limits, @schema@.limit_stages TO conveyor_worker;
+-- limit_places: kept by limit_room, cleared by the triggers of migration 016
+GRANT INSERT, UPDATE, DELETE ON @schema@.limit_places TO conveyor_worker;
 GRANT EXECUTE ON FUNCTION @schema@.limit_room(text[], integer),
                           @schema@.limit_take(text[], integer, float8),
                           @schema@.limit_acquire(text, integer, float8),

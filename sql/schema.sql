@@ -163,6 +163,16 @@ CREATE FUNCTION conveyor.limit_close(closed_key text, until timestamp with time 
            updated_at = now()
     RETURNING extract(epoch FROM closed_until - clock_timestamp())::float8;
 $$;
+CREATE FUNCTION conveyor.limit_places_forget() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    DELETE FROM "conveyor".limit_places
+     WHERE key IN (SELECT (CASE WHEN TG_OP = 'DELETE' THEN OLD ELSE NEW END).key
+                   UNION SELECT (CASE WHEN TG_OP = 'INSERT' THEN NEW ELSE OLD END).key);
+    RETURN NULL;
+END
+$$;
 CREATE FUNCTION conveyor.limit_room(keys text[], wanted integer) RETURNS TABLE(room integer, throttled_until timestamp with time zone, throttled_by text)
     LANGUAGE plpgsql
     SET plan_cache_mode TO 'force_generic_plan'
@@ -176,6 +186,8 @@ DECLARE
     free integer;
     next_due timestamptz;
     next_key text;
+    capped text[] := '{}';
+    capped_held integer[] := '{}';
     now_at timestamptz := clock_timestamp();
 BEGIN
     room := wanted;
@@ -183,26 +195,36 @@ BEGIN
     -- (row locks would write to the table, and its WAL, at every claim).
     PERFORM pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext('conveyor.limit.' || k))
        FROM (SELECT DISTINCT k FROM unnest(keys) k ORDER BY k) ordered;
-    FOR lim IN SELECT * FROM "conveyor".limits l WHERE l.key = ANY(keys) ORDER BY l.key
+    FOR lim IN SELECT l.*, p.bound FROM "conveyor".limits l
+                 LEFT JOIN "conveyor".limit_places p ON p.key = l.key
+                WHERE l.key = ANY(keys) ORDER BY l.key
     LOOP
         IF lim.closed_until > now_at THEN
             RETURN QUERY SELECT 0, lim.closed_until, lim.key;
             RETURN;
         END IF;
         IF lim.max_in_flight IS NOT NULL THEN
-            -- stage by stage, each count through the claim's index: only leased runs are read
-            held := 0;
-            FOR stage_row IN SELECT s.pipeline, s.working FROM "conveyor".limit_stages s
-                              WHERE s.key = lim.key
-            LOOP
-                held := held + (SELECT count(*) FROM "conveyor".pipeline_runs r
-                                 WHERE r.pipeline = stage_row.pipeline
-                                   AND r.status = stage_row.working
-                                   AND r.finished_at IS NULL AND r.lease_expires_at > now_at);
-            END LOOP;
+            IF lim.bound IS NOT NULL AND lim.bound + room <= lim.max_in_flight THEN
+                held := lim.bound;  -- the bound leaves room: no count needed
+            ELSE
+                -- stage by stage, each count through the claim's index: only leased runs
+                -- are read
+                held := 0;
+                FOR stage_row IN SELECT s.pipeline, s.working FROM "conveyor".limit_stages s
+                                  WHERE s.key = lim.key
+                LOOP
+                    held := held + (SELECT count(*) FROM "conveyor".pipeline_runs r
+                                     WHERE r.pipeline = stage_row.pipeline
+                                       AND r.status = stage_row.working
+                                       AND r.finished_at IS NULL
+                                       AND r.lease_expires_at > now_at);
+                END LOOP;
+            END IF;
+            capped := capped || lim.key;
+            capped_held := capped_held || held;
             IF held >= lim.max_in_flight THEN
-                RETURN QUERY SELECT 0, NULL::timestamptz, lim.key;
-                RETURN;
+                room := 0;
+                EXIT;
             END IF;
             room := least(room, lim.max_in_flight - held);
         END IF;
@@ -233,6 +255,17 @@ BEGIN
             RETURN;
         END IF;
     END LOOP;
+    -- The bound of every capped key read so far: what was held, and the room this claim may
+    -- take (a claim that takes less leaves the bound a little high, which is safe).
+    IF cardinality(capped) > 0 THEN
+        INSERT INTO "conveyor".limit_places AS p (key, bound)
+        SELECT c.key, c.held + room FROM unnest(capped, capped_held) AS c(key, held)
+        ON CONFLICT (key) DO UPDATE SET bound = excluded.bound;
+    END IF;
+    IF room < 1 THEN  -- a cap is full: until a place is given back, which notifies
+        RETURN QUERY SELECT 0, NULL::timestamptz, capped[cardinality(capped)];
+        RETURN;
+    END IF;
     -- With room, `throttled_until` is when a rate that bounded the claim has its next request.
     RETURN QUERY SELECT room, next_due, next_key;
 END
@@ -415,6 +448,11 @@ BEGIN
     RETURN NULL;
 END
 $$;
+CREATE UNLOGGED TABLE conveyor.limit_places (
+    key text NOT NULL,
+    bound integer NOT NULL
+);
+COMMENT ON TABLE conveyor.limit_places IS 'What claims under each capped key may hold at most: a bound that spares counting them.';
 CREATE TABLE conveyor.limit_stages (
     key text NOT NULL,
     pipeline text NOT NULL,
@@ -541,6 +579,8 @@ CREATE UNLOGGED TABLE conveyor.workers (
     CONSTRAINT workers_secret_length CHECK (((octet_length(secret) >= 16) AND (octet_length(secret) <= 64)))
 );
 COMMENT ON COLUMN conveyor.workers.secret IS 'The key hand_off signs this worker''s hand-offs with; never readable by conveyor_reader.';
+ALTER TABLE ONLY conveyor.limit_places
+    ADD CONSTRAINT limit_places_pkey PRIMARY KEY (key);
 ALTER TABLE ONLY conveyor.limit_stages
     ADD CONSTRAINT limit_stages_pkey PRIMARY KEY (key, pipeline, stage);
 ALTER TABLE ONLY conveyor.limits
@@ -569,9 +609,13 @@ CREATE INDEX run_events_created ON conveyor.run_events USING btree (created_at);
 CREATE INDEX run_events_run ON conveyor.run_events USING btree (run_id, id);
 CREATE TRIGGER child_added BEFORE INSERT ON conveyor.pipeline_runs FOR EACH ROW WHEN (((new.parent_id IS NOT NULL) AND (current_setting('conveyor.fan_out'::text, true) IS DISTINCT FROM 'on'::text))) EXECUTE FUNCTION conveyor.child_added();
 CREATE TRIGGER child_counted AFTER INSERT ON conveyor.pipeline_runs FOR EACH ROW WHEN (((new.parent_id IS NOT NULL) AND (current_setting('conveyor.fan_out'::text, true) IS DISTINCT FROM 'on'::text))) EXECUTE FUNCTION conveyor.child_counted();
+CREATE TRIGGER limit_places_cap AFTER UPDATE OF max_in_flight ON conveyor.limits FOR EACH ROW WHEN ((old.max_in_flight IS DISTINCT FROM new.max_in_flight)) EXECUTE FUNCTION conveyor.limit_places_forget();
+CREATE TRIGGER limit_places_stages AFTER INSERT OR DELETE OR UPDATE ON conveyor.limit_stages FOR EACH ROW EXECUTE FUNCTION conveyor.limit_places_forget();
 CREATE TRIGGER pipeline_events_insert AFTER INSERT ON conveyor.pipeline_runs FOR EACH ROW EXECUTE FUNCTION conveyor.notify_pipeline_change();
 CREATE TRIGGER pipeline_events_update AFTER UPDATE OF status ON conveyor.pipeline_runs FOR EACH ROW WHEN ((old.status IS DISTINCT FROM new.status)) EXECUTE FUNCTION conveyor.notify_pipeline_change();
 CREATE TRIGGER run_finished AFTER UPDATE OF finished_at ON conveyor.pipeline_runs FOR EACH ROW WHEN (((old.finished_at IS NULL) AND (new.finished_at IS NOT NULL) AND (((new.parent_id IS NOT NULL) AND ((current_setting('conveyor.children_counted'::text, true) IS DISTINCT FROM 'on'::text) OR (old.status = (old.fan_out ->> 'waiting'::text)))) OR (new.children_pending > 0)))) EXECUTE FUNCTION conveyor.run_finished();
 CREATE CONSTRAINT TRIGGER wake_waiting_workers AFTER INSERT OR UPDATE OF status ON conveyor.pipeline_runs DEFERRABLE INITIALLY DEFERRED FOR EACH ROW WHEN (((new.finished_at IS NULL) AND (new.lease_owner IS NULL))) EXECUTE FUNCTION conveyor.wake_waiting_workers();
+ALTER TABLE ONLY conveyor.limit_places
+    ADD CONSTRAINT limit_places_key_fkey FOREIGN KEY (key) REFERENCES conveyor.limits(key) ON DELETE CASCADE;
 ALTER TABLE ONLY conveyor.limit_stages
     ADD CONSTRAINT limit_stages_key_fkey FOREIGN KEY (key) REFERENCES conveyor.limits(key) ON DELETE CASCADE;

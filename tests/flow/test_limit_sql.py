@@ -57,3 +57,46 @@ def test_a_rate_that_bounds_a_claim_says_when_its_next_request_is_due(database_u
         0
     ]
     assert (room, due_in, key) == (5, None, None)  # not bound by the rate: no hint
+
+
+def _lease(database_url: str, stage_status: str, runs: int) -> None:
+    fetch_all(
+        database_url,
+        "INSERT INTO conveyor.pipeline_runs (pipeline, status, lease_owner, lease_expires_at)"
+        " SELECT 'p', %s, 'w', now() + interval '1 hour' FROM generate_series(1, %s)"
+        " RETURNING id",
+        (stage_status, runs),
+    )
+
+
+def test_a_cap_counts_what_every_stage_under_its_key_holds_when_it_may_bind(
+    database_url: str,
+) -> None:
+    """Claims under a cap far from full take their room from a bound kept since the last
+    count; a stage that joins the key with runs already leased, or a cap lowered, makes the
+    next claim count them."""
+    fetch_all(
+        database_url,
+        "INSERT INTO conveyor.limits (key, max_in_flight) VALUES ('k', 100) RETURNING key",
+    )
+    fetch_all(
+        database_url,
+        "INSERT INTO conveyor.limit_stages VALUES ('k', 'p', 'a', 'A_WORKING', 'c') RETURNING key",
+    )
+    _lease(database_url, "A_WORKING", 5)
+    room = "SELECT room FROM conveyor.limit_room(ARRAY['k'], 10)"
+    assert scalar(database_url, room) == 10
+    assert scalar(database_url, "SELECT bound FROM conveyor.limit_places") == 15
+    # a second stage joins the key with 80 runs leased: counted, not taken from the bound
+    _lease(database_url, "B_WORKING", 80)
+    fetch_all(
+        database_url,
+        "INSERT INTO conveyor.limit_stages VALUES ('k', 'p', 'b', 'B_WORKING', 'c') RETURNING key",
+    )
+    assert scalar(database_url, room) == 10
+    assert scalar(database_url, "SELECT bound FROM conveyor.limit_places") == 95
+    # the cap lowered below what is held: nothing more
+    scalar(database_url, "UPDATE conveyor.limits SET max_in_flight = 50 RETURNING key")
+    assert fetch_all(database_url, "SELECT * FROM conveyor.limit_room(ARRAY['k'], 10)") == [
+        (0, None, "k")
+    ]
