@@ -70,12 +70,15 @@ class BenchDatabase:
 
     @classmethod
     @contextmanager
-    def create(cls) -> Iterator[BenchDatabase]:
-        """A fresh, migrated database on the embedded server (CONVEYOR_DATA_DIR or the default),
-        or on the server of CONVEYOR_DATABASE_URL (a superuser: the harness switches triggers
-        and per-database settings). Dropped at the end, whatever happens."""
-        admin = os.environ.get("CONVEYOR_DATABASE_URL") or _embedded.ensure_running(
-            Settings.from_env().data_dir
+    def create(cls, admin_url: str | None = None) -> Iterator[BenchDatabase]:
+        """A fresh, migrated database on the server of `admin_url`, else of
+        CONVEYOR_DATABASE_URL (a superuser: the harness switches triggers and per-database
+        settings), else the embedded server (CONVEYOR_DATA_DIR or the default). Dropped at the
+        end, whatever happens."""
+        admin = (
+            admin_url
+            or os.environ.get("CONVEYOR_DATABASE_URL")
+            or _embedded.ensure_running(Settings.from_env().data_dir)
         )
         name = f"conveyor_bench_{uuid.uuid4().hex[:8]}"
         with psycopg.connect(admin, autocommit=True) as conn:
