@@ -33,6 +33,7 @@ class Completer:
         *,
         tally: StageTally,
         held: set[UUID],
+        slot_freed: asyncio.Event,
         errors: DatabaseErrors,
         log: FilteringBoundLogger,
     ) -> None:
@@ -40,6 +41,9 @@ class Completer:
         self._tally = tally
         # The worker's runs held until their result is applied or refused (shared, not owned).
         self._held = held
+        # Set once applied results leave `held`: a worker holding as many as it may (results
+        # waiting for their commit included: Dispatcher.free) claims again.
+        self._slot_freed = slot_freed
         self._errors = errors
         self._log = log
         # Filled by the run tasks, emptied by flush(); the same list objects for the worker's
@@ -98,6 +102,7 @@ class Completer:
             # Applied or refused: no longer this worker's, except what waits to be tried again.
             pending = _run_ids(self.successes, self.failures)
             self._held -= _run_ids(successes, failures) - pending
+            self._slot_freed.set()
             tally = self._tally
             tally.completed += applied.completed
             tally.retried += applied.retried

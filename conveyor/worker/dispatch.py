@@ -58,6 +58,10 @@ from conveyor.worker.database_errors import DB_ERRORS, DatabaseErrors
 from conveyor.worker.hand_offs import HandOffs, Verdict
 from conveyor.worker.in_flight import InFlight
 
+# A worker holds at most this many times its concurrency: runs in its handlers, and results
+# waiting for the completer's next commit.
+HOLD_FACTOR = 2
+
 
 class Mode(enum.Enum):
     WAITING = "waiting"
@@ -116,6 +120,7 @@ class Dispatcher:
     ) -> None:
         self._stage = stage
         self._concurrency = stage.concurrency
+        self._hold = HOLD_FACTOR * stage.concurrency
         # Under a backlog, claim only when a good part of a batch is free, so batches stay big.
         self._refill_at = min(max(1, stage.batch // 2), stage.concurrency)
         self._protocol = protocol
@@ -143,13 +148,22 @@ class Dispatcher:
             self.mode = mode
 
     @property
+    def free(self) -> int:
+        """How many more runs this worker may take: its slots not running a handler, and no
+        more than `HOLD_FACTOR` times its concurrency held in all, results that wait for their
+        commit included. A completer that falls behind slows the claims down, and the runs wait
+        in the database (where other workers may take them), not in this worker's memory."""
+        held = len(self._in_flight.held)
+        return max(0, min(self._concurrency - len(self._tasks), self._hold - held))
+
+    @property
     def free_slots(self) -> int:
         """How many runs may be handed to this worker (the registry counts them down): all its
         slots while it has nothing in flight, none while it works. Hand-offs are for a worker
         that is idle; one that works claims what comes as a batch, when it is woken."""
         if self._tasks or self.mode is Mode.RESCUED or self._protocol.flow is not None:
             return 0  # under limits, none: a hand-off would pass them by
-        return self._concurrency
+        return self.free
 
     def _wake_at(self, epoch: float) -> None:
         """Claim again when a limit opens (a closed key, a bucket filling), spread over a few
@@ -183,7 +197,7 @@ class Dispatcher:
         if run_id in self._in_flight.held or run_id in hand_offs.releasing:
             return no_slot_left
         taking = self.mode is Mode.WAITING or self.mode is Mode.BACKLOG
-        if not taking or len(self._tasks) >= self._concurrency:
+        if not taking or self.free < 1:
             hand_offs.give_back_soon(run_id)
             return True  # it no longer waits: the dispatcher claims and waits again when it can
         self._in_flight.start([row], by_timer=False)
@@ -197,7 +211,7 @@ class Dispatcher:
             mode = self.mode
             if mode is Mode.STOPPING:
                 return
-            free = self._concurrency - len(tasks)
+            free = self.free
             # The free slots each mode waits for: one, half a batch, or all of them.
             if mode is Mode.WAITING:
                 needed = 1

@@ -56,7 +56,10 @@ class Heartbeat:
         await self._hand_offs.beat(self._dispatcher.free_slots)
 
     async def _extend(self) -> None:
-        held_before = list(self._in_flight.tasks)
+        # Every run held, those whose results wait for their commit too: a completer that lags
+        # behind (a slow or busy database) must not let their leases expire and have them
+        # rescued and run again.
+        held_before = list(self._in_flight.held)
         if not held_before:
             return
         held = await self._protocol.extend_leases(held_before)

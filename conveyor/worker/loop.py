@@ -165,7 +165,12 @@ class Worker:
         # Per-run metrics are counted here and written a moment later, off the run's path.
         self._tally = StageTally(self._labels, lambda: len(self._in_flight.tasks))
         self._completer = Completer(
-            self.protocol, tally=self._tally, held=held, errors=errors, log=self._log
+            self.protocol,
+            tally=self._tally,
+            held=held,
+            slot_freed=slot_freed,
+            errors=errors,
+            log=self._log,
         )
         self._in_flight = InFlight(
             self.pipeline,

@@ -120,8 +120,15 @@ def _dispatcher(protocol: _Protocol, hand_offs: _HandOffs) -> tuple[Dispatcher, 
     log = cast(Any, _Log())
     tally = StageTally(labels, lambda: 0)
     held: set[uuid.UUID] = set()
-    completer = Completer(cast(Any, None), tally=tally, held=held, errors=cast(Any, None), log=log)
     stopping, slot_freed = asyncio.Event(), asyncio.Event()
+    completer = Completer(
+        cast(Any, None),
+        tally=tally,
+        held=held,
+        slot_freed=slot_freed,
+        errors=cast(Any, None),
+        log=log,
+    )
     in_flight = InFlight(
         Pipeline("p", [stage]),
         stage,
