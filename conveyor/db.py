@@ -69,11 +69,13 @@ def check_url(variable: str, url: str) -> str:
 
 
 def brief(exc: BaseException | None) -> str:
-    """An error in one line for a log: its last non-empty line (PostgreSQL puts the gist there),
-    passwords hidden."""
+    """An error in one line for a log, passwords hidden: the server's primary message (not its
+    DETAIL, which may quote a row, nor its CONTEXT, which says where: "deadlock detected", not
+    "while updating tuple (12,7)"), else the error's last non-empty line."""
     if exc is None:
         return ""
-    return redact(first_line(exc))
+    primary = exc.diag.message_primary if isinstance(exc, psycopg.Error) else None
+    return redact(primary or first_line(exc))
 
 
 def refusal(exc: psycopg.Error) -> dict[str, Any]:

@@ -126,10 +126,9 @@ class FlowControl:
         """Write the stage's limits and which keys it runs under, in the transaction of the
         worker's first claim: no claim of its runs is made before its limits are in place.
         Keys it no longer declares are forgotten for it."""
-        await conn.execute(
-            self._sql["forget_limit_stages"],
-            {"pipeline": self._pipeline.name, "stage": self._stage.name, "keys": self.keys},
-        )
+        stage = {"pipeline": self._pipeline.name, "stage": self._stage.name, "keys": self.keys}
+        await conn.execute(self._sql["lock_limit_keys"], stage)
+        await conn.execute(self._sql["forget_limit_stages"], stage)
         for limit in self.limits:
             await conn.execute(self._sql["declare_limit"], dataclasses.asdict(limit))
             await conn.execute(

@@ -1,24 +1,27 @@
--- 016: a claim under a cap counts the key's leased runs only when the cap may bind. Every run
--- leased under a key is leased by a claim that asked limit_room first, and limit_room keeps
--- what it let those claims take since its last count (`limit_places`): the count then, plus
--- every room granted since, is at least the runs leased now (runs that finish only lower it).
--- While that bound leaves room for the claim, the claim takes it without counting; once it
--- would not, limit_room counts again and starts the bound over from the count. A cap far above
--- what the workers can hold is counted about once per max_in_flight runs claimed, not at
--- every claim; a cap that binds is counted at every claim, as before.
+-- 016: a claim under a cap counts the key's leased runs only when the cap may bind. A run is
+-- leased under a key by a claim that asked limit_room first, and limit_room keeps what it let
+-- those claims take since its last count (`limit_places`): the count then, plus every room
+-- granted since, is at least the runs leased now (runs that finish only lower it). While that
+-- bound leaves room for the claim, the claim takes it without counting; once it would not, or
+-- once the count is a second old, limit_room counts again and starts the bound over from the
+-- count. The second bounds what a lease made some other way (a worker of the stage that does
+-- not declare the key, a lease extended after it expired) can go unseen. A cap far above what
+-- the workers hold is counted about once a second; a cap that binds, at every claim.
 
 -- UNLOGGED: a bound is a cache. After a crash the table is empty, and the next claim counts.
 CREATE UNLOGGED TABLE @schema@.limit_places (
-    key   text PRIMARY KEY REFERENCES @schema@.limits (key) ON DELETE CASCADE,
-    bound integer NOT NULL  -- at least the runs leased under the key now
+    key        text PRIMARY KEY REFERENCES @schema@.limits (key) ON DELETE CASCADE,
+    bound      integer NOT NULL,     -- at least the runs leased under the key now
+    counted_at timestamptz NOT NULL  -- the count the bound started from
 );
 
 COMMENT ON TABLE @schema@.limit_places IS
     'What claims under each capped key may hold at most: a bound that spares counting them.';
 
 -- A bound holds only while every run leased under the key was leased by a claim that kept it:
--- a cap set where there was none, or a stage that joins or leaves the key (its runs leased
--- before), starts it over from a count.
+-- a stage that joins or leaves the key (its runs leased before) starts it over from a count.
+-- Workers change limit_stages holding the keys' advisory locks (FlowControl.declare_on), as
+-- claims do before they write the bound: the two follow one another.
 CREATE FUNCTION @schema@.limit_places_forget() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
@@ -28,10 +31,6 @@ BEGIN
     RETURN NULL;
 END
 $$;
-
-CREATE TRIGGER limit_places_cap AFTER UPDATE OF max_in_flight ON @schema@.limits
-    FOR EACH ROW WHEN (OLD.max_in_flight IS DISTINCT FROM NEW.max_in_flight)
-    EXECUTE FUNCTION @schema@.limit_places_forget();
 
 CREATE TRIGGER limit_places_stages AFTER INSERT OR UPDATE OR DELETE ON @schema@.limit_stages
     FOR EACH ROW EXECUTE FUNCTION @schema@.limit_places_forget();
@@ -48,6 +47,9 @@ DECLARE
     next_key text;
     capped text[] := '{}';
     capped_held integer[] := '{}';
+    capped_counted timestamptz[] := '{}';
+    counted_at timestamptz;
+    uncapped text[] := '{}';
     now_at timestamptz := clock_timestamp();
 BEGIN
     room := wanted;
@@ -55,7 +57,7 @@ BEGIN
     -- (row locks would write to the table, and its WAL, at every claim).
     PERFORM pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext('conveyor.limit.' || k))
        FROM (SELECT DISTINCT k FROM unnest(keys) k ORDER BY k) ordered;
-    FOR lim IN SELECT l.*, p.bound FROM @schema@.limits l
+    FOR lim IN SELECT l.*, p.bound, p.counted_at AS bound_counted_at FROM @schema@.limits l
                  LEFT JOIN @schema@.limit_places p ON p.key = l.key
                 WHERE l.key = ANY(keys) ORDER BY l.key
     LOOP
@@ -63,10 +65,17 @@ BEGIN
             RETURN QUERY SELECT 0, lim.closed_until, lim.key;
             RETURN;
         END IF;
+        IF lim.max_in_flight IS NULL AND lim.bound IS NOT NULL THEN
+            -- no cap: claims keep no bound, so a cap set later counts first
+            uncapped := uncapped || lim.key;
+        END IF;
         IF lim.max_in_flight IS NOT NULL THEN
-            IF lim.bound IS NOT NULL AND lim.bound + room <= lim.max_in_flight THEN
+            IF lim.bound IS NOT NULL AND lim.bound + room <= lim.max_in_flight
+               AND lim.bound_counted_at > now_at - interval '1 second' THEN
                 held := lim.bound;  -- the bound leaves room: no count needed
+                counted_at := lim.bound_counted_at;
             ELSE
+                counted_at := now_at;
                 -- stage by stage, each count through the claim's index: only leased runs
                 -- are read
                 held := 0;
@@ -82,6 +91,7 @@ BEGIN
             END IF;
             capped := capped || lim.key;
             capped_held := capped_held || held;
+            capped_counted := capped_counted || counted_at;
             IF held >= lim.max_in_flight THEN
                 room := 0;
                 EXIT;
@@ -118,9 +128,13 @@ BEGIN
     -- The bound of every capped key read so far: what was held, and the room this claim may
     -- take (a claim that takes less leaves the bound a little high, which is safe).
     IF cardinality(capped) > 0 THEN
-        INSERT INTO @schema@.limit_places AS p (key, bound)
-        SELECT c.key, c.held + room FROM unnest(capped, capped_held) AS c(key, held)
-        ON CONFLICT (key) DO UPDATE SET bound = excluded.bound;
+        INSERT INTO @schema@.limit_places AS p (key, bound, counted_at)
+        SELECT c.key, c.held + room, c.counted_at
+          FROM unnest(capped, capped_held, capped_counted) AS c(key, held, counted_at)
+        ON CONFLICT (key) DO UPDATE SET bound = excluded.bound, counted_at = excluded.counted_at;
+    END IF;
+    IF cardinality(uncapped) > 0 THEN
+        DELETE FROM @schema@.limit_places WHERE key = ANY(uncapped);
     END IF;
     IF room < 1 THEN  -- a cap is full: until a place is given back, which notifies
         RETURN QUERY SELECT 0, NULL::timestamptz, capped[cardinality(capped)];

@@ -64,6 +64,19 @@ ON CONFLICT (key) DO UPDATE
        IS DISTINCT FROM (excluded.max_in_flight, excluded.requests_per_minute,
                          excluded.tokens_per_minute);
 
+-- lock_limit_keys --
+-- First in the transaction that writes a stage's limits (FlowControl.declare_on): the advisory
+-- locks a claim under those keys takes (limit_room), in key order, for the keys the stage
+-- declares and those it is listed under. Claims write the keys' bounds (limit_places), which
+-- a change to limit_stages clears: the two then follow one another, never each waiting for a
+-- row the other holds.
+SELECT count(pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext('conveyor.limit.' || k)))
+  FROM (SELECT k FROM unnest(%(keys)s::text[]) k
+        UNION
+        SELECT s.key FROM @schema@.limit_stages s
+         WHERE s.pipeline = %(pipeline)s AND s.stage = %(stage)s
+        ORDER BY 1) ordered;
+
 -- forget_limit_stages --
 -- Keys a stage no longer declares: its runs no longer hold their places.
 DELETE FROM @schema@.limit_stages

@@ -188,6 +188,9 @@ DECLARE
     next_key text;
     capped text[] := '{}';
     capped_held integer[] := '{}';
+    capped_counted timestamptz[] := '{}';
+    counted_at timestamptz;
+    uncapped text[] := '{}';
     now_at timestamptz := clock_timestamp();
 BEGIN
     room := wanted;
@@ -195,7 +198,7 @@ BEGIN
     -- (row locks would write to the table, and its WAL, at every claim).
     PERFORM pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext('conveyor.limit.' || k))
        FROM (SELECT DISTINCT k FROM unnest(keys) k ORDER BY k) ordered;
-    FOR lim IN SELECT l.*, p.bound FROM "conveyor".limits l
+    FOR lim IN SELECT l.*, p.bound, p.counted_at AS bound_counted_at FROM "conveyor".limits l
                  LEFT JOIN "conveyor".limit_places p ON p.key = l.key
                 WHERE l.key = ANY(keys) ORDER BY l.key
     LOOP
@@ -203,10 +206,17 @@ BEGIN
             RETURN QUERY SELECT 0, lim.closed_until, lim.key;
             RETURN;
         END IF;
+        IF lim.max_in_flight IS NULL AND lim.bound IS NOT NULL THEN
+            -- no cap: claims keep no bound, so a cap set later counts first
+            uncapped := uncapped || lim.key;
+        END IF;
         IF lim.max_in_flight IS NOT NULL THEN
-            IF lim.bound IS NOT NULL AND lim.bound + room <= lim.max_in_flight THEN
+            IF lim.bound IS NOT NULL AND lim.bound + room <= lim.max_in_flight
+               AND lim.bound_counted_at > now_at - interval '1 second' THEN
                 held := lim.bound;  -- the bound leaves room: no count needed
+                counted_at := lim.bound_counted_at;
             ELSE
+                counted_at := now_at;
                 -- stage by stage, each count through the claim's index: only leased runs
                 -- are read
                 held := 0;
@@ -222,6 +232,7 @@ BEGIN
             END IF;
             capped := capped || lim.key;
             capped_held := capped_held || held;
+            capped_counted := capped_counted || counted_at;
             IF held >= lim.max_in_flight THEN
                 room := 0;
                 EXIT;
@@ -258,9 +269,13 @@ BEGIN
     -- The bound of every capped key read so far: what was held, and the room this claim may
     -- take (a claim that takes less leaves the bound a little high, which is safe).
     IF cardinality(capped) > 0 THEN
-        INSERT INTO "conveyor".limit_places AS p (key, bound)
-        SELECT c.key, c.held + room FROM unnest(capped, capped_held) AS c(key, held)
-        ON CONFLICT (key) DO UPDATE SET bound = excluded.bound;
+        INSERT INTO "conveyor".limit_places AS p (key, bound, counted_at)
+        SELECT c.key, c.held + room, c.counted_at
+          FROM unnest(capped, capped_held, capped_counted) AS c(key, held, counted_at)
+        ON CONFLICT (key) DO UPDATE SET bound = excluded.bound, counted_at = excluded.counted_at;
+    END IF;
+    IF cardinality(uncapped) > 0 THEN
+        DELETE FROM "conveyor".limit_places WHERE key = ANY(uncapped);
     END IF;
     IF room < 1 THEN  -- a cap is full: until a place is given back, which notifies
         RETURN QUERY SELECT 0, NULL::timestamptz, capped[cardinality(capped)];
@@ -450,7 +465,8 @@ END
 $$;
 CREATE UNLOGGED TABLE conveyor.limit_places (
     key text NOT NULL,
-    bound integer NOT NULL
+    bound integer NOT NULL,
+    counted_at timestamp with time zone NOT NULL
 );
 COMMENT ON TABLE conveyor.limit_places IS 'What claims under each capped key may hold at most: a bound that spares counting them.';
 CREATE TABLE conveyor.limit_stages (
@@ -609,7 +625,6 @@ CREATE INDEX run_events_created ON conveyor.run_events USING btree (created_at);
 CREATE INDEX run_events_run ON conveyor.run_events USING btree (run_id, id);
 CREATE TRIGGER child_added BEFORE INSERT ON conveyor.pipeline_runs FOR EACH ROW WHEN (((new.parent_id IS NOT NULL) AND (current_setting('conveyor.fan_out'::text, true) IS DISTINCT FROM 'on'::text))) EXECUTE FUNCTION conveyor.child_added();
 CREATE TRIGGER child_counted AFTER INSERT ON conveyor.pipeline_runs FOR EACH ROW WHEN (((new.parent_id IS NOT NULL) AND (current_setting('conveyor.fan_out'::text, true) IS DISTINCT FROM 'on'::text))) EXECUTE FUNCTION conveyor.child_counted();
-CREATE TRIGGER limit_places_cap AFTER UPDATE OF max_in_flight ON conveyor.limits FOR EACH ROW WHEN ((old.max_in_flight IS DISTINCT FROM new.max_in_flight)) EXECUTE FUNCTION conveyor.limit_places_forget();
 CREATE TRIGGER limit_places_stages AFTER INSERT OR DELETE OR UPDATE ON conveyor.limit_stages FOR EACH ROW EXECUTE FUNCTION conveyor.limit_places_forget();
 CREATE TRIGGER pipeline_events_insert AFTER INSERT ON conveyor.pipeline_runs FOR EACH ROW EXECUTE FUNCTION conveyor.notify_pipeline_change();
 CREATE TRIGGER pipeline_events_update AFTER UPDATE OF status ON conveyor.pipeline_runs FOR EACH ROW WHEN ((old.status IS DISTINCT FROM new.status)) EXECUTE FUNCTION conveyor.notify_pipeline_change();

@@ -158,8 +158,8 @@ class Dispatcher:
 
     @property
     def free_slots(self) -> int:
-        """How many runs may be handed to this worker (the registry counts them down): all its
-        slots while it has nothing in flight, none while it works. Hand-offs are for a worker
+        """How many runs may be handed to this worker (the registry counts them down): what is
+        free (`free`) while no handler runs, none while one does. Hand-offs are for a worker
         that is idle; one that works claims what comes as a batch, when it is woken."""
         if self._tasks or self.mode is Mode.RESCUED or self._protocol.flow is not None:
             return 0  # under limits, none: a hand-off would pass them by

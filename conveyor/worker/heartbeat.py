@@ -59,7 +59,7 @@ class Heartbeat:
         # Every run held, those whose results wait for their commit too: a completer that lags
         # behind (a slow or busy database) must not let their leases expire and have them
         # rescued and run again.
-        held_before = list(self._in_flight.held)
+        held_before = list(self._in_flight.held | self._in_flight.tasks.keys())
         if not held_before:
             return
         held = await self._protocol.extend_leases(held_before)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from tests.helpers import fetch_all, scalar
 
 
@@ -73,8 +75,8 @@ def test_a_cap_counts_what_every_stage_under_its_key_holds_when_it_may_bind(
     database_url: str,
 ) -> None:
     """Claims under a cap far from full take their room from a bound kept since the last
-    count; a stage that joins the key with runs already leased, or a cap lowered, makes the
-    next claim count them."""
+    count; a stage that joins the key with runs already leased, a cap set again, or a count a
+    second old makes the next claim count them."""
     fetch_all(
         database_url,
         "INSERT INTO conveyor.limits (key, max_in_flight) VALUES ('k', 100) RETURNING key",
@@ -100,3 +102,13 @@ def test_a_cap_counts_what_every_stage_under_its_key_holds_when_it_may_bind(
     assert fetch_all(database_url, "SELECT * FROM conveyor.limit_room(ARRAY['k'], 10)") == [
         (0, None, "k")
     ]
+    # without a cap, claims keep no bound: a cap set again counts what was leased meanwhile
+    scalar(database_url, "UPDATE conveyor.limits SET max_in_flight = NULL RETURNING key")
+    assert scalar(database_url, room) == 10
+    _lease(database_url, "A_WORKING", 20)
+    scalar(database_url, "UPDATE conveyor.limits SET max_in_flight = 110 RETURNING key")
+    assert scalar(database_url, room) == 5  # 105 held
+    # runs leased some other way than through a claim are counted within a second
+    _lease(database_url, "A_WORKING", 3)
+    time.sleep(1.1)
+    assert scalar(database_url, room) == 2

@@ -7,8 +7,10 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+import psycopg
 import pytest
 
+from conveyor.db import brief
 from tests.helpers import ConveyorProcess, scalar, wait_until
 from tests.observability.prom import metrics_port, sample, scrape
 
@@ -128,3 +130,13 @@ def test_a_row_the_rescue_cannot_take_leaves_the_maintenance_leader_running(
         "the repaired run rescued and passed through stage one",
     )
     assert supervisor.stop() == 0
+
+
+def test_a_refusal_is_logged_by_its_message_not_by_where_it_happened(database_url: str) -> None:
+    """PostgreSQL ends an error with its CONTEXT (where: a function's line, a tuple being
+    updated); the log line says what went wrong."""
+    with psycopg.connect(database_url) as conn, pytest.raises(psycopg.Error) as refused:
+        conn.execute("DO $$BEGIN RAISE EXCEPTION 'the gist'; END$$")
+    assert "CONTEXT" in str(refused.value)
+    assert brief(refused.value) == "the gist"
+    assert brief(psycopg.OperationalError("one\nlast line")) == "last line"
