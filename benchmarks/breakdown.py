@@ -32,11 +32,14 @@ import psycopg
 from benchmarks.harness import (
     BenchDatabase,
     Scale,
+    backends_cpu_seconds,
+    conveyor_backends,
     events_high_water,
     fill,
     running,
     set_observer,
     settle,
+    wait_first_completion,
 )
 from benchmarks.procstat import children, cpu_seconds
 from conveyor import _embedded, queries
@@ -110,22 +113,15 @@ def measure(
         with running(
             db, ["worker", "--stage", "only"], pipeline="single_limited" if limited else "single"
         ) as worker:
-            while events_high_water(conn) == 0:
-                time.sleep(0.05)
+            wait_first_completion(conn)
             time.sleep(scale.warmup)
             processes = [worker.pid, *children(worker.pid)]
-            backends = [
-                int(row[0])
-                for row in conn.execute(
-                    "SELECT pid FROM pg_stat_activity"
-                    " WHERE datname = current_database() AND application_name LIKE 'conveyor%'"
-                ).fetchall()
-            ]
+            backends = conveyor_backends(conn)
             admin.execute("SELECT pg_stat_statements_reset()")
             conn.execute("SELECT pg_stat_reset()")  # functions' and triggers' times
             first = events_high_water(conn)
             cpu_before = sum(cpu_seconds(pid) for pid in processes)
-            db_before = sum(cpu_seconds(pid) for pid in backends)
+            db_before = backends_cpu_seconds(backends)
             started = time.monotonic()
             time.sleep(scale.window)
             rows = admin.execute(
@@ -136,7 +132,7 @@ def measure(
             last = events_high_water(conn)
             elapsed = time.monotonic() - started
             cpu = sum(cpu_seconds(pid) for pid in processes) - cpu_before
-            db_cpu = sum(cpu_seconds(pid) for pid in backends) - db_before
+            db_cpu = backends_cpu_seconds(backends) - db_before
         # Backends report their functions' times when they end: read once the worker stopped,
         # per run moved since the reset.
         since_reset = events_high_water(conn) - first

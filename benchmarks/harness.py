@@ -214,30 +214,19 @@ def measure_rate(
     """Runs reaching `to_status`, counted in run_events over `scale.window` seconds of steady
     state (after the first completion and a warm-up), as any outside observer would see them;
     with the CPU time the `pids` (and their children) used in that window."""
-    deadline = time.monotonic() + timeout
-    while events_high_water(conn) == 0:
-        if time.monotonic() > deadline:
-            raise RuntimeError("no run was completed: is the worker running?")
-        time.sleep(0.05)
+    wait_first_completion(conn, timeout)
     time.sleep(scale.warmup)
     processes = [*pids, *(child for pid in pids for child in children(pid))]
-    # the backends of conveyor's pools (same host: the embedded server) and LISTEN connections
-    backends = [
-        int(row[0])
-        for row in conn.execute(
-            "SELECT pid FROM pg_stat_activity"
-            " WHERE datname = current_database() AND application_name LIKE 'conveyor%'"
-        ).fetchall()
-    ]
+    backends = conveyor_backends(conn)
     first = events_high_water(conn)
     cpu_before = sum(cpu_seconds(pid) for pid in processes)
-    db_before = sum(_cpu_or_zero(pid) for pid in backends)
+    db_before = backends_cpu_seconds(backends)
     started = time.monotonic()
     time.sleep(scale.window)
     last = events_high_water(conn)
     elapsed = time.monotonic() - started
     cpu = sum(cpu_seconds(pid) for pid in processes) - cpu_before
-    db_cpu = sum(_cpu_or_zero(pid) for pid in backends) - db_before
+    db_cpu = backends_cpu_seconds(backends) - db_before
     row = conn.execute(
         "SELECT count(*) FROM conveyor.run_events WHERE id > %s AND id <= %s AND to_status = %s",
         (first, last, to_status),
@@ -250,8 +239,32 @@ def measure_rate(
     return Rate(row[0] if row else 0, elapsed, cpu, max(db_cpu, 0.0))
 
 
+def wait_first_completion(conn: psycopg.Connection[Any], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while events_high_water(conn) == 0:
+        if time.monotonic() > deadline:
+            raise RuntimeError("no run was completed: is the worker running?")
+        time.sleep(0.05)
+
+
+def conveyor_backends(conn: psycopg.Connection[Any]) -> list[int]:
+    """The backends of conveyor's pools and LISTEN connections in this database."""
+    return [
+        int(row[0])
+        for row in conn.execute(
+            "SELECT pid FROM pg_stat_activity"
+            " WHERE datname = current_database() AND application_name LIKE 'conveyor%'"
+        ).fetchall()
+    ]
+
+
+def backends_cpu_seconds(pids: list[int]) -> float:
+    """The backends' CPU time so far (same host: the embedded server); a backend that is not
+    readable (a remote server) or gone counts 0."""
+    return sum(_cpu_or_zero(pid) for pid in pids)
+
+
 def _cpu_or_zero(pid: int) -> float:
-    """A backend's CPU time so far; 0 when it is not readable (a remote server) or gone."""
     try:
         return cpu_seconds(pid)
     except OSError:
