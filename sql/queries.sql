@@ -472,10 +472,26 @@ SELECT id FROM @schema@.pipeline_runs
 -- extend_leases --
 -- Heartbeat for in-flight runs. An id missing from the result has been taken away (rescued or
 -- cancelled): its handler is interrupted and its result would be refused anyway.
-UPDATE @schema@.pipeline_runs
-   SET lease_expires_at = now() + make_interval(secs => %(lease_seconds)s)
- WHERE id = ANY(%(ids)s::uuid[]) AND status = %(working)s AND lease_owner = %(worker)s
-RETURNING id;
+-- A run whose row another transaction holds is skipped, not waited for: as a rule it is this
+-- worker's own completer committing its result, which locks the same rows in another order
+-- (waiting, the two deadlocked, and PostgreSQL broke the tie after a second's stall). A skipped
+-- run still owned when the statement began counts as held; its lease is extended at the next
+-- beat, a third of a lease later.
+WITH owned AS (
+    SELECT id FROM @schema@.pipeline_runs
+     WHERE id = ANY(%(ids)s::uuid[]) AND status = %(working)s AND lease_owner = %(worker)s
+), free AS (
+    SELECT id FROM @schema@.pipeline_runs
+     WHERE id IN (SELECT id FROM owned) AND status = %(working)s AND lease_owner = %(worker)s
+       FOR UPDATE SKIP LOCKED
+), extended AS (
+    UPDATE @schema@.pipeline_runs r
+       SET lease_expires_at = now() + make_interval(secs => %(lease_seconds)s)
+      FROM free
+     WHERE r.id = free.id
+    RETURNING r.id
+)
+SELECT id FROM owned;  -- extended, or skipped (held elsewhere) while still owned
 
 -- rescue_expired --
 -- Runs whose lease ran out go back to the stage's input status. When their worker stopped
