@@ -536,7 +536,8 @@ CREATE TABLE conveyor.pipeline_runs (
     children_pending integer,
     fan_out jsonb,
     CONSTRAINT pipeline_runs_input_is_object CHECK ((jsonb_typeof(input) = 'object'::text))
-);
+)
+WITH (autovacuum_vacuum_scale_factor='0.02', autovacuum_vacuum_insert_scale_factor='0.02', autovacuum_analyze_scale_factor='0.02', vacuum_truncate='false');
 COMMENT ON COLUMN conveyor.pipeline_runs.visits IS 'Times the run has run each stage on a loop of its pipeline (docs/pipelines.md).';
 COMMENT ON COLUMN conveyor.pipeline_runs.parent_id IS 'The run that created this one as a child (docs/pipelines.md, "Fan-out and join").';
 COMMENT ON COLUMN conveyor.pipeline_runs.children_pending IS 'Children of the current fan-out not finished yet; the parent joins when it reaches 0.';
@@ -557,7 +558,8 @@ CREATE TABLE conveyor.run_events (
     prompt_tokens integer,
     completion_tokens integer,
     created_at timestamp with time zone DEFAULT now() NOT NULL
-);
+)
+WITH (autovacuum_vacuum_scale_factor='0.02', autovacuum_vacuum_insert_scale_factor='0.02', autovacuum_analyze_scale_factor='0.02', vacuum_truncate='false');
 ALTER TABLE conveyor.run_events ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
     SEQUENCE NAME conveyor.run_events_id_seq
     START WITH 1
