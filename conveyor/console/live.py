@@ -167,6 +167,10 @@ class LiveHub:
     # -- the observer channel ------------------------------------------------------------------
 
     def note_change(self, payload: str) -> None:
+        # A busy pipeline notifies thousands of times a second: with nobody streaming, or with
+        # the next message saying `all` already, the payload is not read at all.
+        if not self._subscribers or self._everything_changed:
+            return
         run_id = run_id_of(payload)
         if run_id is None:
             self._skip(payload)

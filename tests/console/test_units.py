@@ -14,7 +14,7 @@ from conveyor.console.context import to_jsonable
 from conveyor.console.decoding import DeepJSON, OutOfRange, load_json
 from conveyor.console.filters import FilterError, RunFilter, decode_cursor, encode_cursor
 from conveyor.console.formatting import age, duration, number, short_id, timestamp
-from conveyor.console.live import run_id_of
+from conveyor.console.live import MAX_IDS_PER_MESSAGE, LiveHub, run_id_of
 from conveyor.console.overview import (
     EVENTS_WINDOW_SECONDS,
     EXACT_COUNT_CAP,
@@ -209,6 +209,33 @@ def test_overview_cache_runs_one_load_for_many_concurrent_viewers() -> None:
         assert loads == 1  # fresh: served from the cache
         await cache.refresh(older_than=0.0)
         assert loads == 2
+
+    asyncio.run(scenario())
+
+
+def test_observer_payloads_are_read_only_while_a_browser_streams() -> None:
+    """A busy pipeline notifies thousands of times a second: nobody streaming, or a message
+    that says `all` already, and the console does not read them."""
+
+    async def load() -> Overview:
+        return build_overview(_overview_row(), reference)
+
+    async def scenario() -> None:
+        hub = LiveHub("postgresql://unused", OverviewCache(load, max_age=60.0))
+        hub.note_change("not json")
+        hub.note_change(f'{{"id": "{uuid4()}", "status": "NEW"}}')
+        assert hub.malformed == 0 and not hub._wake.is_set()
+        stream = hub.stream()
+        await anext(stream)  # a browser streams from here on
+        hub.note_change("not json")
+        assert hub.malformed == 1
+        for _ in range(MAX_IDS_PER_MESSAGE + 1):
+            hub.note_change(f'{{"id": "{uuid4()}", "status": "NEW"}}')
+        assert hub._wake.is_set() and hub._everything_changed
+        hub.note_change("not json")  # the next message says `all`: not read
+        assert hub.malformed == 1
+        await stream.aclose()
+        assert hub.subscribers == 0
 
     asyncio.run(scenario())
 
