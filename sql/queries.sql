@@ -473,12 +473,12 @@ SELECT id FROM @schema@.pipeline_runs
 -- Heartbeat for in-flight runs. An id missing from the result has been taken away (rescued or
 -- cancelled): its handler is interrupted and its result would be refused anyway.
 -- A run whose row another transaction holds is skipped, not waited for: as a rule it is this
--- worker's own completer committing its result, which locks the same rows in another order
--- (waiting, the two deadlocked, and PostgreSQL broke the tie after a second's stall). A skipped
--- run still owned when the statement began counts as held; its lease is extended at the next
--- beat, a third of a lease later.
+-- worker's own completer committing its result, which locks the same rows in another order,
+-- and waiting for it can deadlock. A skipped run whose lease has not expired counts as held
+-- (its lease is extended at the next beat, a third of a lease later); one whose lease has
+-- expired is what a rescue takes, and counts as gone.
 WITH owned AS (
-    SELECT id FROM @schema@.pipeline_runs
+    SELECT id, lease_expires_at FROM @schema@.pipeline_runs
      WHERE id = ANY(%(ids)s::uuid[]) AND status = %(working)s AND lease_owner = %(worker)s
 ), free AS (
     SELECT id FROM @schema@.pipeline_runs
@@ -491,7 +491,8 @@ WITH owned AS (
      WHERE r.id = free.id
     RETURNING r.id
 )
-SELECT id FROM owned;  -- extended, or skipped (held elsewhere) while still owned
+SELECT id FROM owned
+ WHERE id IN (SELECT id FROM extended) OR lease_expires_at > now();
 
 -- rescue_expired --
 -- Runs whose lease ran out go back to the stage's input status. When their worker stopped

@@ -12,10 +12,11 @@ silent one proves itself by notifying itself (a `ping:<token>` payload on the ch
 every conveyor listener skips). On return every subscriber is told `all`, since changes made
 meanwhile were never heard ("reconnect, then re-read").
 
-Any login may notify on the channel: a payload the trigger would not send (oversized, not JSON,
-not an object of strings, no run id) is logged and skipped, and so, by the listener, is one
-whose handling fails. The listening and publishing tasks are watched: one that dies anyway is
-logged and replaced.
+Payloads are read only while a browser streams, and until the next message says `all` anyway:
+a busy pipeline notifies thousands of times a second. Any login may notify on the channel: a
+payload read that the trigger would not send (oversized, not JSON, not an object of strings,
+no run id) is logged and skipped, and so, by the listener, is one whose handling fails. The
+listening and publishing tasks are watched: one that dies anyway is logged and replaced.
 """
 
 from __future__ import annotations

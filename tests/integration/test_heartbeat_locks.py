@@ -1,7 +1,7 @@
 """A heartbeat never waits for a run's row: the worker's own completer commits results with the
-same rows locked in another order, and a heartbeat that waited for them deadlocked with it (a
+same rows locked in another order, and a heartbeat that waits for them can deadlock with it (a
 second's stall for the whole stage, then an error). A row held elsewhere is skipped and counts
-as still held; a run taken away does not."""
+as still held while its lease runs; a run taken away, or held by a rescue, does not."""
 
 from __future__ import annotations
 
@@ -12,12 +12,14 @@ from conveyor import queries
 PARAMS = {"pipeline": "chain", "stage": "one", "working": "ONE_RUNNING", "worker": "w"}
 
 
-def _leased(conn: psycopg.Connection[tuple[object, ...]], owner: str = "w") -> object:
+def _leased(
+    conn: psycopg.Connection[tuple[object, ...]], owner: str = "w", seconds: float = 5
+) -> object:
     row = conn.execute(
         "INSERT INTO conveyor.pipeline_runs (pipeline, status, attempt, lease_owner,"
-        " lease_expires_at) VALUES ('chain', 'ONE_RUNNING', 1, %s, now() + interval '5 seconds')"
-        " RETURNING id",
-        (owner,),
+        " lease_expires_at) VALUES ('chain', 'ONE_RUNNING', 1, %s,"
+        " now() + make_interval(secs => %s)) RETURNING id",
+        (owner, seconds),
     ).fetchone()
     assert row is not None
     return row[0]
@@ -38,14 +40,16 @@ def test_a_heartbeat_skips_rows_held_elsewhere_and_keeps_them(
 ) -> None:
     extend = queries.load("conveyor")["extend_leases"]
     completing, running, taken = _leased(conn), _leased(conn), _leased(conn, owner="other")
-    with psycopg.connect(database_url) as completer:
+    rescuing = _leased(conn, seconds=-1)  # expired: what the leader's rescue takes
+    with psycopg.connect(database_url) as completer, psycopg.connect(database_url) as leader:
         # the completer's transaction, its rows locked until it commits
         completer.execute(
             "UPDATE conveyor.pipeline_runs SET updated_at = now() WHERE id = %s", (completing,)
         )
+        leader.execute("SELECT 1 FROM conveyor.pipeline_runs WHERE id = %s FOR UPDATE", (rescuing,))
         conn.execute("SET statement_timeout = '3s'")  # waiting would fail the test, not hang it
         held = conn.execute(
-            extend, {**PARAMS, "ids": [completing, running, taken], "lease_seconds": 60}
+            extend, {**PARAMS, "ids": [completing, running, taken, rescuing], "lease_seconds": 60}
         ).fetchall()
         assert {row[0] for row in held} == {completing, running}
         assert _lease_left(conn, running) > 50
