@@ -14,6 +14,7 @@ few seconds of steady state (after the first completion and a warm-up), from out
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 from dataclasses import dataclass
@@ -32,6 +33,9 @@ from benchmarks.report import ratio
 
 COMMAND = "python -m benchmarks.throughput"
 _RATE_GUESS = 30_000  # queue for this rate, so that a fast worker never runs dry
+# --limits: seconds counted per figure, and ABBA blocks (two pairs of figures each)
+_LIMITS_WINDOW = 6.0
+_LIMITS_BLOCKS = 3
 
 
 @dataclass(frozen=True)
@@ -128,20 +132,23 @@ def main() -> None:
                 f" database backends {result.db_cpu_us_per_run:.0f} us per run"
             )
         elif args.limits:
-            # Interleaved, ABBA twice over: the machine's drift falls on both alike; medians.
+            # A difference of a few percent, on a machine whose speed drifts by more: longer
+            # windows, interleaved ABBA three times over so that drift falls on both alike;
+            # medians.
+            steady = scale if args.tiny else dataclasses.replace(scale, window=_LIMITS_WINDOW)
             plain: list[Throughput] = []
             limited: list[Throughput] = []
-            for first_plain in (True, False, True, False):
+            for first_plain in (True, False) * _LIMITS_BLOCKS:
                 for is_limited in (not first_plain, first_plain):
                     (limited if is_limited else plain).append(
-                        single(db, scale, observer=observer, limited=is_limited)
+                        single(db, steady, observer=observer, limited=is_limited)
                     )
             free = statistics.median(r.runs_per_second for r in plain)
             held = statistics.median(r.runs_per_second for r in limited)
             print(
                 f"(a) under limits never binding (a stage cap, a key with a rate):"
                 f" {held:,.0f} runs/s, without limits {free:,.0f} runs/s, ratio"
-                f" {ratio(held, free)}{suffix} (medians of 4 each; limited"
+                f" {ratio(held, free)}{suffix} (medians of {len(plain)} each; limited"
                 f" {_spread(limited)}, plain {_spread(plain)}; CPU per run, worker + backends:"
                 f" limited {_cpu(limited)}, plain {_cpu(plain)} us)"
             )

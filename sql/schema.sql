@@ -186,11 +186,13 @@ DECLARE
     free integer;
     next_due timestamptz;
     next_key text;
+    fits boolean;
     capped text[] := '{}';
     capped_held integer[] := '{}';
     capped_counted timestamptz[] := '{}';
     counted_at timestamptz;
     uncapped text[] := '{}';
+    binding text[] := '{}';
     now_at timestamptz := clock_timestamp();
 BEGIN
     room := wanted;
@@ -198,6 +200,31 @@ BEGIN
     -- (row locks would write to the table, and its WAL, at every claim).
     PERFORM pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext('conveyor.limit.' || k))
        FROM (SELECT DISTINCT k FROM unnest(keys) k ORDER BY k) ordered;
+    -- The common case, read in one statement: no key is closed, every cap's bound is fresh and
+    -- leaves room for the whole claim, every rate's bucket holds a request for each run, and
+    -- no key is short of tokens (a key without a bound yet answers NULL: not the common case).
+    -- The claim may take all it wants; the caps' bounds grow by it.
+    SELECT coalesce(bool_and(coalesce(
+               (l.closed_until IS NULL OR l.closed_until <= now_at)
+               AND CASE WHEN l.max_in_flight IS NULL THEN p.key IS NULL
+                        ELSE p.bound + wanted <= l.max_in_flight
+                             AND p.counted_at > now_at - interval '1 second' END
+               AND (l.requests_per_minute IS NULL
+                    OR "conveyor".bucket_free(l.requests_tat, l.requests_per_minute, now_at)
+                       + 1e-9 >= wanted)
+               AND (l.tokens_per_minute IS NULL
+                    OR "conveyor".bucket_free(l.tokens_tat, l.tokens_per_minute, now_at) >= 1),
+               false)), false),
+           array_agg(l.key) FILTER (WHERE l.max_in_flight IS NOT NULL)
+      INTO fits, capped
+      FROM "conveyor".limits l LEFT JOIN "conveyor".limit_places p ON p.key = l.key
+     WHERE l.key = ANY(keys);
+    IF fits THEN
+        UPDATE "conveyor".limit_places SET bound = bound + wanted WHERE key = ANY(capped);
+        RETURN QUERY SELECT wanted, NULL::timestamptz, NULL::text;
+        RETURN;
+    END IF;
+    capped := '{}';
     FOR lim IN SELECT l.*, p.bound, p.counted_at AS bound_counted_at FROM "conveyor".limits l
                  LEFT JOIN "conveyor".limit_places p ON p.key = l.key
                 WHERE l.key = ANY(keys) ORDER BY l.key
@@ -233,6 +260,9 @@ BEGIN
             capped := capped || lim.key;
             capped_held := capped_held || held;
             capped_counted := capped_counted || counted_at;
+            IF lim.max_in_flight - held < wanted THEN
+                binding := binding || lim.key;  -- the cap holds this claim back
+            END IF;
             IF held >= lim.max_in_flight THEN
                 room := 0;
                 EXIT;
@@ -276,6 +306,10 @@ BEGIN
     END IF;
     IF cardinality(uncapped) > 0 THEN
         DELETE FROM "conveyor".limit_places WHERE key = ANY(uncapped);
+    END IF;
+    -- A claim held back by a cap waits for places given back: their holders are to say so.
+    IF cardinality(binding) > 0 THEN
+        UPDATE "conveyor".limits SET waited_at = now_at WHERE key = ANY(binding);
     END IF;
     IF room < 1 THEN  -- a cap is full: until a place is given back, which notifies
         RETURN QUERY SELECT 0, NULL::timestamptz, capped[cardinality(capped)];
@@ -488,12 +522,14 @@ CREATE TABLE conveyor.limits (
     requests_tat timestamp with time zone,
     tokens_tat timestamp with time zone,
     updated_at timestamp with time zone DEFAULT now() NOT NULL,
+    waited_at timestamp with time zone,
     CONSTRAINT limits_key_length CHECK (((octet_length(key) >= 1) AND (octet_length(key) <= 200))),
     CONSTRAINT limits_max_in_flight CHECK ((max_in_flight >= 0)),
     CONSTRAINT limits_rpm CHECK (((requests_per_minute > (0)::double precision) AND (requests_per_minute <= ('1000000000'::numeric)::double precision))),
     CONSTRAINT limits_tpm CHECK (((tokens_per_minute > (0)::double precision) AND (tokens_per_minute <= ('1000000000000'::numeric)::double precision)))
 );
 COMMENT ON TABLE conveyor.limits IS 'Flow control shared by every worker: caps, rates and closures per key (docs/flow-control.md).';
+COMMENT ON COLUMN conveyor.limits.waited_at IS 'When the cap last held a claim back: it waits for places to be given back.';
 CREATE TABLE conveyor.memory (
     id bigint NOT NULL,
     namespace text DEFAULT 'default'::text NOT NULL,
