@@ -3,6 +3,7 @@
     python -m benchmarks.latency            (c)
     python -m benchmarks.latency --three    (d)
     python -m benchmarks.latency --chain    (d)'s floor: the same chain without the workers
+    python -m benchmarks.latency --versus-floor   (d) and its floor interleaved: their ratio
     python -m benchmarks.latency --idle     what a round trip to an idle backend costs here
 
 (c): one worker for a one-stage no-op pipeline, idle; runs are inserted one at a time
@@ -40,6 +41,7 @@ import psycopg
 
 from benchmarks import pipelines
 from benchmarks.harness import BenchDatabase, Scale, running
+from benchmarks.report import ratio
 from conveyor import queries
 from conveyor.batch_arrays import (
     NOT_ROUTED,
@@ -52,6 +54,7 @@ from conveyor.listening import wake_channel
 
 COMMAND = "python -m benchmarks.latency"
 _PAUSE = 0.01  # between runs: each run finds the workers idle, as a lone arrival would
+_FLOOR_BLOCKS = 6  # --versus-floor: blocks of runs through each, interleaved
 
 
 @dataclass(frozen=True)
@@ -104,15 +107,23 @@ def commit_to_start(db: BenchDatabase, scale: Scale) -> Latency:
 
 
 def end_to_end(db: BenchDatabase, scale: Scale) -> Latency:
+    return _summary(*end_to_end_samples(db, scale))
+
+
+def end_to_end_samples(db: BenchDatabase, scale: Scale) -> tuple[list[float], list[float]]:
     with db.connect() as conn:
         db.reset(conn)
         with running(db, ["run"], pipeline="three"):
             db.wait_idle_workers(conn, 3)
             time.sleep(0.2)
-            return _follow_runs(db, scale)
+            return _followed(db, scale)
 
 
 def statement_chain(db: BenchDatabase, scale: Scale) -> Latency:
+    return _summary(*statement_chain_samples(db, scale))
+
+
+def statement_chain_samples(db: BenchDatabase, scale: Scale) -> tuple[list[float], list[float]]:
     """(d) with every worker replaced by a blocking loop that runs the worker's statements."""
     spawn = multiprocessing.get_context("spawn")  # a forked child would share our sockets
     stages = [
@@ -125,7 +136,7 @@ def statement_chain(db: BenchDatabase, scale: Scale) -> Latency:
             stage.start()
         try:
             db.wait_idle_workers(conn, len(stages))
-            return _follow_runs(db, scale)
+            return _followed(db, scale)
         finally:
             for stage in stages:
                 stage.kill()
@@ -196,6 +207,11 @@ def _complete_what_is_handed(url: str, index: int) -> None:
 
 def _follow_runs(db: BenchDatabase, scale: Scale) -> Latency:
     """Insert runs one at a time into the idle three-stage chain and hear each one DONE."""
+    return _summary(*_followed(db, scale))
+
+
+def _followed(db: BenchDatabase, scale: Scale) -> tuple[list[float], list[float]]:
+    """_follow_runs' samples (seconds): from each commit, and from each INSERT sent."""
     with db.connect() as conn, db.connect() as listener:
         listener.execute("LISTEN pipeline_events")
         from_commit, from_submit = [], []
@@ -207,7 +223,7 @@ def _follow_runs(db: BenchDatabase, scale: Scale) -> Latency:
             from_commit.append(done - committed)
             from_submit.append(done - sent)
             time.sleep(_PAUSE)
-    return _summary(from_commit, from_submit)
+    return from_commit, from_submit
 
 
 def _heard_done(pgconn: Any, run_id: str, timeout: float = 30) -> float:
@@ -221,6 +237,24 @@ def _heard_done(pgconn: Any, run_id: str, timeout: float = 30) -> float:
                 return time.time()
         select.select([pgconn.socket], [], [], max(0.0, deadline - time.monotonic()))
     raise RuntimeError(f"run {run_id} did not finish within {timeout:g} s")
+
+
+def against_floor(db: BenchDatabase, scale: Scale, blocks: int) -> tuple[Latency, Latency]:
+    """(d) and its floor in one run: blocks of runs through each, interleaved ABBA, so that a
+    machine whose speed drifts weighs on both alike; each summary pools its blocks."""
+    block = Scale(latency_runs=max(1, scale.latency_runs // blocks), tiny=scale.tiny)
+    workers: tuple[list[float], list[float]] = ([], [])
+    floor: tuple[list[float], list[float]] = ([], [])
+    for index in range(blocks):
+        order = (True, False) if index % 2 == 0 else (False, True)
+        for through_workers in order:
+            samples = (end_to_end_samples if through_workers else statement_chain_samples)(
+                db, block
+            )
+            pooled = workers if through_workers else floor
+            for into, values in zip(pooled, samples, strict=True):
+                into.extend(values)
+    return _summary(*workers), _summary(*floor)
 
 
 def idle_round_trip(db: BenchDatabase, scale: Scale) -> dict[str, tuple[float, float]]:
@@ -266,6 +300,11 @@ def main() -> None:
     parser.add_argument(
         "--idle", action="store_true", help="the round trip to a backend that was idle"
     )
+    parser.add_argument(
+        "--versus-floor",
+        action="store_true",
+        help="(d) and its floor, interleaved, and their ratio",
+    )
     parser.add_argument("--runs", type=int, default=Scale().latency_runs)
     parser.add_argument("--tiny", action="store_true", help="a handful of runs, for tests")
     args = parser.parse_args()
@@ -277,6 +316,18 @@ def main() -> None:
                     f"{name}: p50 {hot:.3f} ms back to back, {idle:.3f} ms after"
                     f" {_PAUSE * 1000:.0f} ms idle ({COMMAND} --idle)"
                 )
+            return
+        if args.versus_floor:
+            blocks = 2 if args.tiny else _FLOOR_BLOCKS
+            workers, floor = against_floor(db, scale, blocks)
+            print(
+                f"(d) p50 {workers.p50_ms:.2f} ms, p99 {workers.p99_ms:.2f} ms; its floor p50"
+                f" {floor.p50_ms:.2f} ms, p99 {floor.p99_ms:.2f} ms; (d) / floor: p50"
+                f" {ratio(workers.p50_ms, floor.p50_ms)}, p99 {ratio(workers.p99_ms, floor.p99_ms)}"
+                f" (from the commit's acknowledgement; from sending the INSERT: p50"
+                f" {ratio(workers.submit_p50_ms, floor.submit_p50_ms)}; {workers.runs} runs each,"
+                f" in {blocks} interleaved blocks; {COMMAND} --versus-floor)"
+            )
             return
         if args.three:
             result = end_to_end(db, scale)

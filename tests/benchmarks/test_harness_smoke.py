@@ -71,6 +71,17 @@ def test_the_latency_floor_runs_the_chain_on_the_workers_statements(pg_server: P
     assert re.search(r"^\(d\)'s floor: .*: p50 [\d.]+ ms, p99 [\d.]+ ms", printed, re.M)
 
 
+def test_end_to_end_latency_against_its_floor_in_one_run(pg_server: PgServer) -> None:
+    printed = _tiny(pg_server, "benchmarks.latency", "--versus-floor")
+    # Both chains heard every run DONE, block after block, and the ratio comes out.
+    assert re.search(
+        r"^\(d\) p50 [\d.]+ ms, .*; \(d\) / floor: p50 [\d.]+, p99 [\d.]+ .*10 runs each, in 2"
+        r" interleaved blocks",
+        printed,
+        re.M,
+    )
+
+
 def test_ingest_and_bulk_submit_in_tiny_mode(pg_server: PgServer) -> None:
     printed = _tiny(pg_server, "benchmarks.ingest")
     assert re.search(r"^\(h\) wake-up trigger on/off: [\d.]+ with the observer off", printed, re.M)
