@@ -241,8 +241,9 @@ def _heard_done(pgconn: Any, run_id: str, timeout: float = 30) -> float:
 
 def against_floor(db: BenchDatabase, scale: Scale, blocks: int) -> tuple[Latency, Latency]:
     """(d) and its floor in one run: blocks of runs through each, interleaved ABBA, so that a
-    machine whose speed drifts weighs on both alike; each summary pools its blocks."""
-    block = Scale(latency_runs=max(1, scale.latency_runs // blocks), tiny=scale.tiny)
+    machine whose speed drifts weighs on both alike; each summary pools its blocks. The first
+    run of a block, through processes just started, is not counted."""
+    block = Scale(latency_runs=max(1, scale.latency_runs // blocks) + 1, tiny=scale.tiny)
     workers: tuple[list[float], list[float]] = ([], [])
     floor: tuple[list[float], list[float]] = ([], [])
     for index in range(blocks):
@@ -253,7 +254,7 @@ def against_floor(db: BenchDatabase, scale: Scale, blocks: int) -> tuple[Latency
             )
             pooled = workers if through_workers else floor
             for into, values in zip(pooled, samples, strict=True):
-                into.extend(values)
+                into.extend(values[1:])
     return _summary(*workers), _summary(*floor)
 
 

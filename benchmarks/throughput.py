@@ -132,9 +132,9 @@ def main() -> None:
                 f" database backends {result.db_cpu_us_per_run:.0f} us per run"
             )
         elif args.limits:
-            # A difference of a few percent, on a machine whose speed drifts by more: longer
-            # windows, interleaved ABBA three times over so that drift falls on both alike;
-            # medians.
+            # A difference of some ten percent, on a machine whose speed drifts by as much:
+            # longer windows, interleaved ABBA three times over so that drift falls on both
+            # alike; medians.
             steady = scale if args.tiny else dataclasses.replace(scale, window=_LIMITS_WINDOW)
             plain: list[Throughput] = []
             limited: list[Throughput] = []

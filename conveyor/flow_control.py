@@ -48,12 +48,6 @@ log = structlog.get_logger("conveyor.flow_control")
 # Workers waiting for a place under a cap are woken at most this often by one worker: they
 # start within this of capacity coming back.
 FREED_NOTICE_SECONDS = 0.05
-# A claim that saw no claim waiting for places under the stage's caps (no cap held one back
-# lately, nor this one) spares the worker's announcements of the places it gives back for this
-# long after. A claim that starts waiting within it claims once more after PLACE_GRACE_SECONDS
-# (conveyor/worker/dispatch.py), by when the places given back unannounced are free.
-NOBODY_WAITS_SECONDS = 0.1
-PLACE_GRACE_SECONDS = NOBODY_WAITS_SECONDS + 0.15
 # A handler's acquire waits this long for a bucket to fill; a longer wait sends its run back
 # in line instead (Throttled), where it holds no slot of its worker.
 ACQUIRE_PATIENCE_SECONDS = 2.0
@@ -123,7 +117,6 @@ class FlowControl:
         ]
         self._group_by = stage.group_by
         self._next_freed_notice = 0.0  # monotonic
-        self._nobody_waits_until = 0.0  # monotonic: the last claim saw no claim waiting
         self._freed_notice_pending: asyncio.TimerHandle | None = None
         self._background: set[asyncio.Future[None]] = set()
         self.declared = False  # set once the first claim's transaction commits
@@ -191,9 +184,6 @@ class FlowControl:
         # a last row with a NULL id: nothing may start, or a rate bounded what did
         note = next((row for row in found if row[0] is None), None)
         room = None if note is None else Room(0, _from_now(note[6]), note[7])
-        if found:  # every row says whether a claim may wait for places under the caps
-            waits = found[0][8]
-            self._nobody_waits_until = 0.0 if waits else time.monotonic() + NOBODY_WAITS_SECONDS
         if rows:
             for used in self._requests_used:
                 used.inc(len(rows))
@@ -243,11 +233,8 @@ class FlowControl:
     async def places_freed(self) -> None:
         """Runs under capped keys finished: wake every stage that shares those keys, at most
         every FREED_NOTICE_SECONDS (a worker moving thousands of runs a second would otherwise
-        notify for every batch); one that comes sooner is sent when that time is up. Not while
-        this worker's last claim, a moment ago, saw that no claim waits for a place."""
+        notify for every batch); one that comes sooner is sent when that time is up."""
         if not self.keys and self._group_by is None:
-            return
-        if self._group_by is None and time.monotonic() < self._nobody_waits_until:
             return
         wait = self._next_freed_notice - time.monotonic()
         if wait > 0:

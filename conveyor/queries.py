@@ -15,9 +15,6 @@ _HEADER = re.compile(r"^-- ([a-z_]+) --$", re.MULTILINE)
 # psycopg keeps what it parsed of a statement up to this many bytes, and parses a longer one at
 # every execution (tests/unit/test_queries.py holds every statement under it).
 PSYCOPG_CACHED_LENGTH = 4096
-# A claim that a cap held back this long ago may still wait for places (it claims again every
-# sweep interval while it waits): until then, workers announce the places they give back.
-WAITED_LATELY_SECONDS = 300
 # A quoted literal or identifier (kept as written), else a run of white space and comments.
 _TOKENS = re.compile(r"('(?:[^']|'')*'|\"(?:[^\"]|\"\")*\")|(?:\s|--[^\n]*)+")
 
@@ -109,9 +106,7 @@ def _limited_claim(claim_batch: str, schema: str) -> str:
     )
     # limit_take's request bucket update, written out: a function call per claim costs more
     # than the update. In PostgreSQL's READ COMMITTED, it updates the newest version of each
-    # key's row, the one the claim before this one left. Every row also says whether a claim
-    # may wait for places under the stage's caps (`waiting`, FlowControl.places_freed): a cap
-    # held one back lately, or the limits hold this one back.
+    # key's row, the one the claim before this one left.
     return (
         f"{head}{picked},\nclaimed AS (\nUPDATE {update}\n),\n"
         f"taken AS (UPDATE {schema}.limits l\n"
@@ -119,18 +114,12 @@ def _limited_claim(claim_batch: str, schema: str) -> str:
         "       + make_interval(secs => (SELECT count(*) FROM claimed) * 60.0"
         " / l.requests_per_minute)\n"
         " WHERE l.key = ANY(%(keys)s::text[]) AND l.requests_per_minute IS NOT NULL\n"
-        "   AND EXISTS (SELECT FROM claimed)),\n"
-        "waiting AS MATERIALIZED (\n"
-        "SELECT coalesce(bool_or(l.waited_at > clock_timestamp()"
-        f" - interval '{WAITED_LATELY_SECONDS} seconds'), false)\n"
-        "       OR (SELECT room.room < %(batch)s FROM room) AS waited\n"
-        f"  FROM {schema}.limits l\n"
-        " WHERE l.key = ANY(%(keys)s::text[]) AND l.max_in_flight IS NOT NULL)\n"
+        "   AND EXISTS (SELECT FROM claimed))\n"
         "SELECT c.id, c.input, c.outputs, c.attempt, c.waited_seconds, c.rescued,"
-        " NULL::float8, NULL::text, w.waited\n  FROM claimed c, waiting w\n"
+        " NULL::float8, NULL::text\n  FROM claimed c\n"
         "UNION ALL\n"
         "SELECT NULL, NULL, NULL, NULL, NULL, NULL,"
         " extract(epoch FROM room.throttled_until - clock_timestamp())::float8,"
-        " room.throttled_by, w.waited\n"
-        "  FROM room, waiting w WHERE room.room < 1 OR room.throttled_until IS NOT NULL"
+        " room.throttled_by\n"
+        "  FROM room WHERE room.room < 1 OR room.throttled_until IS NOT NULL"
     )

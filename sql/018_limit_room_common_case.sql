@@ -1,13 +1,6 @@
 -- 018: limit_room answers the common case (nothing closed, the caps' bounds fresh with room,
 -- the buckets full enough for the whole claim) from one read of the keys, and goes key by key
--- only when a limit may bind. A claim that a cap holds back says so (`waited_at`): the workers
--- whose runs give places back wake the others only while a claim has waited lately, instead of
--- after every batch.
-
-ALTER TABLE @schema@.limits ADD COLUMN waited_at timestamptz;
-
-COMMENT ON COLUMN @schema@.limits.waited_at IS
-    'When the cap last held a claim back: it waits for places to be given back.';
+-- only when a limit may bind.
 
 CREATE OR REPLACE FUNCTION @schema@.limit_room(keys text[], wanted integer)
 RETURNS TABLE (room integer, throttled_until timestamptz, throttled_by text)
@@ -25,7 +18,6 @@ DECLARE
     capped_counted timestamptz[] := '{}';
     counted_at timestamptz;
     uncapped text[] := '{}';
-    binding text[] := '{}';
     now_at timestamptz := clock_timestamp();
 BEGIN
     room := wanted;
@@ -93,9 +85,6 @@ BEGIN
             capped := capped || lim.key;
             capped_held := capped_held || held;
             capped_counted := capped_counted || counted_at;
-            IF lim.max_in_flight - held < wanted THEN
-                binding := binding || lim.key;  -- the cap holds this claim back
-            END IF;
             IF held >= lim.max_in_flight THEN
                 room := 0;
                 EXIT;
@@ -139,10 +128,6 @@ BEGIN
     END IF;
     IF cardinality(uncapped) > 0 THEN
         DELETE FROM @schema@.limit_places WHERE key = ANY(uncapped);
-    END IF;
-    -- A claim held back by a cap waits for places given back: their holders are to say so.
-    IF cardinality(binding) > 0 THEN
-        UPDATE @schema@.limits SET waited_at = now_at WHERE key = ANY(binding);
     END IF;
     IF room < 1 THEN  -- a cap is full: until a place is given back, which notifies
         RETURN QUERY SELECT 0, NULL::timestamptz, capped[cardinality(capped)];

@@ -192,7 +192,6 @@ DECLARE
     capped_counted timestamptz[] := '{}';
     counted_at timestamptz;
     uncapped text[] := '{}';
-    binding text[] := '{}';
     now_at timestamptz := clock_timestamp();
 BEGIN
     room := wanted;
@@ -260,9 +259,6 @@ BEGIN
             capped := capped || lim.key;
             capped_held := capped_held || held;
             capped_counted := capped_counted || counted_at;
-            IF lim.max_in_flight - held < wanted THEN
-                binding := binding || lim.key;  -- the cap holds this claim back
-            END IF;
             IF held >= lim.max_in_flight THEN
                 room := 0;
                 EXIT;
@@ -306,10 +302,6 @@ BEGIN
     END IF;
     IF cardinality(uncapped) > 0 THEN
         DELETE FROM "conveyor".limit_places WHERE key = ANY(uncapped);
-    END IF;
-    -- A claim held back by a cap waits for places given back: their holders are to say so.
-    IF cardinality(binding) > 0 THEN
-        UPDATE "conveyor".limits SET waited_at = now_at WHERE key = ANY(binding);
     END IF;
     IF room < 1 THEN  -- a cap is full: until a place is given back, which notifies
         RETURN QUERY SELECT 0, NULL::timestamptz, capped[cardinality(capped)];
@@ -522,14 +514,12 @@ CREATE TABLE conveyor.limits (
     requests_tat timestamp with time zone,
     tokens_tat timestamp with time zone,
     updated_at timestamp with time zone DEFAULT now() NOT NULL,
-    waited_at timestamp with time zone,
     CONSTRAINT limits_key_length CHECK (((octet_length(key) >= 1) AND (octet_length(key) <= 200))),
     CONSTRAINT limits_max_in_flight CHECK ((max_in_flight >= 0)),
     CONSTRAINT limits_rpm CHECK (((requests_per_minute > (0)::double precision) AND (requests_per_minute <= ('1000000000'::numeric)::double precision))),
     CONSTRAINT limits_tpm CHECK (((tokens_per_minute > (0)::double precision) AND (tokens_per_minute <= ('1000000000000'::numeric)::double precision)))
 );
 COMMENT ON TABLE conveyor.limits IS 'Flow control shared by every worker: caps, rates and closures per key (docs/flow-control.md).';
-COMMENT ON COLUMN conveyor.limits.waited_at IS 'When the cap last held a claim back: it waits for places to be given back.';
 CREATE TABLE conveyor.memory (
     id bigint NOT NULL,
     namespace text DEFAULT 'default'::text NOT NULL,

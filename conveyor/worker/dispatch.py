@@ -52,7 +52,6 @@ import time
 import psycopg
 from structlog.typing import FilteringBoundLogger
 
-from conveyor.flow_control import PLACE_GRACE_SECONDS
 from conveyor.pipeline import Stage
 from conveyor.protocol import StageProtocol
 from conveyor.worker.database_errors import DB_ERRORS, DatabaseErrors
@@ -137,7 +136,6 @@ class Dispatcher:
         self.mode = Mode.WAITING
         self._woken_by_timer = False
         self._throttle_timer: asyncio.TimerHandle | None = None
-        self._waited_for_place = False  # the last claim found a cap full
 
     def _on(self, event: Event) -> None:
         """The one way the mode changes: to where `event` leads (logged at debug level)."""
@@ -264,16 +262,10 @@ class Dispatcher:
                 self._wake.set()  # and claim again
                 continue
             # Held back (nothing, or less than asked, because of a limit): claim again when it
-            # allows more. Held back by a full cap, until a place is given back, which wakes it;
-            # the first time, also once PLACE_GRACE_SECONDS are up: a worker whose claim saw
-            # nobody waiting may give places back meanwhile without a word.
+            # allows more.
             throttled = self._protocol.throttled
             if len(rows) < want and throttled is not None and throttled.until is not None:
                 self._wake_at(throttled.until)
-            waits_for_place = not rows and throttled is not None and throttled.until is None
-            if waits_for_place and not self._waited_for_place:
-                asyncio.get_running_loop().call_later(PLACE_GRACE_SECONDS, self._wake.set)
-            self._waited_for_place = waits_for_place
             if self._in_flight.start(rows, by_timer=by_timer):
                 self._on(Event.CLAIMED_RESCUED)
             elif len(rows) == want:
