@@ -13,6 +13,7 @@ DECLARE
     next_due timestamptz;
     next_key text;
     fits boolean;
+    fitting_caps text[];
     capped text[] := '{}';
     capped_held integer[] := '{}';
     capped_counted timestamptz[] := '{}';
@@ -41,15 +42,14 @@ BEGIN
                     OR @schema@.bucket_free(l.tokens_tat, l.tokens_per_minute, now_at) >= 1),
                false)), false),
            array_agg(l.key) FILTER (WHERE l.max_in_flight IS NOT NULL)
-      INTO fits, capped
+      INTO fits, fitting_caps
       FROM @schema@.limits l LEFT JOIN @schema@.limit_places p ON p.key = l.key
      WHERE l.key = ANY(keys);
     IF fits THEN
-        UPDATE @schema@.limit_places SET bound = bound + wanted WHERE key = ANY(capped);
+        UPDATE @schema@.limit_places SET bound = bound + wanted WHERE key = ANY(fitting_caps);
         RETURN QUERY SELECT wanted, NULL::timestamptz, NULL::text;
         RETURN;
     END IF;
-    capped := '{}';
     FOR lim IN SELECT l.*, p.bound, p.counted_at AS bound_counted_at FROM @schema@.limits l
                  LEFT JOIN @schema@.limit_places p ON p.key = l.key
                 WHERE l.key = ANY(keys) ORDER BY l.key

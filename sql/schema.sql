@@ -187,6 +187,7 @@ DECLARE
     next_due timestamptz;
     next_key text;
     fits boolean;
+    fitting_caps text[];
     capped text[] := '{}';
     capped_held integer[] := '{}';
     capped_counted timestamptz[] := '{}';
@@ -215,15 +216,14 @@ BEGIN
                     OR "conveyor".bucket_free(l.tokens_tat, l.tokens_per_minute, now_at) >= 1),
                false)), false),
            array_agg(l.key) FILTER (WHERE l.max_in_flight IS NOT NULL)
-      INTO fits, capped
+      INTO fits, fitting_caps
       FROM "conveyor".limits l LEFT JOIN "conveyor".limit_places p ON p.key = l.key
      WHERE l.key = ANY(keys);
     IF fits THEN
-        UPDATE "conveyor".limit_places SET bound = bound + wanted WHERE key = ANY(capped);
+        UPDATE "conveyor".limit_places SET bound = bound + wanted WHERE key = ANY(fitting_caps);
         RETURN QUERY SELECT wanted, NULL::timestamptz, NULL::text;
         RETURN;
     END IF;
-    capped := '{}';
     FOR lim IN SELECT l.*, p.bound, p.counted_at AS bound_counted_at FROM "conveyor".limits l
                  LEFT JOIN "conveyor".limit_places p ON p.key = l.key
                 WHERE l.key = ANY(keys) ORDER BY l.key
