@@ -230,24 +230,37 @@ class FlowControl:
             for used in self._requests_used:
                 used.inc(runs)
 
-    async def places_freed(self) -> None:
+    def places_freed(self) -> None:
         """Runs under capped keys finished: wake every stage that shares those keys, at most
         every FREED_NOTICE_SECONDS (a worker moving thousands of runs a second would otherwise
-        notify for every batch); one that comes sooner is sent when that time is up."""
+        notify for every batch); one that comes sooner is sent when that time is up. Sent from
+        a task of its own: the completer goes on with its next batch meanwhile."""
         if not self.keys and self._group_by is None:
             return
-        wait = self._next_freed_notice - time.monotonic()
-        if wait > 0:
-            if self._freed_notice_pending is None:
-                self._freed_notice_pending = asyncio.get_running_loop().call_later(
-                    wait, lambda: self._background.add(asyncio.ensure_future(self._notify_freed()))
-                )
-            return
-        await self._notify_freed()
+        if self._freed_notice_pending is not None:
+            return  # a notice is on its way: it covers these places too
+        wait = max(self._next_freed_notice - time.monotonic(), 0.0)
+        self._freed_notice_pending = asyncio.get_running_loop().call_later(
+            wait, self._send_freed_notice
+        )
 
-    async def _notify_freed(self) -> None:
+    def _send_freed_notice(self) -> None:
         self._freed_notice_pending = None
         self._next_freed_notice = time.monotonic() + FREED_NOTICE_SECONDS
+        task = asyncio.ensure_future(self._notify_freed())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def finish_freed_notices(self) -> None:
+        """At exit, before the pool closes: a notice waiting for its time goes now, and those
+        on their way are waited for, so that no place this worker gave back waits for a
+        sweep."""
+        if self._freed_notice_pending is not None:
+            self._freed_notice_pending.cancel()
+            self._send_freed_notice()
+        await asyncio.gather(*self._background, return_exceptions=True)
+
+    async def _notify_freed(self) -> None:
         if self._pool.closed:  # the worker has stopped; the others' sweep finds the places
             return
         try:
@@ -262,8 +275,6 @@ class FlowControl:
                 )
         except psycopg.Error as exc:  # the waiting workers' sweep finds the places
             log.warning("could not announce freed places", error=brief(exc))
-        finally:
-            self._background = {task for task in self._background if not task.done()}
 
     # -- handlers ----------------------------------------------------------------------------
 

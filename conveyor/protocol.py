@@ -270,7 +270,7 @@ class StageProtocol:
                         retried += 1
         refused = len(successes) + len(failures) - completed - retried - failed
         if self.flow is not None and refused < len(successes) + len(failures):
-            await self.flow.places_freed()  # wake whoever waits for a place under a cap
+            self.flow.places_freed()  # wake whoever waits for a place under a cap
         return Applied(completed, retried, failed, refused)
 
     async def _fan_out(self, conn: AsyncConnection[Any], stored: list[Success]) -> None:

@@ -282,6 +282,8 @@ class Worker:
             await self._forget()
             with contextlib.suppress(psycopg.Error, TimeoutError):
                 await asyncio.wait_for(self._hand_offs.release_unheard(), timeout=2)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.flow.finish_freed_notices(), timeout=2)
             await self.listener.close()
             await self.protocol.close()
             await self.pool.close()

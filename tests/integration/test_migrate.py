@@ -86,3 +86,35 @@ def test_observer_channel_carries_each_change_and_can_be_switched_off(database_u
         assert list(listener.notifies(timeout=0.5)) == []
         migrate.set_observer(writer, "conveyor", enabled=True)
         assert migrate.observer_enabled(writer, "conveyor")
+
+
+def test_observer_sends_one_notification_per_changed_run_of_a_statement(database_url: str) -> None:
+    import json
+
+    with (
+        psycopg.connect(database_url, autocommit=True) as listener,
+        psycopg.connect(database_url, autocommit=True) as writer,
+    ):
+        listener.execute("LISTEN pipeline_events")
+        ids = [
+            row[0]
+            for row in writer.execute(
+                "INSERT INTO conveyor.pipeline_runs (input) SELECT '{}' FROM generate_series(1, 3)"
+                " RETURNING id"
+            ).fetchall()
+        ]
+        # One statement: two runs change status, the third only its priority.
+        writer.execute(
+            "UPDATE conveyor.pipeline_runs"
+            " SET status = CASE WHEN id = %s THEN status ELSE 'ANALYZING' END, priority = 1",
+            (ids[2],),
+        )
+        writer.execute("UPDATE conveyor.pipeline_runs SET priority = 2")  # no status change
+        heard = [json.loads(n.payload) for n in listener.notifies(timeout=1, stop_after=6)]
+    inserted = [h for h in heard if h["operation"] == "INSERT"]
+    updated = [h for h in heard if h["operation"] == "UPDATE"]
+    assert sorted(h["id"] for h in inserted) == sorted(str(i) for i in ids)
+    assert {h["status"] for h in inserted} == {"NEW"}
+    assert sorted(h["id"] for h in updated) == sorted(str(i) for i in ids[:2])
+    assert {h["status"] for h in updated} == {"ANALYZING"}
+    assert len(heard) == 5
