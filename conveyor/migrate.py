@@ -59,6 +59,7 @@ def migrate(conn: psycopg.Connection[Any], schema: str) -> list[str]:
             ).format(schema_id)
         )
         done = applied_versions(conn, schema)
+        granted = roles_granted(conn, schema)
         for version, filename in migrations():
             if version in done:
                 continue
@@ -70,7 +71,27 @@ def migrate(conn: psycopg.Connection[Any], schema: str) -> list[str]:
                 (version, filename),
             )
             applied.append(filename)
+        if applied and granted:
+            # Tables and functions a migration adds are granted like those before them.
+            conn.execute(for_schema(read_sql("roles.sql"), schema))
     return applied
+
+
+def roles_granted(conn: psycopg.Connection[Any], schema: str) -> bool:
+    """Whether the schema was granted to the least-privilege roles (`conveyor migrate
+    --roles`): every later migration then grants them what it adds."""
+    # Granted to the roles by name: a schema any role may use (PUBLIC's USAGE) is not one
+    # that opted in.
+    row = conn.execute(
+        "SELECT count(DISTINCT a.grantee) = 2"
+        "  FROM pg_catalog.pg_namespace n"
+        "  CROSS JOIN LATERAL pg_catalog.aclexplode(n.nspacl) a"
+        "  JOIN pg_catalog.pg_roles r ON r.oid = a.grantee"
+        " WHERE n.nspname = %s AND a.privilege_type = 'USAGE'"
+        "   AND r.rolname IN ('conveyor_worker', 'conveyor_reader')",
+        (schema,),
+    ).fetchone()
+    return bool(row and row[0])
 
 
 def is_current(conn: psycopg.Connection[Any], schema: str) -> bool:

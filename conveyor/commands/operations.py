@@ -27,6 +27,7 @@ def migrate_command(app: App, roles: bool) -> None:
     """Create or upgrade the schema (safe to run concurrently)."""
     with app.connect() as conn:
         applied = migrate.migrate(conn, app.settings.schema)
+        granted = migrate.roles_granted(conn, app.settings.schema)
         if roles:
             migrate.apply_roles(conn, app.settings.schema)
             click.echo(
@@ -34,6 +35,8 @@ def migrate_command(app: App, roles: bool) -> None:
             )
     if applied:
         click.echo(f"applied {', '.join(applied)} to schema {app.settings.schema}")
+        if not roles and granted:
+            click.echo("roles conveyor_worker and conveyor_reader granted what it added")
     else:
         click.echo(f"schema {app.settings.schema} is up to date")
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 import threading
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import psycopg
 import pytest
@@ -118,3 +119,64 @@ def test_observer_sends_one_notification_per_changed_run_of_a_statement(database
     assert sorted(h["id"] for h in updated) == sorted(str(i) for i in ids[:2])
     assert {h["status"] for h in updated} == {"ANALYZING"}
     assert len(heard) == 5
+
+
+def _migrate_up_to(conn: psycopg.Connection[Any], schema: str, last: int) -> None:
+    """The schema as an older conveyor left it: the migrations up to `last` only."""
+    from conveyor.queries import for_schema, read_sql
+
+    conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+    conn.execute(
+        sql.SQL(
+            "CREATE TABLE {}.schema_migrations (version integer PRIMARY KEY, name text NOT NULL,"
+            " applied_at timestamptz NOT NULL DEFAULT now())"
+        ).format(sql.Identifier(schema))
+    )
+    for version, filename in migrate.migrations():
+        if version <= last:
+            conn.execute(for_schema(read_sql(filename), schema))
+            conn.execute(
+                sql.SQL("INSERT INTO {}.schema_migrations (version, name) VALUES (%s, %s)").format(
+                    sql.Identifier(schema)
+                ),
+                (version, filename),
+            )
+
+
+def test_a_schema_granted_to_the_roles_has_what_later_migrations_add_granted(
+    empty_database: str,
+) -> None:
+    with psycopg.connect(empty_database, autocommit=True) as conn:
+        migrate.migrate(conn, "conveyor")
+        migrate.apply_roles(conn, "conveyor")  # the roles exist
+        _migrate_up_to(conn, "upgraded", 11)  # before flow control's tables and functions
+        # What an older `conveyor migrate --roles` granted, in part: the schema and its tables.
+        conn.execute(
+            "GRANT USAGE ON SCHEMA upgraded TO conveyor_worker, conveyor_reader;"
+            " GRANT SELECT ON ALL TABLES IN SCHEMA upgraded TO conveyor_worker, conveyor_reader"
+        )
+        assert migrate.roles_granted(conn, "upgraded")
+        assert migrate.migrate(conn, "upgraded")
+        granted = conn.execute(
+            "SELECT has_table_privilege('conveyor_worker', 'upgraded.limits', 'INSERT'),"
+            " has_table_privilege('conveyor_reader', 'upgraded.limits', 'SELECT'),"
+            " has_table_privilege('conveyor_reader', 'upgraded.limits', 'INSERT'),"
+            " has_function_privilege('conveyor_worker',"
+            "                        'upgraded.limit_room(text[], integer)', 'EXECUTE')"
+        ).fetchone()
+        assert granted == (True, True, False, True)
+
+
+def test_a_schema_never_granted_to_the_roles_is_not_granted_by_migrating(
+    empty_database: str,
+) -> None:
+    with psycopg.connect(empty_database, autocommit=True) as conn:
+        migrate.migrate(conn, "granted")
+        migrate.apply_roles(conn, "granted")  # the roles exist: another schema uses them
+        _migrate_up_to(conn, "private", 11)
+        assert not migrate.roles_granted(conn, "private")
+        assert migrate.migrate(conn, "private")
+        assert not migrate.roles_granted(conn, "private")
+        assert conn.execute(
+            "SELECT has_table_privilege('conveyor_worker', 'private.limits', 'SELECT')"
+        ).fetchone() == (False,)
