@@ -117,8 +117,10 @@ class FlowControl:
         ]
         self._group_by = stage.group_by
         self._next_freed_notice = 0.0  # monotonic
-        self._freed_notice_pending: asyncio.TimerHandle | None = None
-        self._background: set[asyncio.Future[None]] = set()
+        # The notice of freed places waiting for its time, or being sent; and whether places
+        # were freed since it was scheduled.
+        self._freed_notice: asyncio.TimerHandle | asyncio.Task[None] | None = None
+        self._freed_since = False
         self.declared = False  # set once the first claim's transaction commits
         self._written: set[str] = set(self.keys)  # keys whose declaration this process wrote
 
@@ -237,28 +239,41 @@ class FlowControl:
         a task of its own: the completer goes on with its next batch meanwhile."""
         if not self.keys and self._group_by is None:
             return
-        if self._freed_notice_pending is not None:
-            return  # a notice is on its way: it covers these places too
+        if self._freed_notice is not None:
+            self._freed_since = True  # announced by the notice under way, or by the next one
+            return
+        self._schedule_freed_notice()
+
+    def _schedule_freed_notice(self) -> None:
         wait = max(self._next_freed_notice - time.monotonic(), 0.0)
-        self._freed_notice_pending = asyncio.get_running_loop().call_later(
-            wait, self._send_freed_notice
-        )
+        self._freed_notice = asyncio.get_running_loop().call_later(wait, self._send_freed_notice)
 
     def _send_freed_notice(self) -> None:
-        self._freed_notice_pending = None
         self._next_freed_notice = time.monotonic() + FREED_NOTICE_SECONDS
+        self._freed_since = False
         task = asyncio.ensure_future(self._notify_freed())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._freed_notice = task
+        task.add_done_callback(self._freed_notice_sent)
+
+    def _freed_notice_sent(self, task: asyncio.Task[None]) -> None:
+        self._freed_notice = None
+        if not task.cancelled() and (error := task.exception()) is not None:
+            log.error("announcing freed places failed", error=brief(error))
+        if self._freed_since:
+            # Places freed while it was sent may have come after its NOTIFY: one more, in its
+            # time.
+            self._schedule_freed_notice()
 
     async def finish_freed_notices(self) -> None:
-        """At exit, before the pool closes: a notice waiting for its time goes now, and those
-        on their way are waited for, so that no place this worker gave back waits for a
+        """At exit, before the pool closes: a notice waiting for its time goes now, and the
+        one under way is waited for, so that no place this worker gave back waits for a
         sweep."""
-        if self._freed_notice_pending is not None:
-            self._freed_notice_pending.cancel()
-            self._send_freed_notice()
-        await asyncio.gather(*self._background, return_exceptions=True)
+        while (notice := self._freed_notice) is not None:
+            if isinstance(notice, asyncio.TimerHandle):
+                notice.cancel()
+                self._send_freed_notice()
+            else:
+                await asyncio.wait({notice})  # its done callback has run when this returns
 
     async def _notify_freed(self) -> None:
         if self._pool.closed:  # the worker has stopped; the others' sweep finds the places
