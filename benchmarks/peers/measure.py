@@ -97,6 +97,10 @@ def prepare(
         conn.execute("CHECKPOINT")
 
 
+class BacklogRanDry(RuntimeError):
+    """The peer drained its whole backlog before the window ended: its rate is not measured."""
+
+
 def single(peer: Peer, db: BenchDatabase, scale: Scale, backlog: int) -> PeerRate:
     with db.connect() as conn:
         prepare(peer, db, conn, ("single", backlog))
@@ -109,7 +113,7 @@ def single(peer: Peer, db: BenchDatabase, scale: Scale, backlog: int) -> PeerRat
             after, (cpu, db_cpu) = Count.of(worker), meter.read()
             left = conn.execute(peer.queued).fetchone()
     if left and left[0] == 0 and not scale.tiny:
-        raise RuntimeError(f"{peer.label}: the backlog ran dry inside the window")
+        raise BacklogRanDry(f"{peer.label}: the backlog ran dry inside the window")
     return _rate(after.jobs - before.jobs, after.now - before.now, cpu, db_cpu)
 
 
