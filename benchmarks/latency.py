@@ -205,13 +205,9 @@ def _complete_what_is_handed(url: str, index: int) -> None:
                 ).fetchall()
 
 
-def _follow_runs(db: BenchDatabase, scale: Scale) -> Latency:
-    """Insert runs one at a time into the idle three-stage chain and hear each one DONE."""
-    return _summary(*_followed(db, scale))
-
-
 def _followed(db: BenchDatabase, scale: Scale) -> tuple[list[float], list[float]]:
-    """_follow_runs' samples (seconds): from each commit, and from each INSERT sent."""
+    """Insert runs one at a time into the idle three-stage chain and hear each one DONE: the
+    seconds from each commit, and from each INSERT sent."""
     with db.connect() as conn, db.connect() as listener:
         listener.execute("LISTEN pipeline_events")
         from_commit, from_submit = [], []
