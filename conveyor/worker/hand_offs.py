@@ -109,6 +109,11 @@ class HandOffs:
         self.unheard = False  # runs may have been handed over unheard: release them
         self.releasing: set[UUID] = set()  # being given back: neither started nor released again
         self.background: set[asyncio.Task[None]] = set()  # give-backs, the leaving beat
+        # One registry write at a time, each deciding what to write once it holds the lock: the
+        # dispatcher, the heartbeat and the give-backs write from separate pool connections,
+        # and a write decided earlier but committed later would leave the row saying what the
+        # worker no longer is (not waiting while it waits: no run would be handed or woken).
+        self._registry_write = asyncio.Lock()
         # (run, attempt) of every hand-off taken, until its lease would have expired: a
         # replayed notification is not run twice.
         self._handed: dict[tuple[UUID, int], float] = {}
@@ -228,41 +233,47 @@ class HandOffs:
         its hand-offs counted (it claimed): hand-offs beyond its room would only be given
         back. Never armed while the listener is away: a run handed over then would go
         unheard. Once armed, the dispatcher is woken after IDLE_GRACE_SECONDS."""
-        waiting = waiting and self._listener.connected.is_set() and not self._stopping.is_set()
-        free = free_slots if waiting else 0
-        if waiting == self.armed and free == self.free_reported:
-            return
-        try:
+        failed: psycopg.Error | None = None
+        newly_armed = False
+        async with self._registry_write:
+            waiting = waiting and self._listener.connected.is_set() and not self._stopping.is_set()
+            free = free_slots if waiting else 0
+            if waiting == self.armed and free == self.free_reported:
+                return
+            try:
+                await self._protocol.beat(
+                    channel=self._channel,
+                    waiting=waiting,
+                    ttl_seconds=self._ttl,
+                    free_slots=free,
+                    secret=self.secret,
+                )
+            except psycopg.Error as exc:
+                failed = exc
+            else:
+                newly_armed = waiting and not self.armed
+                self.armed, self.free_reported = waiting, free
+        # The back-off after a failure waits outside the lock: the heartbeat need not wait too.
+        if isinstance(failed, DB_ERRORS):
+            await self._errors.away("beat", failed)
+        elif isinstance(failed, psycopg.Error):
+            await self._errors.refused("beat", failed)
+        elif newly_armed:
+            asyncio.get_running_loop().call_later(IDLE_GRACE_SECONDS, self._wake.set)
+
+    async def beat(self, free_slots: int) -> None:
+        """The heartbeat's registry beat: keeps the row fresh, as armed as it is when the
+        beat is sent. Raises on a database error, for the heartbeat to log."""
+        async with self._registry_write:
+            free = free_slots if self.armed else 0
             await self._protocol.beat(
                 channel=self._channel,
-                waiting=waiting,
+                waiting=self.armed,
                 ttl_seconds=self._ttl,
                 free_slots=free,
                 secret=self.secret,
             )
-        except DB_ERRORS as exc:
-            await self._errors.away("beat", exc)
-            return
-        except psycopg.Error as exc:
-            await self._errors.refused("beat", exc)
-            return
-        newly_armed = waiting and not self.armed
-        self.armed, self.free_reported = waiting, free
-        if newly_armed:
-            asyncio.get_running_loop().call_later(IDLE_GRACE_SECONDS, self._wake.set)
-
-    async def beat(self, free_slots: int) -> None:
-        """The heartbeat's registry beat: keeps the row fresh, as armed as it was. Raises on
-        a database error, for the heartbeat to log."""
-        free = free_slots if self.armed else 0
-        await self._protocol.beat(
-            channel=self._channel,
-            waiting=self.armed,
-            ttl_seconds=self._ttl,
-            free_slots=free,
-            secret=self.secret,
-        )
-        self.free_reported = free
+            self.free_reported = free
 
     async def not_waiting_while_deaf(self) -> None:
         """A worker whose listener is away leaves the waiting list at once, so no run is handed
