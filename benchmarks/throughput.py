@@ -1,6 +1,7 @@
 """(a), (b), (e): no-op runs per second moved by conveyor workers from a backlog.
 
     python -m benchmarks.throughput --single    (a) one worker process, one stage, batch 50
+    python -m benchmarks.throughput --single --batch 500    (a) with claims of up to 500 runs
     python -m benchmarks.throughput --three     (b) supervisor, one process per stage
     python -m benchmarks.throughput --million   (e) (a) with 1,000,000 finished runs, ratio to (a)
     python -m benchmarks.throughput --limits    (a) beside (a) under limits that never bind
@@ -32,6 +33,7 @@ from benchmarks.procstat import rss_megabytes
 from benchmarks.report import ratio
 
 COMMAND = "python -m benchmarks.throughput"
+BATCH = 50  # (a)'s claim size, as the no-op pipeline declares it, with twice as many slots
 _RATE_GUESS = 30_000  # queue for this rate, so that a fast worker never runs dry
 # --limits: seconds counted per figure, and ABBA blocks (two pairs of figures each)
 _LIMITS_WINDOW = 6.0
@@ -54,14 +56,21 @@ def single(
     history: int = 0,
     log_level: str = "warning",
     limited: bool = False,
+    batch: int = BATCH,
 ) -> Throughput:
-    """One `conveyor worker` process for a one-stage no-op pipeline (batch 50, 100 slots)."""
+    """One `conveyor worker` process for a one-stage no-op pipeline: claims of up to `batch`
+    runs, twice as many slots (batch 50 and 100 slots as the pipeline declares them)."""
+    sized = (
+        {}
+        if batch == BATCH
+        else {"CONVEYOR_ONLY_BATCH": str(batch), "CONVEYOR_ONLY_CONCURRENCY": str(2 * batch)}
+    )
     with db.connect() as conn:
         db.reset(conn)
         set_observer(conn, on=observer)
         if history:
             fill(conn, "bench1", history, finished=True)
-        fill(conn, "bench1", scale.backlog(_RATE_GUESS))
+        fill(conn, "bench1", scale.backlog(_RATE_GUESS * (2 if batch > BATCH else 1)))
         settle(conn)
         with running(
             db,
@@ -69,6 +78,7 @@ def single(
             pipeline="single_limited" if limited else "single",
             CONVEYOR_LOG_LEVEL=log_level,
             CONVEYOR_LOG_FORMAT="json",
+            **sized,
         ) as worker:
             rate = measure_rate(conn, scale, pids=(worker.pid,))
             rss = rss_megabytes(worker.pid)
@@ -110,16 +120,23 @@ def main() -> None:
     parser.add_argument(
         "--log-level", default="warning", help="the worker's (info: a JSON line per run)"
     )
+    parser.add_argument(
+        "--batch", type=int, default=BATCH, help="--single: most runs a claim takes (slots: 2x)"
+    )
     parser.add_argument("--tiny", action="store_true", help="a second per figure, for tests")
     args = parser.parse_args()
+    if not 1 <= args.batch <= 5000:
+        parser.error("--batch: from 1 to 5000")
     scale = Scale.small() if args.tiny else Scale()
     observer = not args.observer_off
     suffix = f" ({'observer off' if args.observer_off else 'observer on'})"
     with BenchDatabase.create() as db:
         if args.single:
-            result = single(db, scale, observer=observer, log_level=args.log_level)
+            result = single(
+                db, scale, observer=observer, log_level=args.log_level, batch=args.batch
+            )
             print(
-                f"(a) one worker process, batch 50: {result.runs_per_second:,.0f} runs/s"
+                f"(a) one worker process, batch {args.batch}: {result.runs_per_second:,.0f} runs/s"
                 f"{suffix}; worker CPU {result.cpu_us_per_run:.0f} us per run, its database"
                 f" backends {result.db_cpu_us_per_run:.0f} us per run;"
                 f" RSS after the load {result.rss_mb:.0f} MB"

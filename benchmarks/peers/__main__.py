@@ -3,7 +3,9 @@
     python -m benchmarks.peers [--rounds N] [--figure 1|2|3]... [--peer NAME]... [--tiny]
 
 (1) one stage: no-op jobs/s drained from a backlog by one worker process, started afresh on the
-    backlog each round (conveyor: benchmarks.throughput --single, observer channel on and off);
+    backlog each round (conveyor: benchmarks.throughput --single, observer channel on and off,
+    with (a)'s claims of 50 runs and with claims of 500, docs/performance.md's setting for short
+    handlers; graphile-worker runs with a local queue of 500);
 (2) enqueue -> handler start with an idle worker, p50/p99, from sending the enqueue (its commit
     included) (conveyor: benchmarks.latency, "from sending the INSERT");
 (3) three stages, runs/s, each peer chained as its users chain jobs (conveyor: benchmarks.throughput
@@ -37,8 +39,11 @@ from benchmarks.report import ratio
 
 T = TypeVar("T")
 CONVEYOR = "conveyor"
-ON, OFF = "conveyor, observer on", "conveyor, observer off"
+ON, OFF = "conveyor, batch 50, observer on", "conveyor, batch 50, observer off"
+WIDE = 500  # claims of up to 500 runs, 1,000 slots: the setting for short handlers
+WIDE_ON, WIDE_OFF = f"conveyor, batch {WIDE}, observer on", f"conveyor, batch {WIDE}, observer off"
 SINGLE_CMD = f"{throughput.COMMAND} --single"
+WIDE_CMD = f"{SINGLE_CMD} --batch {WIDE}"
 # First guesses at each side's rate, to size its first backlog; then its best rate so far.
 GUESS_JOBS = {"pgqueuer": 4_000.0, "graphile-worker": 15_000.0}
 GUESS_RUNS = {"pgqueuer": 200.0, "graphile-worker": 200.0}
@@ -95,6 +100,10 @@ class Comparison:
             progress(f"round {number}/{rounds}: (1) one stage")
             keep(self.single, ON, as_rate(throughput.single(ours, scale)), faster)
             keep(self.single, OFF, as_rate(throughput.single(ours, scale, observer=False)), faster)
+            wide_on = throughput.single(ours, scale, batch=WIDE)
+            keep(self.single, WIDE_ON, as_rate(wide_on), faster)
+            wide_off = throughput.single(ours, scale, observer=False, batch=WIDE)
+            keep(self.single, WIDE_OFF, as_rate(wide_off), faster)
             for peer in self.peers:
                 keep(self.single, peer.label, self._single(peer, theirs[peer.name]), faster)
         if 2 in self.figures:
@@ -158,16 +167,21 @@ class Comparison:
     def _single_lines(self) -> list[str]:
         title = "(1) one stage, no-op jobs, one worker process"
         on, off = self.single[ON], self.single[OFF]
+        wide_on, wide_off = self.single[WIDE_ON], self.single[WIDE_OFF]
         out = [
             f"{title}: {ON}: {on.per_second:,.0f} jobs/s ({SINGLE_CMD})",
             f"{title}: {OFF}: {off.per_second:,.0f} jobs/s ({SINGLE_CMD} --observer-off)",
+            f"{title}: {WIDE_ON}: {wide_on.per_second:,.0f} jobs/s ({WIDE_CMD})",
+            f"{title}: {WIDE_OFF}: {wide_off.per_second:,.0f} jobs/s ({WIDE_CMD} --observer-off)",
         ]
         for peer in self.peers:
             theirs = self.single[peer.label].per_second
             out.append(
                 f"{title}: {peer.label}: {theirs:,.0f} jobs/s; conveyor/{peer.name}"
-                f" {ratio(on.per_second, theirs)} (observer on),"
-                f" {ratio(off.per_second, theirs)} (observer off)"
+                f" at batch 50 {ratio(on.per_second, theirs)} (observer on),"
+                f" {ratio(off.per_second, theirs)} (observer off);"
+                f" at batch {WIDE} {ratio(wide_on.per_second, theirs)} (observer on),"
+                f" {ratio(wide_off.per_second, theirs)} (observer off)"
                 f" ({systems.command(peer.name, 1)})"
             )
         return out
@@ -210,6 +224,8 @@ class Comparison:
         out = [f"{title}: {ours}: {_cpu(conveyor)} ({command})"]
         if figure == 1:
             out.append(f"{title}: {OFF}: {_cpu(best[OFF])} ({command} --observer-off)")
+            out.append(f"{title}: {WIDE_ON}: {_cpu(best[WIDE_ON])} ({WIDE_CMD})")
+            out.append(f"{title}: {WIDE_OFF}: {_cpu(best[WIDE_OFF])} ({WIDE_CMD} --observer-off)")
         for peer in self.peers:
             theirs = best[peer.label]
             out.append(

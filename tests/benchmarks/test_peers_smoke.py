@@ -20,7 +20,9 @@ from tests.helpers import ROOT, PgServer
 
 PEERS = (r"pgqueuer [\d.]+, batch 10", r"pgqueuer [\d.]+, batch 50", r"graphile-worker [\d.]+, 24")
 LATENCY_PEERS = (r"pgqueuer [\d.]+, batch 10", r"graphile-worker [\d.]+, 24")
-CONVEYOR_SINGLE = ("conveyor, observer on", "conveyor, observer off")
+CONVEYOR_SINGLE = tuple(
+    f"conveyor, batch {batch}, observer {state}" for batch in (50, 500) for state in ("on", "off")
+)
 RATE = r"[\d,]+"
 MS = r"p50 [\d.]+ ms, p99 [\d.]+ ms"
 CPU = r"worker \S+ us, its database backends \S+ us"
@@ -63,7 +65,10 @@ def test_every_figure_in_tiny_mode_and_nothing_left_behind(pg_server: PgServer) 
         line(rf"^\(1\) one stage, [^:]*: {who}: {RATE} jobs/s")
         line(rf"^\(4\) CPU per job, one stage: {who}: {CPU}")
     for who in PEERS:
-        line(rf"^\(1\) one stage, [^:]*: {who}.*: {RATE} jobs/s; conveyor/\S+ \S+ \(observer on\)")
+        line(
+            rf"^\(1\) one stage, [^:]*: {who}.*: {RATE} jobs/s; conveyor/\S+ at batch 50 \S+"
+            r" \(observer on\), \S+ \(observer off\); at batch 500 \S+ \(observer on\)"
+        )
         line(rf"^\(3\) three stages, [^:]*: {who}.*: {RATE} runs/s; conveyor/\S+ \S+")
         line(rf"^\(4\) CPU per job, one stage: {who}.*: {CPU}; conveyor/")
         line(rf"^\(4\) CPU per run, three stages: {who}.*: {CPU}; conveyor/")
