@@ -228,13 +228,23 @@ class Comparison:
             out.append(f"{title}: {WIDE_OFF}: {_cpu(best[WIDE_OFF])} ({WIDE_CMD} --observer-off)")
         for peer in self.peers:
             theirs = best[peer.label]
+            versus = _cpu_ratios(conveyor, theirs)
+            if figure == 1:
+                versus = (
+                    f"at batch 50 {versus}; at batch {WIDE} {_cpu_ratios(best[WIDE_ON], theirs)}"
+                )
             out.append(
-                f"{title}: {peer.label}: {_cpu(theirs)}; conveyor/{peer.name}"
-                f" worker {ratio(conveyor.cpu_us, theirs.cpu_us)},"
-                f" database {ratio(conveyor.db_cpu_us, theirs.db_cpu_us)}"
+                f"{title}: {peer.label}: {_cpu(theirs)}; conveyor/{peer.name} {versus}"
                 f" ({systems.command(peer.name, figure)})"
             )
         return out
+
+
+def _cpu_ratios(ours: PeerRate, theirs: PeerRate) -> str:
+    return (
+        f"worker {ratio(ours.cpu_us, theirs.cpu_us)},"
+        f" database {ratio(ours.db_cpu_us, theirs.db_cpu_us)}"
+    )
 
 
 def _latency(result: Latency) -> str:

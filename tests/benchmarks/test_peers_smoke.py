@@ -70,7 +70,10 @@ def test_every_figure_in_tiny_mode_and_nothing_left_behind(pg_server: PgServer) 
             r" \(observer on\), \S+ \(observer off\); at batch 500 \S+ \(observer on\)"
         )
         line(rf"^\(3\) three stages, [^:]*: {who}.*: {RATE} runs/s; conveyor/\S+ \S+")
-        line(rf"^\(4\) CPU per job, one stage: {who}.*: {CPU}; conveyor/")
+        line(
+            rf"^\(4\) CPU per job, one stage: {who}.*: {CPU}; conveyor/\S+ at batch 50 worker"
+            r" \S+ database \S+; at batch 500 worker \S+ database"
+        )
         line(rf"^\(4\) CPU per run, three stages: {who}.*: {CPU}; conveyor/")
     line(rf"^\(2\) enqueue -> handler start, [^:]*: conveyor: {MS}")
     for who in LATENCY_PEERS:
