@@ -2,6 +2,7 @@
 
     python -m benchmarks.throughput --single    (a) one worker process, one stage, batch 50
     python -m benchmarks.throughput --single --batch 500    (a) with claims of up to 500 runs
+    python -m benchmarks.throughput --versus-batch 500      (a) at batch 500 beside batch 50
     python -m benchmarks.throughput --three     (b) supervisor, one process per stage
     python -m benchmarks.throughput --million   (e) (a) with 1,000,000 finished runs, ratio to (a)
     python -m benchmarks.throughput --limits    (a) beside (a) under limits that never bind
@@ -18,6 +19,7 @@ import argparse
 import dataclasses
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from benchmarks.harness import (
@@ -35,9 +37,9 @@ from benchmarks.report import ratio
 COMMAND = "python -m benchmarks.throughput"
 BATCH = 50  # (a)'s claim size, as the no-op pipeline declares it, with twice as many slots
 _RATE_GUESS = 30_000  # queue for this rate, so that a fast worker never runs dry
-# --limits: seconds counted per figure, and ABBA blocks (two pairs of figures each)
-_LIMITS_WINDOW = 6.0
-_LIMITS_BLOCKS = 3
+# --limits, --versus-batch: seconds counted per figure, and ABBA blocks (two pairs each)
+_PAIRED_WINDOW = 6.0
+_PAIRED_BLOCKS = 3
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,27 @@ def _spread(results: list[Throughput]) -> str:
     return f"{min(rates):,.0f}-{max(rates):,.0f}"
 
 
+def interleaved(
+    first: Callable[[], Throughput], second: Callable[[], Throughput], blocks: int
+) -> tuple[list[Throughput], list[Throughput]]:
+    """Two figures measured in ABBA blocks: on a machine whose speed drifts by ten percent
+    and more, drift falls on both alike. Each block's two pairs are neighbours in time."""
+    ones: list[Throughput] = []
+    twos: list[Throughput] = []
+    for first_leads in (True, False) * blocks:
+        for is_first in (first_leads, not first_leads):
+            (ones if is_first else twos).append(first() if is_first else second())
+    return ones, twos
+
+
+def _pairwise(ones: list[Throughput], twos: list[Throughput]) -> str:
+    """The range of the second's rate over the first's, neighbour by neighbour (n/a where a
+    tiny run counted nothing)."""
+    pairs = [(a.runs_per_second, b.runs_per_second) for a, b in zip(ones, twos, strict=True)]
+    ratios = [b / a for a, b in pairs if a]
+    return f"{min(ratios):.2f}-{max(ratios):.2f}" if ratios else "n/a"
+
+
 def _cpu(results: list[Throughput]) -> str:
     worker = statistics.median(r.cpu_us_per_run for r in results)
     backends = statistics.median(r.db_cpu_us_per_run for r in results)
@@ -116,6 +139,9 @@ def main() -> None:
     which.add_argument("--three", action="store_true", help="(b) three stages, supervisor")
     which.add_argument("--million", action="store_true", help="(e) with 1,000,000 finished runs")
     which.add_argument("--limits", action="store_true", help="(a) under limits never binding")
+    which.add_argument(
+        "--versus-batch", type=int, metavar="N", help="(a) at batch N beside (a) at batch 50"
+    )
     parser.add_argument("--observer-off", action="store_true", help="pipeline_events off")
     parser.add_argument(
         "--log-level", default="warning", help="the worker's (info: a JSON line per run)"
@@ -125,8 +151,11 @@ def main() -> None:
     )
     parser.add_argument("--tiny", action="store_true", help="a second per figure, for tests")
     args = parser.parse_args()
-    if not 1 <= args.batch <= 5000:
-        parser.error("--batch: from 1 to 5000")
+    for flag, size in (("--batch", args.batch), ("--versus-batch", args.versus_batch)):
+        if size is not None and not 1 <= size <= 5000:
+            parser.error(f"{flag}: from 1 to 5000")
+    if args.batch != BATCH and not args.single:
+        parser.error("--batch goes with --single (--versus-batch N compares N with 50)")
     scale = Scale.small() if args.tiny else Scale()
     observer = not args.observer_off
     suffix = f" ({'observer off' if args.observer_off else 'observer on'})"
@@ -150,16 +179,13 @@ def main() -> None:
             )
         elif args.limits:
             # A difference of some ten percent, on a machine whose speed drifts by as much:
-            # longer windows, interleaved ABBA three times over so that drift falls on both
-            # alike; medians.
-            steady = scale if args.tiny else dataclasses.replace(scale, window=_LIMITS_WINDOW)
-            plain: list[Throughput] = []
-            limited: list[Throughput] = []
-            for first_plain in (True, False) * _LIMITS_BLOCKS:
-                for is_limited in (not first_plain, first_plain):
-                    (limited if is_limited else plain).append(
-                        single(db, steady, observer=observer, limited=is_limited)
-                    )
+            # longer windows, interleaved; medians.
+            steady = scale if args.tiny else dataclasses.replace(scale, window=_PAIRED_WINDOW)
+            limited, plain = interleaved(
+                lambda: single(db, steady, observer=observer, limited=True),
+                lambda: single(db, steady, observer=observer),
+                _PAIRED_BLOCKS,
+            )
             free = statistics.median(r.runs_per_second for r in plain)
             held = statistics.median(r.runs_per_second for r in limited)
             print(
@@ -168,6 +194,23 @@ def main() -> None:
                 f" {ratio(held, free)}{suffix} (medians of {len(plain)} each; limited"
                 f" {_spread(limited)}, plain {_spread(plain)}; CPU per run, worker + backends:"
                 f" limited {_cpu(limited)}, plain {_cpu(plain)} us)"
+            )
+        elif args.versus_batch is not None:
+            steady = scale if args.tiny else dataclasses.replace(scale, window=_PAIRED_WINDOW)
+            size = args.versus_batch
+            narrow, wide = interleaved(
+                lambda: single(db, steady, observer=observer),
+                lambda: single(db, steady, observer=observer, batch=size),
+                1 if args.tiny else _PAIRED_BLOCKS,
+            )
+            at_50 = statistics.median(r.runs_per_second for r in narrow)
+            at_size = statistics.median(r.runs_per_second for r in wide)
+            print(
+                f"(a) at batch {size} beside batch {BATCH}: {at_size:,.0f} runs/s against"
+                f" {at_50:,.0f}, ratio {ratio(at_size, at_50)}{suffix} (medians of"
+                f" {len(wide)} each; neighbour by neighbour {_pairwise(narrow, wide)}; CPU per"
+                f" run, worker + backends: batch {size} {_cpu(wide)}, batch {BATCH}"
+                f" {_cpu(narrow)} us)"
             )
         else:
             empty = single(db, scale, observer=observer)

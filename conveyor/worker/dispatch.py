@@ -255,6 +255,7 @@ class Dispatcher:
             except DB_ERRORS as exc:
                 hand_offs.unheard = hand_offs.unheard or operation == "release_unheard"
                 await self._errors.away(operation, exc)
+                self._wake.set()  # the wake-up this claim answered is spent: claim again
                 continue
             except psycopg.Error as exc:
                 hand_offs.unheard = hand_offs.unheard or operation == "release_unheard"

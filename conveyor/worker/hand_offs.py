@@ -110,10 +110,14 @@ class HandOffs:
         self.releasing: set[UUID] = set()  # being given back: neither started nor released again
         self.background: set[asyncio.Task[None]] = set()  # give-backs, the leaving beat
         # One registry write at a time, each deciding what to write once it holds the lock: the
-        # dispatcher, the heartbeat and the give-backs write from separate pool connections,
-        # and a write decided earlier but committed later would leave the row saying what the
-        # worker no longer is (not waiting while it waits: no run would be handed or woken).
+        # dispatcher, the heartbeat and the give-backs all write the row, and a write decided
+        # before another one committed would leave the row saying what the worker no longer is
+        # (not waiting while it waits: no run would be handed to it or woken).
         self._registry_write = asyncio.Lock()
+        # Hand-offs read so far, and the registry's free slots the last one carried: a hand-off
+        # read while the row is written was counted by the trigger before or after that write.
+        self._reads = 0
+        self._read_free = 0
         # (run, attempt) of every hand-off taken, until its lease would have expired: a
         # replayed notification is not run twice.
         self._handed: dict[tuple[UUID, int], float] = {}
@@ -158,6 +162,8 @@ class HandOffs:
         if len(self._handed) >= _REMEMBERED:  # forget the ones whose lease is over
             self._handed = {k: at for k, at in self._handed.items() if at > now}
         self._handed[key] = expires
+        self._reads += 1
+        self._read_free = free
         self.free_reported = free
         if free <= 0:
             self.armed = False  # the trigger took it off the waiting list
@@ -232,48 +238,54 @@ class HandOffs:
         handed; only on a change, or when a waiting worker's free slots changed by more than
         its hand-offs counted (it claimed): hand-offs beyond its room would only be given
         back. Never armed while the listener is away: a run handed over then would go
-        unheard. Once armed, the dispatcher is woken after IDLE_GRACE_SECONDS."""
+        unheard. Once armed, the dispatcher is woken after IDLE_GRACE_SECONDS; a worker that
+        could not arm is woken after the back-off, to claim and try again."""
         failed: psycopg.Error | None = None
-        newly_armed = False
         async with self._registry_write:
             waiting = waiting and self._listener.connected.is_set() and not self._stopping.is_set()
             free = free_slots if waiting else 0
             if waiting == self.armed and free == self.free_reported:
                 return
+            was_armed = self.armed
             try:
-                await self._protocol.beat(
-                    channel=self._channel,
-                    waiting=waiting,
-                    ttl_seconds=self._ttl,
-                    free_slots=free,
-                    secret=self.secret,
-                )
+                await self._write_row(waiting, free)
             except psycopg.Error as exc:
                 failed = exc
-            else:
-                newly_armed = waiting and not self.armed
-                self.armed, self.free_reported = waiting, free
         # The back-off after a failure waits outside the lock: the heartbeat need not wait too.
         if isinstance(failed, DB_ERRORS):
             await self._errors.away("beat", failed)
         elif isinstance(failed, psycopg.Error):
             await self._errors.refused("beat", failed)
-        elif newly_armed:
+        if failed is not None:
+            if waiting:
+                self._wake.set()
+        elif self.armed and not was_armed:
             asyncio.get_running_loop().call_later(IDLE_GRACE_SECONDS, self._wake.set)
 
-    async def beat(self, free_slots: int) -> None:
-        """The heartbeat's registry beat: keeps the row fresh, as armed as it is when the
-        beat is sent. Raises on a database error, for the heartbeat to log."""
+    async def beat(self, free_slots: Callable[[], int]) -> None:
+        """The heartbeat's registry beat: keeps the row fresh, as armed as the worker is when
+        the beat is sent, with `free_slots()` read then. Raises on a database error, for the
+        heartbeat to log."""
         async with self._registry_write:
-            free = free_slots if self.armed else 0
-            await self._protocol.beat(
-                channel=self._channel,
-                waiting=self.armed,
-                ttl_seconds=self._ttl,
-                free_slots=free,
-                secret=self.secret,
-            )
-            self.free_reported = free
+            await self._write_row(self.armed, free_slots() if self.armed else 0)
+
+    async def _write_row(self, waiting: bool, free: int) -> None:
+        """Write the registry row (the lock held) and note what it says now. A hand-off read
+        meanwhile was counted by the trigger before this write or after it, which the worker
+        cannot tell apart: it then takes the hand-off's word on whether it is still armed, and
+        writes the row again at the next chance (no free count matches -1)."""
+        reads = self._reads
+        await self._protocol.beat(
+            channel=self._channel,
+            waiting=waiting,
+            ttl_seconds=self._ttl,
+            free_slots=free,
+            secret=self.secret,
+        )
+        if self._reads == reads:
+            self.armed, self.free_reported = waiting, free
+        else:
+            self.armed, self.free_reported = waiting and self._read_free > 0, -1
 
     async def not_waiting_while_deaf(self) -> None:
         """A worker whose listener is away leaves the waiting list at once, so no run is handed

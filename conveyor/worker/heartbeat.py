@@ -53,7 +53,7 @@ class Heartbeat:
             await asyncio.sleep(self._period)
 
     async def _beat(self) -> None:
-        await self._hand_offs.beat(self._dispatcher.free_slots)
+        await self._hand_offs.beat(lambda: self._dispatcher.free_slots)
 
     async def _extend(self) -> None:
         # Every run held, those whose results wait for their commit too: a completer that lags

@@ -50,6 +50,28 @@ def test_one_figure_in_tiny_mode_and_nothing_left_behind(pg_server: PgServer) ->
     assert re.search(r"^\(a\) one worker process, batch 50: [\d,]+ runs/s", printed, re.M)
 
 
+def test_claim_sizes_side_by_side_in_tiny_mode(pg_server: PgServer) -> None:
+    printed = _tiny(pg_server, "benchmarks.throughput", "--versus-batch", "200")
+    assert re.search(
+        r"^\(a\) at batch 200 beside batch 50: [\d,]+ runs/s against [\d,]+, ratio \S+",
+        printed,
+        re.M,
+    )
+
+
+def test_a_claim_size_goes_with_one_figure_only() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.throughput", "--three", "--batch", "500"],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "--batch goes with --single" in done.stderr
+
+
 def test_the_ceiling_replays_the_protocol_statements_with_literals() -> None:
     stage = pipelines.single.stages[0]
     script = ceiling.script(pipelines.single, stage, batch=50)

@@ -1,13 +1,20 @@
-"""A worker writes its registry row from the dispatcher, the heartbeat and its give-backs at
-once, each over a connection of its own. Whatever order they commit in, the row ends up saying
-what the worker is: a worker that waits is on the waiting list, or no run is handed to it and no
-wake-up reaches it until its next sweep."""
+"""A worker's registry row says whether runs may be handed to it, and how many. The dispatcher,
+the heartbeat and the give-backs all write it, and the wake-up trigger counts hand-offs down in
+it. Whatever order those land in, the row ends up saying what the worker is: a worker that
+waits with its row saying otherwise is handed nothing and woken by nothing until the row is
+written again."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
+import psycopg
 import pytest
 import structlog
 from psycopg_pool import AsyncConnectionPool
@@ -16,7 +23,7 @@ from conveyor import Pipeline, Run, Stage
 from conveyor.listening import Listener
 from conveyor.protocol import StageProtocol
 from conveyor.worker.database_errors import DatabaseErrors
-from conveyor.worker.hand_offs import HandOffs
+from conveyor.worker.hand_offs import HandOffs, signature
 from tests.helpers import scalar
 
 
@@ -36,19 +43,22 @@ def _registry_row(url: str) -> tuple[bool, int]:
     return bool(waiting), int(free)
 
 
-@pytest.mark.parametrize("arming", [True, False])
-def test_the_heartbeat_and_the_dispatcher_never_leave_the_row_behind_the_worker(
-    database_url: str, arming: bool
-) -> None:
-    """The heartbeat beats while the dispatcher arms (or disarms) the worker: the row the
-    last commit leaves is the worker's state, 40 times over."""
-    log: Any = structlog.get_logger()
+def _execute(url: str, statement: str, params: Any = None) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(statement, params)
 
-    async def scenario() -> list[tuple[bool, int, bool, int]]:
-        listener = Listener(database_url, CHANNEL, lambda payload: None, health_interval=60)
-        listening = asyncio.create_task(listener.run())
+
+@asynccontextmanager
+async def _hand_offs(
+    url: str, pool_size: int, sweep_interval: float = 5.0
+) -> AsyncIterator[tuple[HandOffs, Any]]:
+    """A worker's HandOffs over a real pool and a real listener (connected), and the pool."""
+    log: Any = structlog.get_logger()
+    listener = Listener(url, CHANNEL, lambda payload: None, health_interval=60)
+    listening = asyncio.create_task(listener.run())
+    try:
         async with AsyncConnectionPool(
-            database_url, min_size=3, max_size=3, kwargs={"autocommit": True}, open=False
+            url, min_size=pool_size, max_size=pool_size, kwargs={"autocommit": True}, open=False
         ) as pool:
             stopping = asyncio.Event()
             protocol = StageProtocol(
@@ -59,18 +69,19 @@ def test_the_heartbeat_and_the_dispatcher_never_leave_the_row_behind_the_worker(
                 worker_id=WORKER,
                 lease_seconds=30,
             )
+            errors = DatabaseErrors(
+                pool=pool,
+                listener=listener,
+                stopping=stopping,
+                sweep_interval=sweep_interval,
+                labels=LABELS,
+                log=log,
+            )
             hand_offs = HandOffs(
                 WORKER,
                 protocol,
                 listener=listener,
-                errors=DatabaseErrors(
-                    pool=pool,
-                    listener=listener,
-                    stopping=stopping,
-                    sweep_interval=5,
-                    labels=LABELS,
-                    log=log,
-                ),
+                errors=errors,
                 held=set(),
                 channel=CHANNEL,
                 ttl_seconds=30,
@@ -80,14 +91,27 @@ def test_the_heartbeat_and_the_dispatcher_never_leave_the_row_behind_the_worker(
                 log=log,
             )
             await asyncio.wait_for(listener.connected.wait(), 10)
-            seen = []
-            for _ in range(40):
-                await hand_offs.set_waiting(not arming, 3)  # where the worker starts from
-                await asyncio.gather(hand_offs.set_waiting(arming, 3), hand_offs.beat(3))
-                waiting, free = await asyncio.to_thread(_registry_row, database_url)
-                seen.append((waiting, free, hand_offs.armed, hand_offs.free_reported))
+            yield hand_offs, pool
+    finally:
         listening.cancel()
         await listener.close()
+
+
+@pytest.mark.parametrize("arming", [True, False])
+def test_the_heartbeat_and_the_dispatcher_never_leave_the_row_behind_the_worker(
+    database_url: str, arming: bool
+) -> None:
+    """The heartbeat beats while the dispatcher arms (or disarms) the worker: the row the
+    last commit leaves is the worker's state, 40 times over."""
+
+    async def scenario() -> list[tuple[bool, int, bool, int]]:
+        seen = []
+        async with _hand_offs(database_url, pool_size=3) as (hand_offs, _):
+            for _ in range(40):
+                await hand_offs.set_waiting(not arming, 3)  # where the worker starts from
+                await asyncio.gather(hand_offs.set_waiting(arming, 3), hand_offs.beat(lambda: 3))
+                waiting, free = await asyncio.to_thread(_registry_row, database_url)
+                seen.append((waiting, free, hand_offs.armed, hand_offs.free_reported))
         return seen
 
     seen = asyncio.run(scenario())
@@ -95,3 +119,63 @@ def test_the_heartbeat_and_the_dispatcher_never_leave_the_row_behind_the_worker(
     assert [(waiting, free) for waiting, free, _, _ in seen] == [
         (armed, free) for _, _, armed, free in seen
     ]
+
+
+def test_a_hand_off_read_while_the_row_is_written_has_it_written_again(
+    database_url: str,
+) -> None:
+    """The worker arms with one free slot; the trigger hands that slot out as the arming
+    commits, and the hand-off is read before the arming's answer. Once the run is done the
+    worker arms again, and the row must say so: it cannot know whether the trigger counted
+    the hand-off before its write or after it."""
+
+    async def scenario() -> tuple[bool, int]:
+        async with _hand_offs(database_url, pool_size=1) as (hand_offs, pool):
+            async with pool.connection():  # the arming waits for the pool's one connection
+                arming = asyncio.create_task(hand_offs.set_waiting(True, 1))
+                await asyncio.sleep(0.1)
+                body = json.dumps(
+                    {
+                        "id": str(uuid.uuid4()),
+                        "input": {},
+                        "outputs": {},
+                        "attempt": 1,
+                        "waited": 0.001,
+                        "free": 0,  # the trigger took the last slot and disarmed the row
+                        "expires": time.time() + 30,
+                    }
+                )
+                taken = hand_offs.read(f"{signature(hand_offs.secret, body)}:{body}")
+                assert isinstance(taken, tuple)  # a run to start, not a refusal
+            await arming
+            # The trigger's count landed after the arming: as hand_off() leaves the row.
+            await asyncio.to_thread(
+                _execute,
+                database_url,
+                "UPDATE conveyor.workers SET free_slots = 0, waiting = false WHERE worker_id = %s",
+                (WORKER,),
+            )
+            await hand_offs.set_waiting(True, 1)  # the handed run is done: wait again
+        return await asyncio.to_thread(_registry_row, database_url)
+
+    assert asyncio.run(scenario()) == (True, 1)
+
+
+def test_a_worker_that_could_not_arm_is_woken_to_claim_and_try_again(database_url: str) -> None:
+    """Its row was not written: nothing would hand it a run or wake it. After the back-off
+    the dispatcher is woken, claims, and arms again."""
+
+    async def scenario() -> tuple[bool, bool]:
+        async with _hand_offs(database_url, pool_size=1, sweep_interval=0.05) as (hand_offs, _):
+            await asyncio.to_thread(
+                _execute, database_url, "ALTER TABLE conveyor.workers RENAME TO away"
+            )
+            try:
+                await hand_offs.set_waiting(True, 1)
+            finally:
+                await asyncio.to_thread(
+                    _execute, database_url, "ALTER TABLE conveyor.away RENAME TO workers"
+                )
+            return hand_offs.armed, hand_offs._wake.is_set()
+
+    assert asyncio.run(scenario()) == (False, True)

@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any, cast
 
+import psycopg
 import pytest
 
 from conveyor import metrics
@@ -16,6 +17,7 @@ from conveyor.handler_run import Run
 from conveyor.pipeline import Pipeline, Stage
 from conveyor.server_json import ClaimedRow
 from conveyor.worker.completer import Completer
+from conveyor.worker.database_errors import DatabaseErrors
 from conveyor.worker.dispatch import TRANSITIONS, Dispatcher, Event, Mode, next_mode
 from conveyor.worker.in_flight import InFlight
 from conveyor.worker.tally import StageTally
@@ -61,12 +63,15 @@ class _Protocol:
         self.rescued_due = False
         self.flow = None  # no limits
         self.throttled = None
+        self.failures: list[Exception] = []  # raised by the next claims, one each
 
     def claim_size(self, free: int) -> int:
         return min(free, 4)
 
     async def claim(self, batch: int, *, alone: bool = False) -> list[ClaimedRow]:
         self.asked.append((batch, alone))
+        if self.failures:
+            raise self.failures.pop(0)
         return self.claims.pop(0) if self.claims else []
 
     async def rescued_waiting(self) -> bool:
@@ -107,7 +112,9 @@ async def _until(predicate: Callable[[], bool]) -> None:
             await asyncio.sleep(0.001)
 
 
-def _dispatcher(protocol: _Protocol, hand_offs: _HandOffs) -> tuple[Dispatcher, dict[Any, Any]]:
+def _dispatcher(
+    protocol: _Protocol, hand_offs: _HandOffs, errors: DatabaseErrors | None = None
+) -> tuple[Dispatcher, dict[Any, Any]]:
     gates: dict[uuid.UUID, asyncio.Event] = {}
 
     async def handler(run: Run) -> dict[str, Any]:
@@ -145,7 +152,7 @@ def _dispatcher(protocol: _Protocol, hand_offs: _HandOffs) -> tuple[Dispatcher, 
         cast(Any, protocol),
         in_flight=in_flight,
         hand_offs=cast(Any, hand_offs),
-        errors=cast(Any, None),
+        errors=cast(Any, errors),
         wake=asyncio.Event(),
         slot_freed=slot_freed,
         log=log,
@@ -181,6 +188,35 @@ def test_a_full_claim_is_a_backlog_and_a_short_one_waits_armed() -> None:
         await task
         assert dispatcher.mode is S
         _finish(gates, first + second)
+
+    asyncio.run(scenario())
+
+
+def test_a_claim_the_database_did_not_answer_is_made_again_without_another_wake_up() -> None:
+    """The wake-up a claim answered is spent when the claim fails: nothing may come to wake
+    the worker again (its row disarmed by the hand-off that took its last slot, say)."""
+
+    async def scenario() -> None:
+        protocol, hand_offs = _Protocol(), _HandOffs()
+        errors = DatabaseErrors(
+            pool=cast(Any, None),  # a lost connection, not a read-only server: neither is used
+            listener=cast(Any, None),
+            stopping=asyncio.Event(),
+            sweep_interval=5,
+            labels=("modes", "s"),
+            log=cast(Any, _Log()),
+        )
+        dispatcher, gates = _dispatcher(protocol, hand_offs, errors)
+        protocol.failures = [psycopg.OperationalError("server closed the connection")]
+        claimed = _rows(1)
+        protocol.claims = [claimed]
+        task = asyncio.create_task(dispatcher.dispatch_until_stopped())
+        dispatcher.sweep()  # the one wake-up
+        await _until(lambda: len(protocol.asked) == 2)
+        await _until(lambda: claimed[0][0] in gates)  # the second claim's run started
+        dispatcher.stop()
+        _finish(gates, claimed)
+        await task
 
     asyncio.run(scenario())
 
