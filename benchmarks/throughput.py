@@ -159,6 +159,9 @@ def main() -> None:
     scale = Scale.small() if args.tiny else Scale()
     observer = not args.observer_off
     suffix = f" ({'observer off' if args.observer_off else 'observer on'})"
+    # --limits, --versus-batch: differences of some ten percent on a machine whose speed
+    # drifts by as much: longer windows, interleaved; medians.
+    paired = scale if args.tiny else dataclasses.replace(scale, window=_PAIRED_WINDOW)
     with BenchDatabase.create() as db:
         if args.single:
             result = single(
@@ -178,12 +181,9 @@ def main() -> None:
                 f" database backends {result.db_cpu_us_per_run:.0f} us per run"
             )
         elif args.limits:
-            # A difference of some ten percent, on a machine whose speed drifts by as much:
-            # longer windows, interleaved; medians.
-            steady = scale if args.tiny else dataclasses.replace(scale, window=_PAIRED_WINDOW)
             limited, plain = interleaved(
-                lambda: single(db, steady, observer=observer, limited=True),
-                lambda: single(db, steady, observer=observer),
+                lambda: single(db, paired, observer=observer, limited=True),
+                lambda: single(db, paired, observer=observer),
                 _PAIRED_BLOCKS,
             )
             free = statistics.median(r.runs_per_second for r in plain)
@@ -196,11 +196,10 @@ def main() -> None:
                 f" limited {_cpu(limited)}, plain {_cpu(plain)} us)"
             )
         elif args.versus_batch is not None:
-            steady = scale if args.tiny else dataclasses.replace(scale, window=_PAIRED_WINDOW)
             size = args.versus_batch
             narrow, wide = interleaved(
-                lambda: single(db, steady, observer=observer),
-                lambda: single(db, steady, observer=observer, batch=size),
+                lambda: single(db, paired, observer=observer),
+                lambda: single(db, paired, observer=observer, batch=size),
                 1 if args.tiny else _PAIRED_BLOCKS,
             )
             at_50 = statistics.median(r.runs_per_second for r in narrow)

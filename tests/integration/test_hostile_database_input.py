@@ -14,7 +14,7 @@ import pytest
 from psycopg import conninfo, sql
 
 from conveyor import migrate
-from tests.helpers import ConveyorProcess, scalar, wait_until
+from tests.helpers import ConveyorProcess, fetch_all, scalar, wait_until
 
 CHAIN = {"CONVEYOR_PIPELINE": "tests.pipelines:chain"}
 CHANNEL = "conveyor.chain.NEW"
@@ -79,23 +79,20 @@ def _status(url: str, run_id: uuid.UUID) -> str:
     return str(scalar(url, "SELECT status FROM conveyor.pipeline_runs WHERE id = %s", (run_id,)))
 
 
-def _where(url: str, run_id: uuid.UUID) -> tuple[object, ...]:
+def _where(url: str, run_id: uuid.UUID) -> list[tuple[object, ...]]:
     """Where a run stands, for a failure's message."""
-    with psycopg.connect(url, autocommit=True) as conn:
-        row = conn.execute(
-            "SELECT status, lease_owner, attempt, updated_at FROM conveyor.pipeline_runs"
-            " WHERE id = %s",
-            (run_id,),
-        ).fetchone()
-    return tuple(row or ())
+    return fetch_all(
+        url,
+        "SELECT status, lease_owner, attempt, updated_at FROM conveyor.pipeline_runs WHERE id = %s",
+        (run_id,),
+    )
 
 
 def _registry(url: str) -> list[tuple[object, ...]]:
     """The workers' registry rows, for a failure's message."""
-    with psycopg.connect(url, autocommit=True) as conn:
-        return conn.execute(
-            "SELECT worker_id, waiting, free_slots, heartbeat_at FROM conveyor.workers"
-        ).fetchall()
+    return fetch_all(
+        url, "SELECT worker_id, waiting, free_slots, heartbeat_at FROM conveyor.workers"
+    )
 
 
 def _done_promptly(url: str, run_id: uuid.UUID) -> bool:

@@ -24,7 +24,7 @@ from conveyor.listening import Listener
 from conveyor.protocol import StageProtocol
 from conveyor.worker.database_errors import DatabaseErrors
 from conveyor.worker.hand_offs import HandOffs, signature
-from tests.helpers import scalar
+from tests.helpers import fetch_all
 
 
 async def _noop(run: Run) -> dict[str, object]:
@@ -38,8 +38,9 @@ LABELS = ("registry", "only")
 
 
 def _registry_row(url: str) -> tuple[bool, int]:
-    waiting = scalar(url, "SELECT waiting FROM conveyor.workers WHERE worker_id = %s", (WORKER,))
-    free = scalar(url, "SELECT free_slots FROM conveyor.workers WHERE worker_id = %s", (WORKER,))
+    [(waiting, free)] = fetch_all(
+        url, "SELECT waiting, free_slots FROM conveyor.workers WHERE worker_id = %s", (WORKER,)
+    )
     return bool(waiting), int(free)
 
 
