@@ -71,7 +71,7 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
 
 
-def _summary(from_commit: list[float], from_submit: list[float]) -> Latency:
+def summary(from_commit: list[float], from_submit: list[float]) -> Latency:
     return Latency(
         percentile(from_commit, 0.50) * 1000,
         percentile(from_commit, 0.99) * 1000,
@@ -89,6 +89,11 @@ def _insert(conn: Any, pipeline: str) -> Any:
 
 
 def commit_to_start(db: BenchDatabase, scale: Scale) -> Latency:
+    return summary(*commit_to_start_samples(db, scale))
+
+
+def commit_to_start_samples(db: BenchDatabase, scale: Scale) -> tuple[list[float], list[float]]:
+    """(c)'s seconds from each commit and from each INSERT sent."""
     with db.connect() as conn:
         db.reset(conn)
         with running(db, ["worker", "--stage", "only"], pipeline="single"):
@@ -103,11 +108,11 @@ def commit_to_start(db: BenchDatabase, scale: Scale) -> Latency:
                 from_commit.append(started - committed)
                 from_submit.append(started - sent)
                 time.sleep(_PAUSE)
-    return _summary(from_commit, from_submit)
+    return from_commit, from_submit
 
 
 def end_to_end(db: BenchDatabase, scale: Scale) -> Latency:
-    return _summary(*end_to_end_samples(db, scale))
+    return summary(*end_to_end_samples(db, scale))
 
 
 def end_to_end_samples(db: BenchDatabase, scale: Scale) -> tuple[list[float], list[float]]:
@@ -120,7 +125,7 @@ def end_to_end_samples(db: BenchDatabase, scale: Scale) -> tuple[list[float], li
 
 
 def statement_chain(db: BenchDatabase, scale: Scale) -> Latency:
-    return _summary(*statement_chain_samples(db, scale))
+    return summary(*statement_chain_samples(db, scale))
 
 
 def statement_chain_samples(db: BenchDatabase, scale: Scale) -> tuple[list[float], list[float]]:
@@ -251,7 +256,7 @@ def against_floor(db: BenchDatabase, scale: Scale, blocks: int) -> tuple[Latency
             pooled = workers if through_workers else floor
             for into, values in zip(pooled, samples, strict=True):
                 into.extend(values[1:])
-    return _summary(*workers), _summary(*floor)
+    return summary(*workers), summary(*floor)
 
 
 def idle_round_trip(db: BenchDatabase, scale: Scale) -> dict[str, tuple[float, float]]:

@@ -119,11 +119,14 @@ def interleaved(
 
 
 def _pairwise(ones: list[Throughput], twos: list[Throughput]) -> str:
-    """The range of the second's rate over the first's, neighbour by neighbour (n/a where a
-    tiny run counted nothing)."""
+    """The second's rate over the first's, neighbour by neighbour: their median and range (n/a
+    where a tiny run counted nothing). Each ratio is of two runs next to each other in time,
+    so the machine's drift cancels better than in a ratio of medians."""
     pairs = [(a.runs_per_second, b.runs_per_second) for a, b in zip(ones, twos, strict=True)]
     ratios = [b / a for a, b in pairs if a]
-    return f"{min(ratios):.2f}-{max(ratios):.2f}" if ratios else "n/a"
+    if not ratios:
+        return "n/a"
+    return f"median {statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
 
 
 def _cpu(results: list[Throughput]) -> str:
@@ -191,8 +194,9 @@ def main() -> None:
             print(
                 f"(a) under limits never binding (a stage cap, a key with a rate):"
                 f" {held:,.0f} runs/s, without limits {free:,.0f} runs/s, ratio"
-                f" {ratio(held, free)}{suffix} (medians of {len(plain)} each; limited"
-                f" {_spread(limited)}, plain {_spread(plain)}; CPU per run, worker + backends:"
+                f" {ratio(held, free)}{suffix} (medians of {len(plain)} each; neighbour by"
+                f" neighbour {_pairwise(plain, limited)}; limited {_spread(limited)}, plain"
+                f" {_spread(plain)}; CPU per run, worker + backends:"
                 f" limited {_cpu(limited)}, plain {_cpu(plain)} us)"
             )
         elif args.versus_batch is not None:

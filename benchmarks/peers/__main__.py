@@ -7,15 +7,18 @@
     with (a)'s claims of 50 runs and with claims of 500, docs/performance.md's setting for short
     handlers; graphile-worker runs with a local queue of 500);
 (2) enqueue -> handler start with an idle worker, p50/p99, from sending the enqueue (its commit
-    included) (conveyor: benchmarks.latency, "from sending the INSERT");
+    included) (conveyor: benchmarks.latency, "from sending the INSERT"), of every round's jobs
+    pooled: a 99th percentile of one round's 200 jobs is its third-slowest, which a disk
+    flush that stalls once decides;
 (3) three stages, runs/s, each peer chained as its users chain jobs (conveyor: benchmarks.throughput
     --three, a process per stage under the supervisor);
 (4) CPU per job of (1) and per run of (3): the worker processes' and their database backends'.
 
-Rounds are interleaved (conveyor, pgqueuer, graphile-worker, conveyor, ...) and each figure is
-the best of the rounds. Each side has its own scratch database on the same server, dropped at the
-end; every process started is stopped. The peers are installed on first use under build/peers/
-(see install.py); without node there is no graphile-worker, which is said, and the rest measured.
+Rounds are interleaved (conveyor, pgqueuer, graphile-worker, conveyor, ...) and each rate is
+the best of the rounds; (2) pools the rounds' jobs. Each side has its own scratch database on the
+same server, dropped at the end; every process started is stopped. The peers are installed on
+first use under build/peers/ (see install.py); without node there is no graphile-worker, which is
+said, and the rest measured.
 How the peers are measured: measure.py; how they are configured: systems.py.
 """
 
@@ -64,22 +67,19 @@ def faster(a: PeerRate, b: PeerRate) -> bool:
     return a.per_second > b.per_second
 
 
-def sooner(a: Latency, b: Latency) -> bool:
-    return a.submit_p50_ms < b.submit_p50_ms
-
-
 def as_rate(result: throughput.Throughput) -> PeerRate:
     return PeerRate(result.runs_per_second, result.cpu_us_per_run, result.db_cpu_us_per_run)
 
 
 class Comparison:
-    """The interleaved rounds and the best figure of each side."""
+    """The interleaved rounds: the best rate of each side, and its pooled waits."""
 
     def __init__(self, scale: Scale, figures: set[int], peers: list[Peer]) -> None:
         self.scale, self.figures, self.peers = scale, figures, peers
         self.single: dict[str, PeerRate] = {}
         self.three: dict[str, PeerRate] = {}
-        self.latency: dict[str, Latency] = {}
+        # (2): every round's seconds from commit and from submit, pooled per side
+        self.waits: dict[str, tuple[list[float], list[float]]] = {}
 
     def run(self, rounds: int) -> None:
         with ExitStack() as stack:
@@ -108,16 +108,20 @@ class Comparison:
                 keep(self.single, peer.label, self._single(peer, theirs[peer.name]), faster)
         if 2 in self.figures:
             progress(f"round {number}/{rounds}: (2) enqueue -> handler start")
-            keep(self.latency, CONVEYOR, latency.commit_to_start(ours, scale), sooner)
+            self._pool(CONVEYOR, latency.commit_to_start_samples(ours, scale))
             for peer in self._latency_peers():
-                waited = measure.latency(peer, theirs[peer.name], scale)
-                keep(self.latency, peer.label, waited, sooner)
+                self._pool(peer.label, measure.latency(peer, theirs[peer.name], scale))
         if 3 in self.figures:
             progress(f"round {number}/{rounds}: (3) three stages")
             keep(self.three, CONVEYOR, as_rate(throughput.three(ours, scale)), faster)
             for peer in self.peers:
                 result = measure.three(peer, theirs[peer.name], self._runs(peer))
                 keep(self.three, peer.label, result, faster)
+
+    def _pool(self, side: str, samples: tuple[list[float], list[float]]) -> None:
+        from_commit, from_submit = self.waits.setdefault(side, ([], []))
+        from_commit += samples[0]
+        from_submit += samples[1]
 
     def _latency_peers(self) -> list[Peer]:
         """One configuration of each peer: an idle worker's batch size does not matter."""
@@ -188,10 +192,10 @@ class Comparison:
 
     def _latency_lines(self) -> list[str]:
         title = "(2) enqueue -> handler start, idle worker, the enqueue's commit included"
-        ours = self.latency[CONVEYOR]
+        ours = latency.summary(*self.waits[CONVEYOR])
         out = [f"{title}: {CONVEYOR}: {_latency(ours)} ({latency.COMMAND})"]
         for peer in self._latency_peers():
-            theirs = self.latency[peer.label]
+            theirs = latency.summary(*self.waits[peer.label])
             out.append(
                 f"{title}: {peer.label}: {_latency(theirs)}; conveyor/{peer.name}"
                 f" p50 {ratio(ours.submit_p50_ms, theirs.submit_p50_ms)},"
@@ -250,7 +254,8 @@ def _cpu_ratios(ours: PeerRate, theirs: PeerRate) -> str:
 def _latency(result: Latency) -> str:
     return (
         f"p50 {result.submit_p50_ms:.2f} ms, p99 {result.submit_p99_ms:.2f} ms"
-        f" (from the commit's acknowledgement: {result.p50_ms:.2f} / {result.p99_ms:.2f})"
+        f" (from the commit's acknowledgement: {result.p50_ms:.2f} / {result.p99_ms:.2f};"
+        f" {result.runs} jobs, every round's)"
     )
 
 
@@ -293,7 +298,7 @@ def main() -> None:
     beside = sorted({f"{peer.name} {peer.version}" for peer in comparison.peers})
     print(
         f"conveyor beside {' and '.join(beside) or 'no peer'} on one PostgreSQL server:"
-        f" best of {rounds} interleaved round(s) in"
+        f" {rounds} interleaved round(s) in"
         f" {time.monotonic() - started:.0f} s; load average {load_before} before,"
         f" {load_average()} after (2 cores, shared: figures measured while other work ran are low)"
     )

@@ -24,7 +24,6 @@ import psycopg
 from psycopg import sql
 
 from benchmarks.harness import ROOT, BenchDatabase, Scale, _cpu_or_zero
-from benchmarks.latency import Latency, percentile
 from benchmarks.peers.driver import Driver, run_once, running
 from benchmarks.peers.systems import Peer
 from benchmarks.procstat import children, cpu_seconds
@@ -133,7 +132,9 @@ def three(peer: Peer, db: BenchDatabase, runs: int, timeout: float = 600) -> Pee
     return _rate(runs, count.last - count.first, cpu, db_cpu)
 
 
-def latency(peer: Peer, db: BenchDatabase, scale: Scale) -> Latency:
+def latency(peer: Peer, db: BenchDatabase, scale: Scale) -> tuple[list[float], list[float]]:
+    """(2) for a peer: the seconds from each enqueue's commit to its job's start, and from
+    the enqueue sent."""
     env = peer.env(db)
     with db.connect() as conn:
         prepare(peer, db, conn, None)
@@ -154,13 +155,7 @@ def latency(peer: Peer, db: BenchDatabase, scale: Scale) -> Latency:
             from_commit.append(float(at) - float(after))
             from_submit.append(float(at) - float(before))
             time.sleep(_PAUSE)
-    return Latency(
-        percentile(from_commit, 0.50) * 1000,
-        percentile(from_commit, 0.99) * 1000,
-        percentile(from_submit, 0.50) * 1000,
-        percentile(from_submit, 0.99) * 1000,
-        len(from_commit),
-    )
+    return from_commit, from_submit
 
 
 def _first_job(worker: Driver, timeout: float = 60) -> None:
