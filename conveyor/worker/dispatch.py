@@ -194,10 +194,13 @@ class Dispatcher:
             return row is Verdict.UNDECODABLE  # refused: nothing to claim
         no_slot_left = hand_offs.free_reported <= 0
         run_id = row[0]
-        if run_id in self._in_flight.held or run_id in hand_offs.releasing:
-            return no_slot_left
         taking = self.mode is Mode.WAITING or self.mode is Mode.BACKLOG
-        if not taking or self.free < 1:
+        # A run still held here was handed over again once its last result committed (a stage
+        # that routes runs back to itself), before the completer let it go; one being given
+        # back, by the give-back's own commit. Either is a new lease: given back too, not
+        # left leased to this worker until it expires.
+        again = run_id in self._in_flight.held or run_id in hand_offs.releasing
+        if again or not taking or self.free < 1:
             hand_offs.give_back_soon(run_id)
             return True  # it no longer waits: the dispatcher claims and waits again when it can
         self._in_flight.start([row], by_timer=False)

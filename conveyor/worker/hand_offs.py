@@ -5,8 +5,8 @@ A worker with nothing to do arms its registry row (`waiting`, `free_slots`). A t
 makes a run claimable then leases it to that worker at commit and notifies it with the run
 itself: `run:<worker>:<signature>:<json>`. Anyone may NOTIFY, so the signature,
 sha256(secret || sha256(secret || body)) with a secret only this process and its registry row
-know, says the database sent it; `expires` and the memory of (run, attempt) pairs taken refuse a
-stale or replayed one. A hand-off the worker cannot take is given back.
+know, says the database sent it; `expires` and the memory of the hand-offs taken refuse a stale
+or replayed one. A hand-off the worker cannot take is given back.
 
 A run handed over while the listener is away goes unheard. So a worker whose listener is away
 leaves the waiting list, and once the listener is back it releases what is leased to it but not
@@ -118,9 +118,12 @@ class HandOffs:
         # read while the row is written was counted by the trigger before or after that write.
         self._reads = 0
         self._read_free = 0
-        # (run, attempt) of every hand-off taken, until its lease would have expired: a
-        # replayed notification is not run twice.
-        self._handed: dict[tuple[UUID, int], float] = {}
+        # Every hand-off taken, as (run, attempt, lease expiry), until that lease would have
+        # expired: a replayed notification is not run twice. The expiry tells two genuine
+        # hand-offs of one run apart: its attempt goes back to 0 when it moves on (a stage
+        # that routes a run back to itself) or is retried, and the next hand-off brings the
+        # same attempt again, under a later lease.
+        self._handed: dict[tuple[UUID, int, float], float] = {}
         self._refused = 0
         self._next_refusal_log = 0.0
 
@@ -154,7 +157,7 @@ class HandOffs:
             self._log.error("undecodable hand-off; releasing it", error=brief(exc))
             self.unheard = True
             return Verdict.UNDECODABLE
-        key = (row[0], row[3])
+        key = (row[0], row[3], expires)
         now = time.time()
         if expires <= now or key in self._handed:
             self._refuse("stale or replayed")
@@ -199,7 +202,10 @@ class HandOffs:
         release makes the run claimable again, and must not hand it straight back."""
         self.releasing.add(run_id)
         try:
-            await self.set_waiting(False)
+            # Written even when the worker believes itself off the list already: the row may
+            # say otherwise (a beat that waited for the trigger's lock wrote it after the
+            # hand-off), and the release would hand the run straight back.
+            await self.set_waiting(False, force=True)
             await self._protocol.release([run_id], reason="handed to a worker with no free slot")
         except psycopg.Error as exc:  # its lease expires; the rescue forgives a live owner
             self._log.warning("could not give a hand-off back", error=brief(exc))
@@ -217,11 +223,10 @@ class HandOffs:
         unheard = leased - self._held - self.releasing
         if not unheard:
             return
-        if self.armed:
-            await self.set_waiting(False)
-            if self.armed:  # the database did not take it: release on the next wake-up
-                self.unheard = True
-                return
+        await self.set_waiting(False, force=True)  # as a give-back does
+        if self.armed:  # the database did not take it: release on the next wake-up
+            self.unheard = True
+            return
         self.releasing |= unheard
         try:
             released = await self._protocol.release(
@@ -233,18 +238,19 @@ class HandOffs:
 
     # -- the waiting list --------------------------------------------------------------------
 
-    async def set_waiting(self, waiting: bool, free_slots: int = 0) -> None:
+    async def set_waiting(self, waiting: bool, free_slots: int = 0, *, force: bool = False) -> None:
         """Arm or disarm the wake-up trigger for this worker, with `free_slots` runs it may be
         handed; only on a change, or when a waiting worker's free slots changed by more than
         its hand-offs counted (it claimed): hand-offs beyond its room would only be given
-        back. Never armed while the listener is away: a run handed over then would go
-        unheard. Once armed, the dispatcher is woken after IDLE_GRACE_SECONDS; a worker that
-        could not arm is woken after the back-off, to claim and try again."""
+        back; `force` writes it whatever the worker believes it says. Never armed while the
+        listener is away: a run handed over then would go unheard. Once armed, the dispatcher
+        is woken after IDLE_GRACE_SECONDS; a worker that could not arm is woken after the
+        back-off, to claim and try again."""
         failed: psycopg.Error | None = None
         async with self._registry_write:
             waiting = waiting and self._listener.connected.is_set() and not self._stopping.is_set()
             free = free_slots if waiting else 0
-            if waiting == self.armed and free == self.free_reported:
+            if not force and waiting == self.armed and free == self.free_reported:
                 return
             was_armed = self.armed
             try:

@@ -14,6 +14,8 @@ from typing import Any
 import psycopg
 import pytest
 
+import tests.pipelines
+from conveyor import runs
 from tests.helpers import ConveyorProcess, fetch_all, scalar, wait_until
 
 CHANNEL = "conveyor.agents.NEW"
@@ -286,6 +288,53 @@ def test_an_idle_worker_starts_a_run_from_the_hand_off(
     assert fetch_all(database_url, "SELECT waiting, free_slots FROM conveyor.workers") == [
         (True, 19)
     ]
+
+
+def test_a_retried_run_handed_to_the_same_worker_again_is_started(
+    database_url: str, start_conveyor: Start
+) -> None:
+    # A retry sets the run's attempt back to 0, so the worker that took its first attempt by
+    # hand-off is handed attempt 1 again, under a new lease: a run to start, not a replay.
+    # A long lease: a hand-off refused would leave the run leased, unstarted, for 5 minutes.
+    start_conveyor(
+        "worker", "--stage", "one", CONVEYOR_SWEEP_INTERVAL="60", CONVEYOR_LEASE="300", **CHAIN
+    )
+    wait_until(lambda: _waiting(database_url) == 1, 30, "an idle worker")
+    time.sleep(0.2)  # past the claim a worker makes 50 ms after it starts waiting
+    with (
+        psycopg.connect(database_url, autocommit=True) as conn,
+        psycopg.connect(database_url, autocommit=True) as observer,
+    ):
+        observer.execute("LISTEN pipeline_events")
+        run_id = conn.execute(
+            "INSERT INTO conveyor.pipeline_runs (pipeline, input)"
+            " VALUES ('chain', '{\"n\": 1}') RETURNING id"
+        ).fetchone()[0]  # type: ignore[index]
+        first = _events_until(observer, "ONE_DONE")
+        assert runs.cancel(conn, "conveyor", run_id, "test")
+        assert runs.retry(conn, "conveyor", tests.pipelines.chain, run_id, "test", "one")
+        again = _events_until(observer, "ONE_DONE")
+        me = conn.info.backend_pid
+    # Both times leased to the worker by this connection's commit: handed off, not claimed.
+    assert first[:2] == [("NEW", me), ("ONE_RUNNING", me)]
+    assert again[:3] == [("CANCELLED", me), ("NEW", me), ("ONE_RUNNING", me)]
+    assert fetch_all(
+        database_url,
+        "SELECT attempt FROM conveyor.run_events WHERE run_id = %s AND to_status = 'ONE_DONE'",
+        (run_id,),
+    ) == [(1,), (1,)]
+
+
+def _events_until(conn: psycopg.Connection[Any], last: str) -> list[tuple[str, int]]:
+    """What `conn` hears on pipeline_events, as (status, sending backend), up to and including
+    `last` (20 s at most)."""
+    events = []
+    for notify in conn.notifies(timeout=20):
+        status = json.loads(notify.payload)["status"]
+        events.append((status, notify.pid))
+        if status == last:
+            return events
+    raise AssertionError(f"no {last} within 20 s: {events}")
 
 
 def test_runs_handed_to_a_worker_that_did_not_hear_are_released_on_reconnect_and_at_exit(

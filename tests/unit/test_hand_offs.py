@@ -101,17 +101,20 @@ def test_forged_stale_and_replayed_hand_offs_are_refused_and_counted() -> None:
     assert (hand_offs.free_reported, hand_offs.unheard) == (0, False)
 
 
-def test_a_replay_is_refused_but_the_next_attempt_of_the_same_run_is_taken() -> None:
+def test_a_replay_is_refused_but_a_later_lease_of_the_same_run_is_taken() -> None:
     hand_offs = _hand_offs()
     run_id = uuid.uuid4()
     first = _signed(hand_offs.secret, _body(run_id, attempt=1))
     assert not isinstance(hand_offs.read(first), Verdict)
     assert hand_offs.read(first) is Verdict.REFUSED
-    again = _signed(hand_offs.secret, _body(run_id, attempt=1, free=1))  # re-signed, same attempt
-    assert hand_offs.read(again) is Verdict.REFUSED
     assert not isinstance(
         hand_offs.read(_signed(hand_offs.secret, _body(run_id, attempt=2))), Verdict
     )
+    # Its attempt goes back to 0 when it is retried or routed back to the stage: the next
+    # hand-off brings attempt 1 again, under a later lease, and is a run to start.
+    retried = _signed(hand_offs.secret, _body(run_id, attempt=1, expires_in=31.0))
+    assert not isinstance(hand_offs.read(retried), Verdict)
+    assert hand_offs.read(retried) is Verdict.REFUSED
 
 
 def test_a_signed_hand_off_that_cannot_be_read_is_released_as_unheard() -> None:
