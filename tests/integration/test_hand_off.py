@@ -253,16 +253,21 @@ def _waiting(url: str) -> int:
     return int(scalar(url, "SELECT count(*) FROM conveyor.workers WHERE waiting"))
 
 
-def test_an_idle_worker_starts_a_run_from_the_hand_off(
-    database_url: str, start_conveyor: Start
-) -> None:
-    # A sweep once a minute: only a wake-up or a hand-off can move the run within the timeout.
-    # A long lease: no heartbeat refreshes the registry's count of free slots during the test.
+def _idle_worker(database_url: str, start_conveyor: Start) -> None:
+    """A worker of stage one, idle and waiting. A sweep once a minute: only a wake-up or a
+    hand-off can move a run within the tests' timeouts. A long lease: no heartbeat refreshes
+    the registry's count of free slots meanwhile."""
     start_conveyor(
         "worker", "--stage", "one", CONVEYOR_SWEEP_INTERVAL="60", CONVEYOR_LEASE="300", **CHAIN
     )
     wait_until(lambda: _waiting(database_url) == 1, 30, "an idle worker")
     time.sleep(0.2)  # past the claim a worker makes 50 ms after it starts waiting
+
+
+def test_an_idle_worker_starts_a_run_from_the_hand_off(
+    database_url: str, start_conveyor: Start
+) -> None:
+    _idle_worker(database_url, start_conveyor)
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute("LISTEN pipeline_events")
         submitter = conn.info.backend_pid
@@ -295,12 +300,8 @@ def test_a_retried_run_handed_to_the_same_worker_again_is_started(
 ) -> None:
     # A retry sets the run's attempt back to 0, so the worker that took its first attempt by
     # hand-off is handed attempt 1 again, under a new lease: a run to start, not a replay.
-    # A long lease: a hand-off refused would leave the run leased, unstarted, for 5 minutes.
-    start_conveyor(
-        "worker", "--stage", "one", CONVEYOR_SWEEP_INTERVAL="60", CONVEYOR_LEASE="300", **CHAIN
-    )
-    wait_until(lambda: _waiting(database_url) == 1, 30, "an idle worker")
-    time.sleep(0.2)  # past the claim a worker makes 50 ms after it starts waiting
+    # A hand-off refused would leave the run leased, unstarted, for the lease's 5 minutes.
+    _idle_worker(database_url, start_conveyor)
     with (
         psycopg.connect(database_url, autocommit=True) as conn,
         psycopg.connect(database_url, autocommit=True) as observer,
