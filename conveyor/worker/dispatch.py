@@ -126,6 +126,7 @@ class Dispatcher:
         self._protocol = protocol
         self._in_flight = in_flight
         self._tasks = in_flight.tasks
+        in_flight.on_idle = self._offer_slots_again
         self._hand_offs = hand_offs
         self._errors = errors
         self._wake = wake  # set by notifications, hand-offs, the sweep timer, the idle grace
@@ -164,6 +165,15 @@ class Dispatcher:
         if self._tasks or self.mode is Mode.RESCUED or self._protocol.flow is not None:
             return 0  # under limits, none: a hand-off would pass them by
         return self.free
+
+    def _offer_slots_again(self) -> None:
+        """The last run in flight has ended. A worker that claimed runs while waiting stayed
+        armed but offered no slot (free_slots: it was working); idle now, it offers them
+        again, so that the next run to come alone is handed to it rather than woken for and
+        claimed. Its hand-offs count its slots down themselves: nothing to write then."""
+        hand_offs = self._hand_offs
+        if self.mode is Mode.WAITING and hand_offs.armed and hand_offs.free_reported <= 0:
+            hand_offs.offer_soon(lambda: self.free_slots)
 
     def _wake_at(self, epoch: float) -> None:
         """Claim again when a limit opens (a closed key, a bucket filling), spread over a few
@@ -278,5 +288,7 @@ class Dispatcher:
                 self._on(Event.CLAIMED_SHORT)
             if self.mode is Mode.WAITING:
                 await hand_offs.set_waiting(True, self.free_slots)
+                if not tasks:  # its runs ended while the row was written
+                    self._offer_slots_again()
             else:
                 await hand_offs.set_waiting(False)

@@ -187,6 +187,15 @@ class HandOffs:
     def give_back_soon(self, run_id: UUID) -> None:
         self._in_background(self._give_back(run_id))
 
+    def offer_soon(self, free_slots: Callable[[], int]) -> None:
+        """Stay on the waiting list, now offering `free_slots()` runs, beside the dispatcher."""
+        self._in_background(self._offer(free_slots))
+
+    async def _offer(self, free_slots: Callable[[], int]) -> None:
+        free = free_slots()
+        if free > 0:
+            await self.set_waiting(True, free)
+
     def leave_soon(self) -> None:
         """Leave the waiting list, beside whatever runs: no more hand-offs, the worker stops."""
         self._in_background(self.set_waiting(False))

@@ -65,6 +65,8 @@ class InFlight:
         self._stopping = stopping
         self._log = log
         self._log_runs = log_runs  # a "run finished" line per run only when INFO is logged
+        # Called when the last run in flight has ended (the dispatcher's offer_slots_again).
+        self.on_idle: Callable[[], None] | None = None
 
     def start(self, rows: list[ClaimedRow], *, by_timer: bool) -> bool:
         """Run the handler of every run claimed or handed to this worker; fail at once, with
@@ -125,9 +127,8 @@ class InFlight:
                     outcome="released" if stopping else "taken away",
                     duration=round(time.perf_counter() - started, 6),
                 )
-                self.tasks.pop(run.id, None)
+                self._ended(run.id)
                 self._tally.soon()
-                self._slot_freed.set()
                 return
             raise
         self._tally.durations.append(outcome.duration)
@@ -152,9 +153,15 @@ class InFlight:
                 duration=round(outcome.duration, 6),
                 error=outcome.error.splitlines()[-1],
             )
-        self.tasks.pop(run.id, None)
-        self._slot_freed.set()
         self._results_ready.set()
+        self._ended(run.id)
+
+    def _ended(self, run_id: UUID) -> None:
+        """A run's task is over: its slot is free, and the worker may be idle."""
+        self.tasks.pop(run_id, None)
+        self._slot_freed.set()
+        if not self.tasks and self.on_idle is not None:
+            self.on_idle()
 
     async def _children_unread(self, run: Run) -> Failure | None:
         """Give a run of a stage that joins a fan-out its children; a failed attempt when they

@@ -326,16 +326,53 @@ def test_a_retried_run_handed_to_the_same_worker_again_is_started(
     ) == [(1,), (1,)]
 
 
-def _events_until(conn: psycopg.Connection[Any], last: str) -> list[tuple[str, int]]:
+def test_a_worker_that_claimed_runs_is_handed_the_next_one_once_they_are_done(
+    database_url: str, start_conveyor: Start
+) -> None:
+    # While its claimed runs run, the worker waits offering no slot; once they are done it
+    # offers them again, and the next run that comes alone is handed to it, not claimed.
+    _idle_worker(database_url, start_conveyor)
+    # Past the sweep timer's first claims (a second or so apart while the listener connects):
+    # the next is a minute away, and only the worker going idle can offer its slots again.
+    time.sleep(3.5)
+    with (
+        psycopg.connect(database_url, autocommit=True) as conn,
+        psycopg.connect(database_url, autocommit=True) as observer,
+    ):
+        observer.execute("LISTEN pipeline_events")
+        me = conn.info.backend_pid
+        # One transaction, three runs: one handed over, the worker woken for the other two.
+        conn.execute(
+            "INSERT INTO conveyor.pipeline_runs (pipeline, input)"
+            " SELECT 'chain', jsonb_build_object('n', n) FROM generate_series(1, 3) n"
+        )
+        batch = _events_until(observer, "ONE_DONE", count=3)
+        assert [pid for status, pid in batch if status == "ONE_RUNNING"].count(me) == 1
+        wait_until(
+            lambda: (
+                fetch_all(database_url, "SELECT waiting, free_slots FROM conveyor.workers")
+                == [(True, 20)]
+            ),
+            10,
+            "the worker offering its 20 slots again",
+        )
+        conn.execute("INSERT INTO conveyor.pipeline_runs (pipeline, input) VALUES ('chain', '{}')")
+        alone = _events_until(observer, "ONE_DONE")
+    assert alone[:2] == [("NEW", me), ("ONE_RUNNING", me)]  # leased at this commit
+
+
+def _events_until(
+    conn: psycopg.Connection[Any], last: str, *, count: int = 1
+) -> list[tuple[str, int]]:
     """What `conn` hears on pipeline_events, as (status, sending backend), up to and including
-    `last` (20 s at most)."""
+    the `count`th `last` (20 s at most)."""
     events = []
     for notify in conn.notifies(timeout=20):
         status = json.loads(notify.payload)["status"]
         events.append((status, notify.pid))
-        if status == last:
+        if [seen for seen, _pid in events].count(last) == count:
             return events
-    raise AssertionError(f"no {last} within 20 s: {events}")
+    raise AssertionError(f"no {count} {last} within 20 s: {events}")
 
 
 def test_runs_handed_to_a_worker_that_did_not_hear_are_released_on_reconnect_and_at_exit(

@@ -82,13 +82,19 @@ class _HandOffs:
     def __init__(self, row: ClaimedRow | None = None) -> None:
         self.unheard = False
         self.releasing: set[uuid.UUID] = set()
+        self.armed = False
         self.free_reported = 4
         self.waiting: list[tuple[bool, int]] = []
         self.given_back: list[uuid.UUID] = []
+        self.offered: list[int] = []
         self.row = row
 
     async def set_waiting(self, waiting: bool, free_slots: int = 0) -> None:
         self.waiting.append((waiting, free_slots))
+        self.armed, self.free_reported = waiting, free_slots if waiting else 0
+
+    def offer_soon(self, free_slots: Callable[[], int]) -> None:
+        self.offered.append(free_slots())
 
     def read(self, signed: str) -> ClaimedRow | None:
         return self.row
@@ -184,10 +190,14 @@ def test_a_full_claim_is_a_backlog_and_a_short_one_waits_armed() -> None:
         await _until(lambda: dispatcher.mode is W)
         assert protocol.asked == [(4, True), (2, False)]
         assert hand_offs.waiting[-1] == (True, 0)  # armed, with runs in flight: no free slot
+        assert hand_offs.offered == []
+        _finish(gates, first + second)  # idle again: it offers its slots, without a claim
+        await _until(lambda: len(hand_offs.offered) == 1)
+        assert hand_offs.offered == [dispatcher.free_slots] != [0]  # (results held count too)
+        assert protocol.asked == [(4, True), (2, False)]
         dispatcher.stop()
         await task
         assert dispatcher.mode is S
-        _finish(gates, first + second)
 
     asyncio.run(scenario())
 
