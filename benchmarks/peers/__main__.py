@@ -8,7 +8,7 @@
     handlers; graphile-worker runs with a local queue of 500);
 (2) enqueue -> handler start with an idle worker, p50/p99, from sending the enqueue (its commit
     included) (conveyor: benchmarks.latency, "from sending the INSERT"), of every round's jobs
-    pooled: a 99th percentile of one round's 200 jobs is its third-slowest, which a disk
+    pooled: a 99th percentile of one round's 200 jobs is its second-slowest, which a disk
     flush that stalls once decides;
 (3) three stages, runs/s, each peer chained as its users chain jobs (conveyor: benchmarks.throughput
     --three, a process per stage under the supervisor);

@@ -173,7 +173,7 @@ class Dispatcher:
         claimed. Its hand-offs count its slots down themselves: nothing to write then."""
         hand_offs = self._hand_offs
         if self.mode is Mode.WAITING and hand_offs.armed and hand_offs.free_reported <= 0:
-            hand_offs.offer_soon(lambda: self.free_slots)
+            hand_offs.offer_soon(lambda: self.free_slots if self.mode is Mode.WAITING else 0)
 
     def _wake_at(self, epoch: float) -> None:
         """Claim again when a limit opens (a closed key, a bucket filling), spread over a few
@@ -204,12 +204,13 @@ class Dispatcher:
             return row is Verdict.UNDECODABLE  # refused: nothing to claim
         no_slot_left = hand_offs.free_reported <= 0
         run_id = row[0]
+        if run_id in hand_offs.releasing:
+            return no_slot_left  # the lease being given back: the release takes care of it
         taking = self.mode is Mode.WAITING or self.mode is Mode.BACKLOG
-        # A run still held here was handed over again once its last result committed (a stage
-        # that routes runs back to itself), before the completer let it go; one being given
-        # back, by the give-back's own commit. Either is a new lease: given back too, not
-        # left leased to this worker until it expires.
-        again = run_id in self._in_flight.held or run_id in hand_offs.releasing
+        # A run still held here was handed over again once the result that sent it back to
+        # this stage committed, before the completer let it go: a new lease, given back (and
+        # claimed again) rather than left leased to this worker, unstarted, until it expires.
+        again = run_id in self._in_flight.held
         if again or not taking or self.free < 1:
             hand_offs.give_back_soon(run_id)
             return True  # it no longer waits: the dispatcher claims and waits again when it can

@@ -109,6 +109,8 @@ class HandOffs:
         self.unheard = False  # runs may have been handed over unheard: release them
         self.releasing: set[UUID] = set()  # being given back: neither started nor released again
         self.background: set[asyncio.Task[None]] = set()  # give-backs, the leaving beat
+        # Set as the worker removes its registry row at exit: no write may bring it back.
+        self.forgotten = False
         # One registry write at a time, each deciding what to write once it holds the lock: the
         # dispatcher, the heartbeat and the give-backs all write the row, and a write decided
         # before another one committed would leave the row saying what the worker no longer is
@@ -122,7 +124,7 @@ class HandOffs:
         # expired: a replayed notification is not run twice. The expiry tells two genuine
         # hand-offs of one run apart: its attempt goes back to 0 when it moves on (a stage
         # that routes a run back to itself) or is retried, and the next hand-off brings the
-        # same attempt again, under a later lease.
+        # same attempt again, under a new lease.
         self._handed: dict[tuple[UUID, int, float], float] = {}
         self._refused = 0
         self._next_refusal_log = 0.0
@@ -188,13 +190,22 @@ class HandOffs:
         self._in_background(self._give_back(run_id))
 
     def offer_soon(self, free_slots: Callable[[], int]) -> None:
-        """Stay on the waiting list, now offering `free_slots()` runs, beside the dispatcher."""
+        """Stay on the waiting list, offering `free_slots()` runs again, beside the dispatcher:
+        for a row that waits offering none (HandOffs.armed, free_reported 0). Decided once the
+        registry lock is held, on what the row says then and what `free_slots()` says then (0:
+        nothing to offer, the worker no longer waits)."""
         self._in_background(self._offer(free_slots))
 
     async def _offer(self, free_slots: Callable[[], int]) -> None:
-        free = free_slots()
-        if free > 0:
-            await self.set_waiting(True, free)
+        async with self._registry_write:
+            free = free_slots()
+            listening = self._listener.connected.is_set() and not self._stopping.is_set()
+            if not (self.armed and self.free_reported <= 0 and free > 0 and listening):
+                return
+            try:
+                await self._write_row(True, free)
+            except psycopg.Error as exc:  # still on the list: woken, it claims and arms again
+                self._log.warning("could not offer free slots", error=brief(exc))
 
     def leave_soon(self) -> None:
         """Leave the waiting list, beside whatever runs: no more hand-offs, the worker stops."""
@@ -211,55 +222,60 @@ class HandOffs:
         release makes the run claimable again, and must not hand it straight back."""
         self.releasing.add(run_id)
         try:
-            # Written even when the worker believes itself off the list already: the row may
-            # say otherwise (a beat that waited for the trigger's lock wrote it after the
-            # hand-off), and the release would hand the run straight back.
-            await self.set_waiting(False, force=True)
-            await self._protocol.release([run_id], reason="handed to a worker with no free slot")
+            async with self._registry_write:
+                await self._leave_for_release()
+                await self._protocol.release(
+                    [run_id], reason="handed to a worker with no free slot"
+                )
         except psycopg.Error as exc:  # its lease expires; the rescue forgives a live owner
             self._log.warning("could not give a hand-off back", error=brief(exc))
         finally:
             self.releasing.discard(run_id)
 
+    async def _leave_for_release(self) -> None:
+        """Off the waiting list before a release (the registry lock held until the release
+        has committed, so that nothing arms the worker in between): the release's own commit
+        would otherwise hand the run straight back. Written whatever the worker believes the
+        row says: a beat that waited for the trigger's lock may have written it after the
+        hand-off that disarmed it."""
+        await self._write_row(False, 0)
+
     async def release_unheard(self) -> None:
         """Give back the runs leased to this worker that it never heard of: handed to it while
         its listener was away. Fenced like every release; a hand-off heard meanwhile is left
-        to this release (`releasing`), not started. So the worker leaves the waiting list
-        first, as a give-back does: a listener back within milliseconds never took it off, and
-        the release's own commit would hand a run straight back, to be left as heard meanwhile
-        (the run would then sit leased to the worker until it exited)."""
+        to this release (`releasing`), not started. The worker leaves the waiting list first,
+        as a give-back does. A database error is raised, for the dispatcher to try again."""
         leased = await self._protocol.leased_to_me()
-        unheard = leased - self._held - self.releasing
-        if not unheard:
+        if not leased - self._held - self.releasing:
             return
-        await self.set_waiting(False, force=True)  # as a give-back does
-        if self.armed:  # the database did not take it: release on the next wake-up
-            self.unheard = True
-            return
-        self.releasing |= unheard
-        try:
-            released = await self._protocol.release(
-                list(unheard), reason="handed to the worker while its listener was away"
-            )
-        finally:
-            self.releasing -= unheard
+        async with self._registry_write:
+            await self._leave_for_release()
+            unheard = leased - self._held - self.releasing  # what started meanwhile is held
+            if not unheard:
+                return
+            self.releasing |= unheard
+            try:
+                released = await self._protocol.release(
+                    list(unheard), reason="handed to the worker while its listener was away"
+                )
+            finally:
+                self.releasing -= unheard
         self._log.warning("released runs handed over while not listening", runs=released)
 
     # -- the waiting list --------------------------------------------------------------------
 
-    async def set_waiting(self, waiting: bool, free_slots: int = 0, *, force: bool = False) -> None:
+    async def set_waiting(self, waiting: bool, free_slots: int = 0) -> None:
         """Arm or disarm the wake-up trigger for this worker, with `free_slots` runs it may be
         handed; only on a change, or when a waiting worker's free slots changed by more than
         its hand-offs counted (it claimed): hand-offs beyond its room would only be given
-        back; `force` writes it whatever the worker believes it says. Never armed while the
-        listener is away: a run handed over then would go unheard. Once armed, the dispatcher
-        is woken after IDLE_GRACE_SECONDS; a worker that could not arm is woken after the
-        back-off, to claim and try again."""
+        back. Never armed while the listener is away: a run handed over then would go unheard.
+        Once armed, the dispatcher is woken after IDLE_GRACE_SECONDS; a worker that could not
+        arm is woken after the back-off, to claim and try again."""
         failed: psycopg.Error | None = None
         async with self._registry_write:
             waiting = waiting and self._listener.connected.is_set() and not self._stopping.is_set()
             free = free_slots if waiting else 0
-            if not force and waiting == self.armed and free == self.free_reported:
+            if waiting == self.armed and free == self.free_reported:
                 return
             was_armed = self.armed
             try:
@@ -289,6 +305,9 @@ class HandOffs:
         meanwhile was counted by the trigger before this write or after it, which the worker
         cannot tell apart: it then takes the hand-off's word on whether it is still armed, and
         writes the row again at the next chance (no free count matches -1)."""
+        if self.forgotten:
+            self.armed, self.free_reported = False, 0
+            return
         reads = self._reads
         await self._protocol.beat(
             channel=self._channel,

@@ -65,7 +65,7 @@ class InFlight:
         self._stopping = stopping
         self._log = log
         self._log_runs = log_runs  # a "run finished" line per run only when INFO is logged
-        # Called when the last run in flight has ended (the dispatcher's offer_slots_again).
+        # Called when the last run in flight has ended (Dispatcher._offer_slots_again).
         self.on_idle: Callable[[], None] | None = None
 
     def start(self, rows: list[ClaimedRow], *, by_timer: bool) -> bool:

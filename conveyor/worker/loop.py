@@ -350,6 +350,7 @@ class Worker:
         self.stop()
 
     async def _forget(self) -> None:
+        self._hand_offs.forgotten = True
         with contextlib.suppress(psycopg.Error, TimeoutError):  # the row expires by itself
             await asyncio.wait_for(self.protocol.forget(), timeout=2)
 

@@ -427,6 +427,8 @@ def test_runs_handed_to_a_worker_that_did_not_hear_are_released_on_reconnect_and
     second = strand()
     assert worker.stop() == 0
     assert released(second)
+    # Released after the worker left the registry, whose row that release did not bring back.
+    assert scalar(database_url, "SELECT count(*) FROM conveyor.workers") == 0
     assert fetch_all(
         database_url,
         "SELECT status, lease_owner, attempt FROM conveyor.pipeline_runs WHERE id = %s",

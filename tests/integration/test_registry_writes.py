@@ -180,3 +180,44 @@ def test_a_worker_that_could_not_arm_is_woken_to_claim_and_try_again(database_ur
             return hand_offs.armed, hand_offs._wake.is_set()
 
     assert asyncio.run(scenario()) == (False, True)
+
+
+def test_a_give_back_keeps_the_worker_off_the_list_until_its_release_has_committed(
+    database_url: str,
+) -> None:
+    """The dispatcher arms the worker again while a hand-off it could not take is given back:
+    the arming waits for the release, whose commit would otherwise hand the run straight back
+    to the worker (which would give it back again, and again)."""
+    working = PIPELINE.stages[0].working
+
+    async def scenario() -> tuple[list[Any], tuple[bool, int]]:
+        async with _hand_offs(database_url, pool_size=3) as (hand_offs, _):
+            await hand_offs.set_waiting(True, 3)
+            runs = []
+            for _ in range(10):
+                run_id = await asyncio.to_thread(_leased_run, database_url, working)
+                runs.append(run_id)
+                await asyncio.gather(hand_offs._give_back(run_id), hand_offs.set_waiting(True, 3))
+            leases = await asyncio.to_thread(
+                fetch_all,
+                database_url,
+                "SELECT status, lease_owner FROM conveyor.pipeline_runs WHERE id = ANY(%s)",
+                (runs,),
+            )
+            return leases, await asyncio.to_thread(_registry_row, database_url)
+
+    leases, row = asyncio.run(scenario())
+    assert leases == [("NEW", None)] * 10  # released, and handed to nobody
+    assert row == (True, 3)
+
+
+def _leased_run(url: str, working: str) -> Any:
+    """A run leased to the worker, as a hand-off leaves it (no trigger: nothing else sent)."""
+    with psycopg.connect(url, autocommit=True) as conn, conn.transaction():
+        conn.execute("SET LOCAL session_replication_role = replica")
+        return conn.execute(
+            "INSERT INTO conveyor.pipeline_runs (pipeline, status, lease_owner,"
+            " lease_expires_at, attempt) VALUES ('registry', %s, %s,"
+            " now() + interval '30 seconds', 1) RETURNING id",
+            (working, WORKER),
+        ).fetchone()[0]  # type: ignore[index]

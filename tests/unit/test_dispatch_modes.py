@@ -283,10 +283,10 @@ def test_a_hand_off_is_started_while_waiting_and_wakes_only_on_the_last_slot() -
     asyncio.run(scenario())
 
 
-def test_a_hand_off_of_a_run_still_held_or_being_given_back_is_given_back() -> None:
-    """A stage that routes a run back to itself may have it handed over again once the last
-    result committed, before the completer let it go; a give-back's own commit may hand the
-    run straight back. Each is a new lease: given back, never left leased and unstarted."""
+def test_a_hand_off_of_a_run_still_held_is_given_back_and_of_one_being_released_left() -> None:
+    """A stage that routes a run back to itself may have it handed over again once the result
+    that sent it back committed, before the completer let it go: a new lease, given back,
+    never left leased and unstarted. A run being given back or released is the release's."""
 
     async def scenario() -> None:
         protocol, hand_offs = _Protocol(), _HandOffs()
@@ -294,10 +294,11 @@ def test_a_hand_off_of_a_run_still_held_or_being_given_back_is_given_back() -> N
         held, releasing = _rows(1)[0], _rows(1)[0]
         dispatcher._in_flight.held.add(held[0])  # its last result not yet off the books
         hand_offs.releasing.add(releasing[0])
-        for row in (held, releasing):
-            hand_offs.row = row
-            assert dispatcher.take_hand_off("signed") is True
-        assert hand_offs.given_back == [held[0], releasing[0]]
-        assert dispatcher._in_flight.tasks == {}  # neither started twice
+        hand_offs.row = held
+        assert dispatcher.take_hand_off("signed") is True
+        hand_offs.row = releasing
+        assert dispatcher.take_hand_off("signed") is False  # slots left: nothing to claim
+        assert hand_offs.given_back == [held[0]]
+        assert dispatcher._in_flight.tasks == {}  # neither started
 
     asyncio.run(scenario())

@@ -111,7 +111,7 @@ def test_a_replay_is_refused_but_a_later_lease_of_the_same_run_is_taken() -> Non
         hand_offs.read(_signed(hand_offs.secret, _body(run_id, attempt=2))), Verdict
     )
     # Its attempt goes back to 0 when it is retried or routed back to the stage: the next
-    # hand-off brings attempt 1 again, under a later lease, and is a run to start.
+    # hand-off brings attempt 1 again, under a new lease, and is a run to start.
     retried = _signed(hand_offs.secret, _body(run_id, attempt=1, expires_in=31.0))
     assert not isinstance(hand_offs.read(retried), Verdict)
     assert hand_offs.read(retried) is Verdict.REFUSED
