@@ -145,6 +145,21 @@ def scalar(url: str, query: str, params: Any = None) -> Any:
     return rows[0][0] if rows else None
 
 
+def leased_run(url: str, pipeline: str, status: str, worker: str, lease_seconds: int) -> Any:
+    """A run leased to `worker` in `status`, inserted with the triggers off: as a hand-off
+    leaves it, with no notification sent. Returns its id."""
+    with psycopg.connect(url, autocommit=True) as conn, conn.transaction():
+        conn.execute("SET LOCAL session_replication_role = replica")
+        row = conn.execute(
+            "INSERT INTO conveyor.pipeline_runs"
+            " (pipeline, status, lease_owner, lease_expires_at, attempt)"
+            " VALUES (%s, %s, %s, now() + make_interval(secs => %s), 1) RETURNING id",
+            (pipeline, status, worker, lease_seconds),
+        ).fetchone()
+    assert row is not None
+    return row[0]
+
+
 def insert_skipping_run(conn: psycopg.Connection[Any]) -> Any:
     """A DONE run of the reference pipeline whose analyze, on its second attempt, routed it
     straight to CONTEXT_READY (assemble skipped), with its history as the engine writes it.

@@ -16,7 +16,7 @@ import pytest
 
 import tests.pipelines
 from conveyor import runs
-from tests.helpers import ConveyorProcess, fetch_all, scalar, wait_until
+from tests.helpers import ConveyorProcess, fetch_all, leased_run, scalar, wait_until
 
 CHANNEL = "conveyor.agents.NEW"
 SECRET = bytes(range(32))
@@ -383,16 +383,9 @@ def test_runs_handed_to_a_worker_that_did_not_hear_are_released_on_reconnect_and
     worker_id = scalar(database_url, "SELECT worker_id FROM conveyor.workers")
 
     def strand() -> Any:
-        """A run leased to the worker whose notification it never got (triggers off: as if
-        it had been sent while the worker's listener was away)."""
-        with psycopg.connect(database_url, autocommit=True) as conn, conn.transaction():
-            conn.execute("SET LOCAL session_replication_role = replica")
-            return conn.execute(
-                "INSERT INTO conveyor.pipeline_runs"
-                " (pipeline, status, lease_owner, lease_expires_at, attempt)"
-                " VALUES ('chain', 'ONE_RUNNING', %s, now() + interval '1 hour', 1) RETURNING id",
-                (worker_id,),
-            ).fetchone()[0]  # type: ignore[index]
+        """A run leased to the worker whose notification it never got (as if it had been
+        sent while the worker's listener was away)."""
+        return leased_run(database_url, "chain", "ONE_RUNNING", worker_id, 3600)
 
     def released(run_id: Any) -> bool:
         return bool(

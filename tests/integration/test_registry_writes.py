@@ -24,7 +24,7 @@ from conveyor.listening import Listener
 from conveyor.protocol import StageProtocol
 from conveyor.worker.database_errors import DatabaseErrors
 from conveyor.worker.hand_offs import HandOffs, signature
-from tests.helpers import fetch_all
+from tests.helpers import fetch_all, leased_run
 
 
 async def _noop(run: Run) -> dict[str, object]:
@@ -195,7 +195,9 @@ def test_a_give_back_keeps_the_worker_off_the_list_until_its_release_has_committ
             await hand_offs.set_waiting(True, 3)
             runs = []
             for _ in range(10):
-                run_id = await asyncio.to_thread(_leased_run, database_url, working)
+                run_id = await asyncio.to_thread(
+                    leased_run, database_url, "registry", working, WORKER, 30
+                )
                 runs.append(run_id)
                 await asyncio.gather(hand_offs._give_back(run_id), hand_offs.set_waiting(True, 3))
             leases = await asyncio.to_thread(
@@ -209,15 +211,3 @@ def test_a_give_back_keeps_the_worker_off_the_list_until_its_release_has_committ
     leases, row = asyncio.run(scenario())
     assert leases == [("NEW", None)] * 10  # released, and handed to nobody
     assert row == (True, 3)
-
-
-def _leased_run(url: str, working: str) -> Any:
-    """A run leased to the worker, as a hand-off leaves it (no trigger: nothing else sent)."""
-    with psycopg.connect(url, autocommit=True) as conn, conn.transaction():
-        conn.execute("SET LOCAL session_replication_role = replica")
-        return conn.execute(
-            "INSERT INTO conveyor.pipeline_runs (pipeline, status, lease_owner,"
-            " lease_expires_at, attempt) VALUES ('registry', %s, %s,"
-            " now() + interval '30 seconds', 1) RETURNING id",
-            (working, WORKER),
-        ).fetchone()[0]  # type: ignore[index]
