@@ -1,9 +1,9 @@
 """The heartbeat: keeps a worker's registry row and the leases of its runs fresh.
 
-Every third of a lease it beats the registry row (the rescue tells a dead worker from a live one
-by it, so it comes first), extends the leases of the runs in flight well before they expire,
-and interrupts the handlers whose run was taken away meanwhile (cancelled, or rescued). A worker
-that replaces a process that died also ends that process's leases, once, when it starts.
+Every third of a lease it extends the leases of the runs in flight well before they expire,
+interrupts the handlers whose run was taken away meanwhile (cancelled, or rescued), and beats
+the registry row (the rescue tells a dead worker from a live one by it). A worker that replaces
+a process that died also ends that process's leases, once, when it starts.
 """
 
 from __future__ import annotations
@@ -43,7 +43,9 @@ class Heartbeat:
 
     async def beat_forever(self) -> None:
         while True:
-            for operation, step in (("heartbeat", self._beat), ("extend_leases", self._extend)):
+            # Leases first: the beat waits for the registry lock, which a give-back holds until
+            # its release has committed, and the runs in flight must not wait behind it.
+            for operation, step in (("extend_leases", self._extend), ("heartbeat", self._beat)):
                 try:
                     await step()
                 except DB_ERRORS as exc:
