@@ -199,8 +199,7 @@ class HandOffs:
     async def _offer(self, free_slots: Callable[[], int]) -> None:
         async with self._registry_write:
             free = free_slots()
-            listening = self._listener.connected.is_set() and not self._stopping.is_set()
-            if not (self.armed and self.free_reported <= 0 and free > 0 and listening):
+            if not (self.armed and self.free_reported <= 0 and free > 0 and self._may_wait()):
                 return
             try:
                 await self._write_row(True, free)
@@ -273,7 +272,7 @@ class HandOffs:
         arm is woken after the back-off, to claim and try again."""
         failed: psycopg.Error | None = None
         async with self._registry_write:
-            waiting = waiting and self._listener.connected.is_set() and not self._stopping.is_set()
+            waiting = waiting and self._may_wait()
             free = free_slots if waiting else 0
             if waiting == self.armed and free == self.free_reported:
                 return
@@ -292,6 +291,10 @@ class HandOffs:
                 self._wake.set()
         elif self.armed and not was_armed:
             asyncio.get_running_loop().call_later(IDLE_GRACE_SECONDS, self._wake.set)
+
+    def _may_wait(self) -> bool:
+        """Whether the worker may be on the waiting list: listening, and not stopping."""
+        return self._listener.connected.is_set() and not self._stopping.is_set()
 
     async def beat(self, free_slots: Callable[[], int]) -> None:
         """The heartbeat's registry beat: keeps the row fresh, as armed as the worker is when
