@@ -10,6 +10,7 @@ result at a time, so one bad result fails its own run instead of blocking every 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from uuid import UUID
 
 import psycopg
@@ -33,6 +34,7 @@ class Completer:
         *,
         tally: StageTally,
         held: set[UUID],
+        running: Mapping[UUID, object],
         slot_freed: asyncio.Event,
         errors: DatabaseErrors,
         log: FilteringBoundLogger,
@@ -41,6 +43,9 @@ class Completer:
         self._tally = tally
         # The worker's runs held until their result is applied or refused (shared, not owned).
         self._held = held
+        # The runs whose handler runs now (InFlight.tasks): a run routed back to this stage
+        # may be claimed again before its result's batch has returned here, and stays held.
+        self._running = running
         # Set once applied results leave `held`: a worker holding as many as it may (results
         # waiting for their commit included: Dispatcher.free) claims again.
         self._slot_freed = slot_freed
@@ -51,10 +56,10 @@ class Completer:
         self.successes: list[Success] = []
         self.failures: list[Failure] = []
         self.ready = asyncio.Event()
-        self._running = True
+        self._completing = True
 
     async def complete_forever(self) -> None:
-        while self._running:
+        while self._completing:
             await self.ready.wait()
             self.ready.clear()
             await self.flush()
@@ -62,7 +67,7 @@ class Completer:
     async def finish(self, task: asyncio.Task[None]) -> None:
         """Let the completer commit what it holds and return. Cancelled mid-batch, its
         statement would be rolled back, and the finished runs rescued and run again."""
-        self._running = False
+        self._completing = False
         self.ready.set()
         await asyncio.wait({task}, timeout=COMPLETER_STOP_SECONDS)
 
@@ -99,9 +104,10 @@ class Completer:
             except psycopg.Error as exc:  # bad data, not a lost connection: isolate the culprit
                 self._log.error("batch of results rejected; applying one by one", error=brief(exc))
                 applied = await self._apply_one_by_one(successes, failures)
-            # Applied or refused: no longer this worker's, except what waits to be tried again.
+            # Applied or refused: no longer this worker's, except what waits to be tried again
+            # and what it has claimed again meanwhile.
             pending = _run_ids(self.successes, self.failures)
-            self._held -= _run_ids(successes, failures) - pending
+            self._held -= _run_ids(successes, failures) - pending - self._running.keys()
             self._slot_freed.set()
             tally = self._tally
             tally.completed += applied.completed

@@ -39,6 +39,7 @@ class InFlight:
         stage: Stage,
         *,
         held: set[UUID],
+        tasks: dict[UUID, asyncio.Task[None]],
         completer: Completer,
         tally: StageTally,
         slot_freed: asyncio.Event,
@@ -52,8 +53,9 @@ class InFlight:
         self._read_children = read_children  # a stage that joins a fan-out: Run.children
         self._pipeline_name = pipeline.name
         self._stage = stage
-        # The handler task of every run started and not yet finished.
-        self.tasks: dict[UUID, asyncio.Task[None]] = {}
+        # The handler task of every run started and not yet finished (shared with the
+        # completer).
+        self.tasks = tasks
         # Runs whose task is cancelled because they are no longer this worker's: no result.
         self.taken_away: set[UUID] = set()
         self.held = held  # the worker's runs, from claim or hand-off to result (shared)

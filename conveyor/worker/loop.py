@@ -160,6 +160,7 @@ class Worker:
         # applied or it is given back. A run leased to it that is not here was handed to it
         # while its listener was away, and is released (HandOffs.release_unheard).
         held: set[UUID] = set()
+        running: dict[UUID, asyncio.Task[None]] = {}  # the handler task of each run started
         self._wake = wake = asyncio.Event()
         self._slot_freed = slot_freed = asyncio.Event()
         # Per-run metrics are counted here and written a moment later, off the run's path.
@@ -168,6 +169,7 @@ class Worker:
             self.protocol,
             tally=self._tally,
             held=held,
+            running=running,
             slot_freed=slot_freed,
             errors=errors,
             log=self._log,
@@ -176,6 +178,7 @@ class Worker:
             self.pipeline,
             self.stage,
             held=held,
+            tasks=running,
             completer=self._completer,
             tally=self._tally,
             slot_freed=slot_freed,

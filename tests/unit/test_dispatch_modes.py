@@ -133,11 +133,13 @@ def _dispatcher(
     log = cast(Any, _Log())
     tally = StageTally(labels, lambda: 0)
     held: set[uuid.UUID] = set()
+    running: dict[uuid.UUID, asyncio.Task[None]] = {}
     stopping, slot_freed = asyncio.Event(), asyncio.Event()
     completer = Completer(
         cast(Any, None),
         tally=tally,
         held=held,
+        running=running,
         slot_freed=slot_freed,
         errors=cast(Any, None),
         log=log,
@@ -146,6 +148,7 @@ def _dispatcher(
         Pipeline("p", [stage]),
         stage,
         held=held,
+        tasks=running,
         completer=completer,
         tally=tally,
         slot_freed=slot_freed,
