@@ -308,11 +308,15 @@ class StageProtocol:
             )
             return len(await cur.fetchall())
 
-    async def leased_to_me(self) -> set[UUID]:
-        """The runs the database has leased to this worker."""
+    async def leased_to_me(self) -> dict[UUID, tuple[int, float]]:
+        """The runs the database has leased to this worker, each with the attempt and the
+        lease expiry (seconds since the epoch) a hand-off of that lease carries."""
         async with self.pool.connection() as conn:
             cur = await conn.execute(self.sql["leased_to_worker"], self._fence)
-            return {row[0] for row in await cur.fetchall()}
+            return {
+                run_id: (attempt, float(expires))
+                for run_id, attempt, expires in await cur.fetchall()
+            }
 
     async def extend_leases(self, run_ids: list[UUID]) -> set[UUID]:
         """Extend the leases of in-flight runs; return the ids still held."""

@@ -120,11 +120,12 @@ class HandOffs:
         # read while the row is written was counted by the trigger before or after that write.
         self._reads = 0
         self._read_free = 0
-        # Every hand-off taken, as (run, attempt, lease expiry), until that lease would have
-        # expired: a replayed notification is not run twice. The expiry tells two genuine
-        # hand-offs of one run apart: its attempt goes back to 0 when it moves on (a stage
-        # that routes a run back to itself) or is retried, and the next hand-off brings the
-        # same attempt again, under a new lease.
+        # Every hand-off taken, and every lease released unheard, as (run, attempt, lease
+        # expiry), until that lease would have expired: a replayed notification is not run
+        # twice, nor a late one run beside the worker it was released to. The expiry tells
+        # two genuine hand-offs of one run apart: its attempt goes back to 0 when it moves on
+        # (a stage that routes a run back to itself) or is retried, and the next hand-off
+        # brings the same attempt again, under a new lease.
         self._handed: dict[tuple[UUID, int, float], float] = {}
         self._refused = 0
         self._next_refusal_log = 0.0
@@ -160,19 +161,23 @@ class HandOffs:
             self.unheard = True
             return Verdict.UNDECODABLE
         key = (row[0], row[3], expires)
-        now = time.time()
-        if expires <= now or key in self._handed:
+        if expires <= time.time() or key in self._handed:
             self._refuse("stale or replayed")
             return Verdict.REFUSED
-        if len(self._handed) >= _REMEMBERED:  # forget the ones whose lease is over
-            self._handed = {k: at for k, at in self._handed.items() if at > now}
-        self._handed[key] = expires
+        self._remember(key, expires)
         self._reads += 1
         self._read_free = free
         self.free_reported = free
         if free <= 0:
             self.armed = False  # the trigger took it off the waiting list
         return row
+
+    def _remember(self, key: tuple[UUID, int, float], expires: float) -> None:
+        """A lease whose hand-off is taken, or given back unheard: refused if heard again."""
+        if len(self._handed) >= _REMEMBERED:  # forget the ones whose lease is over
+            now = time.time()
+            self._handed = {k: at for k, at in self._handed.items() if at > now}
+        self._handed[key] = expires
 
     def _refuse(self, reason: str) -> None:
         """A hand-off notification that proves nothing: anyone may NOTIFY. Counted, and logged
@@ -244,14 +249,20 @@ class HandOffs:
         its listener was away. Fenced like every release; a hand-off heard meanwhile is left
         to this release (`releasing`), not started. The worker leaves the waiting list first,
         as a give-back does. A database error is raised, for the dispatcher to try again."""
-        leased = await self._protocol.leased_to_me()
-        if not leased - self._held - self.releasing:
+        leases = await self._protocol.leased_to_me()
+        if not leases.keys() - self._held - self.releasing:
             return
         async with self._registry_write:
             await self._leave_for_release()
-            unheard = leased - self._held - self.releasing  # what started meanwhile is held
+            # What started meanwhile is held.
+            unheard = leases.keys() - self._held - self.releasing
             if not unheard:
                 return
+            # A hand-off of one of these leases heard from now on (queued behind the one that
+            # could not be read) is a replay: the run is released, and may be someone else's.
+            for run_id in unheard:
+                attempt, expires = leases[run_id]
+                self._remember((run_id, attempt, expires), expires)
             self.releasing |= unheard
             try:
                 released = await self._protocol.release(

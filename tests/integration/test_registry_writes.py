@@ -23,7 +23,7 @@ from conveyor import Pipeline, Run, Stage
 from conveyor.listening import Listener
 from conveyor.protocol import StageProtocol
 from conveyor.worker.database_errors import DatabaseErrors
-from conveyor.worker.hand_offs import HandOffs, signature
+from conveyor.worker.hand_offs import HandOffs, Verdict, signature
 from tests.helpers import fetch_all, leased_run
 
 
@@ -51,11 +51,17 @@ def _execute(url: str, statement: str, params: Any = None) -> None:
 
 @asynccontextmanager
 async def _hand_offs(
-    url: str, pool_size: int, sweep_interval: float = 5.0
+    url: str, pool_size: int, sweep_interval: float = 5.0, heard: list[str | None] | None = None
 ) -> AsyncIterator[tuple[HandOffs, Any]]:
-    """A worker's HandOffs over a real pool and a real listener (connected), and the pool."""
+    """A worker's HandOffs over a real pool and a real listener (connected), and the pool.
+    The notifications the listener hears go to `heard`, unread by the HandOffs."""
     log: Any = structlog.get_logger()
-    listener = Listener(url, CHANNEL, lambda payload: None, health_interval=60)
+    listener = Listener(
+        url,
+        CHANNEL,
+        heard.append if heard is not None else lambda payload: None,
+        health_interval=60,
+    )
     listening = asyncio.create_task(listener.run())
     try:
         async with AsyncConnectionPool(
@@ -211,3 +217,60 @@ def test_a_give_back_keeps_the_worker_off_the_list_until_its_release_has_committ
     leases, row = asyncio.run(scenario())
     assert leases == [("NEW", None)] * 10  # released, and handed to nobody
     assert row == (True, 3)
+
+
+def test_a_hand_off_heard_after_its_run_was_released_unheard_is_refused(
+    database_url: str,
+) -> None:
+    """A run handed to the worker whose notification waits, unread, behind one the worker could
+    not read: the dispatcher releases every lease the worker has not heard of, this one too.
+    Read afterwards, its hand-off is a lease that is no longer the worker's: refused, not run
+    beside whoever claims the run next. The next hand-off of the same run is taken."""
+
+    async def scenario() -> tuple[Any, Any, list[Any], Any]:
+        heard: list[str | None] = []
+        async with _hand_offs(database_url, pool_size=2, heard=heard) as (hand_offs, _):
+
+            def handed() -> list[str]:  # the hand-offs heard (a reconnect is heard as None)
+                return [p.removeprefix(hand_offs.prefix) for p in heard if p and p[:4] == "run:"]
+
+            await hand_offs.set_waiting(True, 3)
+            [(run_id,)] = await asyncio.to_thread(
+                fetch_all,
+                database_url,
+                "INSERT INTO conveyor.pipeline_runs (pipeline, input) VALUES ('registry', '{}')"
+                " RETURNING id",
+            )
+            await _until(lambda: len(handed()) == 1)
+            [late] = handed()
+            await hand_offs.release_unheard()
+            released = await asyncio.to_thread(
+                fetch_all,
+                database_url,
+                "SELECT status, lease_owner FROM conveyor.pipeline_runs WHERE id = %s",
+                (run_id,),
+            )
+            verdict = hand_offs.read(late)
+            # Handed again: a new lease of the same run, at the same attempt.
+            await hand_offs.set_waiting(True, 3)
+            await asyncio.to_thread(
+                _execute,
+                database_url,
+                "UPDATE conveyor.pipeline_runs SET status = status WHERE id = %s",
+                (run_id,),
+            )
+            await _until(lambda: len(handed()) == 2)
+            again = hand_offs.read(handed()[1])
+        return verdict, run_id, released, again
+
+    verdict, run_id, released, again = asyncio.run(scenario())
+    assert released == [("NEW", None)]
+    assert verdict is Verdict.REFUSED
+    assert isinstance(again, tuple) and again[0] == run_id
+
+
+async def _until(condition: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "nothing heard"
+        await asyncio.sleep(0.01)
