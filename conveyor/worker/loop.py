@@ -337,13 +337,21 @@ class Worker:
             if self.liveness is not None:
                 self.liveness.tick()
                 self.liveness.set_listening(healthy)
-            interval = (
-                self.settings.sweep_interval if healthy else min(self.settings.sweep_interval, 1.0)
-            )
-            await asyncio.sleep(min(interval * random.uniform(0.8, 1.2), _LIVENESS_TICK))
+            await asyncio.sleep(min(self._sweep_interval(healthy), _LIVENESS_TICK))
+            # As the listener is now: one that has just connected does not tighten the sweep.
+            healthy = self.listener.connected.is_set()
+            interval = self._sweep_interval(healthy)
             if time.monotonic() >= self._next_sweep_at or not healthy:
-                self._next_sweep_at = time.monotonic() + interval * random.uniform(0.8, 1.2)
+                self._next_sweep_at = time.monotonic() + interval
                 self._dispatcher.sweep()
+
+    def _sweep_interval(self, healthy: bool) -> float:
+        """The sweep interval, jittered by 20% either way; at most a second while the listener
+        is down or unproven."""
+        interval = (
+            self.settings.sweep_interval if healthy else min(self.settings.sweep_interval, 1.0)
+        )
+        return interval * random.uniform(0.8, 1.2)
 
     async def _watch_parent(self) -> None:
         """A worker whose supervisor died exits instead of running on orphaned."""
