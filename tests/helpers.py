@@ -180,3 +180,20 @@ def insert_skipping_run(conn: psycopg.Connection[Any]) -> Any:
         {"id": row[0]},
     )
     return row[0]
+
+
+async def _noop(run: Any) -> dict[str, Any]:
+    return {}
+
+
+def unstarted_worker(sweep_interval: float = 5.0) -> Any:
+    """A Worker for a one-stage no-op pipeline, built and never run: nothing connects until it
+    runs, so its parts can be driven one at a time."""
+    # Imported here: every other helper drives conveyor from outside, as a process.
+    from conveyor.pipeline import Pipeline, Stage
+    from conveyor.settings import Settings
+    from conveyor.worker.loop import Worker
+
+    pipeline = Pipeline("unstarted", [Stage("only", _noop, "NEW", "DONE")])
+    settings = Settings.from_env({"CONVEYOR_SWEEP_INTERVAL": str(sweep_interval)})
+    return Worker(settings, pipeline, pipeline.stages[0], url="postgresql://nobody@127.0.0.1:9/x")

@@ -73,14 +73,14 @@ class Completer:
 
     async def flush(self, *, final: bool = False) -> None:
         """Commit every finished attempt collected so far in one fenced batch. On a database
-        error the results are kept and the batch is tried again: the fence makes it safe.
+        error the results are kept and the batch is tried again: the fence, and leaving out
+        the runs started here again meanwhile (_take_batch), make it safe.
         The final flush at exit gives up after a few tries; the leases then expire."""
         tries = 0
         while self.successes or self.failures:
-            successes = self.successes[:]
-            self.successes.clear()
-            failures = self.failures[:]
-            self.failures.clear()
+            successes, failures = self._take_batch()
+            if not (successes or failures):
+                continue
             try:
                 applied = await self._protocol.apply(successes, failures)
             except asyncio.CancelledError:
@@ -117,6 +117,22 @@ class Completer:
             tally.soon()
             if applied.refused:
                 self._log.warning("stale results refused: lease lost", runs=applied.refused)
+
+    def _take_batch(self) -> tuple[list[Success], list[Failure]]:
+        """Every result collected so far, but those of runs that run here again. Such a run
+        left this attempt's lease: the result was applied already (a batch whose commit went
+        through though its answer was lost) or the lease was lost. Applied now, it could pass
+        the new lease's fence, whose attempt number may repeat (a run routed back to its own
+        stage starts again at attempt 1) and move the run on with the old output."""
+        running = self._running
+        successes = [s for s in self.successes if s.run_id not in running]
+        failures = [f for f in self.failures if f.run_id not in running]
+        dropped = len(self.successes) + len(self.failures) - len(successes) - len(failures)
+        self.successes.clear()
+        self.failures.clear()
+        if dropped:
+            self._log.warning("results of runs started here again dropped", runs=dropped)
+        return successes, failures
 
     async def _apply_one_by_one(self, successes: list[Success], failures: list[Failure]) -> Applied:
         """A result PostgreSQL refuses fails its run with the reason, instead of blocking

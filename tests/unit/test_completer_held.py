@@ -10,10 +10,13 @@ import time
 import uuid
 from typing import Any, cast
 
+import psycopg
+
 from conveyor import metrics
 from conveyor.protocol import Applied, Failure, Success
 from conveyor.worker.completer import Completer
 from conveyor.worker.tally import StageTally
+from tests.helpers import unstarted_worker
 
 
 class _Protocol:
@@ -61,3 +64,49 @@ def test_a_run_claimed_again_while_its_result_was_applied_stays_held() -> None:
     completer.successes.append(_success(looped))
     asyncio.run(completer.flush())
     assert held == {looped}
+
+
+class _CommittedThenLost(_Protocol):
+    """A batch that commits, then loses its answer with the connection."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[uuid.UUID]] = []
+
+    async def apply(self, successes: list[Success], failures: list[Failure]) -> Applied:
+        self.batches.append([r.run_id for r in [*successes, *failures]])
+        if len(self.batches) == 1:
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
+        return await super().apply(successes, failures)
+
+
+class _ClaimedAgainDuringBackOff:
+    """The worker's back-off after the lost answer; meanwhile the run, moved back to this stage
+    by the batch that did commit, is claimed again by the same worker."""
+
+    def __init__(self, running: dict[uuid.UUID, Any], run_id: uuid.UUID) -> None:
+        self._running = running
+        self._run_id = run_id
+
+    async def away(self, what: str, exc: BaseException) -> None:
+        self._running[self._run_id] = object()
+
+
+def test_a_result_whose_run_runs_here_again_is_not_applied_a_second_time() -> None:
+    """Retried after the lost answer, the old result would pass the new lease's fence (a run
+    routed back to its own stage starts again at attempt 1): it is left out."""
+    looped, other = uuid.uuid4(), uuid.uuid4()
+    held = {looped, other}
+    running: dict[uuid.UUID, Any] = {}
+    protocol = _CommittedThenLost()
+    completer = _completer(held, running)
+    completer._protocol = cast(Any, protocol)
+    completer._errors = cast(Any, _ClaimedAgainDuringBackOff(running, looped))
+    completer.successes.extend([_success(looped), _success(other)])
+    asyncio.run(completer.flush())
+    assert protocol.batches == [[looped, other], [other]]
+    assert held == {looped}  # its new attempt's, until that attempt's result
+
+
+def test_the_worker_gives_its_completer_the_tasks_its_runs_run_in() -> None:
+    worker = unstarted_worker()
+    assert worker._completer._running is worker._in_flight.tasks

@@ -5,32 +5,18 @@ tightened interval for one more sweep: an idle worker that has just started swee
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 import pytest
 
-from conveyor.pipeline import Pipeline, Stage
-from conveyor.settings import Settings
 from conveyor.worker import loop
-from conveyor.worker.loop import Worker
-
-
-async def _noop(run: Any) -> dict[str, Any]:
-    return {}
-
-
-def _worker() -> Worker:
-    pipeline = Pipeline("sweeps", [Stage("only", _noop, "NEW", "DONE")])
-    settings = Settings.from_env({"CONVEYOR_SWEEP_INTERVAL": "5"})
-    # Nothing connects until the worker runs.
-    return Worker(settings, pipeline, pipeline.stages[0], url="postgresql://nobody@127.0.0.1:9/x")
+from tests.helpers import unstarted_worker
 
 
 def _sweeps(monkeypatch: pytest.MonkeyPatch, *, connect_after: float | None, watch: float) -> int:
     """How many times an idle worker's sweep timer claims in `watch` seconds, its listener
     connecting after `connect_after` seconds (None: never), with a tick of 50 ms."""
     monkeypatch.setattr(loop, "_LIVENESS_TICK", 0.05)
-    worker = _worker()
+    worker = unstarted_worker()
     sweeps: list[float] = []
     monkeypatch.setattr(worker._dispatcher, "sweep", lambda: sweeps.append(0.0))
 
