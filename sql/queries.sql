@@ -465,9 +465,11 @@ RETURNING run_id;
 -- The runs this worker holds a lease on, as the database sees it: after its listener was away,
 -- those it never heard were handed to it (migration 007) and are released. Each with its
 -- attempt and lease expiry written as hand_off() writes them: a hand-off of that lease heard
--- after the release is then refused as a replay.
+-- after the release is then refused as a replay (a lease written by hand without an expiry:
+-- 0, which no hand-off carries).
 -- Through pipeline_runs_claimable: the runs in flight at the stage, a bounded number.
-SELECT id, attempt, extract(epoch FROM lease_expires_at)::text FROM @schema@.pipeline_runs
+SELECT id, attempt, coalesce(extract(epoch FROM lease_expires_at)::text, '0')
+  FROM @schema@.pipeline_runs
  WHERE pipeline = %(pipeline)s AND status = %(working)s AND finished_at IS NULL
    AND lease_owner = %(worker)s;
 

@@ -274,3 +274,30 @@ async def _until(condition: Any, timeout: float = 10.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "nothing heard"
         await asyncio.sleep(0.01)
+
+
+def test_a_lease_written_by_hand_without_an_expiry_is_released_unheard(database_url: str) -> None:
+    """A row leased to the worker with no lease expiry (written by hand, triggers off) is
+    released like any lease the worker never heard of, not a crash at every start."""
+    working = PIPELINE.stages[0].working
+
+    async def scenario() -> list[Any]:
+        async with _hand_offs(database_url, pool_size=2) as (hand_offs, _):
+            run_id = await asyncio.to_thread(
+                leased_run, database_url, "registry", working, WORKER, 30
+            )
+            await asyncio.to_thread(
+                _execute,
+                database_url,
+                "UPDATE conveyor.pipeline_runs SET lease_expires_at = NULL WHERE id = %s",
+                (run_id,),
+            )
+            await hand_offs.release_unheard()
+            return await asyncio.to_thread(
+                fetch_all,
+                database_url,
+                "SELECT status, lease_owner FROM conveyor.pipeline_runs WHERE id = %s",
+                (run_id,),
+            )
+
+    assert asyncio.run(scenario()) == [("NEW", None)]
