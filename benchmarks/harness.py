@@ -130,10 +130,17 @@ class BenchDatabase:
 
 
 def fill(
-    conn: psycopg.Connection[Any], pipeline: str, count: int, *, finished: bool = False
+    conn: psycopg.Connection[Any],
+    pipeline: str,
+    count: int,
+    *,
+    finished: bool = False,
+    input_kb: int = 0,
 ) -> None:
     """Queue `count` runs in one statement, triggers skipped (this is set-up, not ingest).
-    `finished` makes them DONE history instead, as a busy system accumulates it."""
+    `finished` makes them DONE history instead, as a busy system accumulates it. `input_kb`
+    gives each run an input of about that many kB of text (a hundred different ones, hex
+    that compresses about as well as prose), where the input is otherwise `{}`."""
     with conn.transaction():
         conn.execute("SET LOCAL session_replication_role = replica")
         if finished:
@@ -144,6 +151,16 @@ def fill(
                 " now() - interval '1 day', now() - interval '1 day'"
                 " FROM generate_series(1, %s)",
                 (pipeline, count),
+            )
+        elif input_kb:
+            conn.execute(
+                "WITH texts AS (SELECT i, (SELECT string_agg(md5(i::text || '.' || j), ' ')"
+                "                            FROM generate_series(1, %s) j) AS text"
+                "                 FROM generate_series(0, 99) i)"
+                " INSERT INTO conveyor.pipeline_runs (pipeline, input)"
+                " SELECT %s, jsonb_build_object('text', t.text)"
+                "   FROM generate_series(1, %s) g JOIN texts t ON t.i = g %% 100",
+                (input_kb * 1000 // 33, pipeline, count),
             )
         else:
             conn.execute(

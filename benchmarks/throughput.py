@@ -2,6 +2,7 @@
 
     python -m benchmarks.throughput --single    (a) one worker process, one stage, batch 50
     python -m benchmarks.throughput --single --batch 500    (a) with claims of up to 500 runs
+    python -m benchmarks.throughput --single --input-kb 16  (a) with runs of 16 kB inputs
     python -m benchmarks.throughput --versus-batch 500      (a) at batch 500 beside batch 50
     python -m benchmarks.throughput --three     (b) supervisor, one process per stage
     python -m benchmarks.throughput --million   (e) (a) with 1,000,000 finished runs, ratio to (a)
@@ -59,9 +60,11 @@ def single(
     log_level: str = "warning",
     limited: bool = False,
     batch: int = BATCH,
+    input_kb: int = 0,
 ) -> Throughput:
     """One `conveyor worker` process for a one-stage no-op pipeline: claims of up to `batch`
-    runs, twice as many slots (batch 50 and 100 slots as the pipeline declares them)."""
+    runs, twice as many slots (batch 50 and 100 slots as the pipeline declares them); runs
+    with an input of `input_kb` kB (else `{}`)."""
     sized = (
         {}
         if batch == BATCH
@@ -72,7 +75,8 @@ def single(
         set_observer(conn, on=observer)
         if history:
             fill(conn, "bench1", history, finished=True)
-        fill(conn, "bench1", scale.backlog(_RATE_GUESS * (2 if batch > BATCH else 1)))
+        guess = _RATE_GUESS * (2 if batch > BATCH else 1) // (1 + input_kb // 4)
+        fill(conn, "bench1", scale.backlog(guess), input_kb=input_kb)
         settle(conn)
         with running(
             db,
@@ -152,6 +156,9 @@ def main() -> None:
     parser.add_argument(
         "--batch", type=int, default=BATCH, help="--single: most runs a claim takes (slots: 2x)"
     )
+    parser.add_argument(
+        "--input-kb", type=int, default=0, help="--single: each run's input, kB (else {})"
+    )
     parser.add_argument("--tiny", action="store_true", help="a second per figure, for tests")
     args = parser.parse_args()
     for flag, size in (("--batch", args.batch), ("--versus-batch", args.versus_batch)):
@@ -159,6 +166,8 @@ def main() -> None:
             parser.error(f"{flag}: from 1 to 5000")
     if args.batch != BATCH and not args.single:
         parser.error("--batch goes with --single (--versus-batch N compares N with 50)")
+    if args.input_kb and not (args.single and 1 <= args.input_kb <= 256):
+        parser.error("--input-kb goes with --single, from 1 to 256")
     scale = Scale.small() if args.tiny else Scale()
     observer = not args.observer_off
     suffix = f" ({'observer off' if args.observer_off else 'observer on'})"
@@ -168,11 +177,18 @@ def main() -> None:
     with BenchDatabase.create() as db:
         if args.single:
             result = single(
-                db, scale, observer=observer, log_level=args.log_level, batch=args.batch
+                db,
+                scale,
+                observer=observer,
+                log_level=args.log_level,
+                batch=args.batch,
+                input_kb=args.input_kb,
             )
+            inputs = f", {args.input_kb} kB inputs" if args.input_kb else ""
             print(
-                f"(a) one worker process, batch {args.batch}: {result.runs_per_second:,.0f} runs/s"
-                f"{suffix}; worker CPU {result.cpu_us_per_run:.0f} us per run, its database"
+                f"(a) one worker process, batch {args.batch}{inputs}:"
+                f" {result.runs_per_second:,.0f} runs/s{suffix};"
+                f" worker CPU {result.cpu_us_per_run:.0f} us per run, its database"
                 f" backends {result.db_cpu_us_per_run:.0f} us per run;"
                 f" RSS after the load {result.rss_mb:.0f} MB"
             )

@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import psycopg
+import pytest
 
 from benchmarks import ceiling, pipelines
 from conveyor import queries
@@ -50,6 +51,13 @@ def test_one_figure_in_tiny_mode_and_nothing_left_behind(pg_server: PgServer) ->
     assert re.search(r"^\(a\) one worker process, batch 50: [\d,]+ runs/s", printed, re.M)
 
 
+def test_runs_with_large_inputs_in_tiny_mode(pg_server: PgServer) -> None:
+    printed = _tiny(pg_server, "benchmarks.throughput", "--single", "--input-kb", "4")
+    assert re.search(
+        r"^\(a\) one worker process, batch 50, 4 kB inputs: [\d,]+ runs/s", printed, re.M
+    )
+
+
 def test_claim_sizes_side_by_side_in_tiny_mode(pg_server: PgServer) -> None:
     printed = _tiny(pg_server, "benchmarks.throughput", "--versus-batch", "200")
     assert re.search(
@@ -59,9 +67,19 @@ def test_claim_sizes_side_by_side_in_tiny_mode(pg_server: PgServer) -> None:
     )
 
 
-def test_a_claim_size_goes_with_one_figure_only() -> None:
+@pytest.mark.parametrize(
+    ("flags", "refusal"),
+    [
+        (["--three", "--batch", "500"], "--batch goes with --single"),
+        (["--three", "--input-kb", "16"], "--input-kb goes with --single"),
+        (["--single", "--input-kb", "1000"], "--input-kb goes with --single, from 1 to 256"),
+    ],
+)
+def test_a_claim_size_or_an_input_size_goes_with_one_figure_only(
+    flags: list[str], refusal: str
+) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.throughput", "--three", "--batch", "500"],
+        [sys.executable, "-m", "benchmarks.throughput", *flags],
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         cwd=ROOT,
         capture_output=True,
@@ -69,7 +87,7 @@ def test_a_claim_size_goes_with_one_figure_only() -> None:
         timeout=60,
     )
     assert done.returncode == 2
-    assert "--batch goes with --single" in done.stderr
+    assert refusal in done.stderr
 
 
 def test_the_ceiling_replays_the_protocol_statements_with_literals() -> None:
