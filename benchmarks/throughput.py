@@ -75,7 +75,7 @@ def single(
         set_observer(conn, on=observer)
         if history:
             fill(conn, "bench1", history, finished=True)
-        guess = _RATE_GUESS * (2 if batch > BATCH else 1) // (1 + input_kb // 4)
+        guess = _RATE_GUESS * (2 if batch > BATCH else 1) * 4 // (4 + input_kb // 4)
         fill(conn, "bench1", scale.backlog(guess), input_kb=input_kb)
         settle(conn)
         with running(
@@ -166,8 +166,8 @@ def main() -> None:
             parser.error(f"{flag}: from 1 to 5000")
     if args.batch != BATCH and not args.single:
         parser.error("--batch goes with --single (--versus-batch N compares N with 50)")
-    if args.input_kb and not (args.single and 1 <= args.input_kb <= 256):
-        parser.error("--input-kb goes with --single, from 1 to 256")
+    if args.input_kb and not (args.single and 1 <= args.input_kb <= 64):
+        parser.error("--input-kb goes with --single, from 1 to 64")
     scale = Scale.small() if args.tiny else Scale()
     observer = not args.observer_off
     suffix = f" ({'observer off' if args.observer_off else 'observer on'})"

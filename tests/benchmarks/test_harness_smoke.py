@@ -72,7 +72,7 @@ def test_claim_sizes_side_by_side_in_tiny_mode(pg_server: PgServer) -> None:
     [
         (["--three", "--batch", "500"], "--batch goes with --single"),
         (["--three", "--input-kb", "16"], "--input-kb goes with --single"),
-        (["--single", "--input-kb", "1000"], "--input-kb goes with --single, from 1 to 256"),
+        (["--single", "--input-kb", "100"], "--input-kb goes with --single, from 1 to 64"),
     ],
 )
 def test_a_claim_size_or_an_input_size_goes_with_one_figure_only(
