@@ -373,6 +373,18 @@ CREATE FUNCTION conveyor.prune_finished(older_than_seconds double precision, onl
      WHERE r.id OPERATOR(pg_catalog.=) d.id
     RETURNING r.id
 $$;
+CREATE FUNCTION conveyor.refuse_input_not_object() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    RAISE EXCEPTION 'run input must be a JSON object, not %',
+                    coalesce(pg_catalog.jsonb_typeof(NEW.input), 'null')
+        USING ERRCODE = 'check_violation',
+              CONSTRAINT = 'pipeline_runs_input_is_object',
+              TABLE = TG_TABLE_NAME,
+              SCHEMA = TG_TABLE_SCHEMA;
+END
+$$;
 CREATE FUNCTION conveyor.run_finished() RETURNS trigger
     LANGUAGE plpgsql
     AS $$
@@ -560,8 +572,7 @@ CREATE TABLE conveyor.pipeline_runs (
     parent_id uuid,
     child_index integer,
     children_pending integer,
-    fan_out jsonb,
-    CONSTRAINT pipeline_runs_input_is_object CHECK ((jsonb_typeof(input) = 'object'::text))
+    fan_out jsonb
 )
 WITH (autovacuum_vacuum_scale_factor='0.02', autovacuum_vacuum_insert_scale_factor='0.02', autovacuum_analyze_scale_factor='0.02', vacuum_truncate='false');
 COMMENT ON COLUMN conveyor.pipeline_runs.visits IS 'Times the run has run each stage on a loop of its pipeline (docs/pipelines.md).';
@@ -656,6 +667,7 @@ CREATE TRIGGER child_counted AFTER INSERT ON conveyor.pipeline_runs FOR EACH ROW
 CREATE TRIGGER limit_places_stages AFTER INSERT OR DELETE OR UPDATE ON conveyor.limit_stages FOR EACH ROW EXECUTE FUNCTION conveyor.limit_places_forget();
 CREATE TRIGGER pipeline_events_insert AFTER INSERT ON conveyor.pipeline_runs FOR EACH ROW EXECUTE FUNCTION conveyor.notify_pipeline_change();
 CREATE TRIGGER pipeline_events_update AFTER UPDATE OF status ON conveyor.pipeline_runs FOR EACH ROW WHEN ((old.status IS DISTINCT FROM new.status)) EXECUTE FUNCTION conveyor.notify_pipeline_change();
+CREATE TRIGGER pipeline_runs_input_is_object BEFORE INSERT OR UPDATE OF input ON conveyor.pipeline_runs FOR EACH ROW WHEN ((jsonb_typeof(new.input) IS DISTINCT FROM 'object'::text)) EXECUTE FUNCTION conveyor.refuse_input_not_object();
 CREATE TRIGGER run_finished AFTER UPDATE OF finished_at ON conveyor.pipeline_runs FOR EACH ROW WHEN (((old.finished_at IS NULL) AND (new.finished_at IS NOT NULL) AND (((new.parent_id IS NOT NULL) AND ((current_setting('conveyor.children_counted'::text, true) IS DISTINCT FROM 'on'::text) OR (old.status = (old.fan_out ->> 'waiting'::text)))) OR (new.children_pending > 0)))) EXECUTE FUNCTION conveyor.run_finished();
 CREATE CONSTRAINT TRIGGER wake_waiting_workers AFTER INSERT OR UPDATE OF status ON conveyor.pipeline_runs DEFERRABLE INITIALLY DEFERRED FOR EACH ROW WHEN (((new.finished_at IS NULL) AND (new.lease_owner IS NULL))) EXECUTE FUNCTION conveyor.wake_waiting_workers();
 ALTER TABLE ONLY conveyor.limit_places
