@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PIPELINES = {
     "single": "benchmarks.pipelines:single",
     "single_limited": "benchmarks.pipelines:single_limited",
+    "single_rate_limited": "benchmarks.pipelines:single_rate_limited",
     "three": "benchmarks.pipelines:three",
     "fan": "benchmarks.pipelines:fan",
 }
@@ -98,8 +99,12 @@ class BenchDatabase:
         return psycopg.connect(self.url, autocommit=True)
 
     def reset(self, conn: psycopg.Connection[Any]) -> None:
-        """Empty the tables and put every trigger back on, between two figures."""
-        conn.execute("TRUNCATE conveyor.pipeline_runs, conveyor.run_events, conveyor.workers")
+        """Empty the tables (flow control's too) and put every trigger back on, between two
+        figures."""
+        conn.execute(
+            "TRUNCATE conveyor.pipeline_runs, conveyor.run_events, conveyor.workers,"
+            " conveyor.limits, conveyor.limit_stages, conveyor.limit_places"
+        )
         set_triggers(conn, (*OBSERVER_TRIGGERS, WAKE_TRIGGER), enabled=True)
 
     def wait_idle_workers(self, conn: psycopg.Connection[Any], count: int) -> None:

@@ -15,23 +15,20 @@ single = Pipeline(
     "bench1", [Stage("only", noop, consumes="NEW", produces="DONE", concurrency=100, batch=50)]
 )
 
-# (a) under flow control that never binds: a stage cap and a key with a rate, both far above
-# what one worker moves, so every claim pays the limits' bookkeeping and is never held back.
-single_limited = Pipeline(
-    "bench1",
-    [
-        Stage(
-            "only",
-            noop,
-            consumes="NEW",
-            produces="DONE",
-            concurrency=100,
-            batch=50,
-            limits=[Limit("bench:never-binding", requests_per_minute=1e9)],
-            max_in_flight=1_000_000,
-        )
-    ],
-)
+
+def _limited(**flow: Any) -> Pipeline:
+    """(a)'s pipeline with flow control that never binds: limits far above what one worker
+    moves, so every claim pays their bookkeeping and is never held back."""
+    stage = Stage("only", noop, consumes="NEW", produces="DONE", concurrency=100, batch=50, **flow)
+    return Pipeline("bench1", [stage])
+
+
+_NEVER_BINDING_RATE = Limit("bench:never-binding", requests_per_minute=1e9)
+# one limit, as a stage that calls a model declares it: a key with a rate
+single_rate_limited = _limited(limits=[_NEVER_BINDING_RATE])
+# two: a stage cap as well
+single_limited = _limited(limits=[_NEVER_BINDING_RATE], max_in_flight=1_000_000)
+
 
 three = Pipeline(
     "bench3",

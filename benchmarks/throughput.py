@@ -6,7 +6,8 @@
     python -m benchmarks.throughput --versus-batch 500      (a) at batch 500 beside batch 50
     python -m benchmarks.throughput --three     (b) supervisor, one process per stage
     python -m benchmarks.throughput --million   (e) (a) with 1,000,000 finished runs, ratio to (a)
-    python -m benchmarks.throughput --limits    (a) beside (a) under limits that never bind
+    python -m benchmarks.throughput --limits    (a) beside (a) under one and two limits that
+                                                never bind
     add --observer-off to switch the pipeline_events observer triggers off, --log-level info to
     have the worker log its "run finished" line for every run (the default level of conveyor)
 
@@ -40,6 +41,7 @@ BATCH = 50  # (a)'s claim size, as the no-op pipeline declares it, with twice as
 _RATE_GUESS = 30_000  # queue for this rate, so that a fast worker never runs dry
 # --limits, --versus-batch: seconds counted per figure, and ABBA blocks (two pairs each)
 _PAIRED_WINDOW = 6.0
+_TWO_LIMITS = "two limits (a stage cap and a key with a rate)"
 _PAIRED_BLOCKS = 3
 
 
@@ -58,7 +60,7 @@ def single(
     observer: bool = True,
     history: int = 0,
     log_level: str = "warning",
-    limited: bool = False,
+    pipeline: str = "single",
     batch: int = BATCH,
     input_kb: int = 0,
 ) -> Throughput:
@@ -81,7 +83,7 @@ def single(
         with running(
             db,
             ["worker", "--stage", "only"],
-            pipeline="single_limited" if limited else "single",
+            pipeline=pipeline,
             CONVEYOR_LOG_LEVEL=log_level,
             CONVEYOR_LOG_FORMAT="json",
             **sized,
@@ -109,17 +111,16 @@ def _spread(results: list[Throughput]) -> str:
     return f"{min(rates):,.0f}-{max(rates):,.0f}"
 
 
-def interleaved(
-    first: Callable[[], Throughput], second: Callable[[], Throughput], blocks: int
-) -> tuple[list[Throughput], list[Throughput]]:
-    """Two figures measured in ABBA blocks: on a machine whose speed drifts by ten percent
-    and more, drift falls on both alike. Each block's two pairs are neighbours in time."""
-    ones: list[Throughput] = []
-    twos: list[Throughput] = []
-    for first_leads in (True, False) * blocks:
-        for is_first in (first_leads, not first_leads):
-            (ones if is_first else twos).append(first() if is_first else second())
-    return ones, twos
+def interleaved(figures: list[Callable[[], Throughput]], blocks: int) -> list[list[Throughput]]:
+    """Figures measured in blocks that run them in turn and then in reverse (ABBA, ABCCBA):
+    on a machine whose speed drifts by ten percent and more, drift falls on all alike. The
+    n-th results of any two figures are neighbours in time. One list of results per figure."""
+    results: list[list[Throughput]] = [[] for _ in figures]
+    order = list(range(len(figures)))
+    for _ in range(blocks):
+        for which in [*order, *reversed(order)]:
+            results[which].append(figures[which]())
+    return results
 
 
 def _pairwise(ones: list[Throughput], twos: list[Throughput]) -> str:
@@ -200,26 +201,33 @@ def main() -> None:
                 f" database backends {result.db_cpu_us_per_run:.0f} us per run"
             )
         elif args.limits:
-            limited, plain = interleaved(
-                lambda: single(db, paired, observer=observer, limited=True),
-                lambda: single(db, paired, observer=observer),
+            plain, one, two = interleaved(
+                [
+                    lambda: single(db, paired, observer=observer),
+                    lambda: single(db, paired, observer=observer, pipeline="single_rate_limited"),
+                    lambda: single(db, paired, observer=observer, pipeline="single_limited"),
+                ],
                 _PAIRED_BLOCKS,
             )
             free = statistics.median(r.runs_per_second for r in plain)
-            held = statistics.median(r.runs_per_second for r in limited)
             print(
-                f"(a) under limits never binding (a stage cap, a key with a rate):"
-                f" {held:,.0f} runs/s, without limits {free:,.0f} runs/s, ratio"
-                f" {ratio(held, free)}{suffix} (medians of {len(plain)} each; neighbour by"
-                f" neighbour {_pairwise(plain, limited)}; limited {_spread(limited)}, plain"
-                f" {_spread(plain)}; CPU per run, worker + backends:"
-                f" limited {_cpu(limited)}, plain {_cpu(plain)} us)"
+                f"(a) without limits: {free:,.0f} runs/s{suffix} (median of {len(plain)};"
+                f" {_spread(plain)}; CPU per run, worker + backends {_cpu(plain)} us)"
             )
+            for held, what in ((one, "one limit (a key with a rate)"), (two, _TWO_LIMITS)):
+                rate = statistics.median(r.runs_per_second for r in held)
+                print(
+                    f"(a) under {what}, never binding: {rate:,.0f} runs/s, ratio"
+                    f" {ratio(rate, free)} (neighbour by neighbour {_pairwise(plain, held)};"
+                    f" {_spread(held)}; CPU per run {_cpu(held)} us)"
+                )
         elif args.versus_batch is not None:
             size = args.versus_batch
             narrow, wide = interleaved(
-                lambda: single(db, paired, observer=observer),
-                lambda: single(db, paired, observer=observer, batch=size),
+                [
+                    lambda: single(db, paired, observer=observer),
+                    lambda: single(db, paired, observer=observer, batch=size),
+                ],
                 1 if args.tiny else _PAIRED_BLOCKS,
             )
             at_50 = statistics.median(r.runs_per_second for r in narrow)
