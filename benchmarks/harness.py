@@ -144,8 +144,9 @@ def fill(
 ) -> None:
     """Queue `count` runs in one statement, triggers skipped (this is set-up, not ingest).
     `finished` makes them DONE history instead, as a busy system accumulates it. `input_kb`
-    gives each run an input of about that many kB of text (a hundred different ones, hex
-    that compresses about as well as prose), where the input is otherwise `{}`."""
+    gives each run an input of about that many kB of text (a hundred different ones), where
+    the input is otherwise `{}`: hex, which PostgreSQL stores uncompressed, so every kB is
+    read back (prose would compress to about half)."""
     with conn.transaction():
         conn.execute("SET LOCAL session_replication_role = replica")
         if finished:

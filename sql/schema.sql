@@ -377,8 +377,7 @@ CREATE FUNCTION conveyor.refuse_input_not_object() RETURNS trigger
     LANGUAGE plpgsql
     AS $$
 BEGIN
-    RAISE EXCEPTION 'run input must be a JSON object, not %',
-                    coalesce(pg_catalog.jsonb_typeof(NEW.input), 'null')
+    RAISE EXCEPTION 'run input must be a JSON object, not %', pg_catalog.jsonb_typeof(NEW.input)
         USING ERRCODE = 'check_violation',
               CONSTRAINT = 'pipeline_runs_input_is_object',
               TABLE = TG_TABLE_NAME,
@@ -667,7 +666,8 @@ CREATE TRIGGER child_counted AFTER INSERT ON conveyor.pipeline_runs FOR EACH ROW
 CREATE TRIGGER limit_places_stages AFTER INSERT OR DELETE OR UPDATE ON conveyor.limit_stages FOR EACH ROW EXECUTE FUNCTION conveyor.limit_places_forget();
 CREATE TRIGGER pipeline_events_insert AFTER INSERT ON conveyor.pipeline_runs FOR EACH ROW EXECUTE FUNCTION conveyor.notify_pipeline_change();
 CREATE TRIGGER pipeline_events_update AFTER UPDATE OF status ON conveyor.pipeline_runs FOR EACH ROW WHEN ((old.status IS DISTINCT FROM new.status)) EXECUTE FUNCTION conveyor.notify_pipeline_change();
-CREATE TRIGGER pipeline_runs_input_is_object BEFORE INSERT OR UPDATE OF input ON conveyor.pipeline_runs FOR EACH ROW WHEN ((jsonb_typeof(new.input) IS DISTINCT FROM 'object'::text)) EXECUTE FUNCTION conveyor.refuse_input_not_object();
+CREATE TRIGGER pipeline_runs_input_is_object BEFORE INSERT ON conveyor.pipeline_runs FOR EACH ROW WHEN ((jsonb_typeof(new.input) <> 'object'::text)) EXECUTE FUNCTION conveyor.refuse_input_not_object();
+CREATE TRIGGER pipeline_runs_input_is_object_updated AFTER UPDATE OF input ON conveyor.pipeline_runs FOR EACH ROW WHEN ((jsonb_typeof(new.input) <> 'object'::text)) EXECUTE FUNCTION conveyor.refuse_input_not_object();
 CREATE TRIGGER run_finished AFTER UPDATE OF finished_at ON conveyor.pipeline_runs FOR EACH ROW WHEN (((old.finished_at IS NULL) AND (new.finished_at IS NOT NULL) AND (((new.parent_id IS NOT NULL) AND ((current_setting('conveyor.children_counted'::text, true) IS DISTINCT FROM 'on'::text) OR (old.status = (old.fan_out ->> 'waiting'::text)))) OR (new.children_pending > 0)))) EXECUTE FUNCTION conveyor.run_finished();
 CREATE CONSTRAINT TRIGGER wake_waiting_workers AFTER INSERT OR UPDATE OF status ON conveyor.pipeline_runs DEFERRABLE INITIALLY DEFERRED FOR EACH ROW WHEN (((new.finished_at IS NULL) AND (new.lease_owner IS NULL))) EXECUTE FUNCTION conveyor.wake_waiting_workers();
 ALTER TABLE ONLY conveyor.limit_places

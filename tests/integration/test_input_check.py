@@ -1,8 +1,8 @@
 """A run's input must be a JSON object. It is checked when it is written, by an insert or an
 update of `input`, with check_violation under the name pipeline_runs_input_is_object, and not
 at the engine's own updates (claims, completions, heartbeats), which never write it and would
-otherwise read every run's input back to check it again. A row that got past the check
-(written with its triggers off) fails clearly in the worker."""
+otherwise read every run's input back to check it again (migration 019). A row that got past
+the check (written with its triggers off) fails clearly in the worker."""
 
 from __future__ import annotations
 
@@ -35,6 +35,21 @@ def test_an_input_that_is_not_an_object_is_refused_when_written(
             "UPDATE conveyor.pipeline_runs SET input = %s::jsonb WHERE id = %s", (written, row[0])
         )
     assert updated.value.diag.constraint_name == "pipeline_runs_input_is_object"
+
+
+def test_no_input_is_still_refused_by_the_column(conn: psycopg.Connection[Any]) -> None:
+    with pytest.raises(psycopg.errors.NotNullViolation), conn.transaction():
+        conn.execute("INSERT INTO conveyor.pipeline_runs (input) VALUES (NULL)")
+
+
+def test_no_update_of_a_run_locks_its_row_for_a_trigger(conn: psycopg.Connection[Any]) -> None:
+    """A BEFORE UPDATE row trigger would have every update of a run (a completion, a release)
+    lock the row first and log the lock, whatever columns it sets."""
+    before_update = conn.execute(
+        "SELECT tgname FROM pg_trigger WHERE tgrelid = 'conveyor.pipeline_runs'::regclass"
+        " AND tgtype & (1 | 2 | 16) = (1 | 2 | 16)"  # row, before, update
+    ).fetchall()
+    assert before_update == []
 
 
 def test_a_run_written_past_the_check_is_moved_and_failed_clearly(
