@@ -163,6 +163,22 @@ CREATE FUNCTION conveyor.limit_close(closed_key text, until timestamp with time 
            updated_at = now()
     RETURNING extract(epoch FROM closed_until - clock_timestamp())::float8;
 $$;
+CREATE TABLE conveyor.limits (
+    key text NOT NULL,
+    max_in_flight integer,
+    requests_per_minute double precision,
+    tokens_per_minute double precision,
+    closed_until timestamp with time zone,
+    closed_reason text,
+    closures integer DEFAULT 0 NOT NULL,
+    requests_tat timestamp with time zone,
+    tokens_tat timestamp with time zone,
+    updated_at timestamp with time zone DEFAULT now() NOT NULL
+);
+COMMENT ON TABLE conveyor.limits IS 'Flow control shared by every worker: caps, rates and closures per key (docs/flow-control.md).';
+CREATE FUNCTION conveyor.limit_out_of_bounds(limit_row conveyor.limits) RETURNS text
+    LANGUAGE sql IMMUTABLE
+    RETURN CASE WHEN (NOT COALESCE(((octet_length((limit_row).key) >= 1) AND (octet_length((limit_row).key) <= 200)), true)) THEN 'limits_key_length'::text WHEN (NOT COALESCE(((limit_row).max_in_flight >= 0), true)) THEN 'limits_max_in_flight'::text WHEN (NOT COALESCE((((limit_row).requests_per_minute > (0)::double precision) AND ((limit_row).requests_per_minute <= ('1000000000'::numeric)::double precision)), true)) THEN 'limits_rpm'::text WHEN (NOT COALESCE((((limit_row).tokens_per_minute > (0)::double precision) AND ((limit_row).tokens_per_minute <= ('1000000000000'::numeric)::double precision)), true)) THEN 'limits_tpm'::text ELSE NULL::text END;
 CREATE FUNCTION conveyor.limit_places_forget() RETURNS trigger
     LANGUAGE plpgsql
     AS $$
@@ -384,6 +400,21 @@ BEGIN
               SCHEMA = TG_TABLE_SCHEMA;
 END
 $$;
+CREATE FUNCTION conveyor.refuse_limit_out_of_bounds() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    broken pg_catalog.text := "conveyor".limit_out_of_bounds(NEW);
+BEGIN
+    RAISE EXCEPTION 'limit % out of bounds: %', NEW.key, broken
+        USING ERRCODE = 'check_violation',
+              DETAIL = 'key: 1 to 200 bytes; max_in_flight >= 0; requests_per_minute in'
+                       ' (0, 1e9]; tokens_per_minute in (0, 1e12]',
+              CONSTRAINT = broken,
+              TABLE = TG_TABLE_NAME,
+              SCHEMA = TG_TABLE_SCHEMA;
+END
+$$;
 CREATE FUNCTION conveyor.run_finished() RETURNS trigger
     LANGUAGE plpgsql
     AS $$
@@ -514,23 +545,6 @@ CREATE TABLE conveyor.limit_stages (
     channel text NOT NULL,
     CONSTRAINT limit_stages_channel CHECK (((octet_length(channel) >= 1) AND (octet_length(channel) <= 63)))
 );
-CREATE TABLE conveyor.limits (
-    key text NOT NULL,
-    max_in_flight integer,
-    requests_per_minute double precision,
-    tokens_per_minute double precision,
-    closed_until timestamp with time zone,
-    closed_reason text,
-    closures integer DEFAULT 0 NOT NULL,
-    requests_tat timestamp with time zone,
-    tokens_tat timestamp with time zone,
-    updated_at timestamp with time zone DEFAULT now() NOT NULL,
-    CONSTRAINT limits_key_length CHECK (((octet_length(key) >= 1) AND (octet_length(key) <= 200))),
-    CONSTRAINT limits_max_in_flight CHECK ((max_in_flight >= 0)),
-    CONSTRAINT limits_rpm CHECK (((requests_per_minute > (0)::double precision) AND (requests_per_minute <= ('1000000000'::numeric)::double precision))),
-    CONSTRAINT limits_tpm CHECK (((tokens_per_minute > (0)::double precision) AND (tokens_per_minute <= ('1000000000000'::numeric)::double precision)))
-);
-COMMENT ON TABLE conveyor.limits IS 'Flow control shared by every worker: caps, rates and closures per key (docs/flow-control.md).';
 CREATE TABLE conveyor.memory (
     id bigint NOT NULL,
     namespace text DEFAULT 'default'::text NOT NULL,
@@ -664,6 +678,8 @@ CREATE INDEX run_events_run ON conveyor.run_events USING btree (run_id, id);
 CREATE TRIGGER child_added BEFORE INSERT ON conveyor.pipeline_runs FOR EACH ROW WHEN (((new.parent_id IS NOT NULL) AND (current_setting('conveyor.fan_out'::text, true) IS DISTINCT FROM 'on'::text))) EXECUTE FUNCTION conveyor.child_added();
 CREATE TRIGGER child_counted AFTER INSERT ON conveyor.pipeline_runs FOR EACH ROW WHEN (((new.parent_id IS NOT NULL) AND (current_setting('conveyor.fan_out'::text, true) IS DISTINCT FROM 'on'::text))) EXECUTE FUNCTION conveyor.child_counted();
 CREATE TRIGGER limit_places_stages AFTER INSERT OR DELETE OR UPDATE ON conveyor.limit_stages FOR EACH ROW EXECUTE FUNCTION conveyor.limit_places_forget();
+CREATE TRIGGER limits_in_bounds BEFORE INSERT ON conveyor.limits FOR EACH ROW WHEN ((conveyor.limit_out_of_bounds(new.*) IS NOT NULL)) EXECUTE FUNCTION conveyor.refuse_limit_out_of_bounds();
+CREATE TRIGGER limits_in_bounds_updated AFTER UPDATE OF key, max_in_flight, requests_per_minute, tokens_per_minute ON conveyor.limits FOR EACH ROW WHEN ((conveyor.limit_out_of_bounds(new.*) IS NOT NULL)) EXECUTE FUNCTION conveyor.refuse_limit_out_of_bounds();
 CREATE TRIGGER pipeline_events_insert AFTER INSERT ON conveyor.pipeline_runs FOR EACH ROW EXECUTE FUNCTION conveyor.notify_pipeline_change();
 CREATE TRIGGER pipeline_events_update AFTER UPDATE OF status ON conveyor.pipeline_runs FOR EACH ROW WHEN ((old.status IS DISTINCT FROM new.status)) EXECUTE FUNCTION conveyor.notify_pipeline_change();
 CREATE TRIGGER pipeline_runs_input_is_object BEFORE INSERT ON conveyor.pipeline_runs FOR EACH ROW WHEN ((jsonb_typeof(new.input) <> 'object'::text)) EXECUTE FUNCTION conveyor.refuse_input_not_object();
