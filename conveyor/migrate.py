@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import random
 import re
+import time
 from importlib import resources
 from typing import Any
 
@@ -12,6 +14,8 @@ from psycopg import sql
 from conveyor.queries import for_schema, read_sql
 
 _MIGRATION_FILE = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
+# Tries of the whole migration when PostgreSQL breaks a deadlock by aborting it.
+_DEADLOCK_TRIES = 5
 
 
 def migrations() -> list[tuple[int, str]]:
@@ -44,8 +48,23 @@ def migrate(conn: psycopg.Connection[Any], schema: str) -> list[str]:
     """Apply what is missing in one transaction; return the filenames applied.
 
     The transaction-scoped advisory lock makes a second `conveyor migrate` started at the same
-    time wait, then find everything applied and do nothing.
+    time wait, then find everything applied and do nothing. Migrations lock tables one after
+    another, and running workers lock them in their own orders (a claim under limits reads
+    `limits` before it writes `pipeline_runs`), so a migration that locks both may be the
+    transaction PostgreSQL aborts to break a deadlock: it is tried again, from the start.
     """
+    tries = 1
+    while True:
+        try:
+            return _migrate_once(conn, schema)
+        except psycopg.errors.DeadlockDetected:
+            if tries >= _DEADLOCK_TRIES:
+                raise
+        time.sleep(random.uniform(0.1, 0.5) * tries)
+        tries += 1
+
+
+def _migrate_once(conn: psycopg.Connection[Any], schema: str) -> list[str]:
     applied: list[str] = []
     schema_id = sql.Identifier(schema)
     with conn.transaction():

@@ -10,7 +10,7 @@ import pytest
 from psycopg import sql
 
 from conveyor import migrate
-from tests.helpers import PgServer
+from tests.helpers import PgServer, scalar, wait_until
 
 
 @pytest.fixture
@@ -180,3 +180,35 @@ def test_a_schema_never_granted_to_the_roles_is_not_granted_by_migrating(
         assert conn.execute(
             "SELECT has_table_privilege('conveyor_worker', 'private.limits', 'SELECT')"
         ).fetchone() == (False,)
+
+
+def test_a_migration_aborted_to_break_a_deadlock_is_tried_again(empty_database: str) -> None:
+    """A worker has read `limits` (a claim under limits asks limit_room first); the upgrade
+    locks `pipeline_runs` (019), then waits for `limits` (020); the worker goes on to write
+    `pipeline_runs`. PostgreSQL aborts the migration, which waited first, to break the
+    deadlock; once the worker has committed, the migration is tried again and applies."""
+    with psycopg.connect(empty_database, autocommit=True) as setup:
+        _migrate_up_to(setup, "conveyor", 18)
+    outcome: dict[str, Any] = {}
+
+    def upgrade() -> None:
+        with psycopg.connect(empty_database, autocommit=True) as conn:
+            try:
+                outcome["applied"] = migrate.migrate(conn, "conveyor")
+            except psycopg.Error as exc:
+                outcome["error"] = exc
+
+    with psycopg.connect(empty_database) as worker:  # one transaction, as a grouped claim
+        worker.execute("SELECT count(*) FROM conveyor.limits")
+        upgrading = threading.Thread(target=upgrade)
+        upgrading.start()
+        wait_until(
+            lambda: scalar(empty_database, "SELECT count(*) FROM pg_locks WHERE NOT granted"),
+            10,
+            "the upgrade waiting for the worker's lock on limits",
+        )
+        worker.execute("UPDATE conveyor.pipeline_runs SET priority = priority WHERE false")
+        worker.commit()
+    upgrading.join(60)
+    assert "error" not in outcome, outcome.get("error")
+    assert [name[:3] for name in outcome["applied"]] == ["019", "020"]
