@@ -21,9 +21,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-# What the limits table's CHECKs accept.
+# What the limits table accepts (its bounds: sql/020_limit_bounds_checked_when_written.sql).
 MAX_KEY_BYTES = 200
 MAX_IN_FLIGHT = 1_000_000
+# A rate's floor: below it, the intervals the buckets compute overflow.
+MIN_PER_MINUTE = 0.001
 MAX_REQUESTS_PER_MINUTE = 1e9
 MAX_TOKENS_PER_MINUTE = 1e12
 MAX_TOKENS_PER_DAY = 10**15
@@ -57,9 +59,13 @@ class Limit:
             ("tokens_per_minute", self.tokens_per_minute, MAX_TOKENS_PER_MINUTE),
         ):
             if value is not None and not (
-                isinstance(value, int | float) and math.isfinite(value) and 0 < value <= top
+                isinstance(value, int | float)
+                and math.isfinite(value)
+                and MIN_PER_MINUTE <= value <= top
             ):
-                raise LimitError(f"limit {self.key!r}: {name} must be > 0 and <= {top:g}")
+                raise LimitError(
+                    f"limit {self.key!r}: {name} must be from {MIN_PER_MINUTE:g} to {top:g}"
+                )
 
 
 def flow_control_problem(

@@ -15,6 +15,7 @@ from conveyor.limits import (
     MAX_REQUESTS_PER_MINUTE,
     MAX_TOKENS_PER_DAY,
     MAX_TOKENS_PER_MINUTE,
+    MIN_PER_MINUTE,
 )
 from conveyor.urls import redact_url, url_problem
 
@@ -336,7 +337,8 @@ class _SettingsReader(EnvReader):
                     f"an integer from 0 to {top:.0f}",
                 )
             else:
-                fits, accepted = 0 < value <= top, f"a number > 0 and <= {top:g}"
+                fits = MIN_PER_MINUTE <= value <= top
+                accepted = f"a number from {MIN_PER_MINUTE:g} to {top:g}"
             if not fits:  # NaN fails it too
                 raise ConfigError(variable, raw, f"expected {accepted}, or off")
             found.setdefault(name, {})[field_name] = value

@@ -16,19 +16,26 @@ ALTER TABLE @schema@.limits
     DROP CONSTRAINT limits_tpm;
 
 -- The name of the bound a limit's row breaks, NULL if none. A standard SQL body: parsed here,
--- with its operators resolved once, not under the search_path of whoever writes a limit.
+-- with its operators resolved once (and named in pg_catalog), not under the search_path of
+-- whoever writes a limit. The rates have a floor as well as a ceiling: below a thousandth of a
+-- unit per minute, the intervals the buckets compute overflow, and every claim under the key
+-- would fail.
 CREATE FUNCTION @schema@.limit_out_of_bounds(limit_row @schema@.limits) RETURNS text
 LANGUAGE sql IMMUTABLE
 RETURN CASE
-    WHEN NOT coalesce(pg_catalog.octet_length(limit_row.key) BETWEEN 1 AND 200, true)
+    WHEN NOT coalesce(pg_catalog.octet_length(limit_row.key) OPERATOR(pg_catalog.>=) 1
+                      AND pg_catalog.octet_length(limit_row.key) OPERATOR(pg_catalog.<=) 200,
+                      true)
         THEN 'limits_key_length'
-    WHEN NOT coalesce(limit_row.max_in_flight >= 0, true)
+    WHEN NOT coalesce(limit_row.max_in_flight OPERATOR(pg_catalog.>=) 0, true)
         THEN 'limits_max_in_flight'
-    WHEN NOT coalesce(limit_row.requests_per_minute > 0
-                      AND limit_row.requests_per_minute <= 1e9, true)
+    WHEN NOT coalesce(limit_row.requests_per_minute OPERATOR(pg_catalog.>=) 0.001::float8
+                      AND limit_row.requests_per_minute OPERATOR(pg_catalog.<=) 1e9::float8,
+                      true)
         THEN 'limits_rpm'
-    WHEN NOT coalesce(limit_row.tokens_per_minute > 0
-                      AND limit_row.tokens_per_minute <= 1e12, true)
+    WHEN NOT coalesce(limit_row.tokens_per_minute OPERATOR(pg_catalog.>=) 0.001::float8
+                      AND limit_row.tokens_per_minute OPERATOR(pg_catalog.<=) 1e12::float8,
+                      true)
         THEN 'limits_tpm'
 END;
 
@@ -37,10 +44,11 @@ LANGUAGE plpgsql AS $$
 DECLARE
     broken pg_catalog.text := @schema@.limit_out_of_bounds(NEW);
 BEGIN
-    RAISE EXCEPTION 'limit % out of bounds: %', NEW.key, broken
+    RAISE EXCEPTION 'limit % out of bounds: %',
+                    pg_catalog.quote_literal(pg_catalog.left(NEW.key, 64)), broken
         USING ERRCODE = 'check_violation',
-              DETAIL = 'key: 1 to 200 bytes; max_in_flight >= 0; requests_per_minute in'
-                       ' (0, 1e9]; tokens_per_minute in (0, 1e12]',
+              DETAIL = 'key: 1 to 200 bytes; max_in_flight >= 0; requests_per_minute from'
+                       ' 0.001 to 1e9; tokens_per_minute from 0.001 to 1e12',
               CONSTRAINT = broken,
               TABLE = TG_TABLE_NAME,
               SCHEMA = TG_TABLE_SCHEMA;

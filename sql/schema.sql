@@ -178,7 +178,7 @@ CREATE TABLE conveyor.limits (
 COMMENT ON TABLE conveyor.limits IS 'Flow control shared by every worker: caps, rates and closures per key (docs/flow-control.md).';
 CREATE FUNCTION conveyor.limit_out_of_bounds(limit_row conveyor.limits) RETURNS text
     LANGUAGE sql IMMUTABLE
-    RETURN CASE WHEN (NOT COALESCE(((octet_length((limit_row).key) >= 1) AND (octet_length((limit_row).key) <= 200)), true)) THEN 'limits_key_length'::text WHEN (NOT COALESCE(((limit_row).max_in_flight >= 0), true)) THEN 'limits_max_in_flight'::text WHEN (NOT COALESCE((((limit_row).requests_per_minute > (0)::double precision) AND ((limit_row).requests_per_minute <= ('1000000000'::numeric)::double precision)), true)) THEN 'limits_rpm'::text WHEN (NOT COALESCE((((limit_row).tokens_per_minute > (0)::double precision) AND ((limit_row).tokens_per_minute <= ('1000000000000'::numeric)::double precision)), true)) THEN 'limits_tpm'::text ELSE NULL::text END;
+    RETURN CASE WHEN (NOT COALESCE(((octet_length((limit_row).key) >= 1) AND (octet_length((limit_row).key) <= 200)), true)) THEN 'limits_key_length'::text WHEN (NOT COALESCE(((limit_row).max_in_flight >= 0), true)) THEN 'limits_max_in_flight'::text WHEN (NOT COALESCE((((limit_row).requests_per_minute >= (0.001)::double precision) AND ((limit_row).requests_per_minute <= ('1000000000'::numeric)::double precision)), true)) THEN 'limits_rpm'::text WHEN (NOT COALESCE((((limit_row).tokens_per_minute >= (0.001)::double precision) AND ((limit_row).tokens_per_minute <= ('1000000000000'::numeric)::double precision)), true)) THEN 'limits_tpm'::text ELSE NULL::text END;
 CREATE FUNCTION conveyor.limit_places_forget() RETURNS trigger
     LANGUAGE plpgsql
     AS $$
@@ -406,10 +406,11 @@ CREATE FUNCTION conveyor.refuse_limit_out_of_bounds() RETURNS trigger
 DECLARE
     broken pg_catalog.text := "conveyor".limit_out_of_bounds(NEW);
 BEGIN
-    RAISE EXCEPTION 'limit % out of bounds: %', NEW.key, broken
+    RAISE EXCEPTION 'limit % out of bounds: %',
+                    pg_catalog.quote_literal(pg_catalog.left(NEW.key, 64)), broken
         USING ERRCODE = 'check_violation',
-              DETAIL = 'key: 1 to 200 bytes; max_in_flight >= 0; requests_per_minute in'
-                       ' (0, 1e9]; tokens_per_minute in (0, 1e12]',
+              DETAIL = 'key: 1 to 200 bytes; max_in_flight >= 0; requests_per_minute from'
+                       ' 0.001 to 1e9; tokens_per_minute from 0.001 to 1e12',
               CONSTRAINT = broken,
               TABLE = TG_TABLE_NAME,
               SCHEMA = TG_TABLE_SCHEMA;

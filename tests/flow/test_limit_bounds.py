@@ -2,7 +2,8 @@
 written, by an insert, an upsert or an update of a bounded column, with check_violation and
 the name of the bound; not at the buckets' updates, which every claim under a rate makes. No
 search_path a writer chooses gets a row past them: a row out of bounds could stop every claim
-under its key (a rate of 0 divides by zero)."""
+under its key (a rate of 0 divides by zero, one of 1e-12 per minute overflows the intervals
+its bucket computes)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ OUT_OF_BOUNDS = [
     (("k" * 201, None, None, None), "limits_key_length"),
     (("k", -1, None, None), "limits_max_in_flight"),
     (("k", None, 0, None), "limits_rpm"),
+    (("k", None, 1e-12, None), "limits_rpm"),  # its bucket's intervals would overflow
+    (("k", None, None, 5e-324), "limits_tpm"),
     (("k", None, 2e9, None), "limits_rpm"),
     (("k", None, None, -5), "limits_tpm"),
     (("k", None, None, 1e13), "limits_tpm"),
@@ -81,6 +84,12 @@ def test_no_search_path_gets_a_limit_past_its_bounds(conn: psycopg.Connection[An
     finally:
         conn.execute("RESET search_path")
         conn.execute("DROP SCHEMA sly CASCADE")
+
+
+def test_the_message_shows_a_long_key_cut_short(conn: psycopg.Connection[Any]) -> None:
+    with pytest.raises(psycopg.errors.CheckViolation) as refused, conn.transaction():
+        conn.execute(INSERT, ("k" * 10_000, None, None, None))
+    assert len(str(refused.value)) < 400
 
 
 def test_the_buckets_updates_lock_no_row_for_a_trigger(conn: psycopg.Connection[Any]) -> None:

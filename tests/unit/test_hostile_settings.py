@@ -68,7 +68,7 @@ ENGINE_VALUES: dict[str, list[str]] = {
     "CONVEYOR_ANALYZE_MAX_ATTEMPTS": ["99999999999999", "0"],
     "CONVEYOR_ANALYZE_MAX_IN_FLIGHT": ["1000001", "-1", "1.5", "inf"],
     "CONVEYOR_LIMIT_OPENAI_GPT_4O_MAX_IN_FLIGHT": ["1000001", "-1", "1.5", "nan", "many"],
-    "CONVEYOR_LIMIT_OPENAI_GPT_4O_RPM": ["0", "-1", "1e308", "inf", "nan", "fast"],
+    "CONVEYOR_LIMIT_OPENAI_GPT_4O_RPM": ["0", "-1", "1e-12", "1e308", "inf", "nan", "fast"],
     "CONVEYOR_LIMIT_OPENAI_GPT_4O_TPM": ["0", "1e13", f"1{BAD_UTF8}"],
 }
 AGENT_VALUES: dict[str, list[str]] = {

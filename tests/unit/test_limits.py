@@ -36,6 +36,8 @@ def test_env_names_of_keys() -> None:
         {"key": "k", "max_in_flight": -1},
         {"key": "k", "max_in_flight": 1.5},
         {"key": "k", "requests_per_minute": 0},
+        {"key": "k", "requests_per_minute": 1e-12},  # its bucket's intervals would overflow
+        {"key": "k", "tokens_per_minute": 5e-324},
         {"key": "k", "requests_per_minute": float("nan")},
         {"key": "k", "tokens_per_minute": float("inf")},
     ],
