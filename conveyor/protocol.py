@@ -8,7 +8,6 @@ from __future__ import annotations
 import socket
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager, nullcontext
-from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
@@ -28,53 +27,13 @@ from conveyor.batch_arrays import (
     usage_arrays,
     uuid_array,
 )
-from conveyor.fan_out import Child, Spawn
+from conveyor.fan_out import Child
 from conveyor.flow_control import FlowControl, Room
-from conveyor.handler_run import Usage, Write
+from conveyor.handler_run import Write
 from conveyor.pipeline import Pipeline, Stage
+from conveyor.results import Applied, Failure, Success
 from conveyor.server_json import ClaimedRow, json_from_server
 from conveyor.spawning import store_fan_outs
-
-
-@dataclass(slots=True)
-class Success:
-    run_id: UUID
-    attempt: int
-    output_json: str
-    started_epoch: float
-    duration: float
-    # What the handler recorded with Run.record_usage, kept on the run's event.
-    usage: Usage | None = None
-    # Handed over with Run.write: executed with this output, and only if it is stored.
-    writes: tuple[Write, ...] = ()
-    # Where the handler sent the run (Route); None: the stage's `produces`.
-    target: str | None = None
-    # The child runs it creates (FanOut), stored with its output; the run then waits for them.
-    spawn: Spawn | None = None
-
-
-@dataclass(slots=True)
-class Failure:
-    run_id: UUID
-    attempt: int
-    error: str
-    # None: out of attempts, the run becomes FAILED.
-    retry_in: float | None
-    started_epoch: float
-    duration: float
-    # False for a run sent back to wait for a limit (Throttled): its attempt is not counted.
-    counted: bool = True
-    # What the handler recorded with Run.record_usage before it failed: kept on the event, so
-    # that budgets count what failed attempts spent.
-    usage: Usage | None = None
-
-
-@dataclass(frozen=True)
-class Applied:
-    completed: int
-    retried: int
-    failed: int
-    refused: int  # lease lost or attempt stale: the result was discarded
 
 
 class StageProtocol:

@@ -186,7 +186,7 @@ async def _noop(run: Any) -> dict[str, Any]:
     return {}
 
 
-def unstarted_worker(sweep_interval: float = 5.0) -> Any:
+def unstarted_worker() -> Any:
     """A Worker for a one-stage no-op pipeline, built and never run: nothing connects until it
     runs, so its parts can be driven one at a time."""
     # Imported here: every other helper drives conveyor from outside, as a process.
@@ -195,5 +195,5 @@ def unstarted_worker(sweep_interval: float = 5.0) -> Any:
     from conveyor.worker.loop import Worker
 
     pipeline = Pipeline("unstarted", [Stage("only", _noop, "NEW", "DONE")])
-    settings = Settings.from_env({"CONVEYOR_SWEEP_INTERVAL": str(sweep_interval)})
+    settings = Settings.from_env({})
     return Worker(settings, pipeline, pipeline.stages[0], url="postgresql://nobody@127.0.0.1:9/x")

@@ -17,7 +17,8 @@ import psycopg
 from structlog.typing import FilteringBoundLogger
 
 from conveyor.db import brief
-from conveyor.protocol import Applied, Failure, StageProtocol, Success
+from conveyor.protocol import StageProtocol
+from conveyor.results import Applied, Failure, Success
 from conveyor.worker.database_errors import DB_ERRORS, DatabaseErrors
 from conveyor.worker.tally import StageTally
 

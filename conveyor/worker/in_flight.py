@@ -23,7 +23,7 @@ from conveyor.handler_run import Run
 from conveyor.limits import FlowHandle
 from conveyor.logs import current_run
 from conveyor.pipeline import Pipeline, Stage
-from conveyor.protocol import Failure, Success
+from conveyor.results import Failure, Success
 from conveyor.server_json import ClaimedRow, Undecodable
 from conveyor.worker.completer import Completer
 from conveyor.worker.runner import run_handler

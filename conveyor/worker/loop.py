@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import random
 import signal
 import time
 import uuid
@@ -44,13 +43,12 @@ from conveyor.worker.hand_offs import HAND_OFF, HandOffs
 from conveyor.worker.heartbeat import Heartbeat
 from conveyor.worker.in_flight import InFlight
 from conveyor.worker.liveness import LivenessSlot
+from conveyor.worker.sweep_timer import SweepTimer
 from conveyor.worker.tally import StageTally
 from conveyor.worker.task_ends import cancelled
 
 log = structlog.get_logger("conveyor.worker")
 
-# The supervisor's liveness probe wants to see the loop turn at least this often.
-_LIVENESS_TICK = 1.0
 POOL_WAIT_SECONDS = 5.0
 
 
@@ -87,7 +85,6 @@ class Worker:
         self.channel = wake_channel(settings.schema, pipeline.name, stage.consumes)
         self.failed = False  # a side task died: the process exits non-zero, to be restarted
         self.stopping = asyncio.Event()
-        self._next_sweep_at = 0.0
         self._labels = (pipeline.name, stage.name)
         self._log = log.bind(pipeline=pipeline.name, stage=stage.name, worker=self.worker_id)
         # A "run finished" line per run is built only when INFO is logged at all.
@@ -221,6 +218,12 @@ class Worker:
             errors=errors,
             log=self._log,
         )
+        self._sweep_timer = SweepTimer(
+            self.listener,
+            sweep_interval=self.settings.sweep_interval,
+            sweep=self._dispatcher.sweep,
+            liveness=self.liveness,
+        )
 
     async def run(self) -> None:
         # Every line this process logs (psycopg's too) says which worker it comes from.
@@ -246,7 +249,7 @@ class Worker:
         )
         helpers = [
             asyncio.create_task(self.listener.run(), name="listener"),
-            asyncio.create_task(self._sweep_timer(), name="sweep"),
+            asyncio.create_task(self._sweep_timer.run_forever(), name="sweep"),
             asyncio.create_task(self._heartbeat.beat_forever(), name="heartbeat"),
             asyncio.create_task(self._hand_offs.not_waiting_while_deaf(), name="deaf"),
         ]
@@ -328,30 +331,6 @@ class Worker:
             if not self._dispatcher.take_hand_off(payload[len(self._hand_off_prefix) :]):
                 return  # taken with slots left, or refused: nothing to claim
         self._wake.set()
-
-    async def _sweep_timer(self) -> None:
-        """Claim on a jittered timer even without a notification: the bound on anything missed.
-        While the listener is down or unproven the sweep tightens to at most a second."""
-        while True:
-            healthy = self.listener.connected.is_set()
-            if self.liveness is not None:
-                self.liveness.tick()
-                self.liveness.set_listening(healthy)
-            await asyncio.sleep(min(self._sweep_interval(healthy), _LIVENESS_TICK))
-            # As the listener is now: one that has just connected does not tighten the sweep.
-            healthy = self.listener.connected.is_set()
-            interval = self._sweep_interval(healthy)
-            if time.monotonic() >= self._next_sweep_at or not healthy:
-                self._next_sweep_at = time.monotonic() + interval
-                self._dispatcher.sweep()
-
-    def _sweep_interval(self, healthy: bool) -> float:
-        """The sweep interval, jittered by 20% either way; at most a second while the listener
-        is down or unproven."""
-        interval = (
-            self.settings.sweep_interval if healthy else min(self.settings.sweep_interval, 1.0)
-        )
-        return interval * random.uniform(0.8, 1.2)
 
     async def _watch_parent(self) -> None:
         """A worker whose supervisor died exits instead of running on orphaned."""

@@ -14,7 +14,7 @@ from conveyor.fan_out import MAX_INPUT_BYTES, FanOut, Spawn, fan_out_problem
 from conveyor.handler_run import Run
 from conveyor.limits import BudgetExceeded, Throttled
 from conveyor.pipeline import PermanentError, Stage
-from conveyor.protocol import Failure, Success
+from conveyor.results import Failure, Success
 from conveyor.routes import Route, undeclared
 from conveyor.urls import redact
 from conveyor.worker.deadlines import for_running_loop

@@ -17,8 +17,9 @@ from conveyor import Run, runs
 from conveyor.agents import build_pipeline
 from conveyor.agents.config import AgentConfig
 from conveyor.agents.ingest import bundled_corpus, ingest
-from conveyor.protocol import StageProtocol, Success
+from conveyor.protocol import StageProtocol
 from conveyor.reference import NAME
+from conveyor.results import Success
 from conveyor.worker.runner import run_handler
 from tests.agents.conftest import run_async, run_stages
 from tests.helpers import fetch_all

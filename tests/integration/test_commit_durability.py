@@ -12,7 +12,8 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from conveyor.pipeline import Pipeline, Stage
-from conveyor.protocol import Failure, StageProtocol, Success
+from conveyor.protocol import StageProtocol
+from conveyor.results import Failure, Success
 
 
 async def _noop(run: Any) -> dict[str, Any]:

@@ -16,7 +16,8 @@ import pytest
 from psycopg_pool import AsyncConnectionPool
 
 from conveyor import Pipeline, Run, Stage, queries
-from conveyor.protocol import Failure, StageProtocol, Success
+from conveyor.protocol import StageProtocol
+from conveyor.results import Failure, Success
 from conveyor.server_json import ClaimedRow
 from conveyor.settings import Settings
 from conveyor.worker.loop import Worker

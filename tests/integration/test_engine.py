@@ -127,7 +127,8 @@ def test_stale_completion_is_refused_and_counted(database_url: str) -> None:
     from psycopg_pool import AsyncConnectionPool
 
     from conveyor.maintenance import Maintenance
-    from conveyor.protocol import StageProtocol, Success
+    from conveyor.protocol import StageProtocol
+    from conveyor.results import Success
     from conveyor.settings import Settings
     from tests.pipelines import chain
 

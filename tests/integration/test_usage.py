@@ -11,7 +11,8 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from conveyor import Pipeline, Run, Stage
-from conveyor.protocol import Failure, StageProtocol, Success
+from conveyor.protocol import StageProtocol
+from conveyor.results import Failure, Success
 from conveyor.worker.runner import run_handler
 from tests.helpers import fetch_all
 

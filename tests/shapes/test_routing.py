@@ -11,7 +11,8 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from conveyor import Pipeline, PipelineError, Route, Run, Stage
-from conveyor.protocol import Applied, StageProtocol, Success
+from conveyor.protocol import StageProtocol
+from conveyor.results import Applied, Success
 from tests.helpers import ConveyorProcess, fetch_all, scalar, wait_until
 
 Start = Callable[..., ConveyorProcess]

@@ -13,7 +13,7 @@ from typing import Any, cast
 import psycopg
 
 from conveyor import metrics
-from conveyor.protocol import Applied, Failure, Success
+from conveyor.results import Applied, Failure, Success
 from conveyor.worker.completer import Completer
 from conveyor.worker.tally import StageTally
 from tests.helpers import unstarted_worker

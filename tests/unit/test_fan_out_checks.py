@@ -8,7 +8,7 @@ from typing import Any
 from uuid import uuid4
 
 from conveyor import FanOut, Pipeline, PipelineError, Run, Stage
-from conveyor.protocol import Failure, Success
+from conveyor.results import Failure, Success
 from conveyor.worker.runner import run_handler
 
 

@@ -139,7 +139,7 @@ def test_the_agents_import_only_the_public_api() -> None:
 
 
 def test_no_engine_type_carries_an_llm_field() -> None:
-    from conveyor.protocol import Success
+    from conveyor.results import Success
 
     for cls in (Run, Success, Usage):
         fields = {name.lower() for name in getattr(cls, "__slots__", ())} | set(

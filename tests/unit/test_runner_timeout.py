@@ -8,7 +8,7 @@ from typing import Any
 
 from conveyor.handler_run import Run
 from conveyor.pipeline import Stage
-from conveyor.protocol import Failure, Success
+from conveyor.results import Failure, Success
 from conveyor.worker.runner import run_handler
 
 

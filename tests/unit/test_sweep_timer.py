@@ -5,28 +5,40 @@ tightened interval for one more sweep: an idle worker that has just started swee
 from __future__ import annotations
 
 import asyncio
+from typing import Any, cast
 
 import pytest
 
-from conveyor.worker import loop
-from tests.helpers import unstarted_worker
+from conveyor.worker import sweep_timer
+from conveyor.worker.sweep_timer import SweepTimer
+
+
+class _Listener:
+    def __init__(self) -> None:
+        self.connected = asyncio.Event()
 
 
 def _sweeps(monkeypatch: pytest.MonkeyPatch, *, connect_after: float | None, watch: float) -> int:
-    """How many times an idle worker's sweep timer claims in `watch` seconds, its listener
-    connecting after `connect_after` seconds (None: never), with a tick of 50 ms."""
-    monkeypatch.setattr(loop, "_LIVENESS_TICK", 0.05)
-    worker = unstarted_worker()
+    """How many times an idle worker's sweep timer (a sweep interval of 5 s) claims in `watch`
+    seconds, its listener connecting after `connect_after` seconds (None: never), with a tick
+    of 50 ms."""
+    monkeypatch.setattr(sweep_timer, "LIVENESS_TICK", 0.05)
     sweeps: list[float] = []
-    monkeypatch.setattr(worker._dispatcher, "sweep", lambda: sweeps.append(0.0))
 
     async def scenario() -> None:
-        timer = asyncio.create_task(worker._sweep_timer())
+        listener = _Listener()
+        timer = SweepTimer(
+            cast(Any, listener),
+            sweep_interval=5.0,
+            sweep=lambda: sweeps.append(0.0),
+            liveness=None,
+        )
+        running = asyncio.create_task(timer.run_forever())
         if connect_after is not None:
             await asyncio.sleep(connect_after)
-            worker.listener.connected.set()
+            listener.connected.set()
         await asyncio.sleep(watch)
-        timer.cancel()
+        running.cancel()
 
     asyncio.run(scenario())
     return len(sweeps)
