@@ -43,8 +43,9 @@ def seed_history(
                     INSERT INTO {table}
                            (id, pipeline, status, input, outputs, created_at, updated_at,
                             finished_at, last_error)
-                    SELECT ('00000000-0000-4000-8000-' || lpad(to_hex(%(offset)s + n), 12, '0'))
-                               ::uuid,
+                    SELECT (lpad(to_hex(floor(extract(epoch FROM t.at - interval '3 seconds')
+                                              * 1000)::bigint), 12, '0')
+                            || '7' || lpad(to_hex(%(offset)s + n), 19, '0'))::uuid,
                            'agents', s.status, jsonb_build_object('question', 'seeded ' || n),
                            '{{}}', t.at - interval '3 seconds', t.at, t.at,
                            CASE WHEN s.status = 'FAILED' THEN 'seeded failure' END
@@ -66,7 +67,8 @@ def seed_history(
                 {
                     "count": finished,
                     "span": HISTORY_DAYS * 86400.0,
-                    # ordered ids append at the primary key's right edge: seeding stays fast
+                    # time-ordered ids, as uuid_v7 makes them (the creation time's
+                    # milliseconds first), append at the primary key's right edge
                     "offset": first[0] if first else 0,
                 },
             )

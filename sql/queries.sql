@@ -787,7 +787,8 @@ SELECT id FROM @schema@.prune_finished(%(older_than_seconds)s, %(pipeline)s::tex
 --   stopped after %(sample)s rows: throughput and failures per stage over the span they cover;
 -- * FAILED runs through pipeline_runs_failed, counted up to %(failed_cap)s ("10,000+" beyond);
 -- * live workers from the small unlogged registry (expired rows are gone processes);
--- * the latest runs through pipeline_runs_created; the total is the planner's estimate.
+-- * the latest runs through the primary key (ids are time-ordered); the total is the
+--   planner's estimate.
 WITH live AS (
     SELECT worker_id, pipeline, stage, hostname, pid, started_at, heartbeat_at, waiting,
            extract(epoch FROM now() - heartbeat_at)::float8 AS beat_age_seconds
@@ -826,7 +827,7 @@ WITH live AS (
 ), latest AS (
     SELECT id, pipeline, status, created_at, updated_at, left(input::text, 160) AS input_preview
       FROM @schema@.pipeline_runs
-     ORDER BY created_at DESC, id DESC
+     ORDER BY id DESC
      LIMIT %(latest)s
 )
 SELECT now() AS generated_at,
@@ -850,15 +851,19 @@ SELECT now() AS generated_at,
            AS failed,
        (SELECT coalesce(json_agg(w ORDER BY w.pipeline, w.stage, w.worker_id), '[]') FROM live w)
            AS workers,
-       (SELECT coalesce(json_agg(r ORDER BY r.created_at DESC, r.id DESC), '[]') FROM latest r)
+       (SELECT coalesce(json_agg(r ORDER BY r.id DESC), '[]') FROM latest r)
            AS latest,
        (SELECT greatest(reltuples, 0)::bigint FROM pg_class
          WHERE oid = '@schema@.pipeline_runs'::regclass)
            AS runs_estimate;
 
 -- console_runs --
--- One page of the runs list, newest first, keyset-paged on (created_at, id) through
--- pipeline_runs_created: no OFFSET, so a deep page costs what the first one costs. A NULL
+-- One page of the runs list, newest first, keyset-paged on the id through the primary key:
+-- no OFFSET, so a deep page costs what the first one costs. Ids conveyor gives are time-ordered
+-- (uuid_v7, from the clock of the inserting transaction), so id order is creation order; a run
+-- inserted with an id of the submitter's own is listed where that id sorts. `since` bounds the
+-- id as well as created_at (the id's first 48 bits are its creation time in milliseconds), so
+-- that the scan stops at the first older run instead of walking the rest of history. A NULL
 -- parameter is no filter; the console sends these unprepared, so each is planned with its
 -- values and the unused conditions fold away. `failed_stage` keeps FAILED runs whose last
 -- event was in that stage (where `retry` would start them again).
@@ -869,14 +874,14 @@ SELECT r.id, r.pipeline, r.status, r.priority, r.attempt, r.created_at, r.update
  WHERE (%(pipeline)s::text IS NULL OR r.pipeline = %(pipeline)s)
    AND (%(statuses)s::text[] IS NULL OR r.status = ANY(%(statuses)s::text[]))
    AND (%(idempotency_key)s::text IS NULL OR r.idempotency_key = %(idempotency_key)s)
-   AND (%(since)s::timestamptz IS NULL OR r.created_at >= %(since)s)
-   AND (%(before_at)s::timestamptz IS NULL
-        OR (r.created_at, r.id) < (%(before_at)s::timestamptz, %(before_id)s::uuid))
+   AND (%(since)s::timestamptz IS NULL
+        OR (r.created_at >= %(since)s AND r.id >= %(since_id)s::uuid))
+   AND (%(before_id)s::uuid IS NULL OR r.id < %(before_id)s)
    AND (%(failed_stage)s::text IS NULL
         OR (SELECT e.stage FROM @schema@.run_events e
              WHERE e.run_id = r.id AND e.stage IS NOT NULL
              ORDER BY e.id DESC LIMIT 1) = %(failed_stage)s)
- ORDER BY r.created_at DESC, r.id DESC
+ ORDER BY r.id DESC
  LIMIT %(limit)s;
 
 -- live_workers --

@@ -670,7 +670,6 @@ CREATE INDEX memory_namespace ON conveyor.memory USING btree (namespace, kind, c
 CREATE INDEX memory_search ON conveyor.memory USING gin (search);
 CREATE UNIQUE INDEX pipeline_runs_children ON conveyor.pipeline_runs USING btree (parent_id, child_index) WHERE (parent_id IS NOT NULL);
 CREATE INDEX pipeline_runs_claimable ON conveyor.pipeline_runs USING btree (pipeline, status, priority DESC, run_after) WHERE (finished_at IS NULL);
-CREATE INDEX pipeline_runs_created ON conveyor.pipeline_runs USING btree (created_at, id);
 CREATE INDEX pipeline_runs_failed ON conveyor.pipeline_runs USING btree (pipeline, finished_at) WHERE (status = 'FAILED'::text);
 CREATE INDEX pipeline_runs_finished ON conveyor.pipeline_runs USING btree (finished_at) WHERE (finished_at IS NOT NULL);
 CREATE UNIQUE INDEX pipeline_runs_idempotency ON conveyor.pipeline_runs USING btree (pipeline, idempotency_key) WHERE (idempotency_key IS NOT NULL);

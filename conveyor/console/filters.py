@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import re
 from collections.abc import Mapping
@@ -12,13 +11,13 @@ from typing import Any
 from urllib.parse import urlencode
 from uuid import UUID
 
-from conveyor.console.decoding import OutOfRange, sql_timestamp, timestamp_text
 from conveyor.pipeline import Pipeline
 from conveyor.settings import parse_duration
 
 _PIPELINE = re.compile(r"^[a-z][a-z0-9_]{0,30}$")
 _STATUS = re.compile(r"^[A-Z][A-Z0-9_]{0,30}$")
 SINCE_CHOICES = ("15m", "1h", "24h", "7d", "30d")
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 class FilterError(ValueError):
@@ -32,8 +31,7 @@ class RunFilter:
     status: str | None = None
     since: str | None = None  # a duration ("1h") or an ISO timestamp
     key: str | None = None  # idempotency key
-    before_at: datetime | None = None  # the keyset cursor: rows strictly older than this
-    before_id: UUID | None = None
+    before_id: UUID | None = None  # the keyset cursor: runs listed after this one
     # Set by bulk actions: only these statuses, whatever the filter says.
     only_statuses: tuple[str, ...] | None = None
 
@@ -53,29 +51,28 @@ class RunFilter:
         since = value("since")
         if since is not None:
             _since_timestamp(since)  # validate now, not at query time
-        before_at, before_id = decode_cursor(value("cursor"))
+        before_id = decode_cursor(value("cursor"))
         return cls(
             pipeline=pipeline,
             stage=value("stage"),
             status=status.upper() if status else None,
             since=since,
             key=value("key"),
-            before_at=before_at,
             before_id=before_id,
         )
 
-    def after(self, created_at: datetime, run_id: UUID) -> RunFilter:
-        return dataclasses.replace(self, before_at=created_at, before_id=run_id)
+    def after(self, run_id: UUID) -> RunFilter:
+        return dataclasses.replace(self, before_id=run_id)
 
     def first_page(self) -> RunFilter:
-        return dataclasses.replace(self, before_at=None, before_id=None)
+        return dataclasses.replace(self, before_id=None)
 
     def restricted_to(self, statuses: tuple[str, ...]) -> RunFilter:
         return dataclasses.replace(self, only_statuses=statuses)
 
     @property
     def is_first_page(self) -> bool:
-        return self.before_at is None
+        return self.before_id is None
 
     def parameters(self, pipeline: Pipeline) -> dict[str, Any]:
         """The named parameters of `console_runs`."""
@@ -101,12 +98,13 @@ class RunFilter:
                 if statuses is None
                 else [s for s in statuses if s in self.only_statuses]
             )
+        since = _since_timestamp(self.since) if self.since else None
         return {
             "pipeline": run_pipeline,
             "statuses": statuses,
             "idempotency_key": self.key,
-            "since": _since_timestamp(self.since) if self.since else None,
-            "before_at": sql_timestamp(self.before_at) if self.before_at else None,
+            "since": since,
+            "since_id": first_id_at(since) if since else None,
             "before_id": self.before_id,
             "failed_stage": failed_stage,
         }
@@ -133,34 +131,24 @@ class RunFilter:
         }
 
 
-def encode_cursor(created_at: datetime, run_id: UUID) -> str:
-    at = created_at.shown if isinstance(created_at, OutOfRange) else created_at.isoformat()
-    raw = f"{at}|{run_id}".encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+def encode_cursor(run_id: UUID) -> str:
+    return str(run_id)
 
 
-def decode_cursor(text: str | None) -> tuple[datetime | None, UUID | None]:
+def decode_cursor(text: str | None) -> UUID | None:
     if text is None:
-        return None, None
+        return None
     try:
-        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode()
-        at, _, run_id = raw.partition("|")
-        return _cursor_time(at), UUID(run_id)
+        return UUID(text)
     except ValueError:
         raise FilterError("cursor is not one this console issued") from None
 
 
-def _cursor_time(text: str) -> datetime:
-    try:
-        created_at = datetime.fromisoformat(text)
-    except ValueError:
-        beyond = timestamp_text(text)  # 'infinity', after 9999: as PostgreSQL wrote it
-        if beyond is None:
-            raise
-        return beyond
-    if created_at.tzinfo is None:
-        raise ValueError("naive timestamp")
-    return created_at
+def first_id_at(at: datetime) -> UUID:
+    """The smallest time-ordered id (uuid_v7) a run created at `at` or later can have: its first
+    48 bits are the milliseconds since the epoch, the rest zero (the nil id before 1970)."""
+    milliseconds = (at - _EPOCH) // timedelta(milliseconds=1)
+    return UUID(int=max(0, milliseconds) << 80)
 
 
 def _since_timestamp(text: str) -> datetime:

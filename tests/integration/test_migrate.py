@@ -211,4 +211,6 @@ def test_a_migration_aborted_to_break_a_deadlock_is_tried_again(empty_database: 
         worker.commit()
     upgrading.join(60)
     assert "error" not in outcome, outcome.get("error")
-    assert [name[:3] for name in outcome["applied"]] == ["019", "020"]
+    assert [name[:3] for name in outcome["applied"][:2]] == ["019", "020"]
+    with psycopg.connect(empty_database) as conn:
+        assert migrate.is_current(conn, "conveyor")
