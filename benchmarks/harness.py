@@ -31,6 +31,7 @@ PIPELINES = {
     "fan": "benchmarks.pipelines:fan",
 }
 OBSERVER_TRIGGERS = ("pipeline_events_insert", "pipeline_events_update")
+BATCH = 50  # (a)'s claim size, as the no-op pipelines declare it, with twice as many slots
 WAKE_TRIGGER = "wake_waiting_workers"
 
 
@@ -340,6 +341,14 @@ def running(db: BenchDatabase, args: list[str], *, pipeline: str, **env: str) ->
         yield process
     finally:
         process.stop()
+
+
+def batch_settings(batch: int) -> dict[str, str]:
+    """The environment of an `only` stage's worker that claims up to `batch` runs, with twice as
+    many slots: none for (a)'s own size, which the pipelines declare."""
+    if batch == BATCH:
+        return {}
+    return {"CONVEYOR_ONLY_BATCH": str(batch), "CONVEYOR_ONLY_CONCURRENCY": str(2 * batch)}
 
 
 def pgbench_path() -> Path:

@@ -25,8 +25,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from benchmarks.harness import (
+    BATCH,
     BenchDatabase,
     Scale,
+    batch_settings,
     fill,
     measure_rate,
     running,
@@ -37,7 +39,6 @@ from benchmarks.procstat import rss_megabytes
 from benchmarks.report import ratio
 
 COMMAND = "python -m benchmarks.throughput"
-BATCH = 50  # (a)'s claim size, as the no-op pipeline declares it, with twice as many slots
 _RATE_GUESS = 30_000  # queue for this rate, so that a fast worker never runs dry
 # --limits, --versus-batch: seconds counted per figure, and ABBA blocks (two pairs each)
 _PAIRED_WINDOW = 6.0
@@ -67,11 +68,6 @@ def single(
     """One `conveyor worker` process for a one-stage no-op pipeline: claims of up to `batch`
     runs, twice as many slots (batch 50 and 100 slots as the pipeline declares them); runs
     with an input of `input_kb` kB (else `{}`)."""
-    sized = (
-        {}
-        if batch == BATCH
-        else {"CONVEYOR_ONLY_BATCH": str(batch), "CONVEYOR_ONLY_CONCURRENCY": str(2 * batch)}
-    )
     with db.connect() as conn:
         db.reset(conn)
         set_observer(conn, on=observer)
@@ -86,7 +82,7 @@ def single(
             pipeline=pipeline,
             CONVEYOR_LOG_LEVEL=log_level,
             CONVEYOR_LOG_FORMAT="json",
-            **sized,
+            **batch_settings(batch),
         ) as worker:
             rate = measure_rate(conn, scale, pids=(worker.pid,))
             rss = rss_megabytes(worker.pid)

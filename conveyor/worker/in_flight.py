@@ -26,6 +26,7 @@ from conveyor.pipeline import Pipeline, Stage
 from conveyor.results import Failure, Success
 from conveyor.server_json import ClaimedRow, Undecodable
 from conveyor.worker.completer import Completer
+from conveyor.worker.deadlines import Deadlines, for_running_loop
 from conveyor.worker.runner import run_handler
 from conveyor.worker.tally import StageTally
 
@@ -69,12 +70,19 @@ class InFlight:
         self._log_runs = log_runs  # a "run finished" line per run only when INFO is logged
         # Called when the last run in flight has ended (Dispatcher._offer_slots_again).
         self.on_idle: Callable[[], None] | None = None
+        # The worker's loop and its deadlines, known from the first start on.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._deadlines: Deadlines | None = None
 
     def start(self, rows: list[ClaimedRow], *, by_timer: bool) -> bool:
         """Run the handler of every run claimed or handed to this worker; fail at once, with
         the reason, a run whose stored values cannot be read here. Whether a rescued run was
         started (it then runs alone)."""
         rescued_started = False
+        loop = self._loop
+        if loop is None:  # the first start, in the worker's loop
+            loop = self._loop = asyncio.get_running_loop()
+            self._deadlines = for_running_loop()
         for run_id, run_input, outputs, attempt, _waited, rescued in rows:
             self.held.add(run_id)
             unreadable = _unreadable(run_input, outputs)
@@ -86,7 +94,7 @@ class InFlight:
             run = Run(run_id, self._pipeline_name, self._stage.name, run_input, outputs, attempt)
             if self._flow is not None:
                 run._flow = self._flow
-            self.tasks[run_id] = asyncio.create_task(self._execute(run))
+            self.tasks[run_id] = loop.create_task(self._execute(run))
             rescued_started = rescued_started or rescued
         if rows:
             tally = self._tally
@@ -110,8 +118,13 @@ class InFlight:
         # while handling the run carries its id and attempt.
         current_run.set((run.id, run.attempt))
         started = time.perf_counter()
+        # This task, as start() stored it before the task first ran (looked up here rather
+        # than with asyncio.current_task(): see run_handler).
+        task = self.tasks[run.id]
         try:
-            outcome = await self._children_unread(run) or await run_handler(self._stage, run)
+            outcome = await self._children_unread(run) or await run_handler(
+                self._stage, run, task=task, deadlines=self._deadlines
+            )
         except asyncio.CancelledError:
             if run.id in self.taken_away:  # cancelled, rescued or released: no result
                 self.taken_away.discard(run.id)

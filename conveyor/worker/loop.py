@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -395,6 +396,9 @@ def run_worker(
         maintain=maintain,
         replaces_pid=replaces_pid,
     )
+    # Everything made so far (modules, the pipeline, settings) lives as long as the process:
+    # out of the collector's sight, a full collection no longer walks it again and again.
+    gc.freeze()
     asyncio.run(worker.run())
     if worker.failed:
         raise SystemExit(1)

@@ -17,7 +17,7 @@ from conveyor.pipeline import PermanentError, Stage
 from conveyor.results import Failure, Success
 from conveyor.routes import Route, undeclared
 from conveyor.urls import redact
-from conveyor.worker.deadlines import for_running_loop
+from conveyor.worker.deadlines import Deadlines, for_running_loop
 
 _MAX_ERROR_CHARS = 4000
 # NaN/Infinity are not JSON. One encoder for every output: json.dumps with an option set builds
@@ -32,12 +32,23 @@ class OutputError(Exception):
     it, so the run fails at once, with this one line as its error."""
 
 
-async def run_handler(stage: Stage, run: Run) -> Success | Failure:
+async def run_handler(
+    stage: Stage,
+    run: Run,
+    *,
+    task: asyncio.Task[Any] | None = None,
+    deadlines: Deadlines | None = None,
+) -> Success | Failure:
+    """Run `stage`'s handler for `run` in `task` (the current one, by default), which it may
+    cancel when the stage's timeout passes. A worker passes its task and its loop's deadlines:
+    on Python 3.11 each look-up of the running loop is a getpid() system call."""
     started = time.time()
     t0 = time.perf_counter()
-    task = asyncio.current_task()
-    assert task is not None, "runs in a task of its own"
-    deadlines = for_running_loop()
+    if task is None:
+        task = asyncio.current_task()
+        assert task is not None, "runs in a task of its own"
+    if deadlines is None:
+        deadlines = for_running_loop()
     slice_ = deadlines.watch(task, stage.timeout)
     try:
         if stage.is_async:
