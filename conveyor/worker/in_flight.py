@@ -85,7 +85,8 @@ class InFlight:
             self._deadlines = for_running_loop()
         for run_id, run_input, outputs, attempt, _waited, rescued in rows:
             self.held.add(run_id)
-            unreadable = _unreadable(run_input, outputs)
+            readable = type(run_input) is dict and type(outputs) is dict
+            unreadable = None if readable else _unreadable(run_input, outputs)
             if unreadable is not None:
                 self._log.error("run cannot be read; failed", run_id=str(run_id), error=unreadable)
                 self._failures.append(Failure(run_id, attempt, unreadable, None, time.time(), 0.0))

@@ -284,3 +284,13 @@ def test_an_llm_request_that_cannot_be_sent_is_a_clean_failure_without_the_key()
         with pytest.raises(LLMUnavailable) as failed:
             asyncio.run(router.chat(run, [{"role": "user", "content": "hi"}]))
         assert SECRET not in str(failed.value) and "\n" not in str(failed.value)
+
+
+def test_an_empty_output_is_an_empty_object_and_a_dict_subclass_is_checked() -> None:
+    class Ordered(dict[Any, Any]):
+        pass
+
+    assert output_json("emit", {}) == "{}"
+    assert output_json("emit", Ordered(a=1)) == '{"a": 1}'
+    with pytest.raises(OutputError, match="a key of type int"):
+        output_json("emit", Ordered({1: "a"}))

@@ -39,3 +39,11 @@ def test_json_nested_deeper_than_python_recurses_is_undecodable() -> None:
 
 def test_text_that_is_not_utf8_is_undecodable() -> None:
     assert isinstance(json_from_server(b"\xff"), Undecodable)
+
+
+def test_every_empty_object_read_is_a_new_one() -> None:
+    """A handler may fill the dict it is given: the next run's must still be empty."""
+    for data in (b"{}", memoryview(b"{}"), "{}"):
+        first = json_from_server(data)
+        first["written"] = True
+        assert json_from_server(data) == {} and json_from_server(data) is not first
