@@ -481,7 +481,16 @@ END
 $$;
 CREATE FUNCTION conveyor.uuid_v7() RETURNS uuid
     LANGUAGE sql PARALLEL SAFE
-    AS $$SELECT pg_catalog.uuidv7()$$;
+    AS $$
+    SELECT encode(
+        set_bit(set_bit(
+            overlay(uuid_send(gen_random_uuid())
+                    PLACING substring(int8send(floor(extract(epoch FROM clock_timestamp())
+                                                      * 1000)::bigint) FROM 3)
+                    FROM 1 FOR 6),
+            52, 1), 53, 1),
+        'hex')::uuid
+$$;
 CREATE FUNCTION conveyor.wake_waiting_workers() RETURNS trigger
     LANGUAGE plpgsql SECURITY DEFINER
     AS $$

@@ -31,27 +31,3 @@ def test_new_runs_get_time_ordered_version_7_ids(
     assert before_ms - 1000 <= min(stamps) <= max(stamps) <= after_ms + 1000
     assert stamps == sorted(stamps)  # within a statement, in creation order
     assert later is not None and later[0] > max(ids)  # a later insert sorts after
-
-
-def test_ids_come_from_postgresqls_own_uuidv7_where_the_server_has_it(
-    conn: psycopg.Connection[tuple[object, ...]],
-) -> None:
-    native = conn.execute("SELECT to_regprocedure('pg_catalog.uuidv7()') IS NOT NULL").fetchone()
-    body = conn.execute(
-        "SELECT prosrc FROM pg_proc WHERE oid = 'conveyor.uuid_v7()'::regprocedure"
-    ).fetchone()
-    assert native is not None and body is not None
-    ids = [
-        row[0]
-        for row in conn.execute(
-            "INSERT INTO conveyor.pipeline_runs (pipeline)"
-            " SELECT 'agents' FROM generate_series(1, 2000) RETURNING id"
-        ).fetchall()
-    ]
-    if native[0]:
-        assert "uuidv7()" in str(body[0])
-        # PostgreSQL's counts within the millisecond: one session's ids always increase
-        assert ids == sorted(ids) and len(set(ids)) == len(ids)
-    else:
-        assert "gen_random_uuid" in str(body[0])  # 006's function, on an older server
-    assert all(isinstance(i, uuid.UUID) and i.version == 7 for i in ids)
