@@ -95,7 +95,9 @@ class InFlight:
             run = Run(run_id, self._pipeline_name, self._stage.name, run_input, outputs, attempt)
             if self._flow is not None:
                 run._flow = self._flow
-            self.tasks[run_id] = loop.create_task(self._execute(run))
+            handle: list[asyncio.Task[None]] = []  # the task, for the task itself
+            task = self.tasks[run_id] = loop.create_task(self._execute(run, handle))
+            handle.append(task)
             rescued_started = rescued_started or rescued
         if rows:
             tally = self._tally
@@ -114,14 +116,13 @@ class InFlight:
             self.taken_away.add(run_id)
             task.cancel()
 
-    async def _execute(self, run: Run) -> None:
+    async def _execute(self, run: Run, handle: list[asyncio.Task[None]]) -> None:
         # This task's context (and the handler's thread, which copies it): every line logged
         # while handling the run carries its id and attempt.
         current_run.set((run.id, run.attempt))
         started = time.perf_counter()
-        # This task, as start() stored it before the task first ran (looked up here rather
-        # than with asyncio.current_task(): see run_handler).
-        task = self.tasks[run.id]
+        # This task, as start() made it (not asyncio.current_task(): see run_handler).
+        (task,) = handle
         try:
             outcome = await self._children_unread(run) or await run_handler(
                 self._stage, run, task=task, deadlines=self._deadlines

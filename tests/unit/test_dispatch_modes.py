@@ -305,3 +305,25 @@ def test_a_hand_off_of_a_run_still_held_is_given_back_and_of_one_being_released_
         assert dispatcher._in_flight.tasks == {}  # neither started
 
     asyncio.run(scenario())
+
+
+def test_a_run_started_again_while_its_first_task_ends_runs_both_to_their_results() -> None:
+    """A claim does not look at what runs here: a run rescued from under this worker can be
+    claimed by it again while its first attempt still ends. Each task then knows itself (its
+    timeout, its cancellation), whatever the worker's table of tasks says meanwhile."""
+
+    async def scenario() -> None:
+        dispatcher, gates = _dispatcher(_Protocol(), _HandOffs())
+        in_flight = dispatcher._in_flight
+        (row,) = _rows(1)
+        in_flight.start([row], by_timer=False)
+        await asyncio.sleep(0.01)  # the first attempt waits in its handler
+        first = in_flight.tasks[row[0]]
+        gates[row[0]].set()  # its wake-up is queued before the second task's first step
+        in_flight.start([row], by_timer=False)
+        second = in_flight.tasks[row[0]]
+        await _until(lambda: first.done() and second.done())
+        assert first.exception() is None and second.exception() is None
+        assert len(in_flight._successes) == 2
+
+    asyncio.run(scenario())
