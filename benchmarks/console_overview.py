@@ -45,7 +45,7 @@ def seed_history(
                             finished_at, last_error)
                     SELECT (lpad(to_hex(floor(extract(epoch FROM t.at - interval '3 seconds')
                                               * 1000)::bigint), 12, '0')
-                            || '7' || lpad(to_hex(%(offset)s + n), 19, '0'))::uuid,
+                            || '7000' || '8' || lpad(to_hex(%(offset)s + n), 15, '0'))::uuid,
                            'agents', s.status, jsonb_build_object('question', 'seeded ' || n),
                            '{{}}', t.at - interval '3 seconds', t.at, t.at,
                            CASE WHEN s.status = 'FAILED' THEN 'seeded failure' END

@@ -787,8 +787,8 @@ SELECT id FROM @schema@.prune_finished(%(older_than_seconds)s, %(pipeline)s::tex
 --   stopped after %(sample)s rows: throughput and failures per stage over the span they cover;
 -- * FAILED runs through pipeline_runs_failed, counted up to %(failed_cap)s ("10,000+" beyond);
 -- * live workers from the small unlogged registry (expired rows are gone processes);
--- * the latest runs through the primary key (ids are time-ordered); the total is the
---   planner's estimate.
+-- * the latest runs through the primary key and pipeline_runs_untimed_ids (as the runs
+--   list reads them); the total is the planner's estimate.
 WITH live AS (
     SELECT worker_id, pipeline, stage, hostname, pid, started_at, heartbeat_at, waiting,
            extract(epoch FROM now() - heartbeat_at)::float8 AS beat_age_seconds
@@ -825,9 +825,29 @@ WITH live AS (
      WHERE status = 'FAILED'
      LIMIT %(failed_cap)s
 ), latest AS (
-    SELECT id, pipeline, status, created_at, updated_at, left(input::text, 160) AS input_preview
-      FROM @schema@.pipeline_runs
-     ORDER BY id DESC
+    -- The newest runs, in the runs list's order (console_runs): the newest by id among the
+    -- ids that tell their time, and by created_at among the others.
+    SELECT * FROM (
+        (SELECT id, pipeline, status, created_at, updated_at,
+                left(input::text, 160) AS input_preview,
+                'epoch'::timestamptz
+                    + ('x' || translate(left(id::text, 13), '-', ''))::bit(48)::bigint
+                      * interval '1 millisecond' AS listed_at
+           FROM @schema@.pipeline_runs
+          WHERE get_byte(uuid_send(id), 6) >> 4 = 7
+            AND id < '0699e991-a800-0000-0000-000000000000'::uuid
+          ORDER BY id DESC
+          LIMIT %(latest)s)
+        UNION ALL
+        (SELECT id, pipeline, status, created_at, updated_at,
+                left(input::text, 160) AS input_preview, created_at AS listed_at
+           FROM @schema@.pipeline_runs
+          WHERE NOT (get_byte(uuid_send(id), 6) >> 4 = 7
+                     AND id < '0699e991-a800-0000-0000-000000000000'::uuid)
+          ORDER BY created_at DESC, id DESC
+          LIMIT %(latest)s)
+    ) both_parts
+     ORDER BY listed_at DESC, id DESC
      LIMIT %(latest)s
 )
 SELECT now() AS generated_at,
@@ -851,37 +871,72 @@ SELECT now() AS generated_at,
            AS failed,
        (SELECT coalesce(json_agg(w ORDER BY w.pipeline, w.stage, w.worker_id), '[]') FROM live w)
            AS workers,
-       (SELECT coalesce(json_agg(r ORDER BY r.id DESC), '[]') FROM latest r)
+       (SELECT coalesce(json_agg(r ORDER BY r.listed_at DESC, r.id DESC), '[]') FROM latest r)
            AS latest,
        (SELECT greatest(reltuples, 0)::bigint FROM pg_class
          WHERE oid = '@schema@.pipeline_runs'::regclass)
            AS runs_estimate;
 
 -- console_runs --
--- One page of the runs list, newest first, keyset-paged on the id through the primary key:
--- no OFFSET, so a deep page costs what the first one costs. Ids conveyor gives are time-ordered
--- (uuid_v7, from the clock of the inserting transaction), so id order is creation order; a run
--- inserted with an id of the submitter's own is listed where that id sorts. `since` bounds the
--- id as well as created_at (the id's first 48 bits are its creation time in milliseconds), so
--- that the scan stops at the first older run instead of walking the rest of history. A NULL
+-- One page of the runs list, newest first, keyset-paged on (listed_at, id): no OFFSET, so a
+-- deep page costs what the first one costs. A run is listed at the time its id gives when
+-- uuid_v7() made the id (its first 48 bits, in milliseconds), and those runs are read from the
+-- primary key in id order; a run whose id gives no time (made before migration 006, or chosen
+-- by whoever inserted the run) is listed at its created_at, read from
+-- pipeline_runs_untimed_ids (sql/021_runs_listed_by_id.sql, whose predicate both parts repeat
+-- word for word). Each part reads at most a page, and the page is the newest of the two.
+-- `id_below` (the cursor's time, a millisecond on) and `id_from` (since's) bound the primary
+-- key's range, so that a filter matching few runs reads only the runs of its window. A NULL
 -- parameter is no filter; the console sends these unprepared, so each is planned with its
 -- values and the unused conditions fold away. `failed_stage` keeps FAILED runs whose last
 -- event was in that stage (where `retry` would start them again).
-SELECT r.id, r.pipeline, r.status, r.priority, r.attempt, r.created_at, r.updated_at,
-       r.finished_at, left(r.input::text, 160) AS input_preview,
-       left(r.last_error, 160) AS last_error, r.idempotency_key
-  FROM @schema@.pipeline_runs r
- WHERE (%(pipeline)s::text IS NULL OR r.pipeline = %(pipeline)s)
-   AND (%(statuses)s::text[] IS NULL OR r.status = ANY(%(statuses)s::text[]))
-   AND (%(idempotency_key)s::text IS NULL OR r.idempotency_key = %(idempotency_key)s)
-   AND (%(since)s::timestamptz IS NULL
-        OR (r.created_at >= %(since)s AND r.id >= %(since_id)s::uuid))
-   AND (%(before_id)s::uuid IS NULL OR r.id < %(before_id)s)
-   AND (%(failed_stage)s::text IS NULL
-        OR (SELECT e.stage FROM @schema@.run_events e
-             WHERE e.run_id = r.id AND e.stage IS NOT NULL
-             ORDER BY e.id DESC LIMIT 1) = %(failed_stage)s)
- ORDER BY r.id DESC
+WITH timed AS (
+    SELECT r.*, 'epoch'::timestamptz
+                    + ('x' || translate(left(r.id::text, 13), '-', ''))::bit(48)::bigint
+                      * interval '1 millisecond' AS listed_at
+      FROM @schema@.pipeline_runs r
+     WHERE get_byte(uuid_send(r.id), 6) >> 4 = 7
+       AND r.id < '0699e991-a800-0000-0000-000000000000'::uuid
+       AND (%(id_below)s::uuid IS NULL OR r.id < %(id_below)s)
+       AND (%(id_from)s::uuid IS NULL OR r.id >= %(id_from)s)
+       AND (%(before_at)s::timestamptz IS NULL
+            OR ('epoch'::timestamptz
+                    + ('x' || translate(left(r.id::text, 13), '-', ''))::bit(48)::bigint
+                      * interval '1 millisecond', r.id)
+               < (%(before_at)s::timestamptz, %(before_id)s::uuid))
+       AND (%(pipeline)s::text IS NULL OR r.pipeline = %(pipeline)s)
+       AND (%(statuses)s::text[] IS NULL OR r.status = ANY(%(statuses)s::text[]))
+       AND (%(idempotency_key)s::text IS NULL OR r.idempotency_key = %(idempotency_key)s)
+       AND (%(since)s::timestamptz IS NULL OR r.created_at >= %(since)s)
+       AND (%(failed_stage)s::text IS NULL
+            OR (SELECT e.stage FROM @schema@.run_events e
+                 WHERE e.run_id = r.id AND e.stage IS NOT NULL
+                 ORDER BY e.id DESC LIMIT 1) = %(failed_stage)s)
+     ORDER BY r.id DESC
+     LIMIT %(limit)s
+), untimed AS (
+    SELECT r.*, r.created_at AS listed_at
+      FROM @schema@.pipeline_runs r
+     WHERE NOT (get_byte(uuid_send(r.id), 6) >> 4 = 7
+                AND r.id < '0699e991-a800-0000-0000-000000000000'::uuid)
+       AND (%(before_at)s::timestamptz IS NULL
+            OR (r.created_at, r.id) < (%(before_at)s::timestamptz, %(before_id)s::uuid))
+       AND (%(pipeline)s::text IS NULL OR r.pipeline = %(pipeline)s)
+       AND (%(statuses)s::text[] IS NULL OR r.status = ANY(%(statuses)s::text[]))
+       AND (%(idempotency_key)s::text IS NULL OR r.idempotency_key = %(idempotency_key)s)
+       AND (%(since)s::timestamptz IS NULL OR r.created_at >= %(since)s)
+       AND (%(failed_stage)s::text IS NULL
+            OR (SELECT e.stage FROM @schema@.run_events e
+                 WHERE e.run_id = r.id AND e.stage IS NOT NULL
+                 ORDER BY e.id DESC LIMIT 1) = %(failed_stage)s)
+     ORDER BY r.created_at DESC, r.id DESC
+     LIMIT %(limit)s
+)
+SELECT id, pipeline, status, priority, attempt, created_at, updated_at, finished_at,
+       left(input::text, 160) AS input_preview, left(last_error, 160) AS last_error,
+       idempotency_key, listed_at
+  FROM (SELECT * FROM timed UNION ALL SELECT * FROM untimed) both_parts
+ ORDER BY listed_at DESC, id DESC
  LIMIT %(limit)s;
 
 -- live_workers --

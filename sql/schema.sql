@@ -673,6 +673,7 @@ CREATE INDEX pipeline_runs_claimable ON conveyor.pipeline_runs USING btree (pipe
 CREATE INDEX pipeline_runs_failed ON conveyor.pipeline_runs USING btree (pipeline, finished_at) WHERE (status = 'FAILED'::text);
 CREATE INDEX pipeline_runs_finished ON conveyor.pipeline_runs USING btree (finished_at) WHERE (finished_at IS NOT NULL);
 CREATE UNIQUE INDEX pipeline_runs_idempotency ON conveyor.pipeline_runs USING btree (pipeline, idempotency_key) WHERE (idempotency_key IS NOT NULL);
+CREATE INDEX pipeline_runs_untimed_ids ON conveyor.pipeline_runs USING btree (created_at, id) WHERE (NOT (((get_byte(uuid_send(id), 6) >> 4) = 7) AND (id < '0699e991-a800-0000-0000-000000000000'::uuid)));
 CREATE INDEX run_events_created ON conveyor.run_events USING btree (created_at);
 CREATE INDEX run_events_run ON conveyor.run_events USING btree (run_id, id);
 CREATE TRIGGER child_added BEFORE INSERT ON conveyor.pipeline_runs FOR EACH ROW WHEN (((new.parent_id IS NOT NULL) AND (current_setting('conveyor.fan_out'::text, true) IS DISTINCT FROM 'on'::text))) EXECUTE FUNCTION conveyor.child_added();

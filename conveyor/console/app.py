@@ -167,7 +167,7 @@ async def _page_of_runs(request: Request) -> tuple[RunFilter, list[dict[str, obj
     if len(rows) > PAGE_SIZE:
         rows = rows[:PAGE_SIZE]
         last = rows[-1]
-        next_cursor = encode_cursor(last["id"])  # type: ignore[arg-type]
+        next_cursor = encode_cursor(last["listed_at"], last["id"])  # type: ignore[arg-type]
     return run_filter, rows, next_cursor
 
 

@@ -9,6 +9,7 @@ one such row never takes a page down.
 from __future__ import annotations
 
 import json
+import re
 from datetime import UTC, datetime
 from typing import Any
 
@@ -18,6 +19,9 @@ from psycopg.types.json import set_json_loads
 
 # Deeper JSON is shown as its text: pretty-printing and the JSON answer recurse once per level.
 MAX_JSON_DEPTH = 100
+_TIMESTAMP_TEXT = re.compile(
+    r"^(-?infinity|\d{4,6}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}(\.\d{1,6})?[+-]\d{2}(:\d{2}){0,2}( BC)?)$"
+)
 
 
 class OutOfRange(datetime):
@@ -37,6 +41,16 @@ class OutOfRange(datetime):
     @property
     def shown(self) -> str:
         return self.text or ("-infinity" if self.year == 1 else "infinity")
+
+
+def timestamp_text(text: str) -> OutOfRange | None:
+    """PostgreSQL's text of a timestamp Python cannot hold, or None for anything else."""
+    return OutOfRange.of(text) if _TIMESTAMP_TEXT.match(text) else None
+
+
+def sql_timestamp(value: datetime) -> datetime | str:
+    """A timestamp as a query parameter: a stand-in goes back as PostgreSQL's text."""
+    return value.shown if isinstance(value, OutOfRange) else value
 
 
 class TolerantTimestamptzLoader(TimestamptzLoader):

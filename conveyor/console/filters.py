@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import re
 from collections.abc import Mapping
@@ -11,6 +12,7 @@ from typing import Any
 from urllib.parse import urlencode
 from uuid import UUID
 
+from conveyor.console.decoding import OutOfRange, sql_timestamp, timestamp_text
 from conveyor.pipeline import Pipeline
 from conveyor.settings import parse_duration
 
@@ -31,7 +33,9 @@ class RunFilter:
     status: str | None = None
     since: str | None = None  # a duration ("1h") or an ISO timestamp
     key: str | None = None  # idempotency key
-    before_id: UUID | None = None  # the keyset cursor: runs listed after this one
+    # The keyset cursor: the runs listed after this one (its listed_at and id; console_runs)
+    before_at: datetime | None = None
+    before_id: UUID | None = None
     # Set by bulk actions: only these statuses, whatever the filter says.
     only_statuses: tuple[str, ...] | None = None
 
@@ -51,28 +55,29 @@ class RunFilter:
         since = value("since")
         if since is not None:
             _since_timestamp(since)  # validate now, not at query time
-        before_id = decode_cursor(value("cursor"))
+        before_at, before_id = decode_cursor(value("cursor"))
         return cls(
             pipeline=pipeline,
             stage=value("stage"),
             status=status.upper() if status else None,
             since=since,
             key=value("key"),
+            before_at=before_at,
             before_id=before_id,
         )
 
-    def after(self, run_id: UUID) -> RunFilter:
-        return dataclasses.replace(self, before_id=run_id)
+    def after(self, listed_at: datetime, run_id: UUID) -> RunFilter:
+        return dataclasses.replace(self, before_at=listed_at, before_id=run_id)
 
     def first_page(self) -> RunFilter:
-        return dataclasses.replace(self, before_id=None)
+        return dataclasses.replace(self, before_at=None, before_id=None)
 
     def restricted_to(self, statuses: tuple[str, ...]) -> RunFilter:
         return dataclasses.replace(self, only_statuses=statuses)
 
     @property
     def is_first_page(self) -> bool:
-        return self.before_id is None
+        return self.before_at is None
 
     def parameters(self, pipeline: Pipeline) -> dict[str, Any]:
         """The named parameters of `console_runs`."""
@@ -104,8 +109,10 @@ class RunFilter:
             "statuses": statuses,
             "idempotency_key": self.key,
             "since": since,
-            "since_id": first_id_at(since) if since else None,
+            "id_from": first_id_at(since) if since else None,
+            "before_at": sql_timestamp(self.before_at) if self.before_at else None,
             "before_id": self.before_id,
+            "id_below": _ids_below(self.before_at),
             "failed_stage": failed_stage,
         }
 
@@ -131,24 +138,55 @@ class RunFilter:
         }
 
 
-def encode_cursor(run_id: UUID) -> str:
-    return str(run_id)
+def encode_cursor(listed_at: datetime, run_id: UUID) -> str:
+    at = listed_at.shown if isinstance(listed_at, OutOfRange) else listed_at.isoformat()
+    raw = f"{at}|{run_id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def decode_cursor(text: str | None) -> UUID | None:
+def decode_cursor(text: str | None) -> tuple[datetime | None, UUID | None]:
     if text is None:
-        return None
+        return None, None
     try:
-        return UUID(text)
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode()
+        at, _, run_id = raw.partition("|")
+        return _cursor_time(at), UUID(run_id)
     except ValueError:
         raise FilterError("cursor is not one this console issued") from None
 
 
+def _cursor_time(text: str) -> datetime:
+    try:
+        at = datetime.fromisoformat(text)
+    except ValueError:
+        beyond = timestamp_text(text)  # 'infinity', after 9999: as PostgreSQL wrote it
+        if beyond is None:
+            raise
+        return beyond
+    if at.tzinfo is None:
+        raise ValueError("naive timestamp")
+    return at
+
+
 def first_id_at(at: datetime) -> UUID:
-    """The smallest time-ordered id (uuid_v7) a run created at `at` or later can have: its first
-    48 bits are the milliseconds since the epoch, the rest zero (the nil id before 1970)."""
+    """The smallest id uuid_v7() can give a run made at `at` or later: the milliseconds since
+    the epoch in its first 48 bits, the rest zero (the nil id before 1970)."""
     milliseconds = (at - _EPOCH) // timedelta(milliseconds=1)
     return UUID(int=max(0, milliseconds) << 80)
+
+
+def _ids_below(before_at: datetime | None) -> UUID | None:
+    """The primary key's bound for the runs listed after a cursor at `before_at`: every id
+    whose time is at most `before_at` is below it (None: no bound, the cursor is at the end of
+    time or there is none)."""
+    if before_at is None:
+        return None
+    if isinstance(before_at, OutOfRange):
+        return UUID(int=0) if before_at.year == 1 else None  # -infinity, BC: nothing before
+    try:
+        return first_id_at(before_at + timedelta(milliseconds=1))
+    except OverflowError:  # the last millisecond of 9999
+        return None
 
 
 def _since_timestamp(text: str) -> datetime:

@@ -138,4 +138,4 @@ class Store:
                     applied += self.cancel(row["id"], actor)
             if len(page) < BULK_PAGE:
                 return applied, False
-            page_filter = page_filter.after(page[-1]["id"])
+            page_filter = page_filter.after(page[-1]["listed_at"], page[-1]["id"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -31,9 +32,46 @@ def _explain(conn: psycopg.Connection[Any], statement: str, params: Any) -> dict
     return plan
 
 
+# Every run in the runs list's order, sorted in full: what console_runs must give, page by page.
+LISTED = """
+SELECT id FROM (
+    SELECT id, CASE WHEN get_byte(uuid_send(id), 6) >> 4 = 7
+                         AND id < '0699e991-a800-0000-0000-000000000000'::uuid
+                    THEN 'epoch'::timestamptz
+                         + ('x' || translate(left(id::text, 13), '-', ''))::bit(48)::bigint
+                           * interval '1 millisecond'
+                    ELSE created_at END AS listed_at
+      FROM conveyor.pipeline_runs
+     WHERE %(status)s::text IS NULL OR status = %(status)s) r
+ WHERE %(before_at)s::timestamptz IS NULL
+    OR (listed_at, id) < (%(before_at)s::timestamptz, %(before_id)s::uuid)
+ ORDER BY listed_at DESC, id DESC
+ LIMIT 51
+"""
+UNTIMED_RUNS = 20_000
+
+
+def _seed_untimed(conn: psycopg.Connection[Any]) -> None:
+    """Runs whose ids give no time (random ids, as before migration 006 or chosen by whoever
+    inserted them), created over the same 30 days as the history, a few of them just now."""
+    conn.execute("ALTER TABLE conveyor.pipeline_runs DISABLE TRIGGER USER")
+    try:
+        conn.execute(
+            "INSERT INTO conveyor.pipeline_runs (id, status, created_at, updated_at, finished_at)"
+            " SELECT gen_random_uuid(), CASE WHEN n %% 20 = 0 THEN 'CANCELLED' ELSE 'DONE' END,"
+            "        now() - n * interval '2 minutes', now(), now()"
+            "   FROM generate_series(0, %s) n",
+            (UNTIMED_RUNS - 1,),
+        )
+    finally:
+        conn.execute("ALTER TABLE conveyor.pipeline_runs ENABLE TRIGGER USER")
+    conn.execute("VACUUM ANALYZE conveyor.pipeline_runs")
+
+
 def test_overview_and_runs_list_use_indexes_on_a_million_finished_runs(database_url: str) -> None:
     with psycopg.connect(database_url, autocommit=True, prepare_threshold=None) as conn:
         seed_history(conn, 1_000_000)
+        _seed_untimed(conn)
         statements = queries.load("conveyor")
 
         overview = list(_nodes(_explain(conn, statements["console_overview"], OVERVIEW_PARAMETERS)))
@@ -47,42 +85,77 @@ def test_overview_and_runs_list_use_indexes_on_a_million_finished_runs(database_
             "pipeline_runs_claimable",  # the queue
             "pipeline_runs_finished",  # recently finished
             "pipeline_runs_failed",  # FAILED, capped
-            "pipeline_runs_pkey",  # latest runs (ids are time-ordered)
+            "pipeline_runs_pkey",  # latest runs whose ids give their time
+            "pipeline_runs_untimed_ids",  # and the others
             "run_events_created",  # throughput and failures per stage
         }
 
-        # The runs list, deep in history: the keyset is an index condition, not a filter that
-        # walks every newer row first.
+        # The runs list, deep in history: the keyset is an index condition in both parts, not
+        # a filter that walks every newer row first; the page is the full sort's.
         middle = conn.execute(
             "SELECT id FROM conveyor.pipeline_runs ORDER BY id DESC OFFSET 500000 LIMIT 1"
         ).fetchone()
-        assert middle is not None
-        deep = RunFilter().after(middle[0])
-        for run_filter in (deep, RunFilter(status="DONE").after(middle[0])):
-            scan = _runs_list_scan(conn, statements["console_runs"], run_filter)
-            assert scan["Index Name"] == "pipeline_runs_pkey", scan
-            assert "id <" in scan.get("Index Cond", ""), scan
-            assert scan["Actual Rows"] <= 100, scan
+        assert middle is not None and middle[0].version == 7
+        at = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=middle[0].int >> 80)
+        for run_filter in (
+            RunFilter().after(at, middle[0]),
+            RunFilter(status="DONE").after(at, middle[0]),
+        ):
+            scans = _runs_list_scans(conn, statements["console_runs"], run_filter)
+            assert scans["pipeline_runs_pkey"]["Actual Rows"] <= 100
+            assert "id <" in scans["pipeline_runs_pkey"].get("Index Cond", "")
+            assert scans["pipeline_runs_untimed_ids"]["Actual Rows"] <= 100
+            assert "created_at" in scans["pipeline_runs_untimed_ids"].get("Index Cond", "")
+            assert _page(conn, statements["console_runs"], run_filter) == _listed(conn, run_filter)
 
-        # Created within the last 30 minutes, a status too rare to fill a page there (CANCELLED: 5%
-        # of ~700 runs): the scan stops at the first run older than the window instead
-        # of reading the other 30 days.
+        # The first page mixes both kinds by time: the untimed runs made just now are on it,
+        # the month-old ones are not (random ids sort anywhere).
+        first = _page(conn, statements["console_runs"], RunFilter())
+        assert first == _listed(conn, RunFilter())
+        assert any(run_id.version == 4 for run_id in first)
+
+        # Created within the last 30 minutes, a status too rare to fill a page there (CANCELLED:
+        # 5% of ~700 timed runs and of 15 untimed ones): each part stops at the first run older
+        # than the window instead of reading the other 30 days.
         recent = RunFilter(status="CANCELLED", since="30m")
-        scan = _runs_list_scan(conn, statements["console_runs"], recent)
-        assert scan["Index Name"] == "pipeline_runs_pkey", scan
-        assert "id >=" in scan.get("Index Cond", ""), scan
-        assert scan["Actual Rows"] + scan.get("Rows Removed by Filter", 0) < 5_000, scan
+        scans = _runs_list_scans(conn, statements["console_runs"], recent)
+        for scan in scans.values():
+            assert scan["Actual Rows"] + scan.get("Rows Removed by Filter", 0) < 5_000, scan
+        assert "id >=" in scans["pipeline_runs_pkey"].get("Index Cond", "")
+        page = _page(conn, statements["console_runs"], recent)
         in_window = conn.execute(
             "SELECT count(*) FROM conveyor.pipeline_runs"
             " WHERE status = 'CANCELLED' AND created_at >= now() - interval '30 minutes'"
         ).fetchone()
-        assert in_window is not None and 0 < in_window[0] == scan["Actual Rows"], scan
+        assert in_window is not None and 0 < in_window[0] == len(page) < 51
 
 
-def _runs_list_scan(
+def _runs_list_scans(
     conn: psycopg.Connection[Any], statement: str, run_filter: RunFilter
-) -> dict[str, Any]:
+) -> dict[str, dict[str, Any]]:
+    """The scans of pipeline_runs in console_runs' plan, by index (each index once)."""
     params = {**run_filter.parameters(reference), "limit": 51}
-    runs = list(_nodes(_explain(conn, statement, params)))
-    (scan,) = [n for n in runs if n.get("Relation Name") == "pipeline_runs"]
-    return scan
+    nodes = list(_nodes(_explain(conn, statement, params)))
+    scans = [n for n in nodes if n.get("Relation Name") == "pipeline_runs"]
+    by_index = {scan.get("Index Name", scan["Node Type"]): scan for scan in scans}
+    assert set(by_index) == {"pipeline_runs_pkey", "pipeline_runs_untimed_ids"}, scans
+    assert len(scans) == 2, scans
+    return by_index
+
+
+def _page(conn: psycopg.Connection[Any], statement: str, run_filter: RunFilter) -> list[Any]:
+    params = {**run_filter.parameters(reference), "limit": 51}
+    return [row[0] for row in conn.execute(statement, params).fetchall()]
+
+
+def _listed(conn: psycopg.Connection[Any], run_filter: RunFilter) -> list[Any]:
+    params = run_filter.parameters(reference)
+    rows = conn.execute(
+        LISTED,
+        {
+            "status": run_filter.status,
+            "before_at": params["before_at"],
+            "before_id": params["before_id"],
+        },
+    ).fetchall()
+    return [row[0] for row in rows]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID, uuid4
@@ -85,25 +86,10 @@ def test_actions_flag(raw: str, allowed: bool) -> None:
 
 def test_cursor_round_trips_and_rejects_forgeries() -> None:
     run_id = uuid4()
-    assert decode_cursor(encode_cursor(run_id)) == run_id
-    assert RunFilter.from_query({"cursor": encode_cursor(run_id)}).before_id == run_id
-    for forged in ("nonsense", "bm90LWEtY3Vyc29y", encode_cursor(run_id)[:-4], "1|" + str(run_id)):
+    assert decode_cursor(encode_cursor(NOW, run_id)) == (NOW, run_id)
+    for forged in ("nonsense", "bm90LWEtY3Vyc29y", encode_cursor(NOW, run_id)[:-4]):
         with pytest.raises(FilterError):
             decode_cursor(forged)
-
-
-def test_the_first_id_of_an_instant_is_its_milliseconds_then_zeros() -> None:
-    at = datetime(2026, 12, 5, 1, 2, 3, 456789, tzinfo=UTC)
-    milliseconds = 1_796_432_523_456
-    assert first_id_at(at) == UUID(int=milliseconds << 80)
-    assert first_id_at(at).hex.startswith(f"{milliseconds:012x}0000")
-    assert first_id_at(datetime(1, 1, 1, tzinfo=UTC)) == UUID(int=0)  # before 1970: no bound
-    latest = first_id_at(datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC))
-    assert latest.int < 1 << 128 and latest.int >> 80 == 253_402_300_799_000
-    params = RunFilter.from_query({"since": "2026-12-05T01:02:03.456789+00:00"}).parameters(
-        reference
-    )
-    assert (params["since"], params["since_id"]) == (at, first_id_at(at))
 
 
 def test_filter_maps_stages_to_statuses() -> None:
@@ -372,6 +358,18 @@ def test_filter_values_that_no_run_can_match_are_filter_errors(query: dict[str, 
         RunFilter.from_query(query).parameters(reference)
 
 
+def test_a_cursor_at_infinity_round_trips_as_postgresqls_text() -> None:
+    run_id = uuid4()
+    for text in ("infinity", "-infinity", "12000-01-01 00:00:00+00", "0200-01-01 00:00:00+00 BC"):
+        at, back = decode_cursor(encode_cursor(OutOfRange.of(text), run_id))
+        assert isinstance(at, OutOfRange) and (at.shown, back) == (text, run_id)
+        before_at = RunFilter().after(at, run_id).parameters(reference)["before_at"]
+        assert before_at == text
+    for forged in ("99999-99-99 junk", "infinity; DROP TABLE"):
+        with pytest.raises(FilterError):
+            decode_cursor(base64.urlsafe_b64encode(f"{forged}|{run_id}".encode()).decode())
+
+
 def test_times_python_cannot_hold_read_as_postgresql_wrote_them() -> None:
     endless = OutOfRange.of("infinity")
     assert endless > NOW and OutOfRange.of("-infinity") < NOW
@@ -494,3 +492,28 @@ def test_host_headers_are_read_as_names() -> None:
     assert refusal is not None and "CONVEYOR_CONSOLE_ALLOWED_HOSTS" in refusal
     assert host_refusal([], hosts) is not None
     assert host_refusal([(b"host", b"localhost"), (b"host", b"evil")], hosts) is not None
+
+
+def test_the_first_id_of_an_instant_is_its_milliseconds_then_zeros() -> None:
+    at = datetime(2026, 12, 5, 1, 2, 3, 456789, tzinfo=UTC)
+    milliseconds = 1_796_432_523_456
+    assert first_id_at(at) == UUID(int=milliseconds << 80)
+    assert first_id_at(at).hex.startswith(f"{milliseconds:012x}0000")
+    assert first_id_at(datetime(1, 1, 1, tzinfo=UTC)) == UUID(int=0)  # before 1970: no bound
+    assert first_id_at(datetime(9999, 12, 31, tzinfo=UTC)).int >> 80 == 253_402_214_400_000
+    params = RunFilter.from_query({"since": at.isoformat()}).parameters(reference)
+    assert (params["since"], params["id_from"]) == (at, first_id_at(at))
+
+
+def test_a_cursor_bounds_the_ids_to_its_millisecond_and_no_further() -> None:
+    run_id = uuid4()
+    at = datetime(2026, 12, 5, 1, 2, 3, 456789, tzinfo=UTC)
+    below = RunFilter().after(at, run_id).parameters(reference)["id_below"]
+    assert below == UUID(int=1_796_432_523_457 << 80)  # ids of .456 included, none of .457
+    endless = RunFilter().after(OutOfRange.of("infinity"), run_id).parameters(reference)
+    assert endless["id_below"] is None and endless["before_at"] == "infinity"
+    early = RunFilter().after(OutOfRange.of("-infinity"), run_id).parameters(reference)
+    assert early["id_below"] == UUID(int=0)
+    last = datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
+    assert RunFilter().after(last, run_id).parameters(reference)["id_below"] is None
+    assert RunFilter().parameters(reference)["id_below"] is None
