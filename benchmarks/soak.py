@@ -1,12 +1,14 @@
 """Soak: the three-stage pipeline under a steady offered load, with retention pruning on and the
 console open; how throughput, latency, table sizes, dead tuples, autovacuum and WAL move.
 
-    python -m benchmarks.soak [--minutes 60] [--rate 1800] [--retention 5m] [--out docs/soak]
+    python -m benchmarks.soak [--minutes 60] [--share 0.6 | --rate N] [--retention 5m]
+                              [--out docs/soak]
     python -m benchmarks.soak --tiny     (about 20 s, a sample every 2 s: proves it works)
 
 `conveyor run` moves the three-stage no-op pipeline (benchmarks/pipelines.py `three`) while a
-feeder inserts its runs at a steady rate, a batch every 0.1 s: by default 1,800 runs/s, about
-60% of what it moves from a backlog (`python -m benchmarks.throughput --three`). The leader
+feeder inserts its runs at a steady rate, a batch every 0.1 s. The rate is --rate runs/s or,
+by default, --share (0.6) of (b): what the pipeline moves from a backlog, measured on the same
+server just before the soak (`python -m benchmarks.throughput --three`, the best of two). The leader
 prunes finished runs older than --retention (CONVEYOR_RETENTION) at each sweep (every 5 s), so
 after the first retention cycle the tables should stop growing. `conveyor console` runs beside
 it on a loopback port, and its overview page is fetched every 5 s, as an open tab refreshes.
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 import socket
 import statistics
 import sys
@@ -40,8 +43,8 @@ from typing import Any
 
 import psycopg
 
-from benchmarks import pipelines, soak_charts
-from benchmarks.harness import ROOT, BenchDatabase, Process, running, settle
+from benchmarks import pipelines, soak_charts, throughput
+from benchmarks.harness import ROOT, BenchDatabase, Process, Scale, running, settle
 from conveyor.settings import parse_duration
 
 # The server's clock less a second: a run that finished before it has committed by then, so a
@@ -74,7 +77,7 @@ _INSERT = "INSERT INTO conveyor.pipeline_runs (pipeline) SELECT %s FROM generate
 @dataclass(frozen=True)
 class Plan:
     seconds: float = 3600.0
-    rate: float = 1800.0  # runs offered per second
+    rate: float = 1800.0  # runs offered per second (main() sets it from --share or --rate)
     retention: float = 300.0  # CONVEYOR_RETENTION
     sweep: float = 5.0  # CONVEYOR_SWEEP_INTERVAL: the leader prunes at each
     interval: float = 10.0  # between two samples
@@ -378,10 +381,26 @@ def summary(rows: list[dict[str, float]], plan: Plan) -> list[str]:
     return lines
 
 
+def _drain_rate(db: BenchDatabase) -> float:
+    """(b): runs/s the three-stage pipeline moves from a backlog, the best of two."""
+    rates = [throughput.three(db, Scale()).runs_per_second for _ in range(2)]
+    best = max(rates)
+    print(
+        f"(b) three stages from a backlog: {best:,.0f} runs/s"
+        f" (best of {', '.join(f'{rate:,.0f}' for rate in rates)};"
+        " python -m benchmarks.throughput --three)",
+        file=sys.stderr,
+    )
+    return best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, help="how long it runs (default 60)")
-    parser.add_argument("--rate", type=float, help="runs offered per second (default 1800)")
+    parser.add_argument("--rate", type=float, help="runs offered per second")
+    parser.add_argument(
+        "--share", type=float, help="the rate as a share of (b), measured first (default 0.6)"
+    )
     parser.add_argument("--retention", help="CONVEYOR_RETENTION, e.g. 300s or 5m (default 5m)")
     parser.add_argument(
         "--out", type=Path, default=ROOT / "docs" / "soak", help="samples.csv and the charts"
@@ -391,21 +410,32 @@ def main() -> None:
     plan = Plan.tiny() if args.tiny else Plan()
     if args.minutes is not None:
         plan = replace(plan, seconds=args.minutes * 60)
+    if args.rate is not None and args.share is not None:
+        parser.error("--rate or --share, not both")
+    if args.share is not None and not 0 < args.share <= 1:
+        parser.error("--share is a fraction of (b): more than 0, at most 1")
     if args.rate is not None:
         plan = replace(plan, rate=args.rate)
+    share = args.share
+    if share is None and args.rate is None and not args.tiny:
+        share = 0.6
     if args.retention is not None:
         try:
             plan = replace(plan, retention=parse_duration(args.retention))
         except ValueError as exc:
             parser.error(str(exc))
-    if plan.seconds < plan.interval or plan.rate <= 0:
+    if plan.seconds < plan.interval or not 0 < plan.rate < math.inf:
         parser.error(f"expected at least {plan.interval:g} s and a positive rate")
     if plan.retention <= plan.interval + 1:
         parser.error("--retention must outlast a sample window: a run is read before it is pruned")
 
+    if share is not None:
+        with BenchDatabase.create() as db:  # its own database: the soak's starts untouched
+            plan = replace(plan, rate=share * _drain_rate(db))
     print(
         f"soak: {_duration(plan.seconds)}, {plan.rate:,.0f} runs/s offered, retention"
-        f" {_duration(plan.retention)}, the console's overview fetched every {plan.poll:g} s",
+        f" {_duration(plan.retention)}, the console's overview fetched every {plan.poll:g} s"
+        + (f" ({share:g} of (b))" if share is not None else ""),
         file=sys.stderr,
     )
     with BenchDatabase.create() as db:
