@@ -1,4 +1,5 @@
-"""Leader-only chores: rescue expired leases, prune old runs, forget dead workers.
+"""Leader-only chores: rescue expired leases, prune old runs, analyze a grown pipeline_runs,
+forget dead workers.
 
 Exactly one process per schema and pipeline leads: the one holding a session advisory lock on
 its own connection. When that process dies its connection closes, the lock is released, and
@@ -26,6 +27,9 @@ from conveyor.settings import Settings
 
 log = structlog.get_logger("conveyor.maintenance")
 SCHEMA_CHECK_SECONDS = 60.0
+# pipeline_runs is analyzed once it holds more than twice the runs last counted in it, and at
+# least this many: below, a plan that reads the whole table costs little.
+ANALYZE_LEAST_ROWS = 1000
 # Registry rows are forgotten an hour after their process stopped beating: looking every few
 # minutes is prompt enough, where every tick would be a statement every few seconds for nothing.
 FORGET_DEAD_WORKERS_SECONDS = 300.0
@@ -146,6 +150,7 @@ class Maintenance:
                 await self._step("rescue_expired", self._rescue(conn, stage))
         if self.settings.retention is not None:
             await self._step("prune_finished", self.prune(conn, self.settings.retention))
+        await self._step("analyze_runs_if_grown", self._analyze_if_grown(conn))
         if time.monotonic() >= self._forget_dead_workers_at:
             self._forget_dead_workers_at = time.monotonic() + FORGET_DEAD_WORKERS_SECONDS
             await self._step("forget_dead_workers", conn.execute(self.sql["forget_dead_workers"]))
@@ -186,6 +191,17 @@ class Maintenance:
             )
         if rescued:
             metrics.RESCUED.labels(self.pipeline.name, stage.name).inc(len(rescued))
+
+    async def _analyze_if_grown(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Workers keep the plans they made for the table as it was: one made for a few runs
+        reads the whole table for every completion, which a burst of runs then makes longer
+        by the second. ANALYZE makes every session plan again, sooner than autovacuum would."""
+        cur = await conn.execute(
+            self.sql["analyze_runs_if_grown"], {"least_rows": ANALYZE_LEAST_ROWS}
+        )
+        row = await cur.fetchone()
+        if row and row[0]:
+            log.info("analyzed pipeline_runs: it has more than doubled since last counted")
 
     async def prune(self, conn: psycopg.AsyncConnection[Any], older_than: float) -> int:
         """Delete finished runs (and their events) older than the retention, in small batches."""

@@ -771,6 +771,12 @@ SELECT id, from_status
 -- Through a function with its owner's rights: the worker role cannot delete history itself.
 SELECT id FROM @schema@.prune_finished(%(older_than_seconds)s, %(pipeline)s::text) AS pruned(id);
 
+-- analyze_runs_if_grown --
+-- At every leader tick: ANALYZE pipeline_runs once it holds more than twice the runs last
+-- counted in it (at least %(least_rows)s), so that every session plans its statements again
+-- for the table it has (migration 022). True when it did.
+SELECT @schema@.analyze_runs_if_grown(%(least_rows)s);
+
 -- The operators' console (`conveyor console`). Read-only statements; its actions go through
 -- cancel_run and retry_run above, exactly as the CLI's do.
 

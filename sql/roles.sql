@@ -3,7 +3,8 @@
 --
 --   conveyor_worker  what `conveyor run`/`worker` need: read and move runs, append history,
 --                    write memory, keep the worker registry, prune finished runs through
---                    prune_finished(). No DDL, no DELETE of runs or history.
+--                    prune_finished() and analyze a grown pipeline_runs through
+--                    analyze_runs_if_grown(). No DDL, no DELETE of runs or history.
 --   conveyor_reader  read-only: dashboards, the KEDA scaler, `conveyor status`/`show`. It can
 --                    execute no conveyor function (none is granted to PUBLIC that changes data).
 --
@@ -33,6 +34,8 @@ GRANT INSERT ON @schema@.run_events TO conveyor_worker;
 GRANT INSERT, UPDATE, DELETE ON @schema@.memory TO conveyor_worker;
 GRANT USAGE ON ALL SEQUENCES IN SCHEMA @schema@ TO conveyor_worker;
 GRANT EXECUTE ON FUNCTION @schema@.prune_finished(float8, text) TO conveyor_worker;
+-- ANALYZE of pipeline_runs once it has grown (the leader's tick), through its owner's rights
+GRANT EXECUTE ON FUNCTION @schema@.analyze_runs_if_grown(float8) TO conveyor_worker;
 
 -- Flow control: workers declare limits, take from them and close them; readers only see them.
 GRANT INSERT, UPDATE ON @schema@.limits, @schema@.limit_stages TO conveyor_worker;

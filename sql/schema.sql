@@ -1,4 +1,22 @@
 CREATE SCHEMA conveyor;
+CREATE FUNCTION conveyor.analyze_runs_if_grown(least_rows double precision) RETURNS boolean
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+    counted float8;
+    live float8;
+BEGIN
+    SELECT greatest(c.reltuples, 0), pg_stat_get_live_tuples(c.oid) INTO counted, live
+      FROM pg_class c
+     WHERE c.oid = '"conveyor".pipeline_runs'::regclass;
+    IF live <= 2 * greatest(counted, least_rows) THEN
+        RETURN false;
+    END IF;
+    ANALYZE "conveyor".pipeline_runs;
+    RETURN true;
+END
+$$;
 CREATE FUNCTION conveyor.bucket_free(tat timestamp with time zone, per_minute double precision, at timestamp with time zone) RETURNS double precision
     LANGUAGE sql IMMUTABLE
     AS $$

@@ -41,6 +41,22 @@ def test_worker_role_runs_the_pipeline_without_ddl(
             30,
             "the run DONE under the worker role",
         )
+        # ANALYZE needs the table's owner; the leader's function lends its rights for it alone.
+        with psycopg.connect(database_url, autocommit=True) as conn:  # only the leader analyzes
+            conn.execute("ALTER TABLE conveyor.pipeline_runs SET (autovacuum_enabled = false)")
+        with psycopg.connect(worker_url, autocommit=True) as conn, conn.transaction():
+            conn.execute(
+                "INSERT INTO conveyor.pipeline_runs (pipeline)"
+                " SELECT 'elsewhere' FROM generate_series(1, 10)"
+            )
+            conn.execute("SELECT pg_stat_force_next_flush()")
+        with psycopg.connect(worker_url, autocommit=True) as conn:
+            assert conn.execute("SELECT conveyor.analyze_runs_if_grown(1)").fetchone() == (True,)
+            assert scalar(
+                database_url,
+                "SELECT last_analyze IS NOT NULL FROM pg_stat_user_tables"
+                " WHERE relid = 'conveyor.pipeline_runs'::regclass",
+            )
     finally:
         with psycopg.connect(database_url, autocommit=True) as conn:
             conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(login)))
