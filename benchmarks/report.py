@@ -22,8 +22,13 @@ class Row:
 
 def table(rows: list[Row]) -> str:
     """A Markdown table, aligned so that it also reads as plain text (and pastes into README)."""
-    lines = [HEADER, *(row.cells() for row in rows)]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(HEADER))]
+    return grid(HEADER, [row.cells() for row in rows])
+
+
+def grid(header: tuple[str, ...], cells: list[tuple[str, ...]]) -> str:
+    """`table` with any columns."""
+    lines = [header, *cells]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     rendered = [
         "| " + " | ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) + " |"
         for line in lines
