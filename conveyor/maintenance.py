@@ -27,8 +27,8 @@ from conveyor.settings import Settings
 
 log = structlog.get_logger("conveyor.maintenance")
 SCHEMA_CHECK_SECONDS = 60.0
-# pipeline_runs is analyzed once it holds more than twice the runs last counted in it, and at
-# least this many: below, a plan that reads the whole table costs little.
+# pipeline_runs is analyzed once it holds more than twice the larger of the runs last counted in
+# it and this: below, a plan that reads the whole table costs little.
 ANALYZE_LEAST_ROWS = 1000
 # Registry rows are forgotten an hour after their process stopped beating: looking every few
 # minutes is prompt enough, where every tick would be a statement every few seconds for nothing.

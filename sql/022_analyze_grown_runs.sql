@@ -5,6 +5,8 @@
 -- every completion reads all of it, the queue falls behind, and the backlog makes the table
 -- grow faster still, until autovacuum analyzes it (its first visit can be a minute away:
 -- autovacuum_naptime), which makes every session plan again. The leader looks at every tick.
+-- SKIP_LOCKED: a vacuum or analyze under way is not waited for (the leader's rescues would wait
+-- with it), nor cancelled; the next tick looks again. True only when the table was analyzed.
 -- SECURITY DEFINER: ANALYZE needs the table's owner (or MAINTAIN), which conveyor_worker is not.
 CREATE FUNCTION @schema@.analyze_runs_if_grown(least_rows float8)
 RETURNS boolean
@@ -13,14 +15,16 @@ DECLARE
     counted float8;
     live float8;
 BEGIN
-    SELECT greatest(c.reltuples, 0), pg_stat_get_live_tuples(c.oid) INTO counted, live
+    SELECT c.reltuples, pg_stat_get_live_tuples(c.oid) INTO counted, live
       FROM pg_class c
      WHERE c.oid = '@schema@.pipeline_runs'::regclass;
     IF live <= 2 * greatest(counted, least_rows) THEN
         RETURN false;
     END IF;
-    ANALYZE @schema@.pipeline_runs;
-    RETURN true;
+    ANALYZE (SKIP_LOCKED) @schema@.pipeline_runs;
+    RETURN (SELECT c.reltuples IS DISTINCT FROM counted
+              FROM pg_class c
+             WHERE c.oid = '@schema@.pipeline_runs'::regclass);
 END
 $$;
 REVOKE ALL ON FUNCTION @schema@.analyze_runs_if_grown(float8) FROM PUBLIC;

@@ -7,14 +7,16 @@ DECLARE
     counted float8;
     live float8;
 BEGIN
-    SELECT greatest(c.reltuples, 0), pg_stat_get_live_tuples(c.oid) INTO counted, live
+    SELECT c.reltuples, pg_stat_get_live_tuples(c.oid) INTO counted, live
       FROM pg_class c
      WHERE c.oid = '"conveyor".pipeline_runs'::regclass;
     IF live <= 2 * greatest(counted, least_rows) THEN
         RETURN false;
     END IF;
-    ANALYZE "conveyor".pipeline_runs;
-    RETURN true;
+    ANALYZE (SKIP_LOCKED) "conveyor".pipeline_runs;
+    RETURN (SELECT c.reltuples IS DISTINCT FROM counted
+              FROM pg_class c
+             WHERE c.oid = '"conveyor".pipeline_runs'::regclass);
 END
 $$;
 CREATE FUNCTION conveyor.bucket_free(tat timestamp with time zone, per_minute double precision, at timestamp with time zone) RETURNS double precision

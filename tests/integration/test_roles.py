@@ -42,7 +42,7 @@ def test_worker_role_runs_the_pipeline_without_ddl(
             "the run DONE under the worker role",
         )
         # ANALYZE needs the table's owner; the leader's function lends its rights for it alone.
-        with psycopg.connect(database_url, autocommit=True) as conn:  # only the leader analyzes
+        with psycopg.connect(database_url, autocommit=True) as conn:  # no ANALYZE but its own
             conn.execute("ALTER TABLE conveyor.pipeline_runs SET (autovacuum_enabled = false)")
         with psycopg.connect(worker_url, autocommit=True) as conn, conn.transaction():
             conn.execute(
