@@ -3,6 +3,7 @@ peers are measured beside conveyor by benchmarks.peers (`make bench-peers`)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 HEADER = ("figure", "measured", "target", "vs pure-SQL ceiling", "command")
@@ -43,7 +44,9 @@ def rate(value: float, unit: str = "runs/s") -> str:
 
 def ratio(value: float, reference: float) -> str:
     """value / reference, or n/a when nothing was counted (a tiny run's backlog ran dry)."""
-    return f"{value / reference:.2f}" if reference else "n/a"
+    if not (reference and math.isfinite(value) and math.isfinite(reference)):
+        return "n/a"
+    return f"{value / reference:.2f}"
 
 
 def share(value: float, ceiling: float, what: str) -> str:

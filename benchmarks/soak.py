@@ -381,9 +381,9 @@ def summary(rows: list[dict[str, float]], plan: Plan) -> list[str]:
     return lines
 
 
-def _drain_rate(db: BenchDatabase) -> float:
+def _drain_rate(db: BenchDatabase, scale: Scale) -> float:
     """(b): runs/s the three-stage pipeline moves from a backlog, the best of two."""
-    rates = [throughput.three(db, Scale()).runs_per_second for _ in range(2)]
+    rates = [throughput.three(db, scale).runs_per_second for _ in range(2)]
     best = max(rates)
     print(
         f"(b) three stages from a backlog: {best:,.0f} runs/s"
@@ -431,7 +431,11 @@ def main() -> None:
 
     if share is not None:
         with BenchDatabase.create() as db:  # its own database: the soak's starts untouched
-            plan = replace(plan, rate=share * _drain_rate(db))
+            plan = replace(
+                plan, rate=share * _drain_rate(db, Scale.small() if args.tiny else Scale())
+            )
+        if not plan.rate > 0:
+            raise SystemExit("(b) moved nothing: no rate to offer")
     print(
         f"soak: {_duration(plan.seconds)}, {plan.rate:,.0f} runs/s offered, retention"
         f" {_duration(plan.retention)}, the console's overview fetched every {plan.poll:g} s"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -31,27 +32,22 @@ from benchmarks.report import grid, ratio
 
 COMMAND = "python -m benchmarks.versus"
 
-# Run in each tree, with that tree's benchmark code: one figure, printed as JSON. The calls are
-# the same in every tree since the figures' functions took these arguments.
+# Run in each tree, with that tree's benchmark code: one figure, printed as JSON. argv: the
+# module, its function, keyword arguments as JSON ("scale.<name>": that field of the Scale).
+# A tree whose results lack a field shows n/a for it (CPU per run in the backends came later).
 _MEASURE = """
-import dataclasses, json, sys
-from benchmarks import idle, ingest, latency, throughput
+import dataclasses, importlib, json, sys
 from benchmarks.harness import BenchDatabase, Scale
 
-scale = Scale.small() if sys.argv[2] == "tiny" else Scale()
+module, function, arguments, size = sys.argv[1:]
+scale = Scale.small() if size == "tiny" else Scale()
+kwargs = {
+    name: getattr(scale, value[6:]) if str(value).startswith("scale.") else value
+    for name, value in json.loads(arguments).items()
+}
+call = getattr(importlib.import_module(f"benchmarks.{module}"), function)
 with BenchDatabase.create() as db:
-    calls = {
-        "a": lambda: throughput.single(db, scale),
-        "a_off": lambda: throughput.single(db, scale, observer=False),
-        "b": lambda: throughput.three(db, scale),
-        "b_off": lambda: throughput.three(db, scale, observer=False),
-        "c": lambda: latency.commit_to_start(db, scale),
-        "d": lambda: latency.end_to_end(db, scale),
-        "e": lambda: throughput.single(db, scale, history=scale.million),
-        "f": lambda: idle.measure(db, scale, load_runs=500 if scale.tiny else 20_000),
-        "h": lambda: ingest.measure_all(db, scale),
-    }
-    result = calls[sys.argv[1]]()
+    result = call(db, scale, **kwargs)
 as_dicts = [dataclasses.asdict(r) for r in result] if isinstance(result, list) else (
     dataclasses.asdict(result))
 print(json.dumps(as_dicts))
@@ -60,60 +56,121 @@ print(json.dumps(as_dicts))
 
 @dataclass(frozen=True)
 class Figure:
-    key: str  # the name _MEASURE knows it by
+    key: str
     name: str
     command: str  # the command that measures it alone
+    call: tuple[str, str, dict[str, Any]]  # what _MEASURE calls: module, function, arguments
     # its figures from one tree's measurements: (what, value, higher is better)
     read: Callable[[list[Any]], list[tuple[str, float, bool]]]
 
 
+NA = math.nan  # a figure a tree's results do not hold, or that none of its runs gave
+
+
+def _field(result: Any, name: str) -> float:
+    value = result.get(name)
+    return float(value) if isinstance(value, int | float) else NA
+
+
+def _median(results: list[Any], name: str) -> float:
+    values = [_field(r, name) for r in results]
+    return statistics.median(values) if values else NA
+
+
 def _throughput(results: list[Any]) -> list[tuple[str, float, bool]]:
-    fastest = max(results, key=lambda r: r["runs_per_second"])
+    fastest: Any = max(results, key=lambda r: _field(r, "runs_per_second"), default={})
     return [
-        ("runs/s", fastest["runs_per_second"], True),
-        ("worker CPU us/run", fastest["cpu_us_per_run"], False),
-        ("backends CPU us/run", fastest["db_cpu_us_per_run"], False),
+        ("runs/s", _field(fastest, "runs_per_second"), True),
+        ("worker CPU us/run", _field(fastest, "cpu_us_per_run"), False),
+        ("backends CPU us/run", _field(fastest, "db_cpu_us_per_run"), False),
     ]
 
 
 def _latency(results: list[Any]) -> list[tuple[str, float, bool]]:
     return [
-        ("p50 ms", statistics.median(r["p50_ms"] for r in results), False),
-        ("p99 ms", statistics.median(r["p99_ms"] for r in results), False),
+        ("p50 ms", _median(results, "p50_ms"), False),
+        ("p99 ms", _median(results, "p99_ms"), False),
     ]
 
 
 def _idle(results: list[Any]) -> list[tuple[str, float, bool]]:
     return [
-        ("(f) idle CPU %", statistics.median(r["cpu_percent"] for r in results), False),
-        ("(f) queries/min", statistics.median(r["queries_per_minute"] for r in results), False),
-        ("(g) RSS idle MB", statistics.median(r["rss_idle_mb"] for r in results), False),
-        ("(g) RSS loaded MB", statistics.median(r["rss_loaded_mb"] for r in results), False),
+        ("(f) idle CPU %", _median(results, "cpu_percent"), False),
+        ("(f) queries/min", _median(results, "queries_per_minute"), False),
+        ("(g) RSS idle MB", _median(results, "rss_idle_mb"), False),
+        ("(g) RSS loaded MB", _median(results, "rss_loaded_mb"), False),
     ]
 
 
 def _ingest(results: list[Any]) -> list[tuple[str, float, bool]]:
-    def rows(observer: bool) -> float:
+    def fastest(observer: bool) -> float:
         return max(
-            float(r["rows_per_second"])
-            for run in results
-            for r in run
-            if r["wake"] and r["observer"] == observer and not r["waiting_worker"]
+            (
+                _field(r, "rows_per_second")
+                for run in results
+                for r in run
+                if r.get("wake") and r.get("observer") == observer and not r.get("waiting_worker")
+            ),
+            default=NA,
         )
 
-    return [("rows/s, observer on", rows(True), True), ("rows/s, observer off", rows(False), True)]
+    return [
+        ("rows/s, observer on", fastest(True), True),
+        ("rows/s, observer off", fastest(False), True),
+    ]
 
 
+_OFF: dict[str, Any] = {"observer": False}
 FIGURES = [
-    Figure("a", "(a) one worker, one stage", "throughput --single", _throughput),
-    Figure("a_off", "(a), observer off", "throughput --single --observer-off", _throughput),
-    Figure("b", "(b) three stages, supervisor", "throughput --three", _throughput),
-    Figure("b_off", "(b), observer off", "throughput --three --observer-off", _throughput),
-    Figure("c", "(c) commit -> handler start", "latency", _latency),
-    Figure("d", "(d) end to end, three stages", "latency --three", _latency),
-    Figure("e", "(e) (a) beside 1,000,000 finished runs", "throughput --million", _throughput),
-    Figure("f", "(f), (g) an idle worker", "idle", _idle),
-    Figure("h", "(h) ingest, one run per INSERT", "ingest", _ingest),
+    Figure(
+        "a",
+        "(a) one worker, one stage",
+        "throughput --single",
+        ("throughput", "single", {}),
+        _throughput,
+    ),
+    Figure(
+        "a_off",
+        "(a), observer off",
+        "throughput --single --observer-off",
+        ("throughput", "single", _OFF),
+        _throughput,
+    ),
+    Figure(
+        "b",
+        "(b) three stages, supervisor",
+        "throughput --three",
+        ("throughput", "three", {}),
+        _throughput,
+    ),
+    Figure(
+        "b_off",
+        "(b), observer off",
+        "throughput --three --observer-off",
+        ("throughput", "three", _OFF),
+        _throughput,
+    ),
+    Figure(
+        "c", "(c) commit -> handler start", "latency", ("latency", "commit_to_start", {}), _latency
+    ),
+    Figure(
+        "d",
+        "(d) end to end, three stages",
+        "latency --three",
+        ("latency", "end_to_end", {}),
+        _latency,
+    ),
+    Figure(
+        "e",
+        "(e) (a) beside 1,000,000 finished runs",
+        "throughput --million",
+        ("throughput", "single", {"history": "scale.million"}),
+        _throughput,
+    ),
+    Figure(
+        "f", "(f), (g) an idle worker", "idle", ("idle", "measure", {"load_runs": 20_000}), _idle
+    ),
+    Figure("h", "(h) ingest, one run per INSERT", "ingest", ("ingest", "measure_all", {}), _ingest),
 ]
 _LETTERS = {"a": ["a", "a_off"], "b": ["b", "b_off"], "c": ["c"], "d": ["d"], "e": ["e"]}
 _LETTERS |= {"f": ["f"], "g": ["f"], "h": ["h"]}
@@ -137,7 +194,18 @@ def worktree(ref: str) -> Iterator[tuple[Path, str]]:
         try:
             yield path, commit
         finally:
-            _git("worktree", "remove", "--force", str(path))
+            removed = subprocess.run(
+                ["git", "worktree", "remove", "--force", str(path)],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+            )
+            if removed.returncode != 0:
+                print(
+                    f"could not remove the worktree {path} ({removed.stderr.strip()}):"
+                    " `git worktree prune` forgets it",
+                    file=sys.stderr,
+                )
 
 
 def _git(*args: str) -> str:
@@ -147,31 +215,55 @@ def _git(*args: str) -> str:
     return done.stdout.strip()
 
 
-def measure(tree: Path, key: str, tiny: bool) -> Any:
-    """One figure measured by `tree`'s benchmark code in a process of its own."""
-    done = subprocess.run(
-        [sys.executable, "-c", _MEASURE, key, "tiny" if tiny else "full"],
+def measure(tree: Path, figure: Figure, tiny: bool) -> Any:
+    """One figure measured by `tree`'s benchmark code in a process of its own: its results, or
+    None when that process failed (its error is on stderr)."""
+    module, function, arguments = figure.call
+    if tiny and "load_runs" in arguments:
+        arguments = {**arguments, "load_runs": 500}
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            _MEASURE,
+            module,
+            function,
+            json.dumps(arguments),
+            "tiny" if tiny else "full",
+        ],
         cwd=tree,
         env={**os.environ, "PYTHONPATH": str(tree)},
         stdout=subprocess.PIPE,
         text=True,
     )
-    lines = done.stdout.strip().splitlines()
-    if done.returncode != 0 or not lines:
-        raise SystemExit(f"{key} from {tree} failed (exit {done.returncode})")
+    try:
+        out, _ = child.communicate()
+    except KeyboardInterrupt:
+        # Ctrl-C reached the child too: let it stop its processes and drop its database.
+        child.wait(60)
+        raise
+    lines = out.strip().splitlines()
+    if child.returncode != 0 or not lines:
+        return None
     return json.loads(lines[-1])
 
 
 def compare(
-    before: Path, after: Path, keys: list[str], rounds: int, tiny: bool
+    before: tuple[str, Path], after: tuple[str, Path], keys: list[str], rounds: int, tiny: bool
 ) -> dict[str, tuple[list[Any], list[Any]]]:
-    """Every figure of `keys` from both trees, ABBA per round: (before's, after's) results."""
+    """Every figure of `keys` from both trees (each a name and a path), ABBA per round:
+    (before's, after's) results. A measurement that fails is said and left out."""
+    figures = {figure.key: figure for figure in FIGURES}
     found: dict[str, tuple[list[Any], list[Any]]] = {key: ([], []) for key in keys}
     for key in keys:
         for _ in range(rounds):
-            for tree in (before, after, after, before):
-                print(f"measuring {key} from {tree} ...", file=sys.stderr, flush=True)
-                found[key][tree == after].append(measure(tree, key, tiny))
+            for side, (name, tree) in ((0, before), (1, after), (1, after), (0, before)):
+                print(f"measuring {key} from {name} ...", file=sys.stderr, flush=True)
+                result = measure(tree, figures[key], tiny)
+                if result is None:
+                    print(f"{key} from {name} failed: left out", file=sys.stderr, flush=True)
+                else:
+                    found[key][side].append(result)
     return found
 
 
@@ -199,13 +291,17 @@ def rows(found: dict[str, tuple[list[Any], list[Any]]]) -> list[tuple[str, ...]]
 
 
 def _number(value: float) -> str:
+    if not math.isfinite(value):
+        return "n/a"
     return f"{value:,.2f}" if abs(value) < 100 else f"{value:,.0f}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("ref", help="the commit to compare this tree with, e.g. v0.1 or HEAD~5")
-    parser.add_argument("--rounds", type=int, default=1, help="ABBA rounds (2 runs each)")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="ABBA rounds: 4 runs of each figure, 2 per tree"
+    )
     parser.add_argument("--only", default="a,b,c,d,e,f,h", help="letters, comma-separated")
     parser.add_argument("--tiny", action="store_true", help="a second per figure, for tests")
     args = parser.parse_args()
@@ -217,10 +313,12 @@ def main() -> None:
         parser.error("--rounds is at least 1")
     keys = [f.key for f in FIGURES if any(f.key in _LETTERS[letter] for letter in letters)]
     with worktree(args.ref) as (before, commit):
-        found = compare(before, ROOT, keys, args.rounds, args.tiny)
+        found = compare((args.ref, before), ("this tree", ROOT), keys, args.rounds, args.tiny)
     print(f"before: {args.ref} ({commit[:10]}); after: this tree ({ROOT})")
     print(grid(HEADER, rows(found)))
-    print(f"\n{args.rounds} ABBA round(s); {COMMAND} {args.ref} --only {args.only}")
+    flags = f" --rounds {args.rounds}" if args.rounds != 1 else ""
+    flags += " --tiny" if args.tiny else ""
+    print(f"\n{args.rounds} ABBA round(s); {COMMAND} {args.ref} --only {args.only}{flags}")
 
 
 if __name__ == "__main__":

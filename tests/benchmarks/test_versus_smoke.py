@@ -61,7 +61,7 @@ def test_a_tiny_comparison_prints_both_trees_figures_and_leaves_nothing(
 
     head = _git(repository, "rev-parse", "HEAD")
     assert f"before: HEAD ({head[:10]}); after: this tree ({repository})" in done.stdout
-    number = r"[\d,]+(?:\.\d+)?"
+    number = r"(?:[\d,]+(?:\.\d+)?|n/a)"  # n/a: a tiny backlog ran dry before it was counted
     for figure, what in [
         (r"\(a\) one worker, one stage", "runs/s"),
         (r"\(a\), observer off", "backends CPU us/run"),
