@@ -191,6 +191,11 @@ def worktree(ref: str) -> Iterator[tuple[Path, str]]:
     with tempfile.TemporaryDirectory(prefix="conveyor-versus-") as parent:
         path = Path(parent) / "tree"
         _git("worktree", "add", "--detach", "--quiet", str(path), commit)
+        # An editable install maps conveyor.sql to the sql/ of the tree it was installed from;
+        # the worktree's conveyor (first on PYTHONPATH) must find its own statements first.
+        own_sql = path / "conveyor" / "sql"
+        if (path / "sql" / "__init__.py").exists() and not own_sql.exists():
+            own_sql.symlink_to(Path("..") / "sql", target_is_directory=True)
         try:
             yield path, commit
         finally:

@@ -90,3 +90,27 @@ def test_a_bad_reference_or_letter_is_a_clear_error(pg_server: PgServer, reposit
     letter = _versus(pg_server, repository, "HEAD", "--only", "a,z")
     assert letter.returncode == 2
     assert "--only takes letters among" in letter.stderr and "'z'" in letter.stderr
+
+
+def test_the_worktree_runs_its_own_statements(repository: Path) -> None:
+    """Each tree's conveyor reads its own sql/, whatever an editable install maps it to."""
+    probe = (
+        "import subprocess, sys\n"
+        "from benchmarks import versus\n"
+        "with versus.worktree('HEAD') as (path, _):\n"
+        "    found = subprocess.run([sys.executable, '-c', 'import conveyor.queries as q;"
+        ' print(q.resources.files("conveyor.sql"))\'], cwd=path,'
+        " env={'PYTHONPATH': str(path)}, capture_output=True, text=True)\n"
+        "    print(path, found.stdout.strip(), found.stderr.strip())\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=repository,
+        env={**os.environ, "PYTHONPATH": str(repository)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    tree, statements = done.stdout.split()[:2]
+    assert Path(statements).is_relative_to(tree), (tree, statements)  # not the installed tree's
