@@ -772,9 +772,9 @@ SELECT id, from_status
 SELECT id FROM @schema@.prune_finished(%(older_than_seconds)s, %(pipeline)s::text) AS pruned(id);
 
 -- analyze_runs_if_grown --
--- At every leader tick: ANALYZE pipeline_runs once it holds more than twice the runs last
--- counted in it (at least %(least_rows)s), so that every session plans its statements again
--- for the table it has (migration 022). True when it did.
+-- At every leader tick: ANALYZE pipeline_runs once it holds more than twice the larger of the
+-- runs last counted in it and least_rows, so that every session plans its statements again for
+-- the table it has (migration 022). True when it did.
 SELECT @schema@.analyze_runs_if_grown(%(least_rows)s);
 
 -- The operators' console (`conveyor console`). Read-only statements; its actions go through
