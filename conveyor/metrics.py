@@ -24,8 +24,8 @@ from collections.abc import Iterable
 from prometheus_client import Counter, Gauge, Histogram
 
 # Counts taken on a run's path are written this long after the first of a batch
-# (conveyor/worker/tally.py says why), off that path.
-WRITE_DELAY = 0.002
+# (conveyor/worker/tally.py says why), off that path and off the run's next stages.
+WRITE_DELAY = 0.1
 
 _STAGE = ("pipeline", "stage")
 _STATUS = ("pipeline", "stage", "status")
