@@ -111,12 +111,16 @@ def test_with_the_wake_up_trigger_disabled_runs_are_found_by_the_sweep(
     # With the trigger, idle workers are woken by a notification.
     settle_idle()
     insert_and_finish(5)
-    notified = _value(port, "conveyor_notifications_received_total", **labels) or 0
-    assert notified >= 1
+    wait_until(
+        lambda: (_value(port, "conveyor_notifications_received_total", **labels) or 0) >= 1,
+        10,
+        "a wake-up counted",  # written a moment after it is heard (WRITE_DELAY)
+    )
 
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute("ALTER TABLE conveyor.pipeline_runs DISABLE TRIGGER wake_waiting_workers")
     settle_idle()
+    notified = _value(port, "conveyor_notifications_received_total", **labels)
     swept = _value(port, "conveyor_sweep_pickups_total", **labels) or 0
     insert_and_finish(5)
     # Every one of them was found by a sweep, and no wake-up arrived.
