@@ -127,6 +127,7 @@ class HandOffs:
         # (a stage that routes a run back to itself) or is retried, and the next hand-off
         # brings the same attempt again, under a new lease.
         self._handed: dict[tuple[UUID, int, float], float] = {}
+        self._forget_at = _REMEMBERED
         self._refused = 0
         self._next_refusal_log = 0.0
 
@@ -174,9 +175,11 @@ class HandOffs:
 
     def _remember(self, key: tuple[UUID, int, float], expires: float) -> None:
         """A lease whose hand-off is taken, or given back unheard: refused if heard again."""
-        if len(self._handed) >= _REMEMBERED:  # forget the ones whose lease is over
+        if len(self._handed) >= self._forget_at:  # forget the ones whose lease is over
             now = time.time()
             self._handed = {k: at for k, at in self._handed.items() if at > now}
+            # Leases all still running are looked at again only once as many more came.
+            self._forget_at = max(_REMEMBERED, 2 * len(self._handed))
         self._handed[key] = expires
 
     def _refuse(self, reason: str) -> None:

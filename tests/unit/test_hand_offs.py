@@ -134,3 +134,23 @@ def test_refusals_are_logged_at_most_every_few_seconds() -> None:
     assert [(line[1], line[2]["refused"]) for line in log.lines] == [
         ("hand-off notification refused", 1)
     ]
+
+
+def test_hand_offs_remembered_past_the_limit_are_not_all_looked_at_on_every_read() -> None:
+    """Past 1,024 remembered hand-offs, those whose lease is over are forgotten; while they all
+    still run, the next look waits until as many more came, not one per hand-off."""
+    hand_offs = _hand_offs()
+    for _ in range(1024):
+        hand_offs._remember((uuid.uuid4(), 1, time.time() + 30), time.time() + 30)
+    hand_offs._remember((uuid.uuid4(), 1, time.time() + 30), time.time() + 30)  # all live
+    assert len(hand_offs._handed) == 1025
+    looked_at = hand_offs._handed
+    for _ in range(500):
+        hand_offs._remember((uuid.uuid4(), 1, time.time() + 30), time.time() + 30)
+    assert hand_offs._handed is looked_at  # not rebuilt on each of them
+    expired = time.time() - 1
+    for _ in range(600):
+        hand_offs._remember((uuid.uuid4(), 1, expired), expired)
+    assert len(hand_offs._handed) < 2048  # forgotten: the leases that were over
+    read = hand_offs.read(_signed(hand_offs.secret, _body(uuid.uuid4())))
+    assert not isinstance(read, Verdict)
