@@ -58,6 +58,12 @@ class Completer:
         self.failures: list[Failure] = []
         self.ready = asyncio.Event()
         self._completing = True
+        # One flush at a time, the completer's or a run's (flush_from): a flush under way takes
+        # every result collected until it ends.
+        self._flushing = False
+        self._flushed = asyncio.Event()
+        self._flushed.set()
+        self._run_flushing: asyncio.Task[None] | None = None
 
     async def complete_forever(self) -> None:
         while self._completing:
@@ -72,11 +78,39 @@ class Completer:
         self.ready.set()
         await asyncio.wait({task}, timeout=COMPLETER_STOP_SECONDS)
 
+    @property
+    def idle(self) -> bool:
+        """No flush is under way."""
+        return not self._flushing
+
+    async def flush_from(self, task: asyncio.Task[None]) -> None:
+        """Flush from a run's `task`: a run that ended with nothing else in flight commits its
+        result itself, a turn of the loop sooner than waking the completer would. At exit the
+        final flush cancels it (its batch is kept) rather than wait for a database away."""
+        self._run_flushing = task
+        try:
+            await self.flush()
+        finally:
+            self._run_flushing = None
+
     async def flush(self, *, final: bool = False) -> None:
         """Commit every finished attempt collected so far in one fenced batch. On a database
         error the results are kept and the batch is tried again: the fence, and leaving out
         the runs started here again meanwhile (_take_batch), make it safe.
         The final flush at exit gives up after a few tries; the leases then expire."""
+        while self._flushing:
+            if final and self._run_flushing is not None:
+                self._run_flushing.cancel()
+            await self._flushed.wait()
+        self._flushing = True
+        self._flushed.clear()
+        try:
+            await self._flush(final)
+        finally:
+            self._flushing = False
+            self._flushed.set()
+
+    async def _flush(self, final: bool) -> None:
         tries = 0
         while self.successes or self.failures:
             successes, failures = self._take_batch()

@@ -214,7 +214,7 @@ class Dispatcher:
         if again or not taking or self.free < 1:
             hand_offs.give_back_soon(run_id)
             return True  # it no longer waits: the dispatcher claims and waits again when it can
-        self._in_flight.start([row], by_timer=False)
+        self._in_flight.start([row], by_timer=False, at_once=True)
         return no_slot_left
 
     async def dispatch_until_stopped(self) -> None:

@@ -27,6 +27,7 @@ from conveyor.results import Failure, Success
 from conveyor.server_json import ClaimedRow, Undecodable
 from conveyor.worker.completer import Completer
 from conveyor.worker.deadlines import Deadlines, for_running_loop
+from conveyor.worker.eager import start_task
 from conveyor.worker.runner import run_handler
 from conveyor.worker.tally import StageTally
 
@@ -63,6 +64,7 @@ class InFlight:
         self._successes = completer.successes
         self._failures = completer.failures
         self._results_ready = completer.ready
+        self._completer = completer
         self._tally = tally
         self._slot_freed = slot_freed
         self._stopping = stopping
@@ -74,15 +76,17 @@ class InFlight:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._deadlines: Deadlines | None = None
 
-    def start(self, rows: list[ClaimedRow], *, by_timer: bool) -> bool:
+    def start(self, rows: list[ClaimedRow], *, by_timer: bool, at_once: bool = False) -> bool:
         """Run the handler of every run claimed or handed to this worker; fail at once, with
-        the reason, a run whose stored values cannot be read here. Whether a rescued run was
-        started (it then runs alone)."""
+        the reason, a run whose stored values cannot be read here. `at_once`: the handler
+        starts before this returns (a run handed over in a notification: eager.start_task).
+        Whether a rescued run was started (it then runs alone)."""
         rescued_started = False
         loop = self._loop
         if loop is None:  # the first start, in the worker's loop
             loop = self._loop = asyncio.get_running_loop()
             self._deadlines = for_running_loop()
+        tasks = self.tasks
         for run_id, run_input, outputs, attempt, _waited, rescued in rows:
             self.held.add(run_id)
             readable = type(run_input) is dict and type(outputs) is dict
@@ -95,9 +99,12 @@ class InFlight:
             run = Run(run_id, self._pipeline_name, self._stage.name, run_input, outputs, attempt)
             if self._flow is not None:
                 run._flow = self._flow
-            handle: list[asyncio.Task[None]] = []  # the task, for the task itself
-            task = self.tasks[run_id] = loop.create_task(self._execute(run, handle))
-            handle.append(task)
+            if at_once:
+                task, started = start_task(loop, self._execute(run))
+                if not started:  # a started task counted itself in (and out, if it ended)
+                    tasks[run_id] = task
+            else:
+                tasks[run_id] = loop.create_task(self._execute(run))
             rescued_started = rescued_started or rescued
         if rows:
             tally = self._tally
@@ -116,13 +123,16 @@ class InFlight:
             self.taken_away.add(run_id)
             task.cancel()
 
-    async def _execute(self, run: Run, handle: list[asyncio.Task[None]]) -> None:
+    async def _execute(self, run: Run) -> None:
         # This task's context (and the handler's thread, which copies it): every line logged
         # while handling the run carries its id and attempt.
         current_run.set((run.id, run.attempt))
         started = time.perf_counter()
-        # This task, as start() made it (not asyncio.current_task(): see run_handler).
-        (task,) = handle
+        # This task (asyncio.current_task() without the loop looks the loop up: on Python 3.11
+        # a getpid() system call), held in `tasks` until the run ends.
+        task = asyncio.current_task(self._loop)
+        assert task is not None, "runs in a task of its own"
+        self.tasks[run.id] = task
         try:
             outcome = await self._children_unread(run) or await run_handler(
                 self._stage, run, task=task, deadlines=self._deadlines
@@ -170,8 +180,14 @@ class InFlight:
                 duration=round(outcome.duration, 6),
                 error=outcome.error.splitlines()[-1],
             )
-        self._results_ready.set()
         self._ended(run.id)
+        completer = self._completer
+        if not self.tasks and completer.idle:
+            # Nothing else in flight to share a batch with: commit the result from here, a
+            # turn of the loop sooner than the completer would.
+            await completer.flush_from(task)
+        else:
+            self._results_ready.set()
 
     def _ended(self, run_id: UUID) -> None:
         """A run's task is over: its slot is free, and the worker may be idle."""

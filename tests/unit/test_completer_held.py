@@ -110,3 +110,75 @@ def test_a_result_whose_run_runs_here_again_is_not_applied_a_second_time() -> No
 def test_the_worker_gives_its_completer_the_tasks_its_runs_run_in() -> None:
     worker = unstarted_worker()
     assert worker._completer._running is worker._in_flight.tasks
+
+
+class _Slow(_Protocol):
+    """Each batch waits for `release`; records the batches and how many overlap."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.batches: list[list[uuid.UUID]] = []
+        self.at_once = 0
+        self.most_at_once = 0
+
+    async def apply(self, successes: list[Success], failures: list[Failure]) -> Applied:
+        self.batches.append([r.run_id for r in [*successes, *failures]])
+        self.at_once += 1
+        self.most_at_once = max(self.most_at_once, self.at_once)
+        try:
+            await self.release.wait()
+        finally:
+            self.at_once -= 1
+        return await super().apply(successes, failures)
+
+
+def test_one_flush_at_a_time_and_the_one_under_way_takes_what_comes_meanwhile() -> None:
+    """A run's task may flush beside the completer (flush_from): never two statements at
+    once, and a result added during a flush is committed by it, not left waiting."""
+    first, second = uuid.uuid4(), uuid.uuid4()
+    held = {first, second}
+    completer = _completer(held, {})
+    protocol = _Slow()
+    completer._protocol = cast(Any, protocol)
+
+    async def scenario() -> None:
+        completer.successes.append(_success(first))
+        run_flush = asyncio.create_task(completer.flush())
+        await asyncio.sleep(0.01)
+        assert not completer.idle
+        completer.successes.append(_success(second))
+        other = asyncio.create_task(completer.flush())  # the completer, woken meanwhile
+        await asyncio.sleep(0.01)
+        protocol.release.set()
+        await asyncio.gather(run_flush, other)
+
+    asyncio.run(scenario())
+    assert protocol.batches == [[first], [second]]
+    assert protocol.most_at_once == 1
+    assert held == set() and completer.idle
+
+
+def test_the_final_flush_interrupts_a_run_flush_and_commits_its_batch() -> None:
+    """At exit a run's task may still wait on the database for its flush: the final flush
+    cancels it (its batch is kept) and commits that batch itself."""
+    ended = uuid.uuid4()
+    held = {ended}
+    completer = _completer(held, {})
+    protocol = _Slow()
+    completer._protocol = cast(Any, protocol)
+
+    async def scenario() -> None:
+        completer.successes.append(_success(ended))
+
+        async def run() -> None:
+            await completer.flush_from(cast(Any, asyncio.current_task()))
+
+        run_task = asyncio.create_task(run())
+        await asyncio.sleep(0.01)  # the run's flush waits on the database
+        asyncio.get_running_loop().call_later(0.01, protocol.release.set)
+        await completer.flush(final=True)
+        assert run_task.cancelled()
+
+    asyncio.run(scenario())
+    assert protocol.batches == [[ended], [ended]]
+    assert held == set()
