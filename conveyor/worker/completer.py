@@ -10,6 +10,7 @@ result at a time, so one bad result fails its own run instead of blocking every 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Mapping
 from uuid import UUID
 
@@ -64,11 +65,14 @@ class Completer:
         self._flushed = asyncio.Event()
         self._flushed.set()
         self._run_flushing: asyncio.Task[None] | None = None
+        self._run_flush_failed: Exception | None = None
 
     async def complete_forever(self) -> None:
         while self._completing:
             await self.ready.wait()
             self.ready.clear()
+            if self._run_flush_failed is not None:  # a bug: the completer dies with it (loudly)
+                raise self._run_flush_failed
             await self.flush()
 
     async def finish(self, task: asyncio.Task[None]) -> None:
@@ -90,6 +94,9 @@ class Completer:
         self._run_flushing = task
         try:
             await self.flush()
+        except Exception as exc:  # not the database's (flush keeps those): the completer's own
+            self._run_flush_failed = exc
+            self.ready.set()
         finally:
             self._run_flushing = None
 
@@ -100,8 +107,11 @@ class Completer:
         The final flush at exit gives up after a few tries; the leases then expire."""
         while self._flushing:
             if final and self._run_flushing is not None:
+                # Again every second: a cancellation can be lost in a wait it interrupts.
                 self._run_flushing.cancel()
-            await self._flushed.wait()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0 if final else None):
+                    await self._flushed.wait()
         self._flushing = True
         self._flushed.clear()
         try:

@@ -16,9 +16,11 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import sys
-from asyncio.tasks import _enter_task, _leave_task  # type: ignore[attr-defined]
 from collections.abc import Coroutine, Generator
 from typing import Any
+
+if sys.version_info < (3, 12):  # what asyncio itself uses to run a task's step
+    from asyncio.tasks import _enter_task, _leave_task  # type: ignore[attr-defined]
 
 Task = asyncio.Task[Any]
 
@@ -35,7 +37,9 @@ def start_task(
         return asyncio.Task(coro, loop=loop, eager_start=True), True  # type: ignore[call-arg,unused-ignore]
     context = contextvars.copy_context()
     rest = _AfterFirstStep(coro)
-    task = loop.create_task(rest, context=context)
+    # A Task, not loop.create_task: a task factory (an error reporter's) may wrap the coroutine
+    # in one of its own, which would await this one; 3.12's eager start passes it by as well.
+    task = asyncio.Task(rest, loop=loop, context=context)
     _enter_task(loop, task)
     try:
         context.run(rest.first_step)
@@ -75,7 +79,12 @@ class _AfterFirstStep(Coroutine[Any, Any, Any]):
     def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
         if self._returned is not None or self._raised is not None:
             return self._finished()  # done before the task first ran: nothing to interrupt
-        self._yielded = None
+        yielded, self._yielded = self._yielded, None
+        if isinstance(yielded, asyncio.Future) and isinstance(typ, asyncio.CancelledError):
+            # Cancelled before the task took over the future its coroutine waits for: cancel
+            # that future, as Task.cancel() would have, and let the task wait for it.
+            yielded.cancel(msg=typ.args[0] if typ.args else None)
+            return yielded
         if val is None and tb is None:
             return self._coro.throw(typ)
         return self._coro.throw(typ, val, tb)  # asyncio passes one argument

@@ -154,7 +154,7 @@ class InFlight:
                     outcome="released" if stopping else "taken away",
                     duration=round(time.perf_counter() - started, 6),
                 )
-                self._ended(run.id)
+                self._ended(run.id, task)
                 self._tally.soon()
                 return
             raise
@@ -180,18 +180,23 @@ class InFlight:
                 duration=round(outcome.duration, 6),
                 error=outcome.error.splitlines()[-1],
             )
-        self._ended(run.id)
+        self._ended(run.id, task)
         completer = self._completer
         if not self.tasks and completer.idle:
             # Nothing else in flight to share a batch with: commit the result from here, a
-            # turn of the loop sooner than the completer would.
+            # turn of the loop sooner than the completer would. The batch's log lines are
+            # not this run's.
+            current_run.set(None)
             await completer.flush_from(task)
         else:
             self._results_ready.set()
 
-    def _ended(self, run_id: UUID) -> None:
-        """A run's task is over: its slot is free, and the worker may be idle."""
-        self.tasks.pop(run_id, None)
+    def _ended(self, run_id: UUID, task: asyncio.Task[None]) -> None:
+        """A run's task is over: its slot is free, and the worker may be idle. The run may run
+        here again already (claimed again after a rescue): that task stays in `tasks`, and
+        keeps the run's old result from being applied (Completer._take_batch)."""
+        if self.tasks.get(run_id) is task:
+            del self.tasks[run_id]
         self._slot_freed.set()
         if not self.tasks and self.on_idle is not None:
             self.on_idle()

@@ -11,6 +11,7 @@ import uuid
 from typing import Any, cast
 
 import psycopg
+import pytest
 
 from conveyor import metrics
 from conveyor.results import Applied, Failure, Success
@@ -135,6 +136,7 @@ class _Slow(_Protocol):
 def test_one_flush_at_a_time_and_the_one_under_way_takes_what_comes_meanwhile() -> None:
     """A run's task may flush beside the completer (flush_from): never two statements at
     once, and a result added during a flush is committed by it, not left waiting."""
+    # (one flush waiting for another: test_the_final_flush_interrupts_a_run_flush...)
     first, second = uuid.uuid4(), uuid.uuid4()
     held = {first, second}
     completer = _completer(held, {})
@@ -147,10 +149,9 @@ def test_one_flush_at_a_time_and_the_one_under_way_takes_what_comes_meanwhile() 
         await asyncio.sleep(0.01)
         assert not completer.idle
         completer.successes.append(_success(second))
-        other = asyncio.create_task(completer.flush())  # the completer, woken meanwhile
-        await asyncio.sleep(0.01)
         protocol.release.set()
-        await asyncio.gather(run_flush, other)
+        await run_flush  # it commits the second result too
+        await completer.flush()  # one after it has nothing left to do
 
     asyncio.run(scenario())
     assert protocol.batches == [[first], [second]]
@@ -182,3 +183,28 @@ def test_the_final_flush_interrupts_a_run_flush_and_commits_its_batch() -> None:
     asyncio.run(scenario())
     assert protocol.batches == [[ended], [ended]]
     assert held == set()
+
+
+def test_an_unexpected_error_in_a_run_flush_ends_the_completer_loudly() -> None:
+    """Not the database's error (those are retried) but a bug: the completer task dies with it,
+    as it would have flushing itself, and the worker stops (Worker._side_task_ended)."""
+    completer = _completer({uuid.uuid4()}, {})
+
+    class _Broken(_Protocol):
+        async def apply(self, successes: list[Success], failures: list[Failure]) -> Applied:
+            raise RuntimeError("a bug")
+
+    completer._protocol = cast(Any, _Broken())
+
+    async def scenario() -> None:
+        loop_task = asyncio.create_task(completer.complete_forever())
+        completer.successes.append(_success(uuid.uuid4()))
+
+        async def run() -> None:
+            await completer.flush_from(cast(Any, asyncio.current_task()))
+
+        await asyncio.create_task(run())  # the run's task itself ends quietly
+        with pytest.raises(RuntimeError, match="a bug"):
+            await asyncio.wait_for(loop_task, 5)
+
+    asyncio.run(scenario())

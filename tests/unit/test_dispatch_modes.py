@@ -341,3 +341,58 @@ def test_a_run_started_again_while_its_first_task_ends_runs_both_to_their_result
         assert len([*applied, *in_flight._successes]) == 2
 
     asyncio.run(scenario())
+
+
+def test_the_result_of_an_attempt_that_ends_while_its_run_runs_here_again_is_left_out() -> None:
+    """The first attempt's task ends after the run was claimed here again: the new attempt's
+    task stays counted, the run stays held, and the old result is not applied (it could pass
+    the new lease's fence); the new attempt's result is."""
+
+    async def scenario() -> None:
+        dispatcher, gates = _dispatcher(_Protocol(), _HandOffs())
+        in_flight = dispatcher._in_flight
+        applied = cast(_Applier, in_flight._completer._protocol).successes
+        (row,) = _rows(1)
+        in_flight.start([row], by_timer=False)
+        await asyncio.sleep(0.01)
+        first = in_flight.tasks[row[0]]
+        gates[row[0]].set()  # the first attempt ends...
+        in_flight.start([row], by_timer=False)  # ...as the run is claimed here again
+        second = in_flight.tasks[row[0]]
+        gates[row[0]] = asyncio.Event()  # which waits in its handler
+        await _until(first.done)
+        assert in_flight.tasks == {row[0]: second} and row[0] in in_flight.held
+        await in_flight._completer.flush()  # the completer's turn
+        assert applied == [] and row[0] in in_flight.held
+        gates[row[0]].set()
+        await _until(second.done)
+        assert [s.run_id for s in applied] == [row[0]]
+        assert in_flight.held == set()
+
+    asyncio.run(scenario())
+
+
+def test_a_hand_off_runs_its_handler_and_commits_a_lone_result_before_the_callback_returns() -> (
+    None
+):
+    """Read in the listener's reader callback, a hand-off's handler starts there, and a result
+    with nothing else in flight is committed from the run's own task, not the completer's."""
+
+    async def scenario() -> None:
+        (row,) = _rows(1)
+        dispatcher, gates = _dispatcher(_Protocol(), _HandOffs(row))
+        in_flight = dispatcher._in_flight
+        applied = cast(_Applier, in_flight._completer._protocol).successes
+        _finish(gates, [row])  # its handler returns at once
+        seen: list[list[uuid.UUID]] = []
+
+        def notified() -> None:  # as the listener calls it: outside any task
+            assert dispatcher.take_hand_off("signed") is False  # slots left: nothing to claim
+            seen.append([s.run_id for s in applied])
+
+        asyncio.get_running_loop().call_soon(notified)
+        await _until(lambda: bool(seen))
+        assert seen == [[row[0]]]
+        assert in_flight.tasks == {} and in_flight.held == set()
+
+    asyncio.run(scenario())

@@ -114,16 +114,33 @@ def test_a_task_started_at_once_is_cancelled_and_times_out_like_any_other() -> N
                 return "timed out"
             return "not timed out"
 
-        # Cancelled before the task's own first step, and after it.
-        early, _ = await _from_callback(waits_forever)
-        early.cancel()
+        # Cancelled in the callback that started it, before the task took over what its
+        # coroutine waits for (that is cancelled too, as a plain task's would be), and later.
+        loop = asyncio.get_running_loop()
+        inner = loop.create_task(asyncio.sleep(5))
+
+        async def waits_on_inner() -> None:
+            try:
+                await inner
+            finally:
+                cleaned.append("inner")
+
+        at_once: list[asyncio.Task[Any]] = []
+
+        def start_and_cancel() -> None:
+            task, _ = start_task(loop, waits_on_inner())
+            task.cancel()
+            at_once.append(task)
+
+        loop.call_soon(start_and_cancel)
         late, _ = await _from_callback(waits_forever)
         await asyncio.sleep(0.01)
         late.cancel()
-        for task in (early, late):
+        for task in (at_once[0], late):
             with pytest.raises(asyncio.CancelledError):
                 await task
-        assert cleaned == ["forever", "forever"]
+        assert inner.cancelled()
+        assert sorted(cleaned) == ["forever", "inner"]
         timing, _ = await _from_callback(times_out)
         assert await timing == "timed out"
 
