@@ -222,7 +222,7 @@ def _git(*args: str) -> str:
 
 def measure(tree: Path, figure: Figure, tiny: bool) -> Any:
     """One figure measured by `tree`'s benchmark code in a process of its own: its results, or
-    None when that process failed (its error is on stderr)."""
+    None when that process failed (its error is on stderr) or its output does not end in them."""
     module, function, arguments = figure.call
     if tiny and "load_runs" in arguments:
         arguments = {**arguments, "load_runs": 500}
@@ -250,7 +250,11 @@ def measure(tree: Path, figure: Figure, tiny: bool) -> Any:
     lines = out.strip().splitlines()
     if child.returncode != 0 or not lines:
         return None
-    return json.loads(lines[-1])
+    try:
+        return json.loads(lines[-1])
+    except ValueError:  # something else printed last (at exit, say): no figure to read
+        print(f"unreadable output: {lines[-1][:200]!r}", file=sys.stderr, flush=True)
+        return None
 
 
 def compare(

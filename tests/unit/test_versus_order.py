@@ -46,3 +46,36 @@ def test_a_figure_a_tree_does_not_give_reads_as_not_available() -> None:
     assert (runs[1], runs[2], runs[3].split()[0]) == ("100", "n/a", "n/a")
     backends = by_what["(a) one worker, one stage: backends CPU us/run"]
     assert (backends[1], backends[2]) == ("n/a", "n/a")
+
+
+def test_a_figure_whose_output_does_not_end_in_its_result_is_left_out(tmp_path: Path) -> None:
+    """A tree whose benchmark prints something else last (at exit, here) gives no figure: the
+    run goes on without it, never ends in a traceback."""
+    package = tmp_path / "benchmarks"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "harness.py").write_text(
+        "import contextlib\n"
+        "class Scale:\n"
+        "    @classmethod\n"
+        "    def small(cls): return cls()\n"
+        "class BenchDatabase:\n"
+        "    @classmethod\n"
+        "    @contextlib.contextmanager\n"
+        "    def create(cls): yield None\n"
+    )
+    (package / "noisy.py").write_text(
+        "import atexit, dataclasses\n"
+        "@dataclasses.dataclass\n"
+        "class Result:\n"
+        "    runs_per_second: float\n"
+        "def measure(db, scale):\n"
+        "    atexit.register(print, 'bye')\n"
+        "    return Result(1.0)\n"
+        "def quiet(db, scale):\n"
+        "    return Result(2.0)\n"
+    )
+    noisy = versus.Figure("x", "noisy", "noisy", ("noisy", "measure", {}), lambda results: [])
+    quiet = versus.Figure("y", "quiet", "noisy", ("noisy", "quiet", {}), lambda results: [])
+    assert versus.measure(tmp_path, noisy, False) is None
+    assert versus.measure(tmp_path, quiet, False) == {"runs_per_second": 2.0}
