@@ -80,10 +80,14 @@ class _AfterFirstStep(Coroutine[Any, Any, Any]):
         if self._returned is not None or self._raised is not None:
             return self._finished()  # done before the task first ran: nothing to interrupt
         yielded, self._yielded = self._yielded, None
-        if isinstance(yielded, asyncio.Future) and isinstance(typ, asyncio.CancelledError):
-            # Cancelled before the task took over the future its coroutine waits for: cancel
-            # that future, as Task.cancel() would have, and let the task wait for it.
-            yielded.cancel(msg=typ.args[0] if typ.args else None)
+        if (
+            isinstance(yielded, asyncio.Future)
+            and isinstance(typ, asyncio.CancelledError)
+            and yielded.cancel(msg=typ.args[0] if typ.args else None)
+        ):
+            # Cancelled before the task took over the future its coroutine waits for: that
+            # future is cancelled, as Task.cancel() would have, and the task waits for it. One
+            # already done is not: the cancellation goes to the coroutine itself.
             return yielded
         if val is None and tb is None:
             return self._coro.throw(typ)

@@ -160,3 +160,32 @@ def test_inside_another_task_it_is_a_plain_task_not_yet_started() -> None:
         assert steps == ["ran"]
 
     asyncio.run(scenario())
+
+
+def test_a_cancel_that_comes_after_the_awaited_future_is_done_still_reaches_the_coroutine() -> None:
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        ready: asyncio.Future[None] = loop.create_future()
+        seen: list[str] = []
+
+        async def work() -> None:
+            try:
+                await ready
+                seen.append("went on")
+            except asyncio.CancelledError:
+                seen.append("cancelled")
+                raise
+
+        started: list[asyncio.Task[Any]] = []
+
+        def start_then_cancel() -> None:
+            task, _ = start_task(loop, work())
+            ready.set_result(None)  # done before the task took it over: not cancellable
+            task.cancel()
+            started.append(task)
+
+        loop.call_soon(start_then_cancel)
+        await asyncio.sleep(0.01)
+        assert started[0].cancelled() and seen == ["cancelled"]
+
+    asyncio.run(scenario())
