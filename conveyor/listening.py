@@ -76,6 +76,8 @@ class Listener:
         self._heard_anything = False
         self._ping_payload = f"{_PING}:{uuid.uuid4().hex}"
         self._ping_channel = f"conveyor.{self._ping_payload}"
+        self._ping_channel_name = self._ping_channel.encode()  # as libpq gives it: ASCII
+        self._encoding = "utf-8"  # the connection's, read once it is made
         self._ping_answered = False
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._metrics = _ListenerMetrics(metric_labels) if metric_labels else None
@@ -146,6 +148,7 @@ class Listener:
                     await conn.close()
                     raise
         self._conn = conn
+        self._encoding = conn.info.encoding
         self.connected.set()
         self.disconnected.clear()
         if self._metrics:
@@ -213,27 +216,26 @@ class Listener:
         broken connection raises OperationalError here."""
         pgconn = conn.pgconn
         pgconn.consume_input()
-        encoding = conn.info.encoding
         while (arrived := pgconn.notifies()) is not None:
             self._arrived(
-                arrived.relname.decode(encoding, "replace"),
-                arrived.extra.decode(encoding, "replace"),
+                arrived.relname == self._ping_channel_name,
+                arrived.extra.decode(self._encoding, "replace"),
             )
 
     def _heard(self, notify: psycopg.Notify) -> None:
         """A notification psycopg read during the health check's statement."""
-        self._arrived(notify.channel, notify.payload)
+        self._arrived(notify.channel == self._ping_channel, notify.payload)
 
-    def _arrived(self, channel: str, payload: str) -> None:
+    def _arrived(self, on_ping_channel: bool, payload: str) -> None:
         """Every notification. A wake-up goes to the owner before anything is noted: it may be
         a run on its way to its handler, on a CPU just woken, where every step shows."""
-        self._last_heard = heard = time.monotonic()
-        self._heard_anything = True
-        ping = channel == self._ping_channel or payload.startswith(_PING)
+        ping = on_ping_channel or payload.startswith(_PING)
         if not ping:
             self._deliver(payload)
         elif payload == self._ping_payload:
             self._ping_answered = True
+        self._last_heard = heard = time.monotonic()
+        self._heard_anything = True
         if self._metrics:
             self._metrics.heard(heard, ping=ping)
 

@@ -155,8 +155,8 @@ class StageProtocol:
         spawning = self._fans_out and bool(successes)
         # One commit for every statement: it waits for its flush when any run ends here.
         routing = self._routing(successes)
-        durable = (bool(successes) and (self._terminal or routing["durable"])) or any(
-            f.retry_in is None for f in failures
+        durable = (bool(successes) and (self._terminal or routing["durable"])) or (
+            bool(failures) and any(f.retry_in is None for f in failures)
         )
         # The first statement locks the parents of the batch's runs that may end children
         # (complete_if_leased's `parents`), in id order.

@@ -134,7 +134,8 @@ class InFlight:
         assert task is not None, "runs in a task of its own"
         self.tasks[run.id] = task
         try:
-            outcome = await self._children_unread(run) or await run_handler(
+            unread = None if self._read_children is None else await self._children_unread(run)
+            outcome = unread or await run_handler(
                 self._stage, run, task=task, deadlines=self._deadlines
             )
         except asyncio.CancelledError:
@@ -204,8 +205,7 @@ class InFlight:
     async def _children_unread(self, run: Run) -> Failure | None:
         """Give a run of a stage that joins a fan-out its children; a failed attempt when they
         cannot be read now."""
-        if self._read_children is None:
-            return None
+        assert self._read_children is not None
         try:
             run.children = await self._read_children(run.id)
         except psycopg.Error as exc:  # the database, not the run: its attempt is given back
