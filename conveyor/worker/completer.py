@@ -60,8 +60,7 @@ class Completer:
         self.ready = asyncio.Event()
         self._completing = True
         # One flush at a time, the completer's or a run's (flush_from): a flush under way takes
-        # every result collected until it ends.
-        self._flushing = False
+        # every result collected until it ends. Set while none is under way.
         self._flushed = asyncio.Event()
         self._flushed.set()
         self._run_flushing: asyncio.Task[None] | None = None
@@ -85,7 +84,7 @@ class Completer:
     @property
     def idle(self) -> bool:
         """No flush is under way."""
-        return not self._flushing
+        return self._flushed.is_set()
 
     async def flush_from(self, task: asyncio.Task[None]) -> None:
         """Flush from a run's `task`: a run that ended with nothing else in flight commits its
@@ -105,19 +104,17 @@ class Completer:
         error the results are kept and the batch is tried again: the fence, and leaving out
         the runs started here again meanwhile (_take_batch), make it safe.
         The final flush at exit gives up after a few tries; the leases then expire."""
-        while self._flushing:
+        while not self._flushed.is_set():
             if final and self._run_flushing is not None:
                 # Again every second: a cancellation can be lost in a wait it interrupts.
                 self._run_flushing.cancel()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(1.0 if final else None):
                     await self._flushed.wait()
-        self._flushing = True
         self._flushed.clear()
         try:
             await self._flush(final)
         finally:
-            self._flushing = False
             self._flushed.set()
 
     async def _flush(self, final: bool) -> None:
