@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from conveyor.event_loop import EVENT_LOOPS
 from conveyor.limits import (
     MAX_IN_FLIGHT,
     MAX_REQUESTS_PER_MINUTE,
@@ -79,6 +80,8 @@ class Settings:
     metrics_host: str = "0.0.0.0"  # every interface: kubelet and Prometheus reach the pod's IP
     log_format: str = "auto"
     log_level: str = "info"
+    # The worker and maintenance processes' event loop (conveyor/event_loop.py).
+    event_loop: str = "uvloop"
     stage_overrides: Mapping[str, StageOverrides] = field(default_factory=dict)
     # CONVEYOR_LIMIT_<NAME>_*: NAME (limits.env_name of a key) -> field -> value, None for off.
     limit_overrides: Mapping[str, Mapping[str, float | None]] = field(default_factory=dict)
@@ -115,6 +118,7 @@ class Settings:
             log_level=reader.choice(
                 "CONVEYOR_LOG_LEVEL", "info", ("debug", "info", "warning", "error")
             ),
+            event_loop=reader.choice("CONVEYOR_EVENT_LOOP", "uvloop", EVENT_LOOPS),
             limit_overrides=reader.limit_overrides(),
             # Last: it skips the names read above (CONVEYOR_DRAIN_TIMEOUT is not stage "drain").
             stage_overrides=reader.stage_overrides(),

@@ -8,6 +8,7 @@ import os
 
 import structlog
 
+from conveyor import event_loop
 from conveyor.db import listen_url
 from conveyor.maintenance import Maintenance
 from conveyor.pipeline import Pipeline
@@ -29,7 +30,9 @@ def start_child(
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(pid=os.getpid())
     if name == MAINTENANCE:
-        asyncio.run(_maintain(settings, pipeline, url, liveness, supervisor_pid))
+        event_loop.run(
+            _maintain(settings, pipeline, url, liveness, supervisor_pid), settings.event_loop
+        )
         return
     run_worker(
         settings,

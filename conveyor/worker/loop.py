@@ -29,7 +29,7 @@ import psycopg
 import structlog
 from psycopg_pool import AsyncConnectionPool
 
-from conveyor import metrics
+from conveyor import event_loop, metrics
 from conveyor.db import CONNECT_TIMEOUT_SECONDS, KEEPALIVE_OPTIONS, brief
 from conveyor.flow_control import FlowControl
 from conveyor.listening import Listener, wake_channel
@@ -244,6 +244,7 @@ class Worker:
         await self.pool.open(wait=False)
         self._log.info(
             "worker started",
+            event_loop=event_loop.running_loop_name(),
             concurrency=self.stage.concurrency,
             batch=self.stage.batch,
             channel=self.channel,
@@ -399,6 +400,6 @@ def run_worker(
     # Everything made so far (modules, the pipeline, settings) lives as long as the process:
     # out of the collector's sight, a full collection no longer walks it again and again.
     gc.freeze()
-    asyncio.run(worker.run())
+    event_loop.run(worker.run(), settings.event_loop)
     if worker.failed:
         raise SystemExit(1)

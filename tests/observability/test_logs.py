@@ -55,19 +55,28 @@ def _insert(url: str, payload: dict[str, Any]) -> str:
     return str(row[0])
 
 
-@pytest.mark.timeout(120)
-def test_a_runs_life_reads_as_json_lines_with_its_context_on_each(
-    database_url: str, start_conveyor: Callable[..., ConveyorProcess]
-) -> None:
-    supervisor = start_conveyor("run", CONVEYOR_SWEEP_INTERVAL="0.5", **LOGGED)
-    run_id = _insert(database_url, {"n": 7})
+def _one_run_logged(
+    url: str, start_conveyor: Callable[..., ConveyorProcess], payload: dict[str, Any], **env: str
+) -> tuple[str, list[dict[str, Any]]]:
+    """One run through the logged pipeline under `conveyor run`: its id, and every log line."""
+    supervisor = start_conveyor("run", **env, **LOGGED)
+    run_id = _insert(url, payload)
     wait_until(
-        lambda: scalar(database_url, "SELECT status FROM conveyor.pipeline_runs") == "DONE",
+        lambda: scalar(url, "SELECT status FROM conveyor.pipeline_runs") == "DONE",
         60,
         "the run DONE",
     )
     assert supervisor.stop() == 0
-    records = _records(supervisor.log())
+    return run_id, _records(supervisor.log())
+
+
+@pytest.mark.timeout(120)
+def test_a_runs_life_reads_as_json_lines_with_its_context_on_each(
+    database_url: str, start_conveyor: Callable[..., ConveyorProcess]
+) -> None:
+    run_id, records = _one_run_logged(
+        database_url, start_conveyor, {"n": 7}, CONVEYOR_SWEEP_INTERVAL="0.5"
+    )
 
     # Any line that mentions the run is a line about the run: it carries the whole context.
     about_run = [r for r in records if run_id in json.dumps(r)]
@@ -102,6 +111,24 @@ def test_a_runs_life_reads_as_json_lines_with_its_context_on_each(
     started = [r for r in records if r["event"] == "worker started"]
     assert {r["stage"] for r in started} == {"first", "second"}
     assert all(r["worker"].startswith(r["stage"] + "-") and "run_id" not in r for r in started)
+    assert {r["event_loop"] for r in started} == {"uvloop"}  # the default
+
+
+@pytest.mark.timeout(120)
+def test_workers_run_on_asyncios_own_loop_when_asked(
+    database_url: str, start_conveyor: Callable[..., ConveyorProcess]
+) -> None:
+    run_id, records = _one_run_logged(
+        database_url, start_conveyor, {"n": 3}, CONVEYOR_EVENT_LOOP="asyncio"
+    )
+    started = [r for r in records if r["event"] == "worker started"]
+    assert sorted((r["stage"], r["event_loop"]) for r in started) == [
+        ("first", "asyncio"),
+        ("second", "asyncio"),
+    ]
+    # Both handlers (the sync one in a thread) ran with the run's context on their lines.
+    handled = {r["stage"] for r in records if r.get("run_id") == run_id and "handler" in r["event"]}
+    assert handled == {"first", "second"}
 
 
 @pytest.mark.timeout(120)

@@ -57,6 +57,7 @@ ENGINE_VALUES: dict[str, list[str]] = {
     "CONVEYOR_RETENTION": ["99999999999999w", "1" * 400, "1e308", "-1d", "nan", "36501d"],
     "CONVEYOR_METRICS_PORT": ["99999", "-1", "abc"],
     "CONVEYOR_LOG_FORMAT": ["xml"],
+    "CONVEYOR_EVENT_LOOP": ["libuv", "trio", f"uvloop{BAD_UTF8}"],
     "CONVEYOR_LOG_LEVEL": ["trace", f"info{BAD_UTF8}"],
     "CONVEYOR_SCHEMA": ["Bad-Schema", "a" * 70, f"s{BAD_UTF8}"],
     "CONVEYOR_PIPELINE": ["nope", ":x"],

@@ -11,6 +11,7 @@ def test_defaults_without_environment() -> None:
     assert settings.schema == "conveyor"
     assert settings.stages is None
     assert settings.sweep_interval == 5.0
+    assert settings.event_loop == "uvloop"
 
 
 def test_reads_every_variable() -> None:
@@ -25,6 +26,7 @@ def test_reads_every_variable() -> None:
             "CONVEYOR_ANSWER_MAX_ATTEMPTS": "5",
             "CONVEYOR_ANSWER_TIMEOUT": "90",
             "CONVEYOR_LOG_FORMAT": "JSON",
+            "CONVEYOR_EVENT_LOOP": "Asyncio",
         }
     )
     assert settings.database_url == "postgresql://x/y"
@@ -34,6 +36,7 @@ def test_reads_every_variable() -> None:
     assert settings.overrides_for("analyze") == StageOverrides(concurrency=32)
     assert settings.overrides_for("answer") == StageOverrides(timeout=90.0, max_attempts=5)
     assert settings.log_format == "json"
+    assert settings.event_loop == "asyncio"
 
 
 def test_global_timeouts_are_not_read_as_stage_overrides() -> None:
