@@ -4,6 +4,7 @@
     python -m benchmarks.latency --three    (d)
     python -m benchmarks.latency --chain    (d)'s floor: the same chain without the workers
     python -m benchmarks.latency --versus-floor   (d) and its floor interleaved: their ratio
+    python -m benchmarks.latency --versus-floor --event-loop asyncio   ... workers on asyncio's loop
     python -m benchmarks.latency --idle     what a round trip to an idle backend costs here
 
 (c): one worker for a one-stage no-op pipeline, idle; runs are inserted one at a time
@@ -29,13 +30,14 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import multiprocessing
 import os
 import select
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import psycopg
 
@@ -50,11 +52,22 @@ from conveyor.batch_arrays import (
     text_array,
     uuid_array,
 )
+from conveyor.event_loop import EVENT_LOOPS
 from conveyor.listening import wake_channel
 
 COMMAND = "python -m benchmarks.latency"
 _PAUSE = 0.01  # between runs: each run finds the workers idle, as a lone arrival would
 _FLOOR_BLOCKS = 6  # --versus-floor: blocks of runs through each, interleaved
+
+
+class Followed(NamedTuple):
+    """Runs followed one at a time: seconds from each commit and from each INSERT sent, and
+    the CPU the chain's stage processes spent per run (seconds, their sum; NaN where /proc
+    cannot tell), the first run left out as the latencies leave it out in --versus-floor."""
+
+    from_commit: list[float]
+    from_submit: list[float]
+    cpu_per_run: float
 
 
 @dataclass(frozen=True)
@@ -112,23 +125,24 @@ def commit_to_start_samples(db: BenchDatabase, scale: Scale) -> tuple[list[float
 
 
 def end_to_end(db: BenchDatabase, scale: Scale) -> Latency:
-    return summary(*end_to_end_samples(db, scale))
+    return summary(*end_to_end_samples(db, scale)[:2])
 
 
-def end_to_end_samples(db: BenchDatabase, scale: Scale) -> tuple[list[float], list[float]]:
+def end_to_end_samples(db: BenchDatabase, scale: Scale, event_loop: str = "uvloop") -> Followed:
     with db.connect() as conn:
         db.reset(conn)
-        with running(db, ["run"], pipeline="three"):
+        with running(db, ["run"], pipeline="three", CONVEYOR_EVENT_LOOP=event_loop):
             db.wait_idle_workers(conn, 3)
+            workers = [pid for (pid,) in conn.execute("SELECT pid FROM conveyor.workers")]
             time.sleep(0.2)
-            return _followed(db, scale)
+            return _followed(db, scale, workers)
 
 
 def statement_chain(db: BenchDatabase, scale: Scale) -> Latency:
-    return summary(*statement_chain_samples(db, scale))
+    return summary(*statement_chain_samples(db, scale)[:2])
 
 
-def statement_chain_samples(db: BenchDatabase, scale: Scale) -> tuple[list[float], list[float]]:
+def statement_chain_samples(db: BenchDatabase, scale: Scale) -> Followed:
     """(d) with every worker replaced by a blocking loop that runs the worker's statements."""
     spawn = multiprocessing.get_context("spawn")  # a forked child would share our sockets
     stages = [
@@ -141,7 +155,7 @@ def statement_chain_samples(db: BenchDatabase, scale: Scale) -> tuple[list[float
             stage.start()
         try:
             db.wait_idle_workers(conn, len(stages))
-            return _followed(db, scale)
+            return _followed(db, scale, [stage.pid for stage in stages if stage.pid is not None])
         finally:
             for stage in stages:
                 stage.kill()
@@ -210,13 +224,16 @@ def _complete_what_is_handed(url: str, index: int) -> None:
                 ).fetchall()
 
 
-def _followed(db: BenchDatabase, scale: Scale) -> tuple[list[float], list[float]]:
-    """Insert runs one at a time into the idle three-stage chain and hear each one DONE: the
-    seconds from each commit, and from each INSERT sent."""
+def _followed(db: BenchDatabase, scale: Scale, stage_pids: list[int]) -> Followed:
+    """Insert runs one at a time into the idle three-stage chain and hear each one DONE, with
+    the CPU that `stage_pids` spent meanwhile."""
     with db.connect() as conn, db.connect() as listener:
         listener.execute("LISTEN pipeline_events")
         from_commit, from_submit = [], []
-        for _ in range(scale.latency_runs):
+        cpu_from = math.nan
+        for index in range(scale.latency_runs):
+            if index == 1:
+                cpu_from = _cpu_seconds(stage_pids)
             sent = time.time()
             run_id = str(_insert(conn, "bench3"))
             committed = time.time()
@@ -224,7 +241,25 @@ def _followed(db: BenchDatabase, scale: Scale) -> tuple[list[float], list[float]
             from_commit.append(done - committed)
             from_submit.append(done - sent)
             time.sleep(_PAUSE)
-    return from_commit, from_submit
+        cpu = (_cpu_seconds(stage_pids) - cpu_from) / max(1, scale.latency_runs - 1)
+    return Followed(from_commit, from_submit, cpu)
+
+
+def _microseconds(seconds: float) -> str:
+    return f"{seconds * 1e6:.0f} us" if math.isfinite(seconds) else "n/a"
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    """CPU time of these processes so far (Linux's schedstat: nanoseconds, unlike the
+    10-ms ticks of /proc/<pid>/stat, finer than a run's share); NaN where it cannot be read."""
+    try:
+        total = 0
+        for pid in pids:
+            with open(f"/proc/{pid}/schedstat") as stat:
+                total += int(stat.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return math.nan
+    return total / 1e9
 
 
 def _heard_done(pgconn: Any, run_id: str, timeout: float = 30) -> float:
@@ -240,23 +275,41 @@ def _heard_done(pgconn: Any, run_id: str, timeout: float = 30) -> float:
     raise RuntimeError(f"run {run_id} did not finish within {timeout:g} s")
 
 
-def against_floor(db: BenchDatabase, scale: Scale, blocks: int) -> tuple[Latency, Latency]:
+@dataclass(frozen=True)
+class AgainstFloor:
+    workers: Latency
+    floor: Latency
+    # CPU per run of the three stage processes together, the mean of the blocks' (seconds)
+    workers_cpu: float
+    floor_cpu: float
+
+
+def against_floor(
+    db: BenchDatabase, scale: Scale, blocks: int, event_loop: str = "uvloop"
+) -> AgainstFloor:
     """(d) and its floor in one run: blocks of runs through each, interleaved ABBA, so that a
     machine whose speed drifts weighs on both alike; each summary pools its blocks. The first
     run of a block, through processes just started, is not counted."""
     block = Scale(latency_runs=max(1, scale.latency_runs // blocks) + 1, tiny=scale.tiny)
-    workers: tuple[list[float], list[float]] = ([], [])
-    floor: tuple[list[float], list[float]] = ([], [])
+    workers: tuple[list[float], list[float], list[float]] = ([], [], [])
+    floor: tuple[list[float], list[float], list[float]] = ([], [], [])
     for index in range(blocks):
         order = (True, False) if index % 2 == 0 else (False, True)
         for through_workers in order:
-            samples = (end_to_end_samples if through_workers else statement_chain_samples)(
-                db, block
-            )
+            if through_workers:
+                samples = end_to_end_samples(db, block, event_loop)
+            else:
+                samples = statement_chain_samples(db, block)
             pooled = workers if through_workers else floor
-            for into, values in zip(pooled, samples, strict=True):
-                into.extend(values[1:])
-    return summary(*workers), summary(*floor)
+            pooled[0].extend(samples.from_commit[1:])
+            pooled[1].extend(samples.from_submit[1:])
+            pooled[2].append(samples.cpu_per_run)
+    return AgainstFloor(
+        summary(workers[0], workers[1]),
+        summary(floor[0], floor[1]),
+        sum(workers[2]) / blocks,
+        sum(floor[2]) / blocks,
+    )
 
 
 def idle_round_trip(db: BenchDatabase, scale: Scale) -> dict[str, tuple[float, float]]:
@@ -307,6 +360,12 @@ def main() -> None:
         action="store_true",
         help="(d) and its floor, interleaved, and their ratio",
     )
+    parser.add_argument(
+        "--event-loop",
+        choices=EVENT_LOOPS,
+        default="uvloop",
+        help="the workers' event loop in --versus-floor (CONVEYOR_EVENT_LOOP)",
+    )
     parser.add_argument("--runs", type=int, default=Scale().latency_runs)
     parser.add_argument("--tiny", action="store_true", help="a handful of runs, for tests")
     args = parser.parse_args()
@@ -321,14 +380,23 @@ def main() -> None:
             return
         if args.versus_floor:
             blocks = 2 if args.tiny else _FLOOR_BLOCKS
-            workers, floor = against_floor(db, scale, blocks)
+            measured = against_floor(db, scale, blocks, args.event_loop)
+            command = f"{COMMAND} --versus-floor"
+            if args.event_loop != "uvloop":
+                command += f" --event-loop {args.event_loop}"
+            workers, floor = measured.workers, measured.floor
             print(
                 f"(d) p50 {workers.p50_ms:.2f} ms, p99 {workers.p99_ms:.2f} ms; its floor p50"
                 f" {floor.p50_ms:.2f} ms, p99 {floor.p99_ms:.2f} ms; (d) / floor: p50"
                 f" {ratio(workers.p50_ms, floor.p50_ms)}, p99 {ratio(workers.p99_ms, floor.p99_ms)}"
                 f" (from the commit's acknowledgement; from sending the INSERT: p50"
                 f" {ratio(workers.submit_p50_ms, floor.submit_p50_ms)}; {workers.runs} runs each,"
-                f" in {blocks} interleaved blocks; {COMMAND} --versus-floor)"
+                f" in {blocks} interleaved blocks; {command})"
+            )
+            print(
+                f"CPU per run, the three stage processes together: workers"
+                f" {_microseconds(measured.workers_cpu)}, floor {_microseconds(measured.floor_cpu)}"
+                f" ({ratio(measured.workers_cpu, measured.floor_cpu)}; {command})"
             )
             return
         if args.three:

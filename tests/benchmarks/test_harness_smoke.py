@@ -120,6 +120,13 @@ def test_end_to_end_latency_against_its_floor_in_one_run(pg_server: PgServer) ->
         printed,
         re.M,
     )
+    # ... with what each chain's stage processes spent on the CPU per run.
+    cpu = re.search(
+        r"^CPU per run, the three stage processes together: workers (\d+) us, floor (\d+) us",
+        printed,
+        re.M,
+    )
+    assert cpu and int(cpu[1]) > 0 and int(cpu[2]) > 0, printed
 
 
 def test_ingest_and_bulk_submit_in_tiny_mode(pg_server: PgServer) -> None:
