@@ -1,4 +1,4 @@
-"""The event loop a worker or maintenance process runs on (CONVEYOR_EVENT_LOOP).
+"""The event loop a worker, maintenance or console process runs on (CONVEYOR_EVENT_LOOP).
 
 `uvloop` (the default) is asyncio's interface on libuv: the loop's own work (polling, timers,
 callbacks) runs in C, and a run handed over to an idle worker spends less of its way through
@@ -27,6 +27,6 @@ def run(main: Coroutine[Any, Any, T], event_loop: str) -> T:
 
 
 def running_loop_name() -> str:
-    """The kind of the running loop, for the worker's start-up log line."""
+    """The kind of the running loop, for the start-up log lines."""
     loop = asyncio.get_running_loop()
     return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"

@@ -173,6 +173,10 @@ class Listener:
         def on_readable() -> None:
             try:
                 self._read_arrived(conn)
+                # Once more: uvloop stops polling a socket that reports an error (a reset, a
+                # keepalive timeout) after this one call, which may have read what arrived just
+                # before it. This read raises that error now; on a sound socket it finds nothing.
+                self._read_arrived(conn)
             except BaseException as exc:  # a lost connection: raised below, like any error
                 loop.remove_reader(fd)
                 if not failed.done():

@@ -80,7 +80,7 @@ class Settings:
     metrics_host: str = "0.0.0.0"  # every interface: kubelet and Prometheus reach the pod's IP
     log_format: str = "auto"
     log_level: str = "info"
-    # The worker and maintenance processes' event loop (conveyor/event_loop.py).
+    # The worker, maintenance and console processes' event loop (conveyor/event_loop.py).
     event_loop: str = "uvloop"
     stage_overrides: Mapping[str, StageOverrides] = field(default_factory=dict)
     # CONVEYOR_LIMIT_<NAME>_*: NAME (limits.env_name of a key) -> field -> value, None for off.

@@ -17,6 +17,7 @@ from starlette.responses import PlainTextResponse, RedirectResponse, Response, S
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from conveyor import event_loop
 from conveyor.console import actions
 from conveyor.console.context import HERE, JSON, Console, console_of, templates
 from conveyor.console.filters import SINCE_CHOICES, FilterError, RunFilter, encode_cursor
@@ -59,6 +60,7 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         store.open()
         console.hub.start()
+        log.info("console serving", event_loop=event_loop.running_loop_name())
         try:
             yield
         finally:

@@ -42,4 +42,5 @@ def console_command(app: App, bind: str | None, allow_actions: bool, no_auth: bo
         app.url,
         listen_url(app.settings, app.url),
         app.settings.schema,
+        app.settings.event_loop,
     )

@@ -47,6 +47,7 @@ def serve(
     url: str,
     listen_url: str,
     schema: str,
+    event_loop: str,
 ) -> None:
     application = create_app(settings, pipeline, url, listen_url, schema)
     server = _Server(
@@ -55,6 +56,7 @@ def serve(
             log_config=None,  # the structlog configuration set at CLI entry stays in force
             access_log=False,
             lifespan="on",
+            loop=event_loop,  # CONVEYOR_EVENT_LOOP, as the workers'; uvicorn names them alike
             timeout_graceful_shutdown=SHUTDOWN_GRACE_SECONDS,
             # X-Forwarded-For only from proxies named in the settings: uvicorn's default trusts
             # any local client's header, which would let it write the action log's address.

@@ -3,7 +3,8 @@
 asyncio.timeout arms and disarms a timer per run, which was the largest fixed cost of running a
 fast handler. Here a run joins the set of its slice and leaves it when it ends; the slice's
 timer cancels whoever is still in it. A deadline is honoured up to one slice late: a hundredth
-of the timeout, between 1 ms and 100 ms.
+of the timeout, between 1 ms and 100 ms (on uvloop, whose timers count whole milliseconds, up to
+a millisecond early).
 """
 
 from __future__ import annotations

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import base64
 import http.client
+import json
 import signal
 import socket
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 
+from conveyor.event_loop import EVENT_LOOPS
 from tests.console.conftest import StartConsole
 from tests.helpers import ROOT, conveyor_env
 
@@ -32,6 +35,10 @@ def _console(database_url: str, *args: str, **env: str) -> subprocess.CompletedP
         text=True,
         timeout=60,
     )
+
+
+def _records(log: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in log.splitlines() if line.startswith("{")]
 
 
 def _nothing_listens(port: int) -> bool:
@@ -119,8 +126,13 @@ def test_no_auth_allows_a_public_bind_behind_a_proxy(
     assert console.get("/api/overview")[0] == 200
 
 
-def test_sigterm_ends_open_event_streams_and_exits_0(start_console: StartConsole) -> None:
-    console = start_console()
+@pytest.mark.parametrize("loop_name", EVENT_LOOPS)
+def test_sigterm_ends_open_event_streams_and_exits_0(
+    start_console: StartConsole, loop_name: str
+) -> None:
+    console = start_console(CONVEYOR_EVENT_LOOP=loop_name)
+    serving = [r for r in _records(console.process.log()) if r["event"] == "console serving"]
+    assert [r["event_loop"] for r in serving] == [loop_name]  # the loop the workers would run on
     stream = http.client.HTTPConnection("127.0.0.1", console.port, timeout=30)
     stream.request("GET", "/events")
     response = stream.getresponse()

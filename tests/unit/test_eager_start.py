@@ -1,6 +1,7 @@
 """A task started at once (conveyor/worker/eager.py) behaves as any task after its first step:
 the step runs before start_task returns, as the current task and in the task's own context, and
-the task then waits, returns, raises, times out and is cancelled like one create_task made."""
+the task then waits, returns, raises, times out and is cancelled like one create_task made, on
+each loop a worker may run on."""
 
 from __future__ import annotations
 
@@ -11,7 +12,11 @@ from typing import Any
 
 import pytest
 
+from conveyor import event_loop
+from conveyor.event_loop import EVENT_LOOPS
 from conveyor.worker.eager import start_task
+
+pytestmark = pytest.mark.parametrize("loop_name", EVENT_LOOPS)
 
 where: contextvars.ContextVar[str] = contextvars.ContextVar("where", default="outside")
 
@@ -26,7 +31,7 @@ def _from_callback(
     return started
 
 
-def test_the_first_step_runs_before_start_task_returns_and_the_task_goes_on() -> None:
+def test_the_first_step_runs_before_start_task_returns_and_the_task_goes_on(loop_name: str) -> None:
     steps: list[str] = []
 
     async def scenario() -> None:
@@ -57,10 +62,10 @@ def test_the_first_step_runs_before_start_task_returns_and_the_task_goes_on() ->
         assert await task == "done"
         assert steps == ["first", "second"]
 
-    asyncio.run(scenario())
+    event_loop.run(scenario(), loop_name)
 
 
-def test_the_first_step_runs_as_the_current_task_in_its_own_context() -> None:
+def test_the_first_step_runs_as_the_current_task_in_its_own_context(loop_name: str) -> None:
     async def scenario() -> None:
         inside: list[object] = []
 
@@ -76,10 +81,10 @@ def test_the_first_step_runs_as_the_current_task_in_its_own_context() -> None:
         assert started and inside == [task, "inside"]
         assert where.get() == "outside"  # the task's context is its own
 
-    asyncio.run(scenario())
+    event_loop.run(scenario(), loop_name)
 
 
-def test_a_coroutine_that_ends_in_its_first_step_ends_its_task() -> None:
+def test_a_coroutine_that_ends_in_its_first_step_ends_its_task(loop_name: str) -> None:
     async def scenario() -> None:
         async def quick() -> int:
             return 7
@@ -93,10 +98,10 @@ def test_a_coroutine_that_ends_in_its_first_step_ends_its_task() -> None:
         with pytest.raises(ValueError, match="bad"):
             await failing
 
-    asyncio.run(scenario())
+    event_loop.run(scenario(), loop_name)
 
 
-def test_a_task_started_at_once_is_cancelled_and_times_out_like_any_other() -> None:
+def test_a_task_started_at_once_is_cancelled_and_times_out_like_any_other(loop_name: str) -> None:
     async def scenario() -> None:
         cleaned: list[str] = []
 
@@ -144,10 +149,10 @@ def test_a_task_started_at_once_is_cancelled_and_times_out_like_any_other() -> N
         timing, _ = await _from_callback(times_out)
         assert await timing == "timed out"
 
-    asyncio.run(scenario())
+    event_loop.run(scenario(), loop_name)
 
 
-def test_inside_another_task_it_is_a_plain_task_not_yet_started() -> None:
+def test_inside_another_task_it_is_a_plain_task_not_yet_started(loop_name: str) -> None:
     async def scenario() -> None:
         steps: list[str] = []
 
@@ -159,10 +164,12 @@ def test_inside_another_task_it_is_a_plain_task_not_yet_started() -> None:
         await task
         assert steps == ["ran"]
 
-    asyncio.run(scenario())
+    event_loop.run(scenario(), loop_name)
 
 
-def test_a_cancel_that_comes_after_the_awaited_future_is_done_still_reaches_the_coroutine() -> None:
+def test_a_cancel_that_comes_after_the_awaited_future_is_done_still_reaches_the_coroutine(
+    loop_name: str,
+) -> None:
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
         ready: asyncio.Future[None] = loop.create_future()
@@ -188,4 +195,4 @@ def test_a_cancel_that_comes_after_the_awaited_future_is_done_still_reaches_the_
         await asyncio.sleep(0.01)
         assert started[0].cancelled() and seen == ["cancelled"]
 
-    asyncio.run(scenario())
+    event_loop.run(scenario(), loop_name)
