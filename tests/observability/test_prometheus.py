@@ -79,6 +79,23 @@ def _started_pids(process: ConveyorProcess, stage: str) -> list[int]:
     return pids
 
 
+def _wait_scraped(prometheus: Prometheus, expected: dict[str, float | None], what: str) -> None:
+    """Wait until Prometheus answers every expression with its value; else say which not."""
+    try:
+        wait_until(
+            lambda: all(prometheus.value(expr) == value for expr, value in expected.items()),
+            30,
+            what,
+        )
+    except AssertionError as exc:
+        wrong = {
+            expr: (prometheus.value(expr), value)
+            for expr, value in expected.items()
+            if prometheus.value(expr) != value
+        }
+        raise AssertionError(f"{exc}; (scraped, expected): {wrong}") from None
+
+
 def _kill_and_await_restart(process: ConveyorProcess, stage: str) -> None:
     before = _started_pids(process, stage)
     os.kill(before[-1], signal.SIGKILL)
@@ -159,6 +176,17 @@ def test_prometheus_scrapes_conveyor_and_runs_every_panel_and_rule(
     assert _finished(database_url, "agents") == QUESTIONS  # none FAILED
 
     # A worker of stage one dies: its counters stay in the sum, its replacement adds to them.
+    # A worker writes its counts a tenth of a second after making them, and a SIGKILL loses
+    # what is not written yet: the kill comes once the first runs' counts are scraped.
+    _wait_scraped(
+        prometheus,
+        {
+            'sum(conveyor_runs_completed_total{stage="one"})': 100 + 10,
+            'sum(conveyor_runs_claimed_total{stage="one"})': 100 + 10 * 2 + 5 * 3,
+            'sum(conveyor_runs_failed_total{stage="one"})': 5,
+        },
+        "stage one's counts scraped before the kill",
+    )
     _kill_and_await_restart(supervisor, "one")
     _insert(database_url, [{"n": n} for n in range(100, 150)])
     wait_until(lambda: _finished(database_url) == 165, 60, "165 runs finished")
@@ -218,11 +246,7 @@ def test_prometheus_scrapes_conveyor_and_runs_every_panel_and_rule(
             )
     expected['sum(conveyor_llm_requests_total{outcome="rate_limited"})'] = 1
     expected['sum(conveyor_llm_requests_total{pipeline="chain"})'] = None  # it calls no model
-    wait_until(
-        lambda: all(total(expr) == value for expr, value in expected.items()),
-        30,
-        "every counter scraped at its final value",
-    )
+    _wait_scraped(prometheus, expected, "every counter scraped at its final value")
     in_db = scalar(
         database_url,
         "SELECT count(*) FROM conveyor.run_events WHERE stage = 'one' AND to_status = 'ONE_DONE'",
