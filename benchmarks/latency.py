@@ -60,7 +60,7 @@ _PAUSE = 0.01  # between runs: each run finds the workers idle, as a lone arriva
 _FLOOR_BLOCKS = 6  # --versus-floor: blocks of runs through each, interleaved
 
 
-class Followed(NamedTuple):
+class ChainSamples(NamedTuple):
     """Runs followed one at a time: seconds from each commit and from each INSERT sent, and
     the CPU the chain's stage processes spent per run (seconds, their sum; NaN where /proc
     cannot tell), the first run left out as the latencies leave it out in --versus-floor."""
@@ -128,7 +128,7 @@ def end_to_end(db: BenchDatabase, scale: Scale) -> Latency:
     return summary(*end_to_end_samples(db, scale)[:2])
 
 
-def end_to_end_samples(db: BenchDatabase, scale: Scale, event_loop: str = "uvloop") -> Followed:
+def end_to_end_samples(db: BenchDatabase, scale: Scale, event_loop: str = "uvloop") -> ChainSamples:
     with db.connect() as conn:
         db.reset(conn)
         with running(db, ["run"], pipeline="three", CONVEYOR_EVENT_LOOP=event_loop):
@@ -142,7 +142,7 @@ def statement_chain(db: BenchDatabase, scale: Scale) -> Latency:
     return summary(*statement_chain_samples(db, scale)[:2])
 
 
-def statement_chain_samples(db: BenchDatabase, scale: Scale) -> Followed:
+def statement_chain_samples(db: BenchDatabase, scale: Scale) -> ChainSamples:
     """(d) with every worker replaced by a blocking loop that runs the worker's statements."""
     spawn = multiprocessing.get_context("spawn")  # a forked child would share our sockets
     stages = [
@@ -224,7 +224,7 @@ def _complete_what_is_handed(url: str, index: int) -> None:
                 ).fetchall()
 
 
-def _followed(db: BenchDatabase, scale: Scale, stage_pids: list[int]) -> Followed:
+def _followed(db: BenchDatabase, scale: Scale, stage_pids: list[int]) -> ChainSamples:
     """Insert runs one at a time into the idle three-stage chain and hear each one DONE, with
     the CPU that `stage_pids` spent meanwhile."""
     with db.connect() as conn, db.connect() as listener:
@@ -242,7 +242,7 @@ def _followed(db: BenchDatabase, scale: Scale, stage_pids: list[int]) -> Followe
             from_submit.append(done - sent)
             time.sleep(_PAUSE)
         cpu = (_cpu_seconds(stage_pids) - cpu_from) / max(1, scale.latency_runs - 1)
-    return Followed(from_commit, from_submit, cpu)
+    return ChainSamples(from_commit, from_submit, cpu)
 
 
 def _microseconds(seconds: float) -> str:
@@ -291,8 +291,10 @@ def against_floor(
     machine whose speed drifts weighs on both alike; each summary pools its blocks. The first
     run of a block, through processes just started, is not counted."""
     block = Scale(latency_runs=max(1, scale.latency_runs // blocks) + 1, tiny=scale.tiny)
-    workers: tuple[list[float], list[float], list[float]] = ([], [], [])
-    floor: tuple[list[float], list[float], list[float]] = ([], [], [])
+    # keyed by whether the block went through the workers (True) or the floor (False)
+    from_commit: dict[bool, list[float]] = {True: [], False: []}
+    from_submit: dict[bool, list[float]] = {True: [], False: []}
+    cpu: dict[bool, list[float]] = {True: [], False: []}
     for index in range(blocks):
         order = (True, False) if index % 2 == 0 else (False, True)
         for through_workers in order:
@@ -300,15 +302,14 @@ def against_floor(
                 samples = end_to_end_samples(db, block, event_loop)
             else:
                 samples = statement_chain_samples(db, block)
-            pooled = workers if through_workers else floor
-            pooled[0].extend(samples.from_commit[1:])
-            pooled[1].extend(samples.from_submit[1:])
-            pooled[2].append(samples.cpu_per_run)
+            from_commit[through_workers].extend(samples.from_commit[1:])
+            from_submit[through_workers].extend(samples.from_submit[1:])
+            cpu[through_workers].append(samples.cpu_per_run)
     return AgainstFloor(
-        summary(workers[0], workers[1]),
-        summary(floor[0], floor[1]),
-        sum(workers[2]) / blocks,
-        sum(floor[2]) / blocks,
+        summary(from_commit[True], from_submit[True]),
+        summary(from_commit[False], from_submit[False]),
+        sum(cpu[True]) / blocks,
+        sum(cpu[False]) / blocks,
     )
 
 

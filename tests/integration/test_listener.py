@@ -4,6 +4,7 @@ each loop a worker may run on."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import struct
 import threading
@@ -190,8 +191,9 @@ class _ResettingProxy:
         for client in self._clients:
             # Closed with a zero linger: a reset, not a FIN, the error a dead NAT or proxy
             # leaves. The pump reading the client closes it, once this wakes its read.
-            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            client.shutdown(socket.SHUT_RD)
+            with contextlib.suppress(OSError):  # already closed by its pump
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                client.shutdown(socket.SHUT_RD)
         self._clients.clear()
 
     def close(self) -> None:
@@ -208,17 +210,22 @@ async def _wake_up_then_reset(url: str) -> None:
     try:
         await asyncio.wait_for(listener.connected.wait(), 10)
 
+        reset = threading.Event()
+
         def arrive_then_reset() -> None:
             _notify(url, "run-1")
             time.sleep(0.2)  # the proxy passed the wake-up on
             proxy.reset()
+            reset.set()
+
+        def hold_the_loop() -> None:
+            threading.Thread(target=arrive_then_reset).start()
+            assert reset.wait(10)
+            time.sleep(0.1)  # the reset reached the listener's socket
 
         # The loop is held while a wake-up arrives and the reset follows it: the listener then
         # finds both on its socket at once.
-        loop = asyncio.get_running_loop()
-        loop.call_soon(
-            lambda: (threading.Thread(target=arrive_then_reset).start(), time.sleep(0.6))
-        )
+        asyncio.get_running_loop().call_soon(hold_the_loop)
         await _wait_for(lambda: "run-1" in heard, 5)
         await _wait_for(lambda: listener.reconnects == 1, 5)  # the reset read as a loss at once
     finally:

@@ -1,4 +1,5 @@
-"""The stage timeout of run_handler (shared per-slice timers, conveyor/worker/deadlines.py)."""
+"""The stage timeout of run_handler (shared per-slice timers, conveyor/worker/deadlines.py), on
+each loop a worker may run on."""
 
 from __future__ import annotations
 
@@ -6,10 +7,16 @@ import asyncio
 import uuid
 from typing import Any
 
+import pytest
+
+from conveyor import event_loop
+from conveyor.event_loop import EVENT_LOOPS
 from conveyor.handler_run import Run
 from conveyor.pipeline import Stage
 from conveyor.results import Failure, Success
 from conveyor.worker.runner import run_handler
+
+pytestmark = pytest.mark.parametrize("loop_name", EVENT_LOOPS)
 
 
 def _run() -> Run:
@@ -20,7 +27,7 @@ def _stage(handler: Any, timeout: float) -> Stage:
     return Stage("s", handler, consumes="NEW", produces="DONE", timeout=timeout, max_attempts=3)
 
 
-def test_a_slow_handler_fails_with_the_timeout_and_fast_ones_complete() -> None:
+def test_a_slow_handler_fails_with_the_timeout_and_fast_ones_complete(loop_name: str) -> None:
     async def handler(run: Run) -> dict[str, Any]:
         await asyncio.sleep(run.input.get("sleep", 0))
         return {"ok": True}
@@ -36,14 +43,14 @@ def test_a_slow_handler_fails_with_the_timeout_and_fast_ones_complete() -> None:
             )
         )
 
-    slow, *fast = asyncio.run(scenario())
+    slow, *fast = event_loop.run(scenario(), loop_name)
     assert isinstance(slow, Failure)  # not after its 5 s: the timeout cut it short
     assert slow.error == "TimeoutError: stage 's' timed out after 0.2s"
     assert slow.retry_in is not None and slow.duration >= 0.2  # never before the deadline
     assert all(isinstance(o, Success) and o.output_json == '{"ok": true}' for o in fast)
 
 
-def test_another_cancellation_is_not_taken_for_the_timeout() -> None:
+def test_another_cancellation_is_not_taken_for_the_timeout(loop_name: str) -> None:
     async def handler(run: Run) -> None:
         await asyncio.sleep(5)
 
@@ -57,10 +64,10 @@ def test_another_cancellation_is_not_taken_for_the_timeout() -> None:
             return True
         return False
 
-    assert asyncio.run(scenario())
+    assert event_loop.run(scenario(), loop_name)
 
 
-def test_a_handler_that_swallows_the_cancellation_leaves_its_task_usable() -> None:
+def test_a_handler_that_swallows_the_cancellation_leaves_its_task_usable(loop_name: str) -> None:
     async def handler(run: Run) -> str:
         try:
             await asyncio.sleep(5)
@@ -75,6 +82,6 @@ def test_a_handler_that_swallows_the_cancellation_leaves_its_task_usable() -> No
         await asyncio.sleep(0.01)  # not cancelled any more
         return outcome, task.cancelling()
 
-    outcome, cancelling = asyncio.run(scenario())
+    outcome, cancelling = event_loop.run(scenario(), loop_name)
     assert isinstance(outcome, Success) and outcome.output_json == '{"r": "swallowed"}'
     assert cancelling == 0
